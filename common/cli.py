@@ -1,0 +1,59 @@
+"""The `saestream` command: a click group whose subcommands load on first use.
+
+Subcommands live next to the code they drive (`producer/cli.py`, `consumer/cli.py`, ...);
+this group names them by import path so that `saestream --help` stays instant (no torch
+import) and so that `common` never imports `producer` or `consumer` at module level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from common import __version__
+
+# name -> ("module:attribute", one-line help shown by `saestream --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("consumer.train_cli:train", "Train a TopK SAE from activations on disk."),
+    "consumer": ("consumer.cli:consumer", "Run the training daemon (receive, shuffle, train)."),
+    "producer": ("producer.cli:producer", "Run the harvesting daemon (LM forward, stream acts)."),
+    "demo": ("consumer.demo:demo", "Start a consumer and two producers on 127.0.0.1."),
+    "status": ("common.status:status", "One-screen summary from the daemons' /metrics."),
+    "keygen": ("common.keygen:keygen", "Write a ZeroMQ CURVE key pair."),
+}
+
+
+class LazyGroup(click.Group):
+    """Resolves subcommands from `COMMANDS` only when they are invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target[0].split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="saestream")
+def cli() -> None:
+    """saestream: stream LM activations to online TopK SAE training."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="saestream")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The training daemon: receiving, shuffle buffer, the SAE and its losses, trainer, checkpoints."""

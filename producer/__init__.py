@@ -1,0 +1,1 @@
+"""The harvesting daemon: token sources, model loading and hooks, batching, sending."""
