@@ -1,0 +1,272 @@
+"""ZeroMQ sockets for the activation stream: producers PUSH (connect), the consumer PULLs (binds).
+
+Every socket option is set here, once, for both daemons (README "wire" has the same table):
+
+- `SNDHWM` / `RCVHWM` = `hwm` (16 messages per peer): backpressure; `send` blocks, nothing
+  is dropped.
+- `IMMEDIATE` = 1 (PUSH): queue only to peers whose connection (and CURVE handshake)
+  completed, so a dead or refusing endpoint gets no chunks stuck in its pipe.
+- `LINGER`: PUSH `linger_ms` (5 s) to deliver queued chunks on close, then give up (never
+  hang); PULL 0 (what was not read is dropped).
+- `RECONNECT_IVL` 100 ms, `RECONNECT_IVL_MAX` 5 s: reconnect fast after a restart, back off
+  exponentially while a peer is down.
+- `TCP_KEEPALIVE` on (idle 60 s, interval 10 s, 6 probes): the kernel notices a vanished peer.
+- `HEARTBEAT_IVL` 10 s / `HEARTBEAT_TIMEOUT` 30 s: ZMTP pings close a silent half-open
+  connection in ~30 s; it is then re-established.
+- `MAXMSGSIZE` = `max_message_bytes` (PULL): a peer sending a larger frame is disconnected
+  before ZeroMQ buffers it.
+- CURVE (optional): PUSH sets `curve_serverkey` and its key pair; PULL `curve_server`, its key
+  pair and a ZAP domain.
+
+With CURVE, a ZAP handler (pyzmq's `ThreadAuthenticator`) admits only the public keys found
+in the consumer's authorised directory (read once, when the socket is made); a producer
+with any other key never completes the handshake, so none of its messages reach the
+consumer. Without keys the stream is plain, unauthenticated TCP: a warning is logged when
+such a socket binds beyond loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from common.errors import UserError
+
+log = logging.getLogger("saestream.transport")
+
+DEFAULT_HWM = 16
+"""Messages queued per peer (each a chunk of a few MB) before senders block."""
+DEFAULT_PUSH_LINGER_MS = 5000
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 5000
+TCP_KEEPALIVE_IDLE_S = 60
+TCP_KEEPALIVE_INTVL_S = 10
+TCP_KEEPALIVE_CNT = 6
+HEARTBEAT_IVL_MS = 10_000
+HEARTBEAT_TIMEOUT_MS = 30_000
+DEFAULT_MAX_MESSAGE_BYTES = (256 << 20) + (2 << 20)
+"""Largest frame the PULL socket accepts: wire.DecodeLimits' default max_raw_nbytes plus the
+LZ4 worst-case expansion (~0.4 %) and the header."""
+
+
+@dataclass
+class CurveServerKeys:
+    """The consumer's CURVE material."""
+
+    secret_key_file: Path
+    """Its own key pair (`NAME.key_secret`, as written by `saestream keygen`)."""
+    authorized_dir: Path
+    """Directory of the producers' public keys (`*.key`) that may connect."""
+
+
+@dataclass
+class CurveClientKeys:
+    """A producer's CURVE material."""
+
+    secret_key_file: Path
+    """Its own key pair (`NAME.key_secret`)."""
+    server_public_key_file: Path
+    """The consumer's public key (`NAME.key`; a `.key_secret` file works too)."""
+
+
+def load_keypair(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a `zmq.auth` secret certificate; UserError if unusable."""
+    path = Path(path)
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read CURVE key pair {path}: {exc}") from exc
+    if not public or not secret:
+        raise UserError(f"{path} holds no secret key (use the NAME.key_secret file)")
+    return public, secret
+
+
+def load_public_key(path: Path) -> bytes:
+    """The Z85 public key of a `zmq.auth` certificate (public or secret); UserError if unusable."""
+    path = Path(path)
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read CURVE public key {path}: {exc}") from exc
+    if not public:
+        raise UserError(f"{path} holds no public key")
+    return public
+
+
+def _common_options(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+
+
+def push_socket(
+    ctx: zmq.Context,
+    endpoints: Sequence[str],
+    *,
+    hwm: int = DEFAULT_HWM,
+    curve: CurveClientKeys | None = None,
+    linger_ms: int = DEFAULT_PUSH_LINGER_MS,
+) -> zmq.Socket:
+    """A PUSH socket connected to every endpoint (chunks are dealt round-robin among them).
+
+    `send` blocks while every connected peer's queue holds `hwm` messages (backpressure).
+    """
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    if not endpoints:
+        raise UserError("a producer needs at least one endpoint to connect to")
+    sock = ctx.socket(zmq.PUSH)
+    try:
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        _common_options(sock)
+        if curve is not None:
+            public, secret = load_keypair(curve.secret_key_file)
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            sock.curve_serverkey = load_public_key(curve.server_public_key_file)
+        for endpoint in endpoints:
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as exc:
+                raise UserError(f"cannot connect to {endpoint!r}: {exc}") from exc
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+# --------------------------------------------------------------------------------------------
+# PULL side: one ZAP authenticator per context, one ZAP domain per CURVE socket.
+
+
+class _ContextAuth:
+    """A ThreadAuthenticator shared by the CURVE sockets of one context (ZeroMQ allows one
+    ZAP handler per context); stopped when its last socket closes."""
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("saestream.zap"))
+        self.auth.start()
+        self.users = 0
+
+
+_AUTH: weakref.WeakKeyDictionary[zmq.Context, _ContextAuth] = weakref.WeakKeyDictionary()
+_AUTH_LOCK = threading.Lock()
+
+
+class PullSocket(zmq.Socket):
+    """A PULL socket that releases its share of the context's authenticator on close."""
+
+    _release_auth: Any = None
+
+    def close(self, linger: int | None = None) -> None:
+        super().close(linger=linger)
+        release, self._release_auth = self._release_auth, None
+        if release is not None:
+            release()
+
+
+def _acquire_auth(ctx: zmq.Context, domain: str, authorized_dir: Path) -> Any:
+    with _AUTH_LOCK:
+        entry = _AUTH.get(ctx)
+        if entry is None:
+            entry = _AUTH[ctx] = _ContextAuth(ctx)
+        entry.users += 1
+        entry.auth.configure_curve(domain=domain, location=str(authorized_dir))
+
+    def release() -> None:
+        with _AUTH_LOCK:
+            entry.users -= 1
+            entry.auth.certs.pop(domain, None)
+            if entry.users == 0:
+                entry.auth.stop()
+                if _AUTH.get(ctx) is entry:
+                    del _AUTH[ctx]
+
+    return release
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// endpoints bound to a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name, a hostname: assume reachable from outside
+
+
+def authorized_keys(authorized_dir: Path) -> list[Path]:
+    """The public-key files (`*.key`) a consumer would admit."""
+    return sorted(Path(authorized_dir).glob("*.key"))
+
+
+def pull_socket(
+    ctx: zmq.Context,
+    bind: str,
+    *,
+    hwm: int = DEFAULT_HWM,
+    curve: CurveServerKeys | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> zmq.Socket:
+    """A PULL socket bound to `bind`, fair-queueing the chunks of every connected producer.
+
+    With `curve`, only producers whose public key is in `curve.authorized_dir` get in.
+    Close the socket before terminating the context (it owns an authenticator thread).
+    """
+    sock: PullSocket = ctx.socket(zmq.PULL, socket_class=PullSocket)
+    try:
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        _common_options(sock)
+        if curve is not None:
+            public, secret = load_keypair(curve.secret_key_file)
+            authorized_dir = Path(curve.authorized_dir)
+            if not authorized_dir.is_dir():
+                raise UserError(f"authorised-keys directory {authorized_dir} does not exist")
+            keys = authorized_keys(authorized_dir)
+            if not keys:
+                log.warning("no *.key files in %s: every producer will be refused", authorized_dir)
+            domain = f"saestream-{uuid.uuid4().hex}"
+            sock._release_auth = _acquire_auth(ctx, domain, authorized_dir)
+            sock.zap_domain = domain.encode()
+            sock.curve_server = True
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            log.info("CURVE on %s: %d authorised producer key(s) in %s", bind, len(keys),
+                     authorized_dir)
+        elif not is_loopback_endpoint(bind):
+            log.warning(
+                "binding %s without CURVE: anyone who can reach it can send activations and "
+                "the stream is unencrypted (see `saestream keygen`)", bind
+            )
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as exc:
+            raise UserError(f"cannot bind {bind!r}: {exc}") from exc
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock

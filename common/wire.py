@@ -1,0 +1,475 @@
+"""The activation wire format, version 1: one chunk of activations = two ZeroMQ frames.
+
+`[header, payload]`: the header is a msgpack map with exactly the keys of `HEADER_FIELDS`;
+the payload is the row-major, little-endian `n × d` activations in `dtype`, as is (`raw`),
+as one LZ4 frame (`lz4`), or with the bytes first regrouped by significance and then as one
+LZ4 frame (`lz4-shuffle`). `checksum` is `zlib.crc32` of the raw bytes. See DESIGN.md.
+
+`decode_chunk` trusts nothing: every failure is a `WireError` whose `reason` is one of
+`REJECT_REASONS`, and no allocation is ever larger than the `raw_nbytes` that the
+configured caps on `n` and `d` allow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lz4.frame
+import msgpack
+import numpy as np
+import torch
+
+WIRE_VERSION = 1
+KIND = "acts"
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Unsigned integer views of each dtype (little-endian), and the exponent-all-ones pattern
+# that marks inf/NaN: a value is non-finite iff (bits & ~sign) >= that pattern.
+_UINT = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<u2"), "float32": np.dtype("<u4")}
+_EXP_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000}
+_ABS_MASK = {"bfloat16": 0x7FFF, "float16": 0x7FFF, "float32": 0x7FFFFFFF}
+
+CODECS = ("raw", "lz4", "lz4-shuffle")
+DEFAULT_CODEC = "lz4-shuffle"
+
+HEADER_FIELDS = (
+    "v", "kind", "producer", "run", "seq", "model", "hook",
+    "d", "n", "dtype", "codec", "raw_nbytes", "checksum", "source", "ts",
+)  # fmt: skip
+
+REJECT_REASONS = (
+    "frames",  # not exactly two frames
+    "header",  # header frame too large, not msgpack, or not a map
+    "version",  # `v` missing or not WIRE_VERSION
+    "field",  # a field missing, unknown, of the wrong type or out of range (incl. kind, dtype)
+    "size",  # n or d beyond the caps, raw_nbytes != n*d*itemsize, payload of the wrong length
+    "codec",  # unknown codec, or a payload that is not one valid LZ4 frame
+    "checksum",  # crc32 of the decoded bytes differs from `checksum`
+    "nonfinite",  # an inf or NaN among the values
+    "hook",  # hook not among those the receiver expects
+    "dim",  # d differs from what the receiver expects for that hook
+)
+REJECT_REASON_HELP = {
+    "frames": "the message is not exactly two frames [header, payload]",
+    "header": "the header frame is too large, not msgpack, or not a map",
+    "version": "`v` is missing or is not a version this build reads",
+    "field": "a field is missing, unknown, of the wrong type, or out of range",
+    "size": "n or d beyond the receiver's caps, raw_nbytes != n*d*itemsize, "
+    "or a payload that decodes to another length",
+    "codec": "unknown codec, or a payload that is not exactly one valid LZ4 frame",
+    "checksum": "crc32 of the decoded bytes differs from the header's checksum",
+    "nonfinite": "the activations contain inf or NaN",
+    "hook": "the hook is not one the receiver trains on",
+    "dim": "d differs from the receiver's expected width for that hook",
+}
+
+
+class WireError(Exception):
+    """A message that cannot be accepted; `reason` is one of `REJECT_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a receiver is willing to allocate for one message."""
+
+    max_n: int = 1 << 16
+    """Most tokens (rows) per chunk."""
+    max_d: int = 1 << 15
+    """Widest activation (columns) per chunk."""
+    max_raw_nbytes: int = 256 << 20
+    """Most decoded bytes per chunk (n*d*itemsize); bounds every allocation of a decode."""
+    max_header_nbytes: int = 64 << 10
+    """Largest header frame, in bytes."""
+
+
+@dataclass
+class Chunk:
+    """One decoded, validated chunk."""
+
+    header: dict[str, Any]
+    """The validated header, as received."""
+    acts: torch.Tensor
+    """Activations, shape [n, d], the wire dtype, CPU. A view over the decoded buffer (over the
+    received zmq.Frame itself for `raw`): copy out what you keep."""
+    wire_nbytes: int
+    """Bytes on the wire: header frame + payload frame."""
+
+    @property
+    def producer(self) -> str:
+        return self.header["producer"]
+
+    @property
+    def run(self) -> str:
+        return self.header["run"]
+
+    @property
+    def seq(self) -> int:
+        return self.header["seq"]
+
+    @property
+    def model(self) -> str:
+        return self.header["model"]
+
+    @property
+    def hook(self) -> str:
+        return self.header["hook"]
+
+    @property
+    def n(self) -> int:
+        return self.header["n"]
+
+    @property
+    def d(self) -> int:
+        return self.header["d"]
+
+    @property
+    def dtype(self) -> str:
+        return self.header["dtype"]
+
+    @property
+    def codec(self) -> str:
+        return self.header["codec"]
+
+    @property
+    def raw_nbytes(self) -> int:
+        return self.header["raw_nbytes"]
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.header["source"]
+
+    @property
+    def ts(self) -> float:
+        return float(self.header["ts"])
+
+
+# ---------------------------------------------------------------------------------------------
+# byte regrouping ("shuffle") for lz4-shuffle
+
+
+def shuffle_bytes(raw: np.ndarray, itemsize: int) -> np.ndarray:
+    """Regroup bytes by significance: byte j of element i goes to position j*m + i.
+
+    :param raw: the raw bytes (uint8, length m*itemsize)
+    :return: a new uint8 array of the same length
+    """
+    m = raw.size // itemsize
+    if itemsize == 1:
+        return raw.copy()
+    words = raw.view(f"<u{itemsize}")
+    out = np.empty(raw.size, np.uint8)
+    tmp = np.empty(m, words.dtype)
+    for j in range(itemsize):
+        # Shifting whole words then narrowing is ~20x faster than a strided byte transpose.
+        np.right_shift(words, 8 * j, out=tmp)
+        out[j * m : (j + 1) * m] = tmp  # narrowing cast keeps the low byte
+    return out
+
+
+def unshuffle_bytes(shuffled: np.ndarray | bytes, itemsize: int) -> np.ndarray:
+    """Inverse of `shuffle_bytes`; returns the elements as little-endian unsigned words."""
+    planes = np.frombuffer(shuffled, np.uint8)
+    m = planes.size // itemsize
+    planes = planes.reshape(itemsize, m)
+    wdtype = np.dtype(f"<u{itemsize}")
+    out = planes[0].astype(wdtype)
+    if itemsize > 1:
+        tmp = np.empty(m, wdtype)
+        for j in range(1, itemsize):
+            np.left_shift(planes[j], 8 * j, out=tmp, dtype=wdtype)
+            np.bitwise_or(out, tmp, out=out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# encode
+
+
+def _words(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """The activations as a C-contiguous numpy array of unsigned words (no copy if possible)."""
+    t = acts.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.to(DTYPES[dtype]).contiguous()
+    if dtype == "float32":
+        return t.view(torch.int32).numpy().view(_UINT[dtype])
+    return t.view(torch.int16).numpy().view(_UINT[dtype])
+
+
+def encode_chunk(
+    acts: torch.Tensor,
+    *,
+    producer: str,
+    run: str,
+    seq: int,
+    model: str,
+    hook: str,
+    source: dict[str, Any],
+    codec: str = DEFAULT_CODEC,
+    dtype: str | None = None,
+    ts: float | None = None,
+) -> list[bytes]:
+    """Encode `acts` (shape [n, d], any device) as the two frames `[header, payload]`.
+
+    :param dtype: wire dtype name (a key of `DTYPES`); None = the tensor's own dtype, which
+        must then be one of them. Values are converted (rounded) when they differ.
+    :param source: provenance (corpus id, token offsets, ...): a map with str keys,
+        msgpack-serialisable.
+    :param ts: seconds since the epoch; None = now.
+    Raises ValueError (or TypeError) on arguments that would make an invalid message.
+    """
+    if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
+        raise ValueError("acts must be a 2-D torch tensor [n, d]")
+    n, d = (int(s) for s in acts.shape)
+    if n < 1 or d < 1:
+        raise ValueError(f"acts must have n >= 1 and d >= 1, got {n}x{d}")
+    if dtype is None:
+        names = {v: k for k, v in DTYPES.items()}
+        if acts.dtype not in names:
+            raise ValueError(f"unsupported tensor dtype {acts.dtype}; pass dtype=")
+        dtype = names[acts.dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown wire dtype {dtype!r}; one of {sorted(DTYPES)}")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; one of {CODECS}")
+    for name, value in (("producer", producer), ("run", run), ("model", model), ("hook", hook)):
+        if type(value) is not str or not value:
+            raise ValueError(f"{name} must be a non-empty str")
+    if type(seq) is not int or seq < 0:
+        raise ValueError("seq must be an int >= 0")
+    if not isinstance(source, Mapping) or not all(type(k) is str for k in source):
+        raise ValueError("source must be a map with str keys")
+
+    words = _words(acts, dtype)
+    raw = words.reshape(-1).view(np.uint8)
+    itemsize = _ITEMSIZE[dtype]
+    if codec == "raw":
+        payload = raw.tobytes()
+    elif codec == "lz4":
+        payload = lz4.frame.compress(raw, store_size=True)
+    else:
+        payload = lz4.frame.compress(shuffle_bytes(raw, itemsize), store_size=True)
+    header = {
+        "v": WIRE_VERSION,
+        "kind": KIND,
+        "producer": producer,
+        "run": run,
+        "seq": seq,
+        "model": model,
+        "hook": hook,
+        "d": d,
+        "n": n,
+        "dtype": dtype,
+        "codec": codec,
+        "raw_nbytes": raw.size,
+        "checksum": zlib.crc32(raw),
+        "source": dict(source),
+        "ts": float(time.time() if ts is None else ts),
+    }
+    return [msgpack.packb(header, use_bin_type=True), payload]
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+
+
+def _buffer(frame: Any) -> memoryview:
+    """A memoryview over a frame's bytes without copying (zmq.Frame, bytes, memoryview...)."""
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    if buf is None:
+        buf = frame
+    try:
+        mv = memoryview(buf)
+    except TypeError as exc:
+        raise WireError("frames", f"frame of type {type(frame).__name__} is not bytes") from exc
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # bool is an int subclass: not accepted
+
+
+def _check_str(header: dict, key: str, max_len: int = 1024) -> None:
+    value = header[key]
+    if type(value) is not str or not value or len(value) > max_len:
+        raise WireError("field", f"{key} must be a non-empty str of at most {max_len} chars")
+
+
+def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
+    if type(header) is not dict:
+        raise WireError("header", f"header is a msgpack {type(header).__name__}, not a map")
+    if "v" not in header:
+        raise WireError("version", "header has no version field `v`")
+    if not _is_int(header["v"]) or header["v"] != WIRE_VERSION:
+        raise WireError("version", f"version {header['v']!r} is not {WIRE_VERSION}")
+    missing = [k for k in HEADER_FIELDS if k not in header]
+    if missing:
+        raise WireError("field", f"missing field(s) {missing}")
+    if len(header) != len(HEADER_FIELDS):
+        unknown = [k for k in header if k not in HEADER_FIELDS]
+        raise WireError("field", f"unknown field(s) {unknown!r:.200}")
+    if header["kind"] != KIND:
+        raise WireError("field", f"kind {header['kind']!r:.50} is not {KIND!r}")
+    for key in ("producer", "run", "model", "hook"):
+        _check_str(header, key)
+    for key in ("seq", "n", "d", "raw_nbytes", "checksum"):
+        if not _is_int(header[key]):
+            raise WireError("field", f"{key} must be an int")
+    if header["seq"] < 0:
+        raise WireError("field", "seq must be >= 0")
+    if not 0 <= header["checksum"] < 1 << 32:
+        raise WireError("field", "checksum must be a crc32 (0 <= checksum < 2**32)")
+    if type(header["source"]) is not dict or not all(type(k) is str for k in header["source"]):
+        raise WireError("field", "source must be a map with str keys")
+    ts = header["ts"]
+    if type(ts) not in (int, float) or not math.isfinite(ts):
+        raise WireError("field", "ts must be a finite number")
+    if header["codec"] not in CODECS:
+        raise WireError("codec", f"unknown codec {header['codec']!r:.50}")
+    if header["dtype"] not in DTYPES:
+        raise WireError("field", f"unknown dtype {header['dtype']!r:.50}")
+    n, d = header["n"], header["d"]
+    if n < 1 or d < 1:
+        raise WireError("field", f"n and d must be >= 1, got n={n} d={d}")
+    if n > limits.max_n or d > limits.max_d:
+        raise WireError("size", f"{n}x{d} beyond the caps {limits.max_n}x{limits.max_d}")
+    expected = n * d * _ITEMSIZE[header["dtype"]]
+    if header["raw_nbytes"] != expected:
+        raise WireError("size", f"raw_nbytes {header['raw_nbytes']} != n*d*itemsize {expected}")
+    if expected > limits.max_raw_nbytes:
+        raise WireError("size", f"{expected} raw bytes beyond the cap {limits.max_raw_nbytes}")
+    return header
+
+
+def _check_expected(
+    header: dict[str, Any],
+    expect_hook: Collection[str] | None,
+    expect_d: int | Mapping[str, int] | None,
+) -> None:
+    hook, d = header["hook"], header["d"]
+    if expect_hook is not None and hook not in expect_hook:
+        raise WireError("hook", f"hook {hook!r:.100} is not expected")
+    if expect_d is None:
+        return
+    if isinstance(expect_d, Mapping):
+        if hook not in expect_d:
+            raise WireError("hook", f"hook {hook!r:.100} is not expected")
+        want = expect_d[hook]
+    else:
+        want = expect_d
+    if d != want:
+        raise WireError("dim", f"d={d} for hook {hook!r:.100}, expected {want}")
+
+
+def _lz4_decompress(payload: memoryview, raw_nbytes: int) -> bytearray:
+    """Decompress exactly one LZ4 frame that must hold exactly `raw_nbytes` bytes.
+
+    The output is capped at raw_nbytes whatever the frame header claims, so a forged frame
+    (a "decompression bomb") costs at most raw_nbytes of memory.
+    """
+    dec = lz4.frame.LZ4FrameDecompressor(return_bytearray=True)  # writable, for torch
+    try:
+        out = dec.decompress(payload, max_length=raw_nbytes)
+    except Exception as exc:  # lz4 raises RuntimeError for corrupt frames
+        raise WireError("codec", f"invalid LZ4 frame: {exc}") from exc
+    if not dec.eof:
+        if not dec.needs_input:
+            raise WireError("size", f"payload decompresses to more than {raw_nbytes} bytes")
+        raise WireError("codec", "truncated LZ4 frame")
+    if dec.unused_data:
+        raise WireError("codec", f"{len(dec.unused_data)} bytes after the LZ4 frame")
+    if len(out) != raw_nbytes:
+        raise WireError("size", f"payload decompresses to {len(out)} bytes, not {raw_nbytes}")
+    return out
+
+
+def _all_finite(words: np.ndarray, dtype: str) -> bool:
+    """No inf/NaN: clear the sign bit, the largest magnitude's exponent must not be all ones.
+
+    Blocked so the temporary stays in cache (~30 GB/s vs <1 GB/s for torch.isfinite on bf16).
+    """
+    flat = words.reshape(-1)
+    mask, limit = _ABS_MASK[dtype], _EXP_MASK[dtype]
+    block = 1 << 16
+    tmp = np.empty(min(block, flat.size), flat.dtype)
+    for start in range(0, flat.size, block):
+        part = flat[start : start + block]
+        t = tmp[: part.size]
+        np.bitwise_and(part, mask, out=t)
+        if t.max() >= limit:
+            return False
+    return True
+
+
+def decode_chunk(
+    frames: Sequence[Any],
+    *,
+    limits: DecodeLimits = DecodeLimits(),  # frozen, so a shared default is safe
+    expect_hook: Collection[str] | None = None,
+    expect_d: int | Mapping[str, int] | None = None,
+) -> Chunk:
+    """Validate and decode `[header, payload]` (bytes, memoryview or zmq.Frame each).
+
+    :param expect_hook: hooks this receiver accepts (None = any).
+    :param expect_d: the width every chunk must have, or a width per hook (None = any); with
+        a mapping, a hook missing from it is rejected as `hook`.
+    Raises WireError with a reason from REJECT_REASONS; never anything else.
+    """
+    try:
+        n_frames = len(frames)
+    except TypeError as exc:
+        raise WireError("frames", "message is not a sequence of frames") from exc
+    if n_frames != 2:
+        raise WireError("frames", f"{n_frames} frames, expected 2 [header, payload]")
+    head_buf, payload = _buffer(frames[0]), _buffer(frames[1])
+    if head_buf.nbytes > limits.max_header_nbytes:
+        raise WireError("header", f"header of {head_buf.nbytes} bytes is too large")
+    try:
+        header = msgpack.unpackb(head_buf, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise WireError("header", f"header is not msgpack: {type(exc).__name__}") from exc
+    header = _validate_header(header, limits)
+    _check_expected(header, expect_hook, expect_d)
+
+    dtype, codec, raw_nbytes = header["dtype"], header["codec"], header["raw_nbytes"]
+    itemsize = _ITEMSIZE[dtype]
+    wdtype = _UINT[dtype]
+    if codec == "raw":
+        if payload.nbytes != raw_nbytes:
+            raise WireError("size", f"raw payload of {payload.nbytes} bytes, not {raw_nbytes}")
+        words = np.frombuffer(payload, wdtype)
+        # Zero-copy over a received zmq.Frame (writable memory). torch cannot represent
+        # read-only memory (bytes from recv(copy=True)), nor do all kernels like misaligned data.
+        if payload.readonly or not words.flags.aligned:
+            words = words.copy()
+    elif codec == "lz4":
+        words = np.frombuffer(_lz4_decompress(payload, raw_nbytes), wdtype)
+    else:
+        words = unshuffle_bytes(_lz4_decompress(payload, raw_nbytes), itemsize)
+
+    checksum = zlib.crc32(words)
+    if checksum != header["checksum"]:
+        raise WireError("checksum", f"crc32 {checksum:#010x} != header {header['checksum']:#010x}")
+    if not _all_finite(words, dtype):
+        raise WireError("nonfinite", "activations contain inf or NaN")
+
+    signed = torch.from_numpy(words.view(np.int32 if itemsize == 4 else np.int16))
+    acts = signed.view(DTYPES[dtype]).view(header["n"], header["d"])
+    return Chunk(header=header, acts=acts, wire_nbytes=head_buf.nbytes + payload.nbytes)
