@@ -295,10 +295,10 @@ def _buffer(frame: Any) -> memoryview:
         buf = frame
     try:
         mv = memoryview(buf)
-    except TypeError as exc:
+        if mv.ndim != 1 or mv.format != "B":
+            mv = mv.cast("B")
+    except (TypeError, ValueError) as exc:
         raise WireError("frames", f"frame of type {type(frame).__name__} is not bytes") from exc
-    if mv.ndim != 1 or mv.itemsize != 1:
-        mv = mv.cast("B")
     return mv
 
 
@@ -325,7 +325,7 @@ def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
     if len(header) != len(HEADER_FIELDS):
         unknown = [k for k in header if k not in HEADER_FIELDS]
         raise WireError("field", f"unknown field(s) {unknown!r:.200}")
-    if header["kind"] != KIND:
+    if type(header["kind"]) is not str or header["kind"] != KIND:
         raise WireError("field", f"kind {header['kind']!r:.50} is not {KIND!r}")
     for key in ("producer", "run", "model", "hook"):
         _check_str(header, key)
@@ -341,9 +341,9 @@ def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
     ts = header["ts"]
     if type(ts) not in (int, float) or not math.isfinite(ts):
         raise WireError("field", "ts must be a finite number")
-    if header["codec"] not in CODECS:
+    if type(header["codec"]) is not str or header["codec"] not in CODECS:
         raise WireError("codec", f"unknown codec {header['codec']!r:.50}")
-    if header["dtype"] not in DTYPES:
+    if type(header["dtype"]) is not str or header["dtype"] not in DTYPES:
         raise WireError("field", f"unknown dtype {header['dtype']!r:.50}")
     n, d = header["n"], header["d"]
     if n < 1 or d < 1:
@@ -382,19 +382,22 @@ def _lz4_decompress(payload: memoryview, raw_nbytes: int) -> bytearray:
     """Decompress exactly one LZ4 frame that must hold exactly `raw_nbytes` bytes.
 
     The output is capped at raw_nbytes whatever the frame header claims, so a forged frame
-    (a "decompression bomb") costs at most raw_nbytes of memory.
+    (a "decompression bomb") costs at most raw_nbytes of memory. Calls the C function
+    directly: `LZ4FrameDecompressor.decompress` would first copy a memoryview into bytes.
     """
-    dec = lz4.frame.LZ4FrameDecompressor(return_bytearray=True)  # writable, for torch
+    context = lz4.frame.create_decompression_context()
     try:
-        out = dec.decompress(payload, max_length=raw_nbytes)
+        out, consumed, end_of_frame = lz4.frame.decompress_chunk(
+            context, payload, max_length=raw_nbytes, return_bytearray=True  # writable, for torch
+        )
     except Exception as exc:  # lz4 raises RuntimeError for corrupt frames
         raise WireError("codec", f"invalid LZ4 frame: {exc}") from exc
-    if not dec.eof:
-        if not dec.needs_input:
+    if not end_of_frame:
+        if consumed < payload.nbytes:
             raise WireError("size", f"payload decompresses to more than {raw_nbytes} bytes")
         raise WireError("codec", "truncated LZ4 frame")
-    if dec.unused_data:
-        raise WireError("codec", f"{len(dec.unused_data)} bytes after the LZ4 frame")
+    if consumed != payload.nbytes:
+        raise WireError("codec", f"{payload.nbytes - consumed} bytes after the LZ4 frame")
     if len(out) != raw_nbytes:
         raise WireError("size", f"payload decompresses to {len(out)} bytes, not {raw_nbytes}")
     return out
@@ -438,7 +441,11 @@ def decode_chunk(
         raise WireError("frames", "message is not a sequence of frames") from exc
     if n_frames != 2:
         raise WireError("frames", f"{n_frames} frames, expected 2 [header, payload]")
-    head_buf, payload = _buffer(frames[0]), _buffer(frames[1])
+    try:
+        head, body = frames[0], frames[1]
+    except Exception as exc:  # a mapping or other odd container of the right length
+        raise WireError("frames", "message frames cannot be indexed") from exc
+    head_buf, payload = _buffer(head), _buffer(body)
     if head_buf.nbytes > limits.max_header_nbytes:
         raise WireError("header", f"header of {head_buf.nbytes} bytes is too large")
     try:

@@ -6,6 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.wire import (
     CODECS,
@@ -17,6 +19,8 @@ from common.wire import (
     WireError,
     decode_chunk,
     encode_chunk,
+    shuffle_bytes,
+    unshuffle_bytes,
 )
 
 META = dict(producer="p0", run="run-1", seq=3, model="tiny", hook="model.layers.1",
@@ -81,3 +85,93 @@ def test_zmq_frames_decode_without_copy() -> None:
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+# --- property-based round trips -------------------------------------------------------------
+
+_BITS = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00),
+         "float32": (np.uint32, 0x7F800000)}
+
+
+def finite_random_bits(dtype: str, n: int, d: int, seed: int, pattern: str) -> torch.Tensor:
+    """Random bit patterns of `dtype`; inf/NaN patterns lose their top exponent bit (finite)."""
+    udtype, exp = _BITS[dtype]
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, np.iinfo(udtype).max, size=(n, d), dtype=udtype, endpoint=True)
+    if pattern == "repetitive":  # few distinct values: lz4 finds matches
+        bits = rng.choice(bits.reshape(-1)[:3], size=(n, d))
+    elif pattern == "activations":  # a realistic spread
+        bits = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32) * 4)
+        return bits.to(DTYPES[dtype])
+    top_exponent_bit = udtype(exp & ~(exp >> 1))
+    bits = np.where((bits & exp) == exp, bits & ~top_exponent_bit, bits).astype(udtype)
+    signed = torch.from_numpy(bits.view(np.int16 if udtype is np.uint16 else np.int32).copy())
+    return signed.view(DTYPES[dtype])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from(sorted(DTYPES)),
+    codec=st.sampled_from(CODECS),
+    n=st.integers(1, 40),
+    d=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    pattern=st.sampled_from(["random", "repetitive", "activations"]),
+)
+def test_round_trip_property(dtype: str, codec: str, n: int, d: int, seed: int,
+                             pattern: str) -> None:
+    acts = finite_random_bits(dtype, n, d, seed, pattern)
+    assert bool(torch.isfinite(acts).all())
+    chunk = decode_chunk(encode_chunk(acts, **META, codec=codec), expect_d=d,
+                         expect_hook={META["hook"]})
+    assert chunk.acts.shape == (n, d) and chunk.acts.dtype == acts.dtype
+    assert torch.equal(chunk.acts.view(torch.uint8), acts.view(torch.uint8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    producer=st.text(min_size=1, max_size=40),
+    run=st.text(min_size=1, max_size=40),
+    seq=st.integers(0, 2**63 - 1),
+    hook=st.text(min_size=1, max_size=40),
+    source=st.dictionaries(st.text(max_size=10),
+                           st.integers(-(2**31), 2**31) | st.text(max_size=10)
+                           | st.lists(st.integers(0, 10**12), max_size=4), max_size=4),
+    ts=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_header_round_trip_property(producer, run, seq, hook, source, ts) -> None:
+    acts = torch.ones(2, 3, dtype=torch.bfloat16)
+    frames = encode_chunk(acts, producer=producer, run=run, seq=seq, model="m", hook=hook,
+                          source=source, ts=ts)
+    chunk = decode_chunk(frames)
+    assert (chunk.producer, chunk.run, chunk.seq, chunk.hook) == (producer, run, seq, hook)
+    assert chunk.source == source and chunk.ts == ts
+    assert chunk.wire_nbytes == len(frames[0]) + len(frames[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(itemsize=st.sampled_from([2, 4]), m=st.integers(1, 300), seed=st.integers(0, 1000))
+def test_shuffle_matches_the_design_definition(itemsize: int, m: int, seed: int) -> None:
+    raw = np.random.default_rng(seed).integers(0, 256, m * itemsize, dtype=np.uint8)
+    expected = raw.reshape(m, itemsize).T.reshape(-1)  # DESIGN.md: byte j of i -> j*m + i
+    shuffled = shuffle_bytes(raw, itemsize)
+    assert np.array_equal(shuffled, expected)
+    assert np.array_equal(unshuffle_bytes(shuffled, itemsize).view(np.uint8), raw)
+
+
+def test_encode_rejects_invalid_arguments() -> None:
+    x = torch.zeros(2, 2)
+    for bad in ({"codec": "zstd"}, {"dtype": "int8"}, {"seq": -1}, {"seq": True},
+                {"producer": ""}, {"source": [1]}):
+        with pytest.raises(ValueError):
+            encode_chunk(x, **{**META, **bad})
+    for acts in (torch.zeros(4), torch.zeros(0, 3), torch.zeros(2, 2, dtype=torch.int32)):
+        with pytest.raises(ValueError):
+            encode_chunk(acts, **META)
+
+
+def test_encode_accepts_non_contiguous_and_gradient_tensors() -> None:
+    base = torch.randn(6, 10, requires_grad=True)
+    acts = base.t()[::2]  # [5, 6], strided
+    chunk = decode_chunk(encode_chunk(acts, **META))
+    assert torch.equal(chunk.acts, acts.detach())
