@@ -64,18 +64,28 @@ def test_plain_push_to_pull_delivers_chunks(ctx, free_port) -> None:
 
 def test_push_deals_chunks_to_several_consumers(ctx) -> None:
     pulls = [pull_socket(ctx, "tcp://127.0.0.1:*") for _ in range(2)]
-    endpoints = [p.getsockopt_string(zmq.LAST_ENDPOINT) for p in pulls]
-    push = push_socket(ctx, endpoints)
-    time.sleep(0.2)  # let both connections complete, so round-robin sees both peers
-    for seq in range(4):
-        push.send_multipart(chunk_frames("p0", seq))
-    got = []
+    push = push_socket(ctx, [p.getsockopt_string(zmq.LAST_ENDPOINT) for p in pulls])
+    poller = zmq.Poller()
     for pull in pulls:
-        while pull.poll(2000):
-            got.append(decode_chunk(pull.recv_multipart(copy=False)).seq)
-            if len(got) == 4:
-                break
-    assert sorted(got) == [0, 1, 2, 3]
+        poller.register(pull, zmq.POLLIN)
+    got: list[list[int]] = [[], []]
+    sent = 0
+    # Round-robin over the peers whose connection is up: keep sending until both have some.
+    while sent < 200 and not (got[0] and got[1]):
+        push.send_multipart(chunk_frames("p0", sent))
+        sent += 1
+        ready = dict(poller.poll(20))
+        for i, pull in enumerate(pulls):
+            while pull in ready and pull.poll(0):
+                got[i].append(decode_chunk(pull.recv_multipart(copy=False)).seq)
+    while len(got[0]) + len(got[1]) < sent:
+        ready = dict(poller.poll(5000))
+        assert ready, "chunks went missing"
+        for i, pull in enumerate(pulls):
+            if pull in ready:
+                got[i].append(decode_chunk(pull.recv_multipart(copy=False)).seq)
+    assert got[0] and got[1]
+    assert sorted(got[0] + got[1]) == list(range(sent))
     for s in (*pulls, push):
         s.close()
 
@@ -172,3 +182,71 @@ def test_missing_key_files_are_user_errors(ctx, tmp_path: Path, keys) -> None:
                     curve=CurveClientKeys(keys["server_public"], keys["server_public"]))
     with pytest.raises(UserError):
         push_socket(ctx, ["not-an-endpoint"])
+
+
+def test_hwm_blocks_a_producer_then_delivers_everything(ctx) -> None:
+    pull = pull_socket(ctx, "tcp://127.0.0.1:*", hwm=2)
+    push = push_socket(ctx, [pull.getsockopt_string(zmq.LAST_ENDPOINT)], hwm=2)
+    frames = encode_chunk(torch.randn(256, 256), producer="p", run="r", seq=0, model="m",
+                          hook="h", source={}, codec="raw")  # 256 KiB
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # fill both queues and the kernel buffers
+        try:
+            push.send_multipart(frames, flags=zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:
+            if sent:
+                break
+            time.sleep(0.01)  # not connected yet
+    assert 0 < sent < 400  # the producer was stopped, not allowed to queue without bound
+    received = 0
+    while received < sent and pull.poll(5000):
+        pull.recv_multipart(copy=False)
+        received += 1
+    assert received == sent  # nothing dropped
+    push.close()
+    pull.close()
+
+
+def test_oversized_messages_are_cut_off_before_buffering(ctx) -> None:
+    pull = pull_socket(ctx, "tcp://127.0.0.1:*", max_message_bytes=64 << 10)
+    push = push_socket(ctx, [pull.getsockopt_string(zmq.LAST_ENDPOINT)])
+    push.send_multipart([b"h", bytes(1 << 20)])
+    assert pull.poll(REJECT_WAIT_MS) == 0
+    push.close(linger=0)
+    pull.close()
+
+
+def test_two_curve_sockets_in_one_context_keep_their_own_keys(ctx, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        write_keypair(tmp_path / f"server-{name}", "consumer")
+        write_keypair(tmp_path / f"auth-{name}", f"producer-{name}")
+    pulls = {
+        name: pull_socket(ctx, "tcp://127.0.0.1:*", curve=CurveServerKeys(
+            tmp_path / f"server-{name}" / "consumer.key_secret", tmp_path / f"auth-{name}"))
+        for name in ("a", "b")
+    }
+
+    def producer(key: str, server: str) -> zmq.Socket:
+        return push_socket(ctx, [pulls[server].getsockopt_string(zmq.LAST_ENDPOINT)],
+                           curve=CurveClientKeys(
+                               tmp_path / f"auth-{key}" / f"producer-{key}.key_secret",
+                               tmp_path / f"server-{server}" / "consumer.key"))
+
+    crossed = producer("a", "b")  # a's key is only authorised on a
+    threads = [_send_in_background(crossed, chunk_frames("crossed"))]
+    straight = producer("a", "a")
+    straight.send_multipart(chunk_frames("straight"))
+    assert pulls["a"].poll(5000)
+    assert decode_chunk(pulls["a"].recv_multipart(copy=False)).producer == "straight"
+    assert pulls["b"].poll(REJECT_WAIT_MS) == 0
+    for t in threads:
+        t.join()
+    pulls["a"].close()  # the authenticator keeps serving b
+    b_ok = producer("b", "b")
+    b_ok.send_multipart(chunk_frames("b"))
+    assert pulls["b"].poll(5000)
+    assert decode_chunk(pulls["b"].recv_multipart(copy=False)).producer == "b"
+    for s in (crossed, straight, b_ok, pulls["b"]):
+        s.close(linger=0)
