@@ -1,0 +1,150 @@
+"""Every metric the consumer exports, declared in one place.
+
+Names follow the Prometheus conventions: `saestream_` prefix, base units (seconds, bytes),
+`_total` for counters. Labels: `hook` and `sae` on training metrics, `producer` on what is
+received per producer, `reason` on rejects. The registry is created by the caller (no
+global state), so tests can run several consumers in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Step times of a TopK SAE range from ~1 ms (tiny, GPU) to seconds (wide, CPU).
+STEP_SECONDS_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+
+class ConsumerMetrics:
+    """The consumer's metrics on `registry` (a new `CollectorRegistry` if None)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        sae = ["hook", "sae"]
+
+        # -- training quality (per SAE) --
+        self.normalized_mse = Gauge(
+            "saestream_normalized_mse",
+            "Normalized MSE (fraction of variance unexplained, unitless): sum of squared "
+            "reconstruction errors / sum of squared deviations from the batch mean, both "
+            "summed over the last --metrics-window training steps.",
+            sae, registry=r,
+        )
+        self.dead_latent_fraction = Gauge(
+            "saestream_dead_latent_fraction",
+            "Fraction (0..1) of latents that have not fired in the last dead_tokens trained "
+            "tokens, at the latest step.",
+            sae, registry=r,
+        )
+        self.l0 = Gauge(
+            "saestream_l0",
+            "Mean number of non-zero latents per token (count) in the latest batch.",
+            sae, registry=r,
+        )
+        self.auxk_loss = Gauge(
+            "saestream_auxk_loss",
+            "AuxK loss (unitless, normalized MSE of the dead-latent reconstruction of the "
+            "residual) of the latest batch; 0 when no latent is dead.",
+            sae, registry=r,
+        )
+        self.loss = Gauge(
+            "saestream_loss",
+            "Total training loss (unitless) of the latest batch: normalized MSE against the "
+            "fixed start-of-training constant + auxk_coef * AuxK (+ Multi-TopK term).",
+            sae, registry=r,
+        )
+
+        # -- training progress (per SAE) --
+        self.trained_tokens = Counter(
+            "saestream_trained_tokens_total",
+            "Tokens (count) this SAE has trained on, including those before a --resume.",
+            sae, registry=r,
+        )
+        self.train_steps = Counter(
+            "saestream_train_steps_total",
+            "Optimizer steps (count) of this SAE, including those before a --resume.",
+            sae, registry=r,
+        )
+        self.train_step_seconds = Histogram(
+            "saestream_train_step_seconds",
+            "Wall time (seconds) of one training step of this SAE: forward, backward, update "
+            "and metric read-out, excluding the wait for data.",
+            sae, buckets=STEP_SECONDS_BUCKETS, registry=r,
+        )
+
+        # -- shuffle buffer (per hook) --
+        self.buffer_tokens = Gauge(
+            "saestream_buffer_tokens",
+            "Tokens (count) held in the shuffle buffer, ready to be trained on.",
+            ["hook"], registry=r,
+        )
+        self.buffer_capacity_tokens = Gauge(
+            "saestream_buffer_capacity_tokens",
+            "Capacity (tokens) of the shuffle buffer (--buffer-tokens).",
+            ["hook"], registry=r,
+        )
+
+        # -- receiving (per producer) --
+        self.received_messages = Counter(
+            "saestream_received_messages_total",
+            "Messages (count) accepted from this producer; rejected ones are counted only "
+            "under saestream_rejected_messages_total.",
+            ["producer"], registry=r,
+        )
+        self.received_tokens = Counter(
+            "saestream_received_tokens_total",
+            "Tokens (count) in the accepted messages of this producer.",
+            ["producer"], registry=r,
+        )
+        self.received_wire_bytes = Counter(
+            "saestream_received_wire_bytes_total",
+            "Bytes on the wire (header + payload) of the accepted messages of this producer.",
+            ["producer"], registry=r,
+        )
+        self.rejected_messages = Counter(
+            "saestream_rejected_messages_total",
+            "Messages (count) dropped as invalid, by reason (the wire module's reasons, plus "
+            "'model' for a model other than the hook's first one, 'error' for anything else).",
+            ["reason"], registry=r,
+        )
+        self.sequence_gaps = Counter(
+            "saestream_sequence_gaps_total",
+            "Gaps (count) in a producer run's message sequence numbers: each time a message's "
+            "seq is not the previous seq + 1. Counted, never fatal.",
+            ["producer"], registry=r,
+        )
+        self.producer_restarts = Counter(
+            "saestream_producer_restarts_total",
+            "Times (count) a producer id appeared with a new run id after an earlier one.",
+            ["producer"], registry=r,
+        )
+        self.producer_last_seen = Gauge(
+            "saestream_producer_last_seen_timestamp_seconds",
+            "Unix time (seconds) of the last accepted message from this producer.",
+            ["producer"], registry=r,
+        )
+
+        # -- checkpoints --
+        self.checkpoints = Counter(
+            "saestream_checkpoints_total",
+            "Snapshots (count) written by this process (signal, periodic and final).",
+            registry=r,
+        )
+        self.last_checkpoint = Gauge(
+            "saestream_last_checkpoint_timestamp_seconds",
+            "Unix time (seconds) at which the newest snapshot was written; 0 before the first.",
+            registry=r,
+        )
+
+    def declare_rejects(self, reasons: Iterable[str]) -> None:
+        """Export every reject reason from the start (at 0), so dashboards see the series."""
+        for reason in reasons:
+            self.rejected_messages.labels(reason=reason)
+
+    def declare_hook(self, hook: str, capacity: int) -> None:
+        self.buffer_capacity_tokens.labels(hook=hook).set(capacity)
+        self.buffer_tokens.labels(hook=hook).set(0)
