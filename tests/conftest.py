@@ -1,0 +1,40 @@
+"""Fixtures shared by the whole suite. Area-specific helpers live in their own test modules."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+
+# Tests run many small processes on 2 cores: keep each one from grabbing every core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return free_tcp_port()
+
+
+def saestream_cmd(*args: str) -> list[str]:
+    """argv that runs the `saestream` CLI with this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "common.cli", *args]
+
+
+def run_cli(args: Sequence[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run `saestream ARGS` to completion as a real process, capturing text output."""
+    return subprocess.run(
+        saestream_cmd(*args), capture_output=True, text=True, timeout=timeout, **kw
+    )
