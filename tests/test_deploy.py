@@ -1,0 +1,646 @@
+"""deploy/: every file checked by the real tool it is written for.
+
+promtool (check config, check rules, test rules) for Prometheus; docker-compose (Debian's
+compose implementation, `config`, no engine needed) and the compose-spec JSON schema for the
+compose files; hadolint for the Dockerfile; systemd-analyze verify for the units;
+kubernetes-validate (the Kubernetes OpenAPI schemas, offline) for the manifests; and the
+daemons' own click commands for every flag those files pass. `make test` installs the
+tools (`make deploy-tools`). The live test that runs Prometheus against real daemons is in
+test_deploy_live.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "saestream.json"
+COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+SYSTEMD = DEPLOY / "systemd"
+K8S = DEPLOY / "k8s"
+UNIT_PREFIX = "/opt/saestream/.venv"
+
+# Grafana variables -> what the live test and promtool substitute for them.
+GRAFANA_SUBSTITUTIONS = {
+    "$__rate_interval": "5s",
+    "$__interval": "1s",
+    "$__range": "1m",
+}
+
+
+# ---------------------------------------------------------------- tool lookup
+
+
+def tool(name: str) -> str:
+    """Path of an external validator: the venv's bin first, then PATH.
+
+    Missing tools fail the test under CI (where `make test` installs them) and skip it
+    elsewhere, with the command that installs them.
+    """
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found:
+        return found
+    msg = f"{name} not installed: run `make deploy-tools`"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kw)
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+# ---------------------------------------------------------------- metric names
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric family name the consumer and the producer export (from their code)."""
+    from prometheus_client import CollectorRegistry
+
+    from consumer.metrics import ConsumerMetrics
+    from producer.metrics import ProducerMetrics
+
+    names: set[str] = set()
+    for registry in (ConsumerMetrics().registry, _producer_registry(ProducerMetrics)):
+        assert isinstance(registry, CollectorRegistry)
+        for family in registry.collect():
+            names.add(family.name)
+            names.update(s.name for s in family.samples)
+            if family.type == "counter":
+                names.add(family.name + "_total")
+            if family.type == "histogram":
+                names.update(family.name + s for s in ("_bucket", "_sum", "_count"))
+    return names
+
+
+def _producer_registry(producer_metrics_cls):
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    producer_metrics_cls.create(registry)
+    return registry
+
+
+PROMQL_FUNCTIONS = {
+    "sum", "rate", "increase", "histogram_quantile", "time", "max", "min", "avg", "by",
+    "on", "and", "or", "unless", "without", "offset", "min_over_time", "max_over_time",
+    "avg_over_time", "le", "clamp_min", "ignoring", "group_left", "bool", "count",
+}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """Identifiers in a PromQL expression that name saestream metrics or recording rules."""
+    no_strings = re.sub(r'"[^"]*"', '""', expr)
+    no_labels = re.sub(r"\{[^}]*\}", "", no_strings)
+    no_groupings = re.sub(r"\b(by|on|without|ignoring)\s*\([^)]*\)", "", no_labels)
+    idents = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", no_groupings))
+    return {i for i in idents if i.startswith("saestream")}
+
+
+# ---------------------------------------------------------------- dashboard helpers
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels(d: dict) -> Iterator[dict]:
+    for p in d["panels"]:
+        yield p
+        yield from p.get("panels", [])
+
+
+def dashboard_exprs(d: dict) -> list[tuple[str, str]]:
+    """(panel title, expr) for every query of the dashboard."""
+    return [
+        (p["title"], t["expr"])
+        for p in dashboard_panels(d)
+        for t in p.get("targets", [])
+    ]
+
+
+def substitute(expr: str, values: dict[str, str] | None = None) -> str:
+    """Grafana's variables replaced: template variables by `values` (default `.*`)."""
+    for var, value in GRAFANA_SUBSTITUTIONS.items():
+        expr = expr.replace(var, value)
+    return re.sub(
+        r"\$\{?([A-Za-z_]\w*)\}?", lambda m: (values or {}).get(m.group(1), ".*"), expr
+    )
+
+
+def rule_groups() -> list[dict]:
+    return [g for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]]
+
+
+def recording_rules() -> list[dict]:
+    return [r for g in rule_groups() for r in g["rules"] if "record" in r]
+
+
+def alerting_rules() -> list[dict]:
+    return [r for g in rule_groups() for r in g["rules"] if "alert" in r]
+
+
+# ================================================================ Prometheus
+
+
+def test_prometheus_config_passes_promtool_with_file_sd_targets(tmp_path: Path) -> None:
+    work = tmp_path / "prometheus"
+    shutil.copytree(PROM, work)
+    # the example becomes a live file_sd file, so promtool checks it too
+    shutil.copy(work / "targets" / "producers.example.yml", work / "targets" / "producers-a.yml")
+    (work / "targets" / "producers-b.json").write_text(
+        json.dumps([{"targets": ["10.1.2.3:9110"], "labels": {"site": "b"}}])
+    )
+    res = run([tool("promtool"), "check", "config", "prometheus.yml"], cwd=work)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "WARNING" not in out, out
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in out, out
+
+
+def test_prometheus_config_scrapes_consumer_and_any_number_of_producers() -> None:
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    consumer, producer = jobs["saestream-consumer"], jobs["saestream-producer"]
+    assert consumer["static_configs"][0]["targets"] == ["consumer:9101"]
+    assert producer["dns_sd_configs"][0]["names"] == ["producer"]  # compose --scale
+    assert producer["dns_sd_configs"][0]["port"] == 9102
+    assert producer["file_sd_configs"][0]["files"]  # hosts listed in files, no restart
+    assert cfg["rule_files"] == ["rules/*.yml"]
+    example = yaml.safe_load((PROM / "targets" / "producers.example.yml").read_text())
+    assert example[0]["targets"]
+
+
+def test_rule_files_pass_promtool_check() -> None:
+    assert len(RULE_FILES) == 2
+    res = run([tool("promtool"), "check", "rules", *map(str, RULE_FILES)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("SUCCESS") == len(RULE_FILES)
+
+
+def test_rule_unit_tests_pass_promtool_test_rules() -> None:
+    res = run(
+        [tool("promtool"), "test", "rules", "saestream-rules.test.yml"], cwd=PROM / "tests"
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_every_alert_is_unit_tested_firing_and_silent() -> None:
+    tests = yaml.safe_load((PROM / "tests" / "saestream-rules.test.yml").read_text())["tests"]
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for t in tests:
+        for case in t.get("alert_rule_test", []):
+            (firing if case["exp_alerts"] else silent).add(case["alertname"])
+    names = {r["alert"] for r in alerting_rules()}
+    assert names - firing == set(), "alerts without a test where they fire"
+    assert names - silent == set(), "alerts without a test where they stay silent"
+
+
+def test_recording_rules_cover_ingest_training_bytes_and_reject_rates() -> None:
+    by_name = {r["record"]: r["expr"] for r in recording_rules()}
+    wanted = {
+        "saestream:received_tokens:rate1m": "saestream_received_tokens_total",
+        "saestream:trained_tokens:rate1m": "saestream_trained_tokens_total",
+        "saestream:received_wire_bytes:rate1m": "saestream_received_wire_bytes_total",
+        "saestream:producer_wire_bytes:rate1m": "saestream_producer_wire_bytes_total",
+        "saestream:rejected_messages:rate5m": "saestream_rejected_messages_total",
+    }
+    for name, metric in wanted.items():
+        assert metric in by_name[name]
+    for r in recording_rules():
+        assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", r["record"]), r["record"]
+
+
+def test_alerts_cover_each_required_condition() -> None:
+    exprs = {r["alert"]: r["expr"] for r in alerting_rules()}
+    required = {
+        "saestream_dead_latent_fraction": "dead latents above a threshold",
+        "saestream_normalized_mse": "normalized MSE not improving",
+        "saestream_producer_last_seen_timestamp_seconds": "a producer silent",
+        "saestream_rejected_messages_total": "rejected messages",
+        "saestream:buffer_fill:ratio": "buffer starved",
+        "saestream_last_checkpoint_timestamp_seconds": "no checkpoint for too long",
+    }
+    for metric, what in required.items():
+        assert any(metric in e for e in exprs.values()), what
+    for r in alerting_rules():
+        assert r["labels"]["severity"] in {"critical", "warning", "info"}
+        assert r["annotations"]["summary"]
+
+
+def test_rules_use_only_metrics_the_daemons_export() -> None:
+    known = exported_metric_names() | {r["record"] for r in recording_rules()}
+    for r in recording_rules() + alerting_rules():
+        unknown = metric_names_in(r["expr"]) - known
+        assert not unknown, (r.get("record") or r.get("alert"), unknown)
+
+
+# ================================================================ Grafana
+
+
+REQUIRED_PANELS = {
+    "Normalized MSE": "saestream_normalized_mse",
+    "Dead-latent fraction": "saestream_dead_latent_fraction",
+    "L0": "saestream_l0",
+    "AuxK loss": "saestream_auxk_loss",
+    "Trained tokens/s": "saestream_trained_tokens_total",
+    "Received tokens/s by producer": "saestream_received_tokens_total",
+    "Shuffle buffer fill": "saestream_buffer_capacity_tokens",
+    "Training step time": "saestream_train_step_seconds_bucket",
+    "Compression ratio": "saestream_producer_wire_bytes_total",
+    "Send-blocked time": "saestream_producer_send_blocked_seconds_total",
+    "Rejected messages/s by reason": "saestream_rejected_messages_total",
+    "Time since last checkpoint": "saestream_last_checkpoint_timestamp_seconds",
+}
+
+
+def test_dashboard_has_datasource_and_hook_sae_producer_variables() -> None:
+    d = dashboard()
+    assert d["uid"] == "saestream" and d["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("hook", "sae", "producer"):
+        v = variables[name]
+        assert v["type"] == "query"
+        assert v["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert v["definition"].startswith("label_values(") and f", {name})" in v["definition"]
+        assert v["query"]["query"] == v["definition"]
+        assert v["includeAll"] and v["allValue"] == ".*"
+    used = " ".join(e for _, e in dashboard_exprs(d)) + " ".join(
+        v.get("definition", "") for v in variables.values()
+    )
+    for name in ("hook", "sae", "producer"):
+        assert f"${name}" in used, f"variable {name} filters nothing"
+
+
+def test_dashboard_has_a_panel_for_each_required_view() -> None:
+    d = dashboard()
+    panels = {p["title"]: p for p in dashboard_panels(d) if p["type"] != "row"}
+    for title, metric in REQUIRED_PANELS.items():
+        assert title in panels, title
+        assert any(metric in t["expr"] for t in panels[title]["targets"]), title
+    legends = {t["legendFormat"] for t in panels["Training step time"]["targets"]}
+    assert legends == {"p50", "p99"}
+    assert "{{producer}}" in panels["Received tokens/s by producer"]["targets"][0]["legendFormat"]
+
+
+def test_dashboard_layout_and_queries_are_well_formed() -> None:
+    d = dashboard()
+    ids = [p["id"] for p in dashboard_panels(d)]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for p in dashboard_panels(d):
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, p["title"]
+        xs, ys = range(g["x"], g["x"] + g["w"]), range(g["y"], g["y"] + g["h"])
+        mine = {(x, y) for x in xs for y in ys}
+        assert not mine & cells, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["description"], p["title"]
+        assert p["fieldConfig"]["defaults"]["unit"], p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t["datasource"] == p["datasource"] and t["expr"].strip(), p["title"]
+            if "rate(" in t["expr"]:
+                assert "[$__rate_interval]" in t["expr"], (p["title"], t["expr"])
+
+
+def test_dashboard_uses_only_metrics_the_daemons_export() -> None:
+    known = exported_metric_names()
+    for title, expr in dashboard_exprs(dashboard()):
+        unknown = metric_names_in(expr) - known
+        assert not unknown, (title, unknown)
+
+
+def test_dashboard_expressions_parse_with_promtool(tmp_path: Path) -> None:
+    """Each query, variables substituted, as a recording rule: promtool parses all PromQL."""
+    d = dashboard()
+    exprs = [substitute(e) for _, e in dashboard_exprs(d)]
+    exprs += [
+        substitute(re.sub(r"^label_values\((.*), \w+\)$", r"\1", v["definition"]))
+        for v in d["templating"]["list"] if v["type"] == "query"
+    ]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr:{i}", "expr": e} for i, e in enumerate(exprs)
+    ]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    res = run([tool("promtool"), "check", "rules", str(path)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(exprs)} rules found" in res.stdout
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_folder() -> None:
+    prov = DEPLOY / "grafana" / "provisioning"
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())
+    assert ds["apiVersion"] == 1
+    (source,) = ds["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    assert source["url"] == "http://prometheus:9090"  # the compose service
+    dash = yaml.safe_load((prov / "dashboards" / "saestream.yml").read_text())
+    (provider,) = dash["providers"]
+    assert provider["type"] == "file"
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+
+
+# ================================================================ containers
+
+
+def test_compose_file_passes_docker_compose_config() -> None:
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU]):
+        argv = [tool("docker-compose")]
+        for f in files:
+            argv += ["-f", str(f)]
+        res = run([*argv, "config", "-q"], cwd=DEPLOY)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stderr.strip() == "", res.stderr
+
+
+def test_compose_files_match_the_compose_specification() -> None:
+    res = run([
+        tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+        str(COMPOSE), str(COMPOSE_GPU),
+    ])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compose_wires_consumer_scalable_producers_prometheus_and_grafana() -> None:
+    res = run([tool("docker-compose"), "-f", str(COMPOSE), "config"], cwd=DEPLOY)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)  # the resolved file, defaults interpolated
+    s = cfg["services"]
+    assert set(s) == {"consumer", "producer", "prometheus", "grafana"}
+    producer, consumer = s["producer"], s["consumer"]
+    # --scale producer=N: no fixed name, no host port
+    assert "container_name" not in producer and "ports" not in producer
+    assert "--connect=tcp://consumer:5557" in producer["command"]
+    assert "--bind=tcp://0.0.0.0:5557" in consumer["command"]
+    for svc, port in ((consumer, 9101), (producer, 9102)):
+        assert "--metrics-addr=0.0.0.0" in svc["command"]
+        assert f"--metrics-port={port}" in svc["command"]
+    assert "--resume" in consumer["command"]
+    assert any(v.startswith("checkpoints:") for v in consumer["volumes"]) or any(
+        v.get("source") == "checkpoints" for v in consumer["volumes"] if isinstance(v, dict)
+    )
+    assert "checkpoints" in cfg["volumes"]
+    assert consumer["stop_signal"] == "SIGTERM"
+    assert consumer["stop_grace_period"] in ("5m", "300s")
+    assert s["consumer"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    prom_mount = next(v for v in s["prometheus"]["volumes"] if "/etc/prometheus" in str(v))
+    assert str(DEPLOY / "prometheus") in str(prom_mount) or "./prometheus" in str(prom_mount)
+    assert "docker compose -f deploy/docker-compose.yml kill -s SIGUSR1 consumer" in (
+        COMPOSE.read_text()
+    )
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    res = run([tool("hadolint"), "--no-color", str(DEPLOY / "Dockerfile")])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dockerfile_is_cpu_by_default_with_a_cuda_base_by_build_argument() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:\S+$", text, re.M)
+    assert "FROM ${BASE_IMAGE}" in text
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert "--build-arg BASE_IMAGE=nvidia/cuda:" in text
+    assert 'ENTRYPOINT ["tini", "--", "saestream"]' in text  # signals reach the daemon
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert "**" in ignore and "!common/**" in ignore  # .venv and checkpoints stay out
+
+
+# ================================================================ systemd
+
+
+def _units_for_verify(tmp_path: Path) -> Path:
+    """The units with their install prefix pointing at this checkout's venv."""
+    prefix = tmp_path / "opt" / "saestream" / ".venv" / "bin"
+    prefix.mkdir(parents=True)
+    (prefix / "saestream").symlink_to(Path(sys.executable).parent / "saestream")
+    for unit in SYSTEMD.glob("*.service"):
+        text = unit.read_text().replace(UNIT_PREFIX, str(tmp_path / "opt" / "saestream" / ".venv"))
+        (tmp_path / unit.name).write_text(text)
+    return tmp_path
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    if not (Path(sys.executable).parent / "saestream").exists():
+        pytest.skip("console script saestream not installed in this environment")
+    work = _units_for_verify(tmp_path)
+    res = run(
+        [tool("systemd-analyze"), "verify", "./saestream-consumer.service",
+         "./saestream-producer@0.service", "./saestream-producer@3.service"],
+        cwd=work,
+    )
+    ours = [ln for ln in (res.stdout + res.stderr).splitlines() if "saestream" in ln]
+    assert res.returncode == 0 and not ours, res.stdout + res.stderr
+
+
+def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
+    """The check above would see a mistake: systemd-analyze reports it."""
+    if not (Path(sys.executable).parent / "saestream").exists():
+        pytest.skip("console script saestream not installed in this environment")
+    work = _units_for_verify(tmp_path)
+    unit = work / "saestream-consumer.service"
+    unit.write_text(unit.read_text().replace("TimeoutStopSec=", "TimeoutStopSecs="))
+    res = run([tool("systemd-analyze"), "verify", "./saestream-consumer.service"], cwd=work)
+    assert "Unknown key 'TimeoutStopSecs'" in res.stdout + res.stderr
+
+
+def _unit_settings(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_systemd_consumer_reload_snapshots_and_stop_waits_for_the_final_checkpoint() -> None:
+    s = _unit_settings(SYSTEMD / "saestream-consumer.service")
+    assert s["ExecReload"] == ["/bin/kill -USR1 $MAINPID"]
+    assert s["KillSignal"] == ["SIGTERM"]
+    minutes = int(re.fullmatch(r"(\d+)min", s["TimeoutStopSec"][0]).group(1))
+    assert minutes >= 5
+    assert s["EnvironmentFile"] == ["/etc/saestream/saestream.env"]
+    assert "--resume" in s["ExecStart"][0]
+
+
+def test_systemd_producer_template_runs_one_instance_per_gpu_and_shard() -> None:
+    s = _unit_settings(SYSTEMD / "saestream-producer@.service")
+    start = s["ExecStart"][0]
+    assert "--shard %i/${SAESTREAM_SHARDS}" in start
+    assert "--state-file /var/lib/saestream/producer-%i.state" in start
+    assert "SAESTREAM_PRODUCER_DEVICE=cuda:%i" in s["Environment"]
+    assert "-/etc/saestream/producer-%i.env" in s["EnvironmentFile"]
+    env = _env_file(SYSTEMD / "saestream.env")
+    # every ${VAR} the units use is set by the env file or by the unit itself
+    for unit in SYSTEMD.glob("*.service"):
+        settings = _unit_settings(unit)
+        own = {e.partition("=")[0] for e in settings.get("Environment", [])}
+        used = set(re.findall(r"\$\{?([A-Z_]+)\}?", settings["ExecStart"][0])) - {"MAINPID"}
+        assert used <= set(env) | own, (unit.name, used - set(env) - own)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, eq, value = line.partition("=")
+            assert eq and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), line
+            out[key] = value
+    return out
+
+
+# ================================================================ Kubernetes
+
+
+def k8s_docs() -> list[tuple[Path, dict]]:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [(K8S / f, d) for f in kust["resources"] for d in load_yaml_docs(K8S / f)]
+
+
+def test_k8s_manifests_pass_kubernetes_schema_validation() -> None:
+    files = sorted({str(p) for p, _ in k8s_docs()})
+    res = run([tool("kubernetes-validate"), "--strict", *files])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("passed for resource") == len(k8s_docs()), res.stdout
+
+
+def test_k8s_schema_validation_catches_a_misspelt_field(tmp_path: Path) -> None:
+    bad = tmp_path / "producer.yaml"
+    bad.write_text((K8S / "producer.yaml").read_text().replace("  replicas: 2", "  replica: 2"))
+    res = run([tool("kubernetes-validate"), "--strict", str(bad)])
+    assert res.returncode != 0 and "replica" in res.stdout + res.stderr
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == on_disk
+
+
+def test_k8s_consumer_statefulset_service_pvc_and_producer_deployment() -> None:
+    objs = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_docs()}
+    sts = objs[("StatefulSet", "saestream-consumer")]
+    dep = objs[("Deployment", "saestream-producer")]
+    svc = objs[("Service", "saestream-consumer")]
+    pvc = objs[("PersistentVolumeClaim", "saestream-checkpoints")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "saestream-checkpoints"
+    assert pod["terminationGracePeriodSeconds"] >= 300
+    (c,) = pod["containers"]
+    assert c["lifecycle"]["preStop"]
+    assert "--resume" in c["args"]
+    assert {p["port"] for p in svc["spec"]["ports"]} == {5557, 9101}
+    assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert isinstance(dep["spec"]["replicas"], int)
+    ppod = dep["spec"]["template"]["spec"]
+    (pc,) = ppod["containers"]
+    assert pc["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert "--connect=tcp://saestream-consumer:5557" in pc["args"]
+    assert ppod["terminationGracePeriodSeconds"] >= 30
+    for obj, port in ((sts, "9101"), (dep, "9102")):
+        ann = obj["spec"]["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == port
+    # $(VAR) in args must come from the ConfigMap or the container's env
+    config = objs[("ConfigMap", "saestream-config")]["data"]
+    for container in (c, pc):
+        names = set(config) | {e["name"] for e in container.get("env", [])}
+        used = set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(container["args"])))
+        assert used <= names, used - names
+
+
+# ================================================================ flags
+
+
+def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
+    """(where, role, argv after the role) for every daemon command in deploy/."""
+    compose = yaml.safe_load(COMPOSE.read_text())
+    for role in ("consumer", "producer"):
+        cmd = compose["services"][role]["command"]
+        assert cmd[0] == role
+        yield "docker-compose.yml", role, cmd[1:]
+    for _, d in k8s_docs():
+        if d["kind"] in ("StatefulSet", "Deployment"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                yield f"k8s {d['metadata']['name']}", c["args"][0], c["args"][1:]
+    for unit in SYSTEMD.glob("*.service"):
+        argv = _unit_settings(unit)["ExecStart"][0].split()
+        assert argv[0] == f"{UNIT_PREFIX}/bin/saestream"
+        yield unit.name, argv[1], argv[2:]
+
+
+def test_deploy_files_pass_only_flags_the_daemons_accept() -> None:
+    from consumer.cli import consumer
+    from producer.cli import producer
+
+    accepted = {
+        name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for name, cmd in (("consumer", consumer), ("producer", producer))
+    }
+    seen = set()
+    for where, role, argv in _command_lines():
+        for arg in argv:
+            if arg.startswith("--"):
+                flag = arg.partition("=")[0]
+                assert flag in accepted[role], f"{where}: {role} has no option {flag}"
+        seen.add((where, role))
+    assert len(seen) == 6
+
+
+# ================================================================ README
+
+
+def test_readme_operations_section_has_commands_for_each_task() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- section:operations:begin -->")[1].split(
+        "<!-- section:operations:end -->"
+    )[0]
+    for needle in (
+        "docker compose -f deploy/docker-compose.yml up",  # start
+        "--scale producer=",  # scale
+        "kill -s SIGUSR1 consumer",  # snapshot
+        "systemctl reload saestream-consumer",
+        "saestream-producer@{0..3}",
+        "kubectl -n saestream scale deployment/saestream-producer",
+        "--resume",  # resume
+        "saestream keygen",  # secure
+        "--curve-secret-key",
+        "saestream status",  # watch
+        "promtool",
+    ):
+        assert needle in section, needle
