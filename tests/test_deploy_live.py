@@ -1,0 +1,248 @@
+"""The monitoring stack against the real thing.
+
+Debian's Prometheus, started here on 127.0.0.1 with a 1 s scrape and evaluation interval and
+the rule files of deploy/, scrapes a short real producer → consumer run (tiny model, tiny
+SAE). Every query of the Grafana dashboard and every recording rule must return data
+through Prometheus' HTTP API, every rule must evaluate without error, and `promtool check
+metrics` must find nothing to report in either daemon's /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+import zmq
+from conftest import free_tcp_port, saestream_cmd
+from test_deploy import (
+    RULE_FILES,
+    dashboard,
+    dashboard_exprs,
+    recording_rules,
+    substitute,
+    tool,
+)
+
+pytestmark = pytest.mark.slow
+
+HOOK = "model.layers.2"
+SAE = "tiny"
+PRODUCER_ID = "live-producer"
+DEADLINE = 75.0  # seconds for everything to show up; typically ~15 s
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def wait_for(
+    what: str, check: Callable[[], object], timeout: float, procs=(),
+    explain: Callable[[], str] = lambda: "",
+) -> object:
+    """Poll `check` until it returns something truthy; fail if a process died meanwhile."""
+    end = time.monotonic() + timeout
+    last_err: Exception | None = None
+    while time.monotonic() < end:
+        for name, proc, log in procs:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode} while waiting for {what}:\n"
+                            + log.read_text()[-3000:])
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, ValueError, KeyError) as exc:
+            last_err = exc
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what} (last error: {last_err}){explain()}")
+
+
+def metric_value(body: str, name: str) -> float:
+    """Sum of the samples of `name` (any labels) in a /metrics body."""
+    total, found = 0.0, False
+    for line in body.splitlines():
+        m = re.match(rf"{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", line)
+        if m:
+            total += float(m.group(1))
+            found = True
+    if not found:
+        raise KeyError(name)
+    return total
+
+
+class Prometheus:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.base}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        reply = json.loads(http_get(url))
+        assert reply["status"] == "success", reply
+        return reply["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", (expr, data)
+        return data["result"]
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start processes with logs in tmp_path; SIGTERM (then SIGKILL) them all at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start(name: str, argv: list[str]) -> subprocess.Popen:
+        log = (tmp_path / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        proc.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
+    tmp_path: Path, processes
+) -> None:
+    prometheus_bin, promtool = tool("prometheus"), tool("promtool")
+    zmq_port, c_port, p_port, web_port = (free_tcp_port() for _ in range(4))
+
+    consumer = processes("consumer", saestream_cmd(
+        "consumer", "--bind", f"tcp://127.0.0.1:{zmq_port}", "--hook", HOOK,
+        "--sae", f"name={SAE},latents=128,k=8", "--buffer-tokens", "1024",
+        "--batch-size", "128", "--checkpoint-dir", str(tmp_path / "ck"),
+        "--metrics-port", str(c_port), "--device", "cpu", "--log-every", "5",
+    ))
+    producer = processes("producer", saestream_cmd(
+        "producer", "--model", "tiny", "--hook", HOOK, "--corpus", "synthetic",
+        "--connect", f"tcp://127.0.0.1:{zmq_port}", "--producer-id", PRODUCER_ID,
+        "--chunk-tokens", "128", "--batch-size", "4", "--seq-len", "64",
+        "--metrics-port", str(p_port), "--device", "cpu",
+    ))
+
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(f) for f in RULE_FILES],
+        "scrape_configs": [
+            {"job_name": "saestream-consumer",
+             "static_configs": [{"targets": [f"127.0.0.1:{c_port}"]}]},
+            {"job_name": "saestream-producer",
+             "static_configs": [{"targets": [f"127.0.0.1:{p_port}"]}]},
+        ],
+    }
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    check = subprocess.run([promtool, "check", "config", str(config_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    prom_proc = processes("prometheus", [
+        prometheus_bin, f"--config.file={config_path}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{web_port}",
+        "--storage.tsdb.retention.time=1h", "--log.level=warn",
+    ])
+    procs = [(n, p, p.log_path) for n, p in
+             (("consumer", consumer), ("producer", producer), ("prometheus", prom_proc))]
+    prom = Prometheus(f"http://127.0.0.1:{web_port}")
+    wait_for("prometheus ready", lambda: http_get(f"{prom.base}/-/ready"), 30, procs)
+
+    consumer_url = f"http://127.0.0.1:{c_port}/metrics"
+    producer_url = f"http://127.0.0.1:{p_port}/metrics"
+    wait_for("training steps",
+             lambda: metric_value(http_get(consumer_url).decode(),
+                                  "saestream_train_steps_total") > 0, DEADLINE, procs)
+
+    # a snapshot on SIGUSR1 (for the checkpoint panel), and one bad message (for rejects)
+    consumer.send_signal(signal.SIGUSR1)
+    wait_for("a checkpoint",
+             lambda: metric_value(http_get(consumer_url).decode(),
+                                  "saestream_checkpoints_total") >= 1, DEADLINE, procs)
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(f"tcp://127.0.0.1:{zmq_port}")
+        push.send_multipart([b"not a header", b"not a payload"])
+        push.close()
+    finally:
+        ctx.term()
+    wait_for("a counted reject",
+             lambda: metric_value(http_get(consumer_url).decode(),
+                                  "saestream_rejected_messages_total") >= 1, DEADLINE, procs)
+
+    # both exposition bodies pass promtool's linter
+    for url in (consumer_url, producer_url):
+        body = http_get(url)
+        assert b"saestream_" in body
+        lint = subprocess.run([promtool, "check", "metrics"], input=body,
+                              capture_output=True, timeout=60)
+        assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), (
+            url, lint.stdout.decode() + lint.stderr.decode())
+
+    # the queries: every dashboard expression (variables as `.*` and as real label values),
+    # every template variable's series, every recording rule's output series
+    d = dashboard()
+    real = {"hook": HOOK, "sae": SAE, "producer": PRODUCER_ID}
+    queries: dict[str, str] = {}
+    for title, expr in dashboard_exprs(d):
+        queries[f"panel {title!r}: {expr}"] = substitute(expr)
+        queries[f"panel {title!r} (hook/sae/producer selected): {expr}"] = substitute(expr, real)
+    for v in d["templating"]["list"]:
+        if v["type"] == "query":
+            series = re.fullmatch(r"label_values\((.*), (\w+)\)", v["definition"]).group(1)
+            queries[f"variable {v['name']}"] = substitute(series, real)
+    for rule in recording_rules():
+        queries[f"recording rule {rule['record']}"] = rule["record"]
+
+    def empty_queries() -> list[str]:
+        return [k for k, q in queries.items() if not prom.query(q)]
+
+    missing: list[str] = []
+
+    def all_have_data() -> bool:
+        missing[:] = empty_queries()
+        return not missing
+
+    wait_for("data for every query", all_have_data, DEADLINE, procs,
+             explain=lambda: "; no data for:\n  " + "\n  ".join(missing))
+
+    # the variables offer the real label values
+    for name, value in real.items():
+        assert value in prom.api(f"label/{name}/values"), name
+
+    # both targets up, and every recording and alerting rule evaluates without error
+    targets = prom.api("targets")["activeTargets"]
+    assert {t["labels"]["job"]: t["health"] for t in targets} == {
+        "saestream-consumer": "up", "saestream-producer": "up"}
+    rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+    assert len(rules) == sum(
+        len(g["rules"]) for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]
+    )
+    bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not bad, bad
+
+    # a fresh tiny run is healthy: none of the data alerts fire
+    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]
+              if a["state"] == "firing"}
+    assert firing <= {"SaestreamMessagesRejected"}, firing
