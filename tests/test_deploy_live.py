@@ -100,7 +100,7 @@ class Prometheus:
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start processes with logs in tmp_path; SIGTERM (then SIGKILL) them all at the end."""
+    """Start processes with logs in tmp_path; SIGTERM (then SIGKILL) each at the end."""
     started: list[subprocess.Popen] = []
 
     def start(name: str, argv: list[str]) -> subprocess.Popen:
@@ -111,10 +111,9 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
         return proc
 
     yield start
-    for proc in reversed(started):
-        if proc.poll() is None:
+    for proc in reversed(started):  # the last started first: producers flush while the
+        if proc.poll() is None:     # consumer is still there
             proc.send_signal(signal.SIGTERM)
-    for proc in started:
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
