@@ -644,3 +644,29 @@ def test_readme_operations_section_has_commands_for_each_task() -> None:
         "promtool",
     ):
         assert needle in section, needle
+
+
+def test_readme_operations_commands_use_only_real_subcommands_and_flags() -> None:
+    import shlex
+
+    from common.cli import cli
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- section:operations:begin -->")[1].split(
+        "<!-- section:operations:end -->"
+    )[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    checked = 0
+    for line in lines:
+        argv = shlex.split(line.split("#")[0])
+        if not argv or argv[0] != "saestream":
+            continue
+        cmd = cli.get_command(None, argv[1])  # type: ignore[arg-type]
+        assert cmd is not None, line
+        opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for arg in argv[2:]:
+            if arg.startswith("--"):
+                assert arg.partition("=")[0] in opts, f"{line}: no option {arg}"
+        checked += 1
+    assert checked >= 5
