@@ -2,9 +2,9 @@
 
 Each URL is scraped once and parsed with prometheus_client's text parser. A consumer (it
 exports `saestream_train_steps_total`) gets a summary of training, buffer, producers,
-rejects and checkpoints; any other saestream daemon a compact list of its `saestream_*`
-values. An unreachable URL gets one line saying so. Exit code: 0 if at least one URL
-answered, 1 if none did.
+rejects and checkpoints; a producer one of what it sent; anything else a compact list of
+its `saestream_*` values. An unreachable URL gets one line saying so. Exit code: 0 if at
+least one URL answered, 1 if none did.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ def _num(x: float | None) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.4g}"
 
 
+def _bytes(x: float | None) -> str:
+    return "-" if x is None else f"{_num(x)}B"
+
+
 def _ago(ts: float | None, now: float) -> str:
     if not ts:
         return "never"
@@ -101,7 +105,7 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
         dead = value(s, "saestream_dead_latent_fraction", **lab)
         step_s = f"{t_sum / n_obs:.3f}s" if n_obs and t_sum is not None else "-"
         lines.append(
-            f"  sae {sae} ({hook}): step {_num(steps)}, "
+            f"  sae {sae} ({hook}): step {'-' if steps is None else f'{int(steps):,}'}, "
             f"{_num(value(s, 'saestream_trained_tokens_total', **lab))} tokens, "
             f"nmse {_num(value(s, 'saestream_normalized_mse', **lab))}, "
             f"dead {'-' if dead is None else f'{100 * dead:.1f}%'}, "
@@ -120,7 +124,7 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
         lines.append(
             f"  producer {p}: {_num(x.value)} tokens in "
             f"{_num(value(s, 'saestream_received_messages_total', producer=p))} messages, "
-            f"{_num(value(s, 'saestream_received_wire_bytes_total', producer=p))}B on the wire, "
+            f"{_bytes(value(s, 'saestream_received_wire_bytes_total', producer=p))} on the wire, "
             f"gaps {_num(value(s, 'saestream_sequence_gaps_total', producer=p) or 0)}, "
             f"last seen {_ago(value(s, 'saestream_producer_last_seen_timestamp_seconds', producer=p), now)}"  # noqa: E501
         )
@@ -135,6 +139,27 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
     n_ck = value(s, "saestream_checkpoints_total") or 0
     last = value(s, "saestream_last_checkpoint_timestamp_seconds")
     lines.append(f"  checkpoints: {_num(n_ck)} written, last {_ago(last, now)}")
+    return lines
+
+
+def summarize_producer(s: dict[str, list[Sample]]) -> list[str]:
+    lines = []
+    for x in s.get("saestream_producer_tokens_total", []):
+        hook = x.labels.get("hook", "")
+        lines.append(
+            f"  hook {hook}: {_num(x.value)} tokens sent in "
+            f"{_num(value(s, 'saestream_producer_messages_total', hook=hook))} messages, "
+            f"{_bytes(value(s, 'saestream_producer_wire_bytes_total', hook=hook))} on the wire, "
+            f"compression {_num(value(s, 'saestream_producer_compression_ratio', hook=hook))}x"
+        )
+    n = value(s, "saestream_producer_forward_seconds_count")
+    total = value(s, "saestream_producer_forward_seconds_sum")
+    fwd = f"{total / n:.3f}s mean over {_num(n)} batches" if n and total is not None else "-"
+    lines.append(
+        f"  forward {fwd}, send blocked "
+        f"{_num(value(s, 'saestream_producer_send_blocked_seconds_total'))}s, "
+        f"queue {_num(value(s, 'saestream_producer_queue_depth'))}"
+    )
     return lines
 
 
@@ -167,6 +192,8 @@ def summarize(url: str, samples: list[Sample], now: float | None = None) -> list
     s = by_name(samples)
     if "saestream_train_steps_total" in s or "saestream_buffer_tokens" in s:
         return [f"{metrics_url(url)}  consumer", *summarize_consumer(s, now)]
+    if "saestream_producer_tokens_total" in s:
+        return [f"{metrics_url(url)}  producer", *summarize_producer(s)]
     return [f"{metrics_url(url)}  daemon", *summarize_other(samples)]
 
 
