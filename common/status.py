@@ -118,7 +118,7 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
         hook = x.labels.get("hook", "")
         cap = value(s, "saestream_buffer_capacity_tokens", hook=hook) or 0
         pct = f" ({100 * x.value / cap:.0f}%)" if cap else ""
-        lines.append(f"  buffer {hook}: {_num(x.value)}/{_num(cap)} tokens{pct}")
+        lines.append(f"  buffer {hook}: {int(x.value):,}/{int(cap):,} tokens{pct}")
     for x in s.get("saestream_received_tokens_total", []):
         p = x.labels.get("producer", "")
         lines.append(

@@ -56,7 +56,7 @@ def test_consumer_summary_shows_training_buffer_producers_rejects_checkpoints() 
     assert lines[0].endswith("consumer")
     assert "sae k32 (model.layers.4): step 1,234" in text
     assert "nmse 0.1234" in text and "dead 5.0%" in text and "L0 32" in text
-    assert "buffer model.layers.4: 750/1000 tokens (75%)" in text
+    assert "buffer model.layers.4: 750/1,000 tokens (75%)" in text
     assert "producer gpu-1: 5.00M tokens in 1.22k messages" in text
     assert "rejected: checksum 2" in text
     assert "checkpoints: 1 written, last 60s ago" in text
