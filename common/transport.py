@@ -104,6 +104,20 @@ def load_public_key(path: Path) -> bytes:
     return public
 
 
+def _set_keys(sock: zmq.Socket, path: Path, *, public: bytes | None = None,
+              secret: bytes | None = None, server: bytes | None = None) -> None:
+    """Set CURVE keys; a malformed key (wrong length, not Z85) is the user's to fix."""
+    try:
+        if public is not None:
+            sock.curve_publickey = public
+        if secret is not None:
+            sock.curve_secretkey = secret
+        if server is not None:
+            sock.curve_serverkey = server
+    except zmq.ZMQError as exc:
+        raise UserError(f"{path}: not a valid CURVE key ({exc})") from exc
+
+
 def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -122,16 +136,19 @@ def push_socket(
     hwm: int = DEFAULT_HWM,
     curve: CurveClientKeys | None = None,
     linger_ms: int = DEFAULT_PUSH_LINGER_MS,
-) -> zmq.Socket:
+    monitor: bool = True,
+) -> Socket:
     """A PUSH socket connected to every endpoint (chunks are dealt round-robin among them).
 
     `send` blocks while every connected peer's queue holds `hwm` messages (backpressure).
+    With `monitor`, a `ConnectionMonitor` thread logs refused handshakes (e.g. a key the
+    consumer does not admit: otherwise the producer would just wait, silently).
     """
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     if not endpoints:
         raise UserError("a producer needs at least one endpoint to connect to")
-    sock = ctx.socket(zmq.PUSH)
+    sock = _new_socket(ctx, zmq.PUSH, monitor, "producer socket")
     try:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
@@ -139,9 +156,9 @@ def push_socket(
         _common_options(sock)
         if curve is not None:
             public, secret = load_keypair(curve.secret_key_file)
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-            sock.curve_serverkey = load_public_key(curve.server_public_key_file)
+            server = load_public_key(curve.server_public_key_file)
+            _set_keys(sock, curve.secret_key_file, public=public, secret=secret)
+            _set_keys(sock, curve.server_public_key_file, server=server)
         for endpoint in endpoints:
             try:
                 sock.connect(endpoint)
@@ -150,6 +167,31 @@ def push_socket(
     except BaseException:
         sock.close(linger=0)
         raise
+    return sock
+
+
+class Socket(zmq.Socket):
+    """A zmq.Socket that also owns its connection monitor and its share of the context's
+    authenticator, and releases both on close."""
+
+    connection_monitor: ConnectionMonitor | None = None
+    """The thread logging this socket's handshake failures (None if `monitor=False`)."""
+    _release_auth: Any = None
+
+    def close(self, linger: int | None = None) -> None:
+        super().close(linger=linger)
+        release, self._release_auth = self._release_auth, None
+        if release is not None:
+            release()
+        if self.connection_monitor is not None:
+            self.connection_monitor.join(1.0)  # ends on the MONITOR_STOPPED event
+
+
+def _new_socket(ctx: zmq.Context, kind: int, monitor: bool, label: str) -> Socket:
+    sock: Socket = ctx.socket(kind, socket_class=Socket)
+    if monitor:
+        sock.connection_monitor = ConnectionMonitor(sock, label)
+        sock.connection_monitor.start()
     return sock
 
 
@@ -169,18 +211,6 @@ class _ContextAuth:
 
 _AUTH: weakref.WeakKeyDictionary[zmq.Context, _ContextAuth] = weakref.WeakKeyDictionary()
 _AUTH_LOCK = threading.Lock()
-
-
-class PullSocket(zmq.Socket):
-    """A PULL socket that releases its share of the context's authenticator on close."""
-
-    _release_auth: Any = None
-
-    def close(self, linger: int | None = None) -> None:
-        super().close(linger=linger)
-        release, self._release_auth = self._release_auth, None
-        if release is not None:
-            release()
 
 
 def _acquire_auth(ctx: zmq.Context, domain: str, authorized_dir: Path) -> Any:
@@ -229,13 +259,15 @@ def pull_socket(
     hwm: int = DEFAULT_HWM,
     curve: CurveServerKeys | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> zmq.Socket:
+    monitor: bool = True,
+) -> Socket:
     """A PULL socket bound to `bind`, fair-queueing the chunks of every connected producer.
 
     With `curve`, only producers whose public key is in `curve.authorized_dir` get in.
+    With `monitor`, a `ConnectionMonitor` thread logs refused handshakes.
     Close the socket before terminating the context (it owns an authenticator thread).
     """
-    sock: PullSocket = ctx.socket(zmq.PULL, socket_class=PullSocket)
+    sock = _new_socket(ctx, zmq.PULL, monitor, "consumer socket")
     try:
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
@@ -253,8 +285,7 @@ def pull_socket(
             sock._release_auth = _acquire_auth(ctx, domain, authorized_dir)
             sock.zap_domain = domain.encode()
             sock.curve_server = True
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
+            _set_keys(sock, curve.secret_key_file, public=public, secret=secret)
             log.info("CURVE on %s: %d authorised producer key(s) in %s", bind, len(keys),
                      authorized_dir)
         elif not is_loopback_endpoint(bind):
@@ -270,3 +301,82 @@ def pull_socket(
         sock.close(linger=0)
         raise
     return sock
+
+
+# --------------------------------------------------------------------------------------------
+# connection events: make refused handshakes visible (otherwise a refused producer just waits)
+
+_EVENT_NAMES = {
+    zmq.EVENT_CONNECTED: "connected",
+    zmq.EVENT_ACCEPTED: "accepted",
+    zmq.EVENT_DISCONNECTED: "disconnected",
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "handshake_succeeded",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed_auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed_protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+}
+_FAILED = {"handshake_failed_auth", "handshake_failed_protocol", "handshake_failed"}
+
+
+class ConnectionMonitor(threading.Thread):
+    """Watches one socket's connection events in a thread of its own.
+
+    Handshake failures (a CURVE key the consumer does not admit, CURVE on one side only) are
+    logged as warnings, at most once per `interval` seconds per kind; connects and
+    disconnects at debug level. `counts` maps event names (`_EVENT_NAMES` values) to how
+    often they happened, for metrics. Start it right after making the socket; it ends by
+    itself when the socket is closed, or on `stop()`.
+    """
+
+    def __init__(self, sock: zmq.Socket, name: str, *, interval: float = 30.0,
+                 logger: logging.Logger | None = None) -> None:
+        super().__init__(name=f"zmq-monitor-{name}", daemon=True)
+        from common.logs import RateLimitedLog
+
+        self.label = name
+        self.counts: dict[str, int] = dict.fromkeys(_EVENT_NAMES.values(), 0)
+        self._log = logger or log
+        self._rlog = RateLimitedLog(self._log, interval)
+        self._stop_event = threading.Event()
+        self._ctx = sock.context
+        self._addr = f"inproc://saestream-monitor-{uuid.uuid4().hex}"
+        sock.monitor(self._addr, sum(_EVENT_NAMES) | zmq.EVENT_MONITOR_STOPPED)
+
+    def run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        mon = self._ctx.socket(zmq.PAIR)
+        mon.setsockopt(zmq.LINGER, 0)
+        try:
+            mon.connect(self._addr)
+            while not self._stop_event.is_set():
+                if not mon.poll(200):
+                    continue
+                event = recv_monitor_message(mon)
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    break
+                self._record(event)
+        except zmq.ZMQError:  # context terminated under us: nothing left to watch
+            pass
+        finally:
+            mon.close(linger=0)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        kind = _EVENT_NAMES.get(event["event"])
+        if kind is None:
+            return
+        self.counts[kind] += 1
+        endpoint = event["endpoint"].decode(errors="replace")
+        if kind in _FAILED:
+            self._rlog.warning(
+                kind,
+                "%s: %s on %s (code %s): a peer was refused; check the CURVE keys on both "
+                "sides (an unauthorised key, or CURVE on one side only)",
+                self.label, kind, endpoint, event["value"],
+            )
+        else:
+            self._log.debug("%s: %s %s", self.label, kind, endpoint)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop_event.set()
+        self.join(timeout)

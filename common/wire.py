@@ -202,10 +202,8 @@ def unshuffle_bytes(shuffled: np.ndarray | bytes, itemsize: int) -> np.ndarray:
 
 def _words(acts: torch.Tensor, dtype: str) -> np.ndarray:
     """The activations as a C-contiguous numpy array of unsigned words (no copy if possible)."""
-    t = acts.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.to(DTYPES[dtype]).contiguous()
+    t = acts.detach().to(DTYPES[dtype])  # narrow first: less to copy off an accelerator
+    t = t.cpu().contiguous()
     if dtype == "float32":
         return t.view(torch.int32).numpy().view(_UINT[dtype])
     return t.view(torch.int16).numpy().view(_UINT[dtype])

@@ -14,6 +14,7 @@ import zmq
 from common.errors import UserError
 from common.keygen import write_keypair
 from common.transport import (
+    ConnectionMonitor,
     CurveClientKeys,
     CurveServerKeys,
     is_loopback_endpoint,
@@ -250,3 +251,36 @@ def test_two_curve_sockets_in_one_context_keep_their_own_keys(ctx, tmp_path: Pat
     assert decode_chunk(pulls["b"].recv_multipart(copy=False)).producer == "b"
     for s in (crossed, straight, b_ok, pulls["b"]):
         s.close(linger=0)
+
+
+def test_refused_handshakes_are_logged_on_both_sides(ctx, keys, free_port, caplog) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    with caplog.at_level(logging.WARNING, logger="saestream.transport"):
+        pull = pull_socket(ctx, endpoint,
+                           curve=CurveServerKeys(keys["server_secret"], keys["authorized"]))
+        intruder = push_socket(ctx, [endpoint], curve=CurveClientKeys(keys["intruder_secret"],
+                                                                      keys["server_public"]))
+        monitors = (pull.connection_monitor, intruder.connection_monitor)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            m.counts["handshake_failed_auth"] for m in monitors
+        ):
+            time.sleep(0.05)
+    assert all(m.counts["handshake_failed_auth"] >= 1 for m in monitors)
+    assert "consumer socket: handshake_failed_auth" in caplog.text
+    assert "producer socket: handshake_failed_auth" in caplog.text
+    intruder.close(linger=0)
+    pull.close()
+    assert not any(m.is_alive() for m in monitors)
+
+
+def test_closing_a_curve_socket_lets_the_context_terminate(keys) -> None:
+    context = zmq.Context()
+    pull = pull_socket(context, "tcp://127.0.0.1:*",
+                       curve=CurveServerKeys(keys["server_secret"], keys["authorized"]))
+    pull.close()
+    assert isinstance(pull.connection_monitor, ConnectionMonitor)
+    done = threading.Thread(target=context.term, daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive()
