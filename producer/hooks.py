@@ -1,0 +1,91 @@
+"""Capturing block outputs (the residual stream) with forward hooks, and stopping the forward
+pass as soon as the last requested hook has fired, so later blocks and the LM head never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class HookError(ValueError):
+    """A hook name that is not a module of the model; the message is one line."""
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to fire; caught around the forward by `HookedModel`."""
+
+
+def _hidden(output: object) -> torch.Tensor:
+    """The hidden state in a module's output: the tensor itself, or the first of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find a hidden-state tensor in a {type(output).__name__} output")
+
+
+def validate_hooks(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Check every name is a module path of `model`; returns them deduplicated, order kept."""
+    seen: list[str] = []
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise HookError(
+                f"unknown hook {name!r}: not a module of the model (e.g. model.layers.0)"
+            ) from None
+        if name not in seen:
+            seen.append(name)
+    if not seen:
+        raise HookError("no hook given")
+    return seen
+
+
+class HookedModel:
+    """Runs `model` on token ids and returns the outputs of the hooked modules.
+
+    Each hooked tensor is the module's output hidden state ([batch, seq, d_model]); for a
+    transformer block that is the residual stream after the block, equal to
+    `output_hidden_states[i + 1]` for block i (except where a model normalises the last one).
+    With `early_stop` (the default) the forward is abandoned once every hook has fired.
+    """
+
+    def __init__(self, model: nn.Module, hooks: Sequence[str], *, early_stop: bool = True) -> None:
+        self.model = model
+        self.hooks = validate_hooks(model, hooks)
+        self.early_stop = early_stop
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = [
+            model.get_submodule(name).register_forward_hook(self._make_hook(name))
+            for name in self.hooks
+        ]
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            self._captured[name] = _hidden(output)
+            if self.early_stop and len(self._captured) == len(self.hooks):
+                raise _StopForward
+
+        return hook
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:param input_ids: [batch, seq] token ids. Returns hook name -> [batch, seq, d_model]."""
+        self._captured = {}
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        captured, self._captured = self._captured, {}
+        missing = [h for h in self.hooks if h not in captured]
+        if missing:
+            raise HookError(f"hook(s) {', '.join(missing)} never fired during the forward pass")
+        return captured
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

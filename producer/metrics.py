@@ -1,0 +1,61 @@
+"""Every Prometheus metric of the producer, declared on a registry the daemon creates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass
+class ProducerMetrics:
+    tokens: Counter
+    messages: Counter
+    raw_bytes: Counter
+    wire_bytes: Counter
+    compression_ratio: Gauge
+    forward_seconds: Histogram
+    send_blocked_seconds: Counter
+    queue_depth: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> ProducerMetrics:
+        p = "saestream_producer_"
+        return cls(
+            tokens=Counter(
+                p + "tokens", "Token activations sent (rows of chunks handed to ZeroMQ).",
+                ["hook"], registry=registry,
+            ),
+            messages=Counter(
+                p + "messages", "Chunk messages sent.", ["hook"], registry=registry
+            ),
+            raw_bytes=Counter(
+                p + "raw_bytes",
+                "Bytes of activations sent before compression (n * d * wire itemsize).",
+                ["hook"], registry=registry,
+            ),
+            wire_bytes=Counter(
+                p + "wire_bytes", "Bytes sent on the wire (header + compressed payload).",
+                ["hook"], registry=registry,
+            ),
+            compression_ratio=Gauge(
+                p + "compression_ratio",
+                "raw_bytes / wire_bytes of the last chunk sent (dimensionless).",
+                ["hook"], registry=registry,
+            ),
+            forward_seconds=Histogram(
+                p + "forward_seconds",
+                "Seconds per batch for the truncated forward pass, activations on the host.",
+                buckets=FORWARD_BUCKETS, registry=registry,
+            ),
+            send_blocked_seconds=Counter(
+                p + "send_blocked_seconds",
+                "Seconds the model loop waited for room in the full send queue (backpressure).",
+                registry=registry,
+            ),
+            queue_depth=Gauge(
+                p + "queue_depth", "Chunks waiting in the send queue.", registry=registry
+            ),
+        )

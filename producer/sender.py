@@ -1,0 +1,187 @@
+"""The sending thread: takes chunks from a bounded queue, encodes them and PUSHes them.
+
+The model loop only waits when the queue is full (backpressure from the consumers reaching
+back through ZeroMQ's high-water mark); nothing is ever dropped, and `seq` counts the
+messages actually handed to ZeroMQ, from 0, without gaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import NamedTuple
+
+import torch
+import zmq
+
+from common.wire import encode_chunk
+from producer.metrics import ProducerMetrics
+
+log = logging.getLogger("saestream.producer")
+
+POLL_MS = 100
+
+
+class Progress(NamedTuple):
+    """A point in the shard's token stream: epoch, tokens of that epoch sent."""
+
+    epoch: int
+    tokens_done: int
+
+
+class Outgoing(NamedTuple):
+    """One queue item: a chunk to send (hook + acts), and/or progress reached once it is sent."""
+
+    hook: str | None
+    """None for a progress-only marker (e.g. the end of an epoch)."""
+    acts: torch.Tensor | None
+    """[n, d] on the CPU, already in the wire dtype."""
+    source: dict
+    progress: Progress | None
+    """Set on the last message of a token range: everything up to here has been sent."""
+
+
+class Sender:
+    """Owns the PUSH socket from `start()` until `drain()` returns."""
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        *,
+        producer: str,
+        run: str,
+        model: str,
+        codec: str,
+        metrics: ProducerMetrics,
+        queue_size: int,
+        first_hook: str,
+        progress: Progress,
+    ) -> None:
+        self.sock = sock
+        self.producer, self.run, self.model, self.codec = producer, run, model, codec
+        self.metrics = metrics
+        self.queue: queue.Queue[Outgoing | None] = queue.Queue(maxsize=max(1, queue_size))
+        self.seq = 0
+        """Messages sent so far this run (= the next message's seq)."""
+        self.tokens_sent = 0
+        """Rows sent for `first_hook` this run (every hook gets the same rows)."""
+        self.progress = progress
+        """The last point in the token stream up to which every chunk has been sent."""
+        self.error: BaseException | None = None
+        self._first_hook = first_hook
+        self._abort = threading.Event()
+        self._deadline: float | None = None
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+
+    def start(self) -> Sender:
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _past_linger(self, stop: threading.Event, linger: float) -> bool:
+        """True once `linger` seconds have passed since `stop` was first seen set."""
+        if not stop.is_set():
+            return False
+        if self._deadline is None:
+            self._deadline = time.monotonic() + linger
+        return time.monotonic() >= self._deadline
+
+    def put(self, item: Outgoing, stop: threading.Event, linger: float) -> bool:
+        """Queue `item`, blocking while the queue is full; True once queued.
+
+        After `stop` is set, waits at most `linger` seconds more, then gives up (False).
+        Time spent waiting counts as send-blocked time.
+        """
+        try:
+            self.queue.put_nowait(item)
+            self.metrics.queue_depth.set(self.queue.qsize())
+            return True
+        except queue.Full:
+            pass
+        t0 = time.perf_counter()
+        try:
+            while True:
+                if self.error is not None or not self.alive:
+                    raise RuntimeError(f"the sending thread stopped: {self.error!r}")
+                if self._past_linger(stop, linger):
+                    return False
+                try:
+                    self.queue.put(item, timeout=POLL_MS / 1000)
+                    self.metrics.queue_depth.set(self.queue.qsize())
+                    return True
+                except queue.Full:
+                    continue
+        finally:
+            self.metrics.send_blocked_seconds.inc(time.perf_counter() - t0)
+
+    def drain(self, stop: threading.Event, linger: float) -> bool:
+        """Send what is queued, then stop the thread; True when everything was sent.
+
+        Waits as long as it takes while `stop` is clear; once it is set, at most `linger`
+        seconds more before abandoning what is left (it stays unsent and unrecorded).
+        """
+        if self.alive and not self.put(None, stop, linger):  # type: ignore[arg-type]
+            self._abort.set()
+        while self._thread.is_alive():
+            if self._past_linger(stop, linger):
+                self._abort.set()
+            self._thread.join(POLL_MS / 1000)
+        return self.queue.empty() and not self._abort.is_set() and self.error is None
+
+    def _run(self) -> None:
+        try:
+            while not self._abort.is_set():
+                try:
+                    item = self.queue.get(timeout=POLL_MS / 1000)
+                except queue.Empty:
+                    continue
+                self.metrics.queue_depth.set(self.queue.qsize())
+                if item is None:
+                    return
+                if item.hook is not None and not self._send(item):
+                    return
+                if item.progress is not None:
+                    self.progress = item.progress
+        except BaseException as exc:
+            self.error = exc
+            log.exception("sending thread failed")
+
+    def _send(self, item: Outgoing) -> bool:
+        assert item.hook is not None and item.acts is not None
+        frames = encode_chunk(
+            item.acts,
+            producer=self.producer,
+            run=self.run,
+            seq=self.seq,
+            model=self.model,
+            hook=item.hook,
+            source=item.source,
+            codec=self.codec,
+        )
+        while True:
+            try:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:
+                # Every peer's queue is full, or no peer is connected: wait, never drop.
+                if self._abort.is_set():
+                    return False
+                self.sock.poll(POLL_MS, zmq.POLLOUT)
+        self.seq += 1
+        n = int(item.acts.shape[0])
+        raw = n * int(item.acts.shape[1]) * item.acts.element_size()
+        wire = sum(len(f) for f in frames)
+        m = self.metrics
+        m.tokens.labels(hook=item.hook).inc(n)
+        m.messages.labels(hook=item.hook).inc()
+        m.raw_bytes.labels(hook=item.hook).inc(raw)
+        m.wire_bytes.labels(hook=item.hook).inc(wire)
+        m.compression_ratio.labels(hook=item.hook).set(raw / wire if wire else 0.0)
+        if item.hook == self._first_hook:
+            self.tokens_sent += n
+        return True
