@@ -175,3 +175,10 @@ def test_encode_accepts_non_contiguous_and_gradient_tensors() -> None:
     acts = base.t()[::2]  # [5, 6], strided
     chunk = decode_chunk(encode_chunk(acts, **META))
     assert torch.equal(chunk.acts, acts.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_encode_accepts_cuda_tensors() -> None:
+    acts = torch.randn(16, 8, device="cuda")
+    chunk = decode_chunk(encode_chunk(acts, **META, dtype="bfloat16"))
+    assert torch.equal(chunk.acts, acts.to(torch.bfloat16).cpu())
