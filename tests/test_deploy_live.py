@@ -1,8 +1,9 @@
 """The monitoring stack against the real thing.
 
-Debian's Prometheus, started here on 127.0.0.1 with a 1 s scrape and evaluation interval and
-the rule files of deploy/, scrapes a short real producer → consumer run (tiny model, tiny
-SAE). Every query of the Grafana dashboard and every recording rule must return data
+Debian's Prometheus, started here on 127.0.0.1 with deploy/prometheus/prometheus.yml (its
+jobs, relabelling, file-based discovery and rule files; only the targets and a 1 s scrape
+and evaluation interval changed), scrapes a short real producer → consumer run (tiny model,
+tiny SAE). Every query of the Grafana dashboard and every recording rule must return data
 through Prometheus' HTTP API, every rule must evaluate without error, and `promtool check
 metrics` must find nothing to report in either daemon's /metrics.
 """
@@ -24,6 +25,7 @@ import yaml
 import zmq
 from conftest import free_tcp_port, saestream_cmd
 from test_deploy import (
+    PROM,
     RULE_FILES,
     dashboard,
     dashboard_exprs,
@@ -98,6 +100,28 @@ class Prometheus:
         return data["result"]
 
 
+def live_prometheus_config(tmp_path: Path, consumer: str, producer: str) -> Path:
+    """deploy/prometheus/prometheus.yml as shipped, but for this machine: 1 s intervals, the
+    consumer as its static target, the producer found through file-based discovery (the
+    compose DNS discovery dropped), and the rule files by absolute path."""
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    cfg["rule_files"] = [str(PROM / f) for f in cfg["rule_files"]]
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    (targets / "producers-live.yml").write_text(yaml.safe_dump([{"targets": [producer]}]))
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    jobs["saestream-consumer"]["static_configs"][0]["targets"] = [consumer]
+    del jobs["saestream-producer"]["dns_sd_configs"]
+    for sd in jobs["saestream-producer"]["file_sd_configs"]:
+        sd["files"] = [str(targets / f.removeprefix("targets/")) for f in sd["files"]]
+        sd["refresh_interval"] = "1s"
+    cfg["scrape_configs"] = [jobs["saestream-consumer"], jobs["saestream-producer"]]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
     """Start processes with logs in tmp_path; SIGTERM (then SIGKILL) each at the end."""
@@ -140,18 +164,7 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
         "--metrics-port", str(p_port), "--device", "cpu",
     ))
 
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(f) for f in RULE_FILES],
-        "scrape_configs": [
-            {"job_name": "saestream-consumer",
-             "static_configs": [{"targets": [f"127.0.0.1:{c_port}"]}]},
-            {"job_name": "saestream-producer",
-             "static_configs": [{"targets": [f"127.0.0.1:{p_port}"]}]},
-        ],
-    }
-    config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = live_prometheus_config(tmp_path, f"127.0.0.1:{c_port}", f"127.0.0.1:{p_port}")
     check = subprocess.run([promtool, "check", "config", str(config_path)],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -234,6 +247,8 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
     targets = prom.api("targets")["activeTargets"]
     assert {t["labels"]["job"]: t["health"] for t in targets} == {
         "saestream-consumer": "up", "saestream-producer": "up"}
+    assert {t["labels"]["job"]: t["labels"]["role"] for t in targets} == {
+        "saestream-consumer": "consumer", "saestream-producer": "producer"}
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     assert len(rules) == sum(
         len(g["rules"]) for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]
