@@ -338,17 +338,19 @@ class ConnectionMonitor(threading.Thread):
         self._log = logger or log
         self._rlog = RateLimitedLog(self._log, interval)
         self._stop_event = threading.Event()
-        self._ctx = sock.context
-        self._addr = f"inproc://saestream-monitor-{uuid.uuid4().hex}"
-        sock.monitor(self._addr, sum(_EVENT_NAMES) | zmq.EVENT_MONITOR_STOPPED)
+        addr = f"inproc://saestream-monitor-{uuid.uuid4().hex}"
+        sock.monitor(addr, sum(_EVENT_NAMES) | zmq.EVENT_MONITOR_STOPPED)
+        # Connected here, before the socket connects anywhere, so no early event is lost
+        # (libzmq drops events while nobody listens); only the thread uses it from now on.
+        self._mon = sock.context.socket(zmq.PAIR)
+        self._mon.setsockopt(zmq.LINGER, 0)
+        self._mon.connect(addr)
 
     def run(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        mon = self._ctx.socket(zmq.PAIR)
-        mon.setsockopt(zmq.LINGER, 0)
+        mon = self._mon
         try:
-            mon.connect(self._addr)
             while not self._stop_event.is_set():
                 if not mon.poll(200):
                     continue
