@@ -478,7 +478,7 @@ def test_systemd_analyze_verify_catches_a_broken_unit(tmp_path: Path) -> None:
     assert "Unknown key 'TimeoutStopSecs'" in res.stdout + res.stderr
 
 
-def _unit_settings(path: Path) -> dict[str, list[str]]:
+def unit_settings(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     text = re.sub(r"\\\n\s*", " ", path.read_text())
     for line in text.splitlines():
@@ -489,7 +489,7 @@ def _unit_settings(path: Path) -> dict[str, list[str]]:
 
 
 def test_systemd_consumer_reload_snapshots_and_stop_waits_for_the_final_checkpoint() -> None:
-    s = _unit_settings(SYSTEMD / "saestream-consumer.service")
+    s = unit_settings(SYSTEMD / "saestream-consumer.service")
     assert s["ExecReload"] == ["/bin/kill -USR1 $MAINPID"]
     assert s["KillSignal"] == ["SIGTERM"]
     minutes = int(re.fullmatch(r"(\d+)min", s["TimeoutStopSec"][0]).group(1))
@@ -499,7 +499,7 @@ def test_systemd_consumer_reload_snapshots_and_stop_waits_for_the_final_checkpoi
 
 
 def test_systemd_producer_template_runs_one_instance_per_gpu_and_shard() -> None:
-    s = _unit_settings(SYSTEMD / "saestream-producer@.service")
+    s = unit_settings(SYSTEMD / "saestream-producer@.service")
     start = s["ExecStart"][0]
     assert "--shard %i/${SAESTREAM_SHARDS}" in start
     assert "--state-file /var/lib/saestream/producer-%i.state" in start
@@ -508,7 +508,7 @@ def test_systemd_producer_template_runs_one_instance_per_gpu_and_shard() -> None
     env = _env_file(SYSTEMD / "saestream.env")
     # every ${VAR} the units use is set by the env file or by the unit itself
     for unit in SYSTEMD.glob("*.service"):
-        settings = _unit_settings(unit)
+        settings = unit_settings(unit)
         own = {e.partition("=")[0] for e in settings.get("Environment", [])}
         used = set(re.findall(r"\$\{?([A-Z_]+)\}?", settings["ExecStart"][0])) - {"MAINPID"}
         assert used <= set(env) | own, (unit.name, used - set(env) - own)
@@ -599,7 +599,7 @@ def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
             for c in d["spec"]["template"]["spec"]["containers"]:
                 yield f"k8s {d['metadata']['name']}", c["args"][0], c["args"][1:]
     for unit in SYSTEMD.glob("*.service"):
-        argv = _unit_settings(unit)["ExecStart"][0].split()
+        argv = unit_settings(unit)["ExecStart"][0].split()
         assert argv[0] == f"{UNIT_PREFIX}/bin/saestream"
         yield unit.name, argv[1], argv[2:]
 

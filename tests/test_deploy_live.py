@@ -6,6 +6,10 @@ and evaluation interval changed), scrapes a short real producer → consumer run
 tiny SAE). Every query of the Grafana dashboard and every recording rule must return data
 through Prometheus' HTTP API, every rule must evaluate without error, and `promtool check
 metrics` must find nothing to report in either daemon's /metrics.
+
+And the systemd units' command lines, expanded as systemd expands them from the shipped
+environment file, start a real consumer and producer instance; ExecReload snapshots,
+KillSignal stops with a final snapshot and exit 0, and a restart resumes.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from conftest import free_tcp_port, saestream_cmd
 from test_deploy import (
     PROM,
     RULE_FILES,
+    SYSTEMD,
+    UNIT_PREFIX,
     dashboard,
     dashboard_exprs,
     recording_rules,
     substitute,
     tool,
+    unit_settings,
 )
 
 pytestmark = pytest.mark.slow
@@ -260,3 +267,123 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
     firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]
               if a["state"] == "firing"}
     assert firing <= {"SaestreamMessagesRejected"}, firing
+
+
+# ---------------------------------------------------------------- systemd command lines
+
+
+def systemd_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of a systemd EnvironmentFile (comments, blank lines skipped)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip().strip('"')
+    return env
+
+
+def systemd_command(
+    unit: Path, key: str, instance: str, root: Path, extra_env: dict[str, str] | None = None
+) -> list[str]:
+    """`key` (ExecStart, ExecReload) of `unit` expanded as systemd does it: specifiers,
+    Environment= then the EnvironmentFile=s in order (files under `root`), `${VAR}` as one
+    word, `$VAR` split on whitespace; /var/lib/saestream moved under `root`."""
+    settings = unit_settings(unit)
+    specifiers = {"%i": instance, "%H": "testhost", "%%": "%"}
+
+    def spec(text: str) -> str:
+        return re.sub(r"%[iH%]", lambda m: specifiers[m.group(0)], text)
+
+    env: dict[str, str] = {}
+    for item in settings.get("Environment", []):
+        name, _, value = spec(item).partition("=")
+        env[name] = value
+    for item in settings.get("EnvironmentFile", []):
+        optional = item.startswith("-")
+        path = root / spec(item.lstrip("-")).lstrip("/")
+        if path.exists():
+            env.update(systemd_env_file(path))
+        else:
+            assert optional, f"{unit.name}: {path} missing"
+    env.update(extra_env or {})
+    words: list[str] = []
+    for word in spec(settings[key][0]).split():
+        split = re.fullmatch(r"\$([A-Za-z_]\w*)", word)
+        if split:
+            words += env.get(split.group(1), "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word))
+    state = str(root / "var" / "lib" / "saestream")
+    return [w.replace("/var/lib/saestream", state) for w in words]
+
+
+def test_systemd_units_command_lines_start_stop_reload_and_resume_for_real(
+    tmp_path: Path, processes
+) -> None:
+    """The units' ExecStart lines, expanded from the shipped env file (with test-sized
+    overrides) and a per-instance producer file, run a real consumer and producer@0;
+    ExecReload snapshots; SIGTERM (KillSignal) gives a final snapshot and exit 0."""
+    zmq_port, c_port, p_port = (free_tcp_port() for _ in range(3))
+    etc = tmp_path / "etc" / "saestream"
+    etc.mkdir(parents=True)
+    (tmp_path / "var" / "lib" / "saestream").mkdir(parents=True)
+    overrides = {
+        "SAESTREAM_HOOK": HOOK, "SAESTREAM_METRICS_ADDR": "127.0.0.1",
+        "SAESTREAM_BIND": f"tcp://127.0.0.1:{zmq_port}", "SAESTREAM_SAE": "name=u,latents=64,k=4",
+        "SAESTREAM_BUFFER_TOKENS": "1024", "SAESTREAM_BATCH_SIZE": "128",
+        "SAESTREAM_CONSUMER_DEVICE": "cpu", "SAESTREAM_CONSUMER_METRICS_PORT": str(c_port),
+        "SAESTREAM_CONSUMER_ARGS": "--log-every 5 --min-fill 0.25",
+        "SAESTREAM_MODEL": "tiny", "SAESTREAM_CORPUS": "synthetic",
+        "SAESTREAM_CONNECT": f"tcp://127.0.0.1:{zmq_port}", "SAESTREAM_SHARDS": "2",
+        "SAESTREAM_PRODUCER_ARGS": "--max-tokens 3072 --seq-len 64 --chunk-tokens 128",
+    }
+    shipped = (SYSTEMD / "saestream.env").read_text()
+    (etc / "saestream.env").write_text(
+        shipped + "".join(f"{k}={v}\n" for k, v in overrides.items())
+    )
+    # the per-instance file of instance 0 (optional in the unit) overrides device and port
+    (etc / "producer-0.env").write_text(
+        f"SAESTREAM_PRODUCER_DEVICE=cpu\nSAESTREAM_PRODUCER_METRICS_PORT={p_port}\n"
+    )
+    consumer_unit = SYSTEMD / "saestream-consumer.service"
+    producer_unit = SYSTEMD / "saestream-producer@.service"
+    c_argv = systemd_command(consumer_unit, "ExecStart", "", tmp_path)
+    p_argv = systemd_command(producer_unit, "ExecStart", "0", tmp_path)
+    assert c_argv[0] == p_argv[0] == f"{UNIT_PREFIX}/bin/saestream"
+    assert "--shard" in p_argv and p_argv[p_argv.index("--shard") + 1] == "0/2"
+    assert p_argv[p_argv.index("--metrics-port") + 1] == str(p_port)
+
+    consumer = processes("consumer", saestream_cmd(*c_argv[1:]))
+    producer = processes("producer", saestream_cmd(*p_argv[1:]))
+    procs = [("consumer", consumer, consumer.log_path)]
+    consumer_url = f"http://127.0.0.1:{c_port}/metrics"
+    assert producer.wait(timeout=120) == 0, producer.log_path.read_text()[-3000:]
+    state_file = tmp_path / "var" / "lib" / "saestream" / "producer-0.state"
+    assert state_file.exists()
+    wait_for("training steps", lambda: metric_value(
+        http_get(consumer_url).decode(), "saestream_train_steps_total") > 0, DEADLINE, procs)
+
+    # systemctl reload: ExecReload with $MAINPID
+    reload_argv = systemd_command(
+        consumer_unit, "ExecReload", "", tmp_path, {"MAINPID": str(consumer.pid)}
+    )
+    subprocess.run(reload_argv, check=True, timeout=30)
+    wait_for("the reload snapshot", lambda: metric_value(
+        http_get(consumer_url).decode(), "saestream_checkpoints_total") >= 1, DEADLINE, procs)
+
+    # systemctl stop: KillSignal, then the daemon has TimeoutStopSec to finish
+    steps_before_stop = metric_value(http_get(consumer_url).decode(), "saestream_train_steps_total")
+    signal_name = unit_settings(consumer_unit)["KillSignal"][0]
+    consumer.send_signal(getattr(signal, signal_name))
+    assert consumer.wait(timeout=60) == 0, consumer.log_path.read_text()[-3000:]
+    checkpoints = tmp_path / "var" / "lib" / "saestream" / "checkpoints"
+    assert (checkpoints / "latest").exists()
+    assert list(checkpoints.glob("step-*/u/sae.safetensors"))
+
+    # systemctl start again: --resume continues from the snapshot
+    consumer2 = processes("consumer2", saestream_cmd(*c_argv[1:]))
+    resumed = wait_for("the resumed consumer's step count", lambda: metric_value(
+        http_get(consumer_url).decode(), "saestream_train_steps_total"), DEADLINE,
+        [("consumer2", consumer2, consumer2.log_path)])
+    assert resumed >= steps_before_stop
