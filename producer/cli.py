@@ -79,23 +79,28 @@ def producer(**kw: object) -> None:
     """Run a language model over a corpus and stream its residual activations to consumers."""
     from common.logs import setup_logging
     from common.signals import SignalFlags
-    from common.transport import CurveClientKeys
     from producer.corpus import CorpusError, Shard, precheck_corpus
-    from producer.daemon import ProducerConfig, run_producer
-    from producer.hooks import HookError
-    from producer.models import ModelError
-    from producer.state import StateError
 
     setup_logging(str(kw.pop("log_level")))
     secret, server = kw.pop("curve_secret_key"), kw.pop("curve_server_key")
     if (secret is None) != (server is None):
         raise UserError("--curve-secret-key and --curve-server-key go together")
+    try:  # cheap checks first: a typo should not wait for torch and the model to load
+        Shard.parse(str(kw["shard"]))
+        precheck_corpus(str(kw["corpus"]), str(kw["token_dtype"]))
+    except CorpusError as exc:
+        raise UserError(str(exc)) from exc
+    flags = SignalFlags().install()
+
+    from common.transport import CurveClientKeys
+    from producer.daemon import ProducerConfig, run_producer
+    from producer.hooks import HookError
+    from producer.models import ModelError
+    from producer.state import StateError
+
     curve = CurveClientKeys(secret, server) if secret is not None else None  # type: ignore[arg-type]
     cfg = ProducerConfig(curve=curve, **kw)  # type: ignore[arg-type]
-    flags = SignalFlags().install()
     try:
-        Shard.parse(cfg.shard)
-        precheck_corpus(cfg.corpus, cfg.token_dtype)
         run_producer(cfg, stop=flags.stop)
     except (ModelError, HookError, CorpusError, StateError) as exc:
         raise UserError(str(exc)) from exc

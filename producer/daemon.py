@@ -33,7 +33,7 @@ from common.metrics import serve_metrics
 from common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
 from common.wire import DEFAULT_CODEC, DTYPES
 from producer.corpus import CorpusError, Shard, open_corpus
-from producer.hooks import HookedModel
+from producer.hooks import HookedModel, HookError
 from producer.metrics import ProducerMetrics
 from producer.models import EMBEDDED_MODEL, load_model
 from producer.sender import Outgoing, Progress, Sender
@@ -177,7 +177,11 @@ def run_producer(
         cfg.model, device=cfg.device, dtype=cfg.model_dtype, cache_dir=cfg.cache_dir,
         seed=cfg.seed,
     )
-    hooked = HookedModel(lm.model, list(cfg.hooks) or [lm.default_hook()])
+    try:
+        hooked = HookedModel(lm.model, list(cfg.hooks) or [lm.default_hook()])
+    except HookError as exc:
+        last = f"{lm.block_prefix}.{lm.n_layers - 1}"
+        raise HookError(f"{exc} (its blocks are {lm.block_prefix}.0 .. {last})") from None
     hooks = hooked.hooks
     corpus = open_corpus(
         cfg.corpus, seq_len=cfg.seq_len, vocab_size=lm.vocab_size,

@@ -35,7 +35,7 @@ def validate_hooks(model: nn.Module, names: Sequence[str]) -> list[str]:
             model.get_submodule(name)
         except AttributeError:
             raise HookError(
-                f"unknown hook {name!r}: not a module of the model (e.g. model.layers.0)"
+                f"unknown hook {name!r}: not a module of the model"
             ) from None
         if name not in seen:
             seen.append(name)
