@@ -135,9 +135,10 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
     started: list[subprocess.Popen] = []
 
     def start(name: str, argv: list[str]) -> subprocess.Popen:
-        log = (tmp_path / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        proc.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
+        log_path = tmp_path / f"{name}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        proc.log_path = log_path  # type: ignore[attr-defined]
         started.append(proc)
         return proc
 
