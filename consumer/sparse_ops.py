@@ -28,28 +28,34 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.autograd.function import FunctionCtx
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
+# Dense-over-support kernels when entries fill at least 1/COMPACT_RATIO of the block.
+COMPACT_RATIO = 8
 # Rows of the gathered [chunk, k, d_in] block in the ∂v computation: bounded memory on CPU.
 _GATHER_CHUNK = 512
 
 
-def latent_token_matrix(indices: torch.Tensor, coef: torch.Tensor, n_latents: int) -> torch.Tensor:
-    """CSR matrix S [n_latents, batch] with S[indices[b, j], b] += coef[b, j].
+def latent_token_matrix(
+    indices: torch.Tensor, coef: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR matrix S [n_latents, batch] with S[indices[b, j], b] = coef[b, j], and the
+    permutation `order` such that S.values() == coef.reshape(-1)[order].
 
     `S @ rows` ([batch, d] -> [n_latents, d]) scatters each token's row, weighted, into the
-    latents it activated; duplicate (latent, token) pairs add up as they should.
+    latents it activated. Each row of `indices` must hold distinct latents (TopK output).
     """
     batch, k = indices.shape
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(flat, stable=True)  # stable: token order within a latent's row
     counts = torch.bincount(flat, minlength=n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=indices.device)
     torch.cumsum(counts, dim=0, out=crow[1:])
     cols = torch.div(order, k, rounding_mode="floor")
-    return torch.sparse_csr_tensor(
-        crow, cols, coef.reshape(-1)[order], size=(n_latents, batch), check_invariants=False
-    )
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        S = torch.sparse_csr_tensor(
+            crow, cols, coef.reshape(-1)[order], size=(n_latents, batch), check_invariants=False
+        )
+    return S, order
 
 
 def scatter_outer(
@@ -58,13 +64,35 @@ def scatter_outer(
     """out[l] = Σ_{(b,j): indices[b,j]=l} coef[b,j] · rows[b]   -> [n_latents, d] (dense)."""
     if indices.numel() == 0:
         return rows.new_zeros(n_latents, rows.shape[1])
-    coef = coef.to(rows.dtype)
-    return latent_token_matrix(indices, coef, n_latents) @ rows
+    S, _ = latent_token_matrix(indices, coef.to(rows.dtype), n_latents)
+    return S @ rows
 
 
-def gathered_dot(indices: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = rows[b] · weight[indices[b, j]]   -> [batch, k]."""
-    out = rows.new_empty(indices.shape)
+def gathered_dot(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    csr: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """out[b, j] = rows[b] · weight[indices[b, j]]   -> [batch, k].
+
+    A sampled dense-dense product (SDDMM) over the CSR pattern of `indices` (pass `csr` =
+    `latent_token_matrix(indices, ...)` to reuse one; only its pattern is read), which walks
+    each weight row once. Falls back to gathering rows in chunks where torch lacks the kernel.
+    """
+    if csr is None:
+        csr = latent_token_matrix(
+            indices, torch.ones_like(indices, dtype=weight.dtype), len(weight)
+        )
+    S, order = csr
+    try:
+        sampled = torch.sparse.sampled_addmm(S, weight, rows.to(weight.dtype).t(), beta=0.0)
+        out = torch.empty(indices.numel(), dtype=weight.dtype, device=weight.device)
+        out[order] = sampled.values()
+        return out.view(indices.shape)
+    except (RuntimeError, NotImplementedError):
+        pass
+    out = rows.new_empty(indices.shape, dtype=weight.dtype)
     step = indices.shape[0] if rows.is_cuda else _GATHER_CHUNK
     for s in range(0, indices.shape[0], step):
         w = F.embedding(indices[s : s + step], weight)  # [chunk, k, d]
@@ -72,11 +100,19 @@ def gathered_dot(indices: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor
     return out
 
 
-class TopKEncode(Function):
-    """(x, W_enc, b_enc, b_dec) -> (values, indices, aux_values, aux_indices), values pre-ReLU.
+def use_compact(nnz: int, batch: int, support: int) -> bool:
+    """Whether entries confined to `support` latents are dense enough there (≥ 1/8 of the
+    [batch, support] block) that dense matmuls over those latents beat the sparse kernels —
+    typical for AuxK, where k_aux is close to the number of dead latents."""
+    return batch * support <= COMPACT_RATIO * nnz
 
-    `dead` (int64 latent ids, or None) restricts the AuxK selection; `k_aux` is already capped
-    at len(dead). Gradients flow to W_enc, b_enc and b_dec, never to x.
+
+class TopKEncode(Function):
+    """(x, W_enc, b_enc, b_dec) -> (values, indices, aux_values, aux_local), values pre-ReLU.
+
+    `dead` (sorted int64 latent ids, or None) restricts the AuxK selection; `k_aux` is already
+    capped at len(dead). `aux_local` holds positions in `dead` (the latent ids are
+    `dead[aux_local]`). Gradients flow to W_enc, b_enc and b_dec, never to x.
     """
 
     @staticmethod
@@ -94,15 +130,15 @@ class TopKEncode(Function):
         pre = F.linear(xc, W_enc, b_enc)  # the one dense matmul; runs in bf16 under autocast
         values, indices = pre.topk(k, dim=1, sorted=True)
         if dead is not None and k_aux > 0:
-            aux_values, j = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
-            aux_indices = dead[j]
+            aux_values, aux_local = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
         else:
+            dead = indices.new_zeros(0)
             aux_values = values.new_zeros(x.shape[0], 0)
-            aux_indices = indices.new_zeros(x.shape[0], 0)
+            aux_local = indices.new_zeros(x.shape[0], 0)
         del pre
-        ctx.save_for_backward(xc, W_enc, indices, aux_indices)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        return values, indices, aux_values, aux_indices
+        ctx.save_for_backward(xc, W_enc, indices, aux_local, dead)
+        ctx.mark_non_differentiable(indices, aux_local)
+        return values, indices, aux_values, aux_local
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -110,15 +146,25 @@ class TopKEncode(Function):
         g_values: torch.Tensor,
         _g_indices: torch.Tensor | None,
         g_aux: torch.Tensor,
-        _g_aux_indices: torch.Tensor | None,
+        _g_aux_local: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        xc, W_enc, indices, aux_indices = ctx.saved_tensors  # type: ignore[attr-defined]
+        xc, W_enc, indices, aux_local, dead = ctx.saved_tensors  # type: ignore[attr-defined]
         n_latents = W_enc.shape[0]
-        idx = torch.cat([indices, aux_indices], dim=1)
-        g = torch.cat([g_values, g_aux], dim=1).to(W_enc.dtype)
+        xc = xc.to(W_enc.dtype)
+        g_values, g_aux = g_values.to(W_enc.dtype), g_aux.to(W_enc.dtype)
         g_lat = torch.zeros(n_latents, dtype=W_enc.dtype, device=W_enc.device)
-        g_lat.index_add_(0, idx.reshape(-1), g.reshape(-1))
-        grad_W = scatter_outer(idx, g, xc.to(W_enc.dtype), n_latents)
+        g_lat.index_add_(0, indices.reshape(-1), g_values.reshape(-1))
+        grad_W = scatter_outer(indices, g_values, xc, n_latents)
+        # The AuxK part separately: a dead latent may be in both sets for one token.
+        if aux_local.numel() and use_compact(aux_local.numel(), xc.shape[0], dead.numel()):
+            G = torch.zeros(xc.shape[0], dead.numel(), dtype=W_enc.dtype, device=W_enc.device)
+            G.scatter_(1, aux_local, g_aux)
+            g_lat.index_add_(0, dead, G.sum(dim=0))
+            grad_W.index_add_(0, dead, G.t() @ xc)
+        elif aux_local.numel():
+            aux_indices = dead[aux_local]
+            g_lat.index_add_(0, aux_indices.reshape(-1), g_aux.reshape(-1))
+            grad_W += scatter_outer(aux_indices, g_aux, xc, n_latents)
         grad_b_dec = -(g_lat @ W_enc)
         return None, grad_W, g_lat, grad_b_dec, None, None, None
 
@@ -140,9 +186,41 @@ class SparseDecode(Function):
     ) -> tuple[torch.Tensor | None, ...]:
         values, indices, W_dec = ctx.saved_tensors  # type: ignore[attr-defined]
         g_out = g_out.to(W_dec.dtype).contiguous()
-        grad_values = gathered_dot(indices, W_dec, g_out) if ctx.needs_input_grad[0] else None
-        grad_W = scatter_outer(indices, values, g_out, W_dec.shape[0])
+        csr = latent_token_matrix(indices, values, W_dec.shape[0])
+        grad_values = gathered_dot(indices, W_dec, g_out, csr) if ctx.needs_input_grad[0] else None
+        grad_W = csr[0] @ g_out
         return grad_values, None, grad_W
+
+
+class CompactDecode(Function):
+    """Like SparseDecode for entries confined to a few latents `support`: `local` [batch, k]
+    are positions in `support`. Dense over those latents only: Z [batch, len(support)]."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        values: torch.Tensor,
+        local: torch.Tensor,
+        support: torch.Tensor,
+        W_dec: torch.Tensor,
+    ) -> torch.Tensor:
+        Z = torch.zeros(values.shape[0], support.numel(), dtype=W_dec.dtype, device=W_dec.device)
+        Z.scatter_(1, local, values.to(W_dec.dtype))
+        W_s = W_dec.index_select(0, support)
+        ctx.save_for_backward(Z, local, support, W_s)
+        ctx.n_latents = W_dec.shape[0]  # type: ignore[attr-defined]
+        return Z @ W_s
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, g_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        Z, local, support, W_s = ctx.saved_tensors  # type: ignore[attr-defined]
+        g_out = g_out.to(W_s.dtype)
+        grad_values = (g_out @ W_s.t()).gather(1, local) if ctx.needs_input_grad[0] else None
+        grad_W = torch.zeros(ctx.n_latents, W_s.shape[1], dtype=W_s.dtype, device=W_s.device)  # type: ignore[attr-defined]
+        grad_W.index_add_(0, support, Z.t() @ g_out)
+        return grad_values, None, None, grad_W
 
 
 def topk_encode(
@@ -158,6 +236,18 @@ def topk_encode(
     return TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux)  # type: ignore[no-any-return]
 
 
-def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Typed wrapper of `SparseDecode.apply` (no b_dec added)."""
-    return SparseDecode.apply(values, indices, W_dec)  # type: ignore[no-any-return]
+def sparse_decode(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    support: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_j values[:, j] · W_dec[latent(b, j)] (no b_dec added).
+
+    Without `support`, `indices` are latent ids. With `support` (sorted latent ids), they are
+    positions in it, and the dense-over-support kernels run when that is cheaper."""
+    if support is None:
+        return SparseDecode.apply(values, indices, W_dec)  # type: ignore[no-any-return]
+    if use_compact(indices.numel(), indices.shape[0], support.numel()):
+        return CompactDecode.apply(values, indices, support, W_dec)  # type: ignore[no-any-return]
+    return SparseDecode.apply(values, support[indices], W_dec)  # type: ignore[no-any-return]

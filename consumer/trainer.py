@@ -186,7 +186,9 @@ class Trainer:
             vals_top = F.relu(pre_top.float())
             x_hat = sparse_decode(vals_top[:, :k], idx_top[:, :k], W_dec) + b_dec
             x_hat_4k = sparse_decode(vals_top, idx_top, W_dec) + b_dec if k_top > k else None
-            aux_recon = sparse_decode(F.relu(pre_aux.float()), idx_aux, W_dec) if k_aux else None
+            aux_recon = None
+            if k_aux:
+                aux_recon = sparse_decode(F.relu(pre_aux.float()), idx_aux, W_dec, support=dead)
         else:
             with ctx:
                 pre = F.linear(x - b_dec, W_enc, b_enc)

@@ -1,0 +1,152 @@
+"""Cost of one SAE training step against its floor, the dense encoder matmul.
+
+In one run, interleaved (so the machine's load hits all three alike), medians of:
+  (a) one whole training step on the sparse fast path — forward, AuxK with dead latents
+      present, backward, decoder-gradient projection, Adam, decoder renormalisation;
+  (b) one dense encoder matmul [batch × d_in] @ [d_in × n_latents] (+ bias);
+  (c) one whole step on the dense reference path (TrainerConfig.sparse=False).
+Targets (issue 2): a/b ≤ 1.6 and c/a ≥ 2. fp32 on CPU.
+
+    python benchmarks/bench_sae_step.py [--reps 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import markdown_table, write_section
+
+from consumer.sae import SAEConfig
+from consumer.trainer import Trainer, TrainerConfig
+
+DEAD_TOKENS = 1_000_000
+
+
+def make_trainer(d_in: int, n_latents: int, k: int, sparse: bool, x: torch.Tensor) -> Trainer:
+    t = Trainer(
+        SAEConfig(d_in=d_in, n_latents=n_latents, k=k),
+        TrainerConfig(sparse=sparse, dead_tokens=DEAD_TOKENS),
+        name="bench",
+        hook="bench",
+    )
+    t.initialize(x)
+    return t
+
+
+def set_dead(t: Trainer, n_dead: int) -> None:
+    """Mark the last `n_dead` latents dead (not fired for dead_tokens), the rest alive."""
+    t.tokens_since_fired.zero_()
+    if n_dead:
+        t.tokens_since_fired[-n_dead:] = DEAD_TOKENS
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_shape(
+    d_in: int, n_latents: int, k: int, batch: int, n_dead: int, reps: int
+) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, d_in)
+    fast = make_trainer(d_in, n_latents, k, True, x)
+    ref = make_trainer(d_in, n_latents, k, False, x)
+    W, b = fast.sae.encoder.weight.detach().clone(), fast.sae.encoder.bias.detach().clone()
+
+    def step_a() -> None:
+        set_dead(fast, n_dead)
+        fast.train_step(x)
+
+    def step_b() -> None:
+        F.linear(x, W, b)
+
+    def step_c() -> None:
+        set_dead(ref, n_dead)
+        ref.train_step(x)
+
+    for fn in (step_a, step_b, step_c):  # warm-up
+        fn()
+    times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    for _ in range(reps):
+        times["a"].append(timed(step_a))
+        times["b"].append(timed(step_b))
+        times["c"].append(timed(step_c))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    # The same latents were dead during each step (set before each): check AuxK really ran.
+    set_dead(fast, n_dead)
+    auxk = fast.train_step(x).auxk_loss
+    med["auxk_ran"] = float(auxk > 0) if n_dead else 0.0
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant")
+    ap.add_argument("--quick", action="store_true", help="small shape only (smoke run)")
+    ap.add_argument(
+        "--dead-fraction",
+        type=float,
+        action="append",
+        help="fraction of latents dead during the timed steps (repeatable; default 0.01 0.05)",
+    )
+    args = ap.parse_args()
+    dead_fracs = args.dead_fraction or [0.01, 0.05]
+    shapes = (
+        [(256, 4096, 32, 1024)] if args.quick else [(768, 16384, 32, 4096), (256, 4096, 32, 1024)]
+    )
+    rows = []
+    for d_in, n_latents, k, batch in shapes:
+        for frac in dead_fracs:
+            n_dead = round(frac * n_latents)
+            m = bench_shape(d_in, n_latents, k, batch, n_dead, args.reps)
+            a, b, c = m["a"], m["b"], m["c"]
+            k_aux = min(512, n_dead)
+            rows.append(
+                [
+                    f"{d_in}×{n_latents}, k={k}, batch {batch}",
+                    f"{n_dead} ({frac:.0%}), k_aux={k_aux}"
+                    + ("" if m["auxk_ran"] or not n_dead else " (AuxK did not run!)"),
+                    f"{a * 1e3:.0f}",
+                    f"{b * 1e3:.0f}",
+                    f"{c * 1e3:.0f}",
+                    f"**{a / b:.2f}**",
+                    f"**{c / a:.2f}**",
+                ]
+            )
+            print(rows[-1], flush=True)
+    body = (
+        "Medians of "
+        f"{args.reps} interleaved repetitions, fp32, CPU. (a) whole sparse-path training step "
+        "(forward, AuxK, backward, decoder-gradient projection, Adam, renormalisation); "
+        "(b) one dense encoder matmul; (c) whole dense-reference step. "
+        "Targets: a/b ≤ 1.6, c/a ≥ 2.\n\n"
+        + markdown_table(
+            [
+                "shape",
+                "dead latents",
+                "a: step ms",
+                "b: matmul ms",
+                "c: dense step ms",
+                "a/b",
+                "c/a",
+            ],
+            rows,
+        )
+    )
+    write_section("bench_sae_step", "SAE training step (bench_sae_step)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The trainer: each technique of Gao et al. on its own, the sparse path against the dense
+reference, and a learning test on data with a known dictionary."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from consumer.sae import SAEConfig
+from consumer.sparse_ops import use_compact
+from consumer.trainer import ADAM_EPS, Trainer, TrainerConfig, default_lr
+
+D_IN, LATENTS, K = 24, 96, 4
+
+
+def make_trainer(sparse: bool = True, sae_kw: dict | None = None, **kw) -> Trainer:
+    sae = dict(d_in=D_IN, n_latents=LATENTS, k=K)
+    sae.update(sae_kw or {})
+    return Trainer(SAEConfig(**sae), TrainerConfig(sparse=sparse, **kw), name="t", hook="h")
+
+
+def batch(n: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D_IN, generator=g) * 2 + 0.5
+
+
+def mark_dead(trainer: Trainer, dead: torch.Tensor) -> None:
+    trainer.tokens_since_fired.zero_()
+    trainer.tokens_since_fired[dead] = trainer.cfg.dead_tokens
+
+
+def reference(trainer: Trainer, xn: torch.Tensor, dead: np.ndarray | None) -> dict[str, float]:
+    """The losses recomputed in float64 numpy from the trainer's current weights."""
+    sae, k = trainer.sae, trainer.sae_cfg.k
+    W_enc, b_enc, W_dec, b_dec = (
+        t.detach().double().numpy()
+        for t in (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec)
+    )
+    x = xn.double().numpy()
+    pre = (x - b_dec) @ W_enc.T + b_enc
+
+    def recon(kk: int) -> np.ndarray:
+        idx = np.argsort(-pre, axis=1)[:, :kk]
+        z = np.zeros_like(pre)
+        np.put_along_axis(z, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+        return z @ W_dec + b_dec
+
+    x_hat = recon(k)
+    c = trainer.mse_scale
+    out = {
+        "main": ((x_hat - x) ** 2).mean() / c,
+        "nmse": ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+        "multi": ((recon(4 * k) - x) ** 2).mean() / c,
+        "auxk": 0.0,
+    }
+    if dead is not None and len(dead):
+        k_aux = min(trainer.cfg.k_aux, len(dead))
+        masked = np.full_like(pre, -np.inf)
+        masked[:, dead] = pre[:, dead]
+        idx = np.argsort(-masked, axis=1)[:, :k_aux]
+        z = np.zeros_like(pre)
+        np.put_along_axis(z, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+        e = x - x_hat
+        out["auxk"] = ((z @ W_dec - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    return out
+
+
+# -- sparse fast path == dense reference ------------------------------------------------------
+
+CASES = [  # (multi_topk, n_dead, k_aux, input_normalization)
+    (False, 0, 16, "layer_norm"),
+    (False, 20, 16, "layer_norm"),  # AuxK over few dead latents: compact (dense-over-dead) kernels
+    (False, 60, 4, "none"),  # many dead, small k_aux: CSR kernels
+    (True, 20, 16, "scalar"),
+    (True, 60, 4, "layer_norm"),
+]
+
+
+@pytest.mark.parametrize("multi_topk,n_dead,k_aux,norm", CASES)
+def test_sparse_path_matches_dense_path_losses_and_gradients(multi_topk, n_dead, k_aux, norm):
+    sae_kw = dict(multi_topk=multi_topk, input_normalization=norm)
+    fast = make_trainer(True, sae_kw, k_aux=k_aux, dead_tokens=50)
+    ref = make_trainer(False, sae_kw, k_aux=k_aux, dead_tokens=50)
+    x = batch(64)
+    fast.initialize(x)
+    ref.initialize(x)
+    with torch.no_grad():  # non-trivial biases, so every term matters
+        for t in (fast, ref):
+            t.sae.encoder.bias.copy_(torch.linspace(-0.2, 0.2, LATENTS))
+    dead = torch.arange(LATENTS - n_dead, LATENTS)
+    if n_dead:
+        assert use_compact(64 * k_aux, 64, n_dead) == (n_dead == 20)
+    xn, _ = fast.sae.normalize(x)
+    lf = fast.losses(xn, dead if n_dead else None)
+    lr = ref.losses(xn, dead if n_dead else None)
+    lf.total.backward()
+    lr.total.backward()
+    for name in ("total", "main", "auxk", "multi_topk", "sse", "sst", "l0"):
+        a, b = float(getattr(lf, name)), float(getattr(lr, name))
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7), name
+    assert (float(lf.auxk) > 0) == bool(n_dead)
+    assert (float(lf.multi_topk) > 0) == multi_topk
+    pf, pr = dict(fast.sae.named_parameters()), dict(ref.sae.named_parameters())
+    for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+        gf, gr = pf[name].grad, pr[name].grad
+        rel = float((gf - gr).norm() / gr.norm())
+        assert rel < 1e-4, (name, rel)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_losses_match_numpy_reference(sparse):
+    t = make_trainer(sparse, dict(multi_topk=True), k_aux=8, dead_tokens=10)
+    x = batch(64)
+    t.initialize(x)
+    dead = np.arange(50, 80)
+    mark_dead(t, torch.from_numpy(dead))
+    xn, _ = t.sae.normalize(x)
+    ref = reference(t, xn, dead)
+    out = t.losses(xn, torch.from_numpy(dead))
+    assert float(out.main) == pytest.approx(ref["main"], rel=1e-5)
+    assert float(out.multi_topk) == pytest.approx(ref["multi"], rel=1e-5)
+    assert float(out.auxk) == pytest.approx(ref["auxk"], rel=1e-5)
+    # Multi-TopK: L(k) + L(4k)/8; AuxK weighted 1/32.
+    expected = ref["main"] + ref["multi"] / 8 + ref["auxk"] / 32
+    assert float(out.total) == pytest.approx(expected, rel=1e-5)
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_step_metrics_normalized_mse_and_l0_match_numpy_reference():
+    t = make_trainer()
+    x = batch(128, seed=3)
+    t.initialize(x)
+    xn, _ = t.sae.normalize(x)
+    ref = reference(t, xn, None)  # weights before the step
+    m = t.train_step(x)
+    assert m.normalized_mse == pytest.approx(ref["nmse"], rel=1e-5)
+    assert m.sse / m.sst == pytest.approx(m.normalized_mse)
+    assert m.l0 == K
+    assert m.tokens == 128 and t.tokens_seen == 128 and t.step == 1
+    assert m.auxk_loss == 0.0 and m.multi_topk_loss == 0.0 and m.dead_fraction == 0.0
+    assert m.loss == pytest.approx(ref["main"], rel=1e-5)
+
+
+def test_main_loss_constant_is_mse_of_predicting_the_first_sample_mean():
+    t = make_trainer(sae_kw=dict(input_normalization="none"))
+    x0 = batch(256, seed=1)
+    t.train_step(x0)
+    expected = float(((x0 - x0.mean(0)) ** 2).mean())
+    assert t.mse_scale == pytest.approx(expected, rel=1e-6)
+    t.train_step(batch(64, seed=2) * 10)  # a later, very different batch changes nothing
+    assert t.mse_scale == pytest.approx(expected, rel=1e-6)
+
+
+def test_b_dec_starts_at_the_geometric_median_of_the_first_sample():
+    t = make_trainer(sae_kw=dict(input_normalization="none"))
+    x = batch(200)
+    t.initialize(x)
+    b = t.sae.b_dec.detach().double()
+    cost = lambda y: float((x.double() - y).norm(dim=1).sum())  # noqa: E731
+    assert cost(b) < cost(x.double().mean(0))
+    for _ in range(20):  # no nearby point does better
+        assert cost(b) <= cost(b + 1e-3 * torch.randn(D_IN, dtype=torch.float64)) + 1e-9
+    t.initialize(batch(200, seed=9))  # idempotent
+    assert torch.equal(t.sae.b_dec.detach().double(), b)
+
+
+# -- decoder constraints -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_decoder_rows_have_unit_norm_after_each_step(sparse):
+    t = make_trainer(sparse, lr=0.05)
+    for i in range(3):
+        t.train_step(batch(64, seed=i))
+        torch.testing.assert_close(t.sae.W_dec.norm(dim=1), torch.ones(LATENTS))
+
+
+def test_decoder_gradient_is_orthogonal_to_its_row_when_adam_steps():
+    t = make_trainer()
+    seen = []
+
+    def check(opt, args, kwargs):
+        W, g = t.sae.W_dec.detach(), t.sae.W_dec.grad
+        seen.append((float((g * W).sum(dim=1).abs().max()), float(g.norm())))
+
+    t.optimizer.register_step_pre_hook(check)
+    t.train_step(batch(64))
+    ((parallel, norm),) = seen
+    assert norm > 1e-3 and parallel < 1e-6 * norm
+
+
+def test_gradient_norm_is_clipped():
+    t = make_trainer(grad_clip=1e-3)
+    norms = []
+    t.optimizer.register_step_pre_hook(
+        lambda *a: norms.append(
+            float(torch.cat([p.grad.flatten() for p in t.sae.parameters()]).norm())
+        )
+    )
+    t.train_step(batch(64))
+    assert norms[0] == pytest.approx(1e-3, rel=1e-4)
+
+
+# -- dead latents and AuxK ------------------------------------------------------------------------
+
+
+def test_auxk_is_zero_and_skipped_when_nothing_is_dead():
+    t = make_trainer()
+    m = t.train_step(batch(64))
+    assert m.auxk_loss == 0.0 and m.dead_fraction == 0.0
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_auxk_gradient_reaches_only_dead_latents(sparse):
+    t = make_trainer(sparse, k_aux=8, dead_tokens=10)
+    x = batch(64)
+    t.initialize(x)
+    dead = torch.tensor([3, 17, 40, 41, 42, 90])
+    mark_dead(t, dead)
+    xn, _ = t.sae.normalize(x)
+    out = t.losses(xn, dead)
+    assert float(out.auxk) > 0
+    out.auxk.backward()  # the AuxK term alone
+    for g in (t.sae.W_dec.grad, t.sae.encoder.weight.grad):
+        touched = set(g.abs().sum(dim=1).nonzero().flatten().tolist())
+        assert touched and touched <= set(dead.tolist())
+
+
+def test_latent_counters_reset_on_firing_and_mark_dead_after_dead_tokens():
+    t = make_trainer(dead_tokens=100, k_aux=4)
+    t.initialize(batch(64))
+    with torch.no_grad():
+        t.sae.encoder.bias[7] = -1e4  # latent 7 can never be in the top k with value > 0
+    m1 = t.train_step(batch(64, seed=1))
+    assert t.tokens_since_fired[7] == 64 and m1.auxk_loss == 0.0
+    fired = t.tokens_since_fired == 0
+    assert fired.sum() > 0 and not fired[7]
+    m2 = t.train_step(batch(64, seed=2))
+    assert t.tokens_since_fired[7] == 128
+    assert bool(t.dead_mask()[7]) and m2.dead_fraction >= 1 / LATENTS
+    assert m2.dead_fraction == pytest.approx(float(t.dead_mask().float().mean()))
+    m3 = t.train_step(batch(64, seed=3))  # now AuxK runs
+    assert m3.auxk_loss > 0
+
+
+# -- optimiser and options ----------------------------------------------------------------------
+
+
+def test_adam_hyperparameters_and_default_learning_rate():
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+    t = make_trainer()
+    group = t.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(2e-4 / math.sqrt(LATENTS / 2**14))
+    assert group["betas"] == (0.9, 0.999) and group["eps"] == ADAM_EPS == 6.25e-10
+    assert make_trainer(lr=1e-3).optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_ema_weights_are_what_gets_exported():
+    t = make_trainer(ema_decay=0.5, lr=0.01)
+    t.initialize(batch(64))
+    ema = {n: p.detach().clone() for n, p in t.sae.named_parameters()}
+    for i in range(3):
+        t.train_step(batch(64, seed=i))
+        for n, p in t.sae.named_parameters():
+            ema[n] = 0.5 * ema[n] + 0.5 * p.detach()
+    exported = t.export_weights()
+    for n, p in t.sae.named_parameters():
+        torch.testing.assert_close(exported[n], ema[n])
+        assert not torch.equal(exported[n], p.detach())
+
+
+def test_train_step_takes_half_precision_input_and_rejects_bad_shapes():
+    t = make_trainer()
+    m = t.train_step(batch(64).to(torch.bfloat16))
+    assert math.isfinite(m.loss)
+    with pytest.raises(ValueError):
+        t.train_step(torch.randn(8, D_IN + 1))
+    with pytest.raises(ValueError):
+        t.train_step(torch.randn(0, D_IN))
+
+
+# -- learning -----------------------------------------------------------------------------------
+
+
+def test_learns_a_known_sparse_dictionary():
+    """Tokens are sums of 3 of 48 known unit features with weights in [0.5, 1.5]; an SAE with
+    64 latents, k=3, recovers most features (cosine ≥ 0.9 to some decoder row)."""
+    d, n_feat, k = 32, 48, 3
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(n_feat, d, generator=g)
+    feats /= feats.norm(dim=1, keepdim=True)
+
+    def sample(n: int) -> torch.Tensor:
+        idx = torch.rand(n, n_feat, generator=g).argsort(dim=1)[:, :k]
+        coef = torch.rand(n, k, generator=g) + 0.5
+        return torch.einsum("nk,nkd->nd", coef, feats[idx])
+
+    t = Trainer(
+        SAEConfig(d_in=d, n_latents=64, k=k, input_normalization="none"),
+        TrainerConfig(lr=3e-3, dead_tokens=20_000, k_aux=32, seed=0),
+        name="t",
+        hook="h",
+    )
+    window = []
+    for _ in range(1000):
+        window.append(t.train_step(sample(512)))
+    last = window[-50:]
+    nmse = sum(m.sse for m in last) / sum(m.sst for m in last)
+    cos = (feats @ t.sae.W_dec.detach().T).max(dim=1).values
+    recovered = float((cos >= 0.9).float().mean())
+    assert recovered >= 0.85, (recovered, cos)
+    assert nmse < 0.1
+    assert last[-1].dead_fraction <= 0.3
+    assert last[-1].l0 == k
