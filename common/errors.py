@@ -20,7 +20,7 @@ class UserError(Exception):
 
 
 def cli_errors(func: F) -> F:
-    """Wrap a click command body: `UserError` (and click's own usage errors) become one line + exit 2."""
+    """Wrap a click command body: a `UserError` becomes one line on stderr and exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
