@@ -325,6 +325,7 @@ def train(
     if not name or name.startswith(".") or "/" in name or "\\" in name:
         raise UserError(f"--name {name!r}: cannot be a directory name")
     dev = resolve_device(device)
+    act.check_finite()
     if batch_size > n_rows:
         click.echo(
             f"note: --batch-size {batch_size} > {n_rows} tokens in the file; using {n_rows}",
@@ -332,7 +333,6 @@ def train(
         )
         batch_size = n_rows
     total_steps = steps if steps is not None else math.ceil((tokens or n_rows) / batch_size)
-    act.check_finite()
 
     torch.manual_seed(seed)
     trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev)

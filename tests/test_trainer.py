@@ -99,7 +99,7 @@ def test_sparse_path_matches_dense_path_losses_and_gradients(multi_topk, n_dead,
     lf.total.backward()
     lr.total.backward()
     for name in ("total", "main", "auxk", "multi_topk", "sse", "sst", "l0"):
-        a, b = float(getattr(lf, name)), float(getattr(lr, name))
+        a, b = float(getattr(lf, name).detach()), float(getattr(lr, name).detach())
         assert a == pytest.approx(b, rel=1e-4, abs=1e-7), name
     assert (float(lf.auxk) > 0) == bool(n_dead)
     assert (float(lf.multi_topk) > 0) == multi_topk
