@@ -27,6 +27,11 @@ from consumer.trainer import Trainer, TrainerConfig
 D_IN = 16
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # every test sees the same random data
+
+
 def trained(name="h", steps=3, norm="layer_norm", seed=0, **kw) -> Trainer:
     t = Trainer(
         SAEConfig(d_in=D_IN, n_latents=48, k=4, input_normalization=norm),
