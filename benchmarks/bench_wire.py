@@ -8,7 +8,7 @@ may be shared):
 2. where decode time goes for lz4-shuffle bf16 (decompress, unshuffle, crc32, finiteness);
 3. ZeroMQ PUSH→PULL loopback throughput over tcp://127.0.0.1 for 64 KiB..16 MiB messages,
    against a plain memory copy of the same sizes measured in the same run;
-4. consumer ingest rate (receive + validate + decode) per chunk size in tokens,
+4. decode rate and consumer ingest rate (receive + validate + decode) per chunk size,
 and records the default chunk size and codec they suggest in BENCHMARKS.md.
 
     python benchmarks/bench_wire.py [--quick] [--no-model]
@@ -231,16 +231,12 @@ def memcpy_mbps(size: int, repeat: int) -> float:
 # 4. consumer ingest per chunk size
 
 
-def ingest_rate(ctx: zmq.Context, acts: torch.Tensor, tokens: int, total_tokens: int) -> float:
-    """MB/s of raw activations a consumer thread receives, validates and decodes."""
+def ingest_rate(ctx: zmq.Context, frames: list[bytes], count: int, limits: DecodeLimits,
+                raw_nbytes: int) -> float:
+    """MB/s of raw activations a consumer thread receives, validates and decodes, while a
+    sender thread pushes `count` copies of `frames` over tcp://127.0.0.1."""
     pull = pull_socket(ctx, "tcp://127.0.0.1:*")
     push = push_socket(ctx, [pull.getsockopt_string(zmq.LAST_ENDPOINT)])
-    wire = acts.to(torch.bfloat16)
-    reps = -(-tokens // len(wire))
-    chunk = wire.repeat(reps, 1)[:tokens] if reps > 1 else wire[:tokens]
-    frames = encode_chunk(chunk, **META, codec="lz4-shuffle")
-    count = max(8, total_tokens // tokens)
-    limits = DecodeLimits(max_n=max(tokens, 1 << 16))
 
     def send() -> None:
         for _ in range(count):
@@ -252,12 +248,31 @@ def ingest_rate(ctx: zmq.Context, acts: torch.Tensor, tokens: int, total_tokens:
     start = time.perf_counter()
     sender.start()
     for _ in range(count):
-        decode_chunk(pull.recv_multipart(copy=False), limits=limits, expect_d=chunk.shape[1])
+        decode_chunk(pull.recv_multipart(copy=False), limits=limits)
     elapsed = time.perf_counter() - start
     sender.join()
     push.close()
     pull.close()
-    return count * chunk.numel() * 2 / MB / elapsed
+    return count * raw_nbytes / MB / elapsed
+
+
+def chunk_size_sweep(ctx: zmq.Context, sizes: list[int], repeat: int,
+                     total_tokens: int) -> dict[int, tuple[float, float]]:
+    """tokens -> (one-core decode MB/s, loopback ingest MB/s) for lz4-shuffle bf16 chunks.
+
+    Synthetic data of the full size (repeating a shorter real sample would let lz4 match the
+    repeats and flatter large chunks)."""
+    acts = synthetic_acts(n=max(sizes), seed=1).to(torch.bfloat16)
+    limits = DecodeLimits(max_n=max(sizes))
+    out = {}
+    for tokens in sizes:
+        frames = encode_chunk(acts[:tokens], **META, codec="lz4-shuffle")
+        raw_nbytes = tokens * acts.shape[1] * 2
+        t_dec = best_time(lambda f=frames: decode_chunk(f, limits=limits), repeat)
+        count = max(8, total_tokens // tokens)
+        ingest = max(ingest_rate(ctx, frames, count, limits, raw_nbytes) for _ in range(5))
+        out[tokens] = (raw_nbytes / MB / t_dec, ingest)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +300,11 @@ def main() -> None:
     print(markdown_table(codec_header, rows), flush=True)
 
     breakdown_on = real if real is not None else synth
-    breakdown, decode_mbps = decode_breakdown(breakdown_on, repeat)
+    breakdown, whole_mbps = decode_breakdown(breakdown_on, repeat)
+    target_row = [r for r in rows if r[1] == "bfloat16" and r[2] == "lz4-shuffle"][-1]
+    # Both are best-of-N timings of the same decode on the same data; on a shared machine the
+    # best of all rounds is the closest to what one uncontended core does.
+    decode_mbps = max(float(target_row[4].replace(",", "")), whole_mbps)
     print(markdown_table(["lz4-shuffle bf16 decode step", "ms / chunk", "MB/s"], breakdown))
 
     ctx = zmq.Context()
@@ -293,35 +312,44 @@ def main() -> None:
     total = (32 if args.quick else 128) << 20
     loop_rows = []
     for size in sizes:
-        zmq_rate = max(loopback_mbps(ctx, size, total) for _ in range(2))
+        zmq_rate = max(loopback_mbps(ctx, size, total) for _ in range(3))
         copy_rate = memcpy_mbps(size, repeat)
         loop_rows.append([f"{size >> 10:,} KiB", f"{zmq_rate:,.0f}", f"{copy_rate:,.0f}",
                           f"{zmq_rate / copy_rate:.2f}"])
     loop_header = ["message", "ZeroMQ tcp loopback MB/s", "memory copy MB/s", "ratio"]
     print(markdown_table(loop_header, loop_rows), flush=True)
 
-    ingest_acts = real if real is not None else synth
-    token_sizes = [128, 512, 1024, 2048, 4096, 8192]
-    ingest = {}
-    for tokens in token_sizes:
-        ingest[tokens] = max(ingest_rate(ctx, ingest_acts, tokens, 16384 if args.quick else 65536)
-                             for _ in range(2))
+    sizes = [128, 512, 1024, 2048, 4096, 8192]
+    sweep = chunk_size_sweep(ctx, sizes, repeat, 16384 if args.quick else 49152)
     ctx.term()
-    d = ingest_acts.shape[1]
-    ingest_rows = [[t, f"{t * d * 2 / 1024:,.0f} KiB", f"{r:,.0f}", f"{r * MB / (d * 2):,.0f}"]
-                   for t, r in ingest.items()]
-    ingest_header = ["chunk tokens", f"raw bytes (bf16, d={d})", "ingest MB/s",
-                     "tokens/s"]
+    d = synth.shape[1]
+    ingest_rows = [[t, f"{t * d * 2 / 1024:,.0f} KiB", f"{dec:,.0f}", f"{ing:,.0f}",
+                    f"{ing * MB / (d * 2):,.0f}"] for t, (dec, ing) in sweep.items()]
+    ingest_header = ["chunk tokens", f"raw bytes (bf16, d={d})", "decode MB/s (1 core)",
+                     "ingest MB/s (recv + decode)", "ingest tokens/s"]
     print(markdown_table(ingest_header, ingest_rows), flush=True)
 
-    # Defaults: the smallest chunk within 10 % of the best ingest rate (small chunks keep
-    # latency, HWM memory and the shuffle-buffer granularity low), and lz4-shuffle when it
-    # shrinks real (else synthetic) bf16 activations while decoding above the target.
-    best_rate = max(ingest.values())
-    chunk_tokens = min(t for t, r in ingest.items() if r >= 0.9 * best_rate)
+    # Defaults: the largest chunk within 10 % of the best one-core decode rate (stable on a
+    # shared machine, unlike the two-thread ingest figure): on that plateau a bigger chunk
+    # amortises the consumer's per-message work outside the wire layer (bookkeeping, metrics)
+    # and beyond it decoding falls out of the caches. lz4-shuffle when it shrinks real (else
+    # synthetic) bf16 activations while decoding above the target.
+    best_rate = max(dec for dec, _ in sweep.values())
+    plateau = [t for t, (dec, _) in sweep.items() if dec >= 0.9 * best_rate]
+    chunk_tokens = max(plateau)
+    plateau_text = (f"{min(plateau)}–{max(plateau)} tokens, "
+                    f"{min(plateau) * d * 2 / 2**20:.2f}–{max(plateau) * d * 2 / 2**20:.2f} MiB")
     ratio_rows = [r for r in rows if r[1] == "bfloat16" and r[2] == "lz4-shuffle"]
     ratio = float(ratio_rows[-1][5])
     codec = "lz4-shuffle" if ratio > 1.02 and decode_mbps >= TARGET_DECODE_MBPS else "raw"
+    if codec == "lz4-shuffle":
+        codec_why = (f"{(1 - 1 / ratio) * 100:.0f} % fewer bytes on the network than raw for bf16, "
+                     f"decoded at {decode_mbps:,.0f} MB/s on one core — far above what a "
+                     "producer harvests, so the saving costs the consumer little")
+    else:
+        codec_why = (f"lz4-shuffle saved too little (ratio {ratio:.3f}) or decoded too slowly "
+                     f"({decode_mbps:,.0f} MB/s) in this run")
+    which = "real" if real is not None else "synthetic"
     elapsed = time.perf_counter() - t0
     verdict = "met" if decode_mbps >= TARGET_DECODE_MBPS else "MISSED"
     smaller = "met" if ratio > 1.0 else "MISSED"
@@ -340,24 +368,34 @@ Throughputs are MB/s (10^6 bytes) of raw activations in the wire dtype.
 {markdown_table(["step", "ms / chunk", "MB/s"], breakdown)}
 
 Target decode (validate + decompress + unshuffle + checksum + finiteness) ≥
-{TARGET_DECODE_MBPS:,.0f} MB/s: **{decode_mbps:,.0f} MB/s, {verdict}**. lz4-shuffle smaller than raw
-on {'real' if real is not None else 'synthetic'} bf16 activations: ratio **{ratio:.3f}, {smaller}**.
+{TARGET_DECODE_MBPS:,.0f} MB/s: **{decode_mbps:,.0f} MB/s, {verdict}** (the better of the
+codec table's figure and the "whole decode_chunk" row, two best-of-{repeat} measurements of
+the same decode; a gap between them is contention from other work on this machine).
+
+lz4-shuffle smaller than raw on {which} bf16 activations: ratio **{ratio:.3f}, {smaller}**.
 
 ### ZeroMQ loopback (tcp://127.0.0.1, PUSH→PULL, sender thread + receiver) vs memory copy
 
 {markdown_table(loop_header, loop_rows)}
 
-### Consumer ingest (receive + validate + decode, lz4-shuffle bf16) per chunk size
+### Chunk size: decode on one core, and consumer ingest over loopback (lz4-shuffle bf16)
+
+Synthetic data. "ingest" = a receiving thread doing recv + validate + decode while a sender
+thread pushes pre-encoded chunks over tcp://127.0.0.1 (best of 5 rounds; both threads share
+this machine's 2 cores with other work, so it is the noisier figure).
 
 {markdown_table(ingest_header, ingest_rows)}
 
 ### Chosen defaults
 
-- **chunk size: {chunk_tokens} tokens** (the smallest within 10 % of the best ingest rate,
-  {best_rate:,.0f} MB/s; smaller chunks pay per-message overhead, larger ones only add latency
-  and memory held in ZeroMQ queues: HWM × chunk bytes per peer).
-- **codec: {codec}** (ratio {ratio:.3f} on bf16; decode {decode_mbps:,.0f} MB/s, far above what a
-  producer harvests, so the bytes saved on the network cost the consumer little).
+- **chunk size: {chunk_tokens} tokens** = {chunk_tokens * d * 2 / 2**20:.2f} MiB of bf16 at
+  d={d}: the largest chunk within 10 % of the best one-core decode rate ({best_rate:,.0f} MB/s).
+  On that plateau a bigger chunk amortises the consumer's per-message work outside the wire
+  layer (bookkeeping, metrics); smaller chunks pay per-message overhead, larger ones fall out
+  of the CPU caches during decode and hold more memory in ZeroMQ queues (HWM × chunk bytes
+  per peer). What matters is the byte size: for wider models scale the tokens so chunks stay
+  on this run's plateau ({plateau_text}).
+- **codec: {codec}** ({codec_why}).
 
 Run time {elapsed:.0f} s.
 """
