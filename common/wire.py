@@ -39,6 +39,9 @@ _UINT = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<u2"), "float32": np.
 _EXP_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000}
 _ABS_MASK = {"bfloat16": 0x7FFF, "float16": 0x7FFF, "float32": 0x7FFFFFFF}
 
+MAX_STR_LEN = 1024
+"""Longest producer, run, model and hook name (characters)."""
+
 CODECS = ("raw", "lz4", "lz4-shuffle")
 DEFAULT_CODEC = "lz4-shuffle"
 
@@ -246,12 +249,15 @@ def encode_chunk(
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; one of {CODECS}")
     for name, value in (("producer", producer), ("run", run), ("model", model), ("hook", hook)):
-        if type(value) is not str or not value:
-            raise ValueError(f"{name} must be a non-empty str")
+        if type(value) is not str or not value or len(value) > MAX_STR_LEN:
+            raise ValueError(f"{name} must be a non-empty str of at most {MAX_STR_LEN} chars")
     if type(seq) is not int or seq < 0:
         raise ValueError("seq must be an int >= 0")
     if not isinstance(source, Mapping) or not all(type(k) is str for k in source):
         raise ValueError("source must be a map with str keys")
+    ts = time.time() if ts is None else float(ts)
+    if not math.isfinite(ts):
+        raise ValueError("ts must be finite")
 
     words = _words(acts, dtype)
     raw = words.reshape(-1).view(np.uint8)
@@ -277,9 +283,13 @@ def encode_chunk(
         "raw_nbytes": raw.size,
         "checksum": zlib.crc32(raw),
         "source": dict(source),
-        "ts": float(time.time() if ts is None else ts),
+        "ts": ts,
     }
-    return [msgpack.packb(header, use_bin_type=True), payload]
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > DecodeLimits.max_header_nbytes:
+        raise ValueError(f"header of {len(packed)} bytes: receivers accept at most "
+                         f"{DecodeLimits.max_header_nbytes} (make `source` smaller)")
+    return [packed, payload]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +314,7 @@ def _is_int(x: object) -> bool:
     return type(x) is int  # bool is an int subclass: not accepted
 
 
-def _check_str(header: dict, key: str, max_len: int = 1024) -> None:
+def _check_str(header: dict, key: str, max_len: int = MAX_STR_LEN) -> None:
     value = header[key]
     if type(value) is not str or not value or len(value) > max_len:
         raise WireError("field", f"{key} must be a non-empty str of at most {max_len} chars")

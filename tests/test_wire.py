@@ -162,7 +162,8 @@ def test_shuffle_matches_the_design_definition(itemsize: int, m: int, seed: int)
 def test_encode_rejects_invalid_arguments() -> None:
     x = torch.zeros(2, 2)
     for bad in ({"codec": "zstd"}, {"dtype": "int8"}, {"seq": -1}, {"seq": True},
-                {"producer": ""}, {"source": [1]}):
+                {"producer": ""}, {"hook": "h" * 1025}, {"source": [1]},
+                {"source": {"pad": "x" * 70_000}}, {"ts": float("nan")}):
         with pytest.raises(ValueError):
             encode_chunk(x, **{**META, **bad})
     for acts in (torch.zeros(4), torch.zeros(0, 3), torch.zeros(2, 2, dtype=torch.int32)):
