@@ -32,10 +32,10 @@ from common.logs import RateLimitedLog
 from common.metrics import serve_metrics
 from common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
 from common.wire import DEFAULT_CODEC, DTYPES
-from producer.corpus import CorpusError, Shard, open_corpus
-from producer.hooks import HookedModel, HookError
+from producer.corpus import Corpus, CorpusError, Shard, open_corpus
+from producer.hooks import HookedModel, HookError, validate_hooks
 from producer.metrics import ProducerMetrics
-from producer.models import EMBEDDED_MODEL, load_model
+from producer.models import EMBEDDED_MODEL, LoadedModel, load_model
 from producer.sender import Outgoing, Progress, Sender
 from producer.state import ProducerState, check_state, read_state, write_state
 
@@ -163,9 +163,16 @@ def run_producer(
     cfg: ProducerConfig,
     stop: threading.Event | None = None,
     registry: CollectorRegistry | None = None,
+    *,
+    model: LoadedModel | None = None,
+    corpus: Corpus | None = None,
 ) -> RunSummary:
     """Run until `stop`, `cfg.max_tokens` or `cfg.epochs`; raises ModelError, HookError,
-    CorpusError, StateError or common.errors.UserError on bad configuration."""
+    CorpusError, StateError or common.errors.UserError on bad configuration.
+
+    `model` and `corpus`, when given (benchmarks, tests), replace loading `cfg.model` and
+    opening `cfg.corpus`; `cfg.corpus` still names the corpus in headers and the state file.
+    """
     stop = stop or threading.Event()
     registry = registry or CollectorRegistry()
     set_threads(cfg.threads)
@@ -173,17 +180,16 @@ def run_producer(
         raise CorpusError(f"bad wire dtype {cfg.wire_dtype!r}")
     shard = Shard.parse(cfg.shard)
 
-    lm = load_model(
+    lm = model or load_model(
         cfg.model, device=cfg.device, dtype=cfg.model_dtype, cache_dir=cfg.cache_dir,
         seed=cfg.seed,
     )
     try:
-        hooked = HookedModel(lm.model, list(cfg.hooks) or [lm.default_hook()])
+        hooks = validate_hooks(lm.model, list(cfg.hooks) or [lm.default_hook()])
     except HookError as exc:
         last = f"{lm.block_prefix}.{lm.n_layers - 1}"
         raise HookError(f"{exc} (its blocks are {lm.block_prefix}.0 .. {last})") from None
-    hooks = hooked.hooks
-    corpus = open_corpus(
+    corpus = corpus or open_corpus(
         cfg.corpus, seq_len=cfg.seq_len, vocab_size=lm.vocab_size,
         encode=lm.encode_text if lm.tokenizer is not None else None,
         separator=lm.separator_id, seed=cfg.seed, token_dtype=cfg.token_dtype,
@@ -217,6 +223,7 @@ def run_producer(
         sock, producer=producer_id, run=run, model=lm.name, codec=cfg.codec, metrics=metrics,
         queue_size=cfg.queue_size, first_hook=hooks[0], progress=progress,
     ).start()
+    hooked = HookedModel(lm.model, hooks)  # removed again in the `finally` below
     chunker = Chunker(hooks, cfg.chunk_tokens,
                       {**cfg.extra_source, "corpus": cfg.corpus, "shard": str(shard)})
     bad_ids = RateLimitedLog(log)
@@ -234,6 +241,7 @@ def run_producer(
             state.epoch, state.tokens_done = sender.progress
             state.tokens_sent_total = base_total + sender.tokens_sent
             write_state(cfg.state_file, state)
+
     left = cfg.max_tokens or None  # tokens still to emit this run (None = unlimited)
     epoch, done = progress
     next_save = time.monotonic() + cfg.state_every
@@ -260,13 +268,23 @@ def run_producer(
                     acts = hooked(torch.from_numpy(ids).to(lm.device))
                     host = {h: a[:, first:].to(wire_dtype).cpu() for h, a in acts.items()}
                     metrics.forward_seconds.observe(time.perf_counter() - t0)
+                    spans = []  # (row in batch, first position, lo, hi) of what is sent
                     for j, start in enumerate(starts.tolist()):
                         lo = max(0, done - start)  # the part of a context sent before a restart
                         hi = per_ctx if left is None else min(per_ctx, lo + left)
                         if hi > lo:
-                            chunker.add(start + lo, {h: a[j, lo:hi] for h, a in host.items()})
+                            spans.append((j, start, lo, hi))
                             if left is not None:
                                 left -= hi - lo
+                    whole = len(spans) == len(starts) and all(
+                        lo == 0 and hi == per_ctx for _, _, lo, hi in spans
+                    ) and int(starts[-1] - starts[0]) == per_ctx * (len(starts) - 1)
+                    if whole:  # the common case: the batch is one run of the token stream
+                        chunker.add(int(starts[0]), {h: a.reshape(-1, a.shape[-1])
+                                                     for h, a in host.items()})
+                    else:
+                        for j, start, lo, hi in spans:
+                            chunker.add(start + lo, {h: a[j, lo:hi] for h, a in host.items()})
                 for item in chunker.take(epoch):
                     if not sender.put(item, stop, cfg.linger):
                         queued_all = False
@@ -298,6 +316,7 @@ def run_producer(
         drain_stop.set()
         raise
     finally:
+        hooked.remove()
         complete = sender.drain(drain_stop, cfg.linger) and queued_all
         sock.close(linger=int(cfg.linger * 1000))
         zctx.term()

@@ -285,15 +285,23 @@ def load_smollm2_gguf() -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def build_smollm2_cache(cache_dir: Path) -> Path:
-    """Write the dequantised float32 copy (safetensors + tokenizer) under cache_dir, atomically."""
+def build_smollm2_cache(cache_dir: Path, loaded: tuple[nn.Module, Any] | None = None) -> Path:
+    """Write the dequantised float32 copy (safetensors + tokenizer) under cache_dir, atomically.
+
+    :param loaded: (model, tokenizer) already loaded by `load_smollm2_gguf`, to skip loading.
+    """
     cache_dir = Path(cache_dir)
     target = smollm2_cache_path(cache_dir)
     gguf = smollm2_folder() / SMOLLM2_GGUF
     log.info("building the %s cache from %s (once; ~15 s)", EMBEDDED_MODEL, gguf)
-    model, tokenizer = load_smollm2_gguf()
+    model, tokenizer = loaded or load_smollm2_gguf()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=cache_dir))
+    # The weights are plain float tensors once dequantised; transformers still marks the model
+    # as GGUF-quantised and refuses to save it, so drop that marker first.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

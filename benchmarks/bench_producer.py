@@ -1,0 +1,166 @@
+"""Producer throughput: the whole producer (forward + chunking + encoding + PUSH to a local PULL
+sink) against the bare truncated forward pass of the same model, batch and hook, measured
+alternately in one process. Target: producer / bare >= 0.95.
+
+    python benchmarks/bench_producer.py [--models tiny,smollm2-135m] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _report import markdown_table, write_section
+
+from producer.corpus import open_corpus
+from producer.daemon import ProducerConfig, run_producer
+from producer.hooks import HookedModel
+from producer.models import LoadedModel, load_model
+
+# model -> (corpus, batch size, batches per measurement on CPU, on GPU, rounds)
+SETTINGS = {
+    "tiny": ("synthetic", 8, 150, 2000, 5),
+    "smollm2-135m": ("wiki-sample", 8, 3, 200, 3),
+}
+SEQ_LEN = 128
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(lm: LoadedModel, hook: str, batches: list[torch.Tensor]) -> float:
+    """Seconds for the truncated forward over `batches` (ids already on the device)."""
+    hooked = HookedModel(lm.model, [hook])
+    try:
+        hooked(batches[0])  # warm-up
+        sync(lm.device)
+        t0 = time.perf_counter()
+        for ids in batches:
+            hooked(ids)
+        sync(lm.device)
+        return time.perf_counter() - t0
+    finally:
+        hooked.remove()
+
+
+def whole_producer(lm: LoadedModel, corpus, cfg: ProducerConfig, port: int) -> tuple[float, int]:
+    """Seconds for `run_producer` to send `cfg.max_tokens` to a PULL sink, and tokens received."""
+    ctx = zmq.Context()
+    sink = ctx.socket(zmq.PULL)
+    sink.linger = 0
+    sink.bind(f"tcp://127.0.0.1:{port}")
+    received = {"tokens": 0}
+    done = threading.Event()
+
+    def drain() -> None:
+        import msgpack
+
+        while not done.is_set() or sink.poll(0):
+            if sink.poll(20):
+                header, _payload = sink.recv_multipart(copy=False)
+                received["tokens"] += msgpack.unpackb(header.bytes)["n"]
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    summary = run_producer(cfg, model=lm, corpus=corpus)
+    seconds = time.perf_counter() - t0
+    time.sleep(0.2)
+    done.set()
+    thread.join()
+    sink.close()
+    ctx.term()
+    assert summary.complete and received["tokens"] == summary.tokens == cfg.max_tokens
+    return seconds, received["tokens"]
+
+
+def measure(name: str, device: str, rounds: int | None) -> list[object]:
+    corpus_spec, batch, n_cpu, n_gpu, default_rounds = SETTINGS[name]
+    rounds = rounds or default_rounds
+    lm = load_model(name, device=device)
+    n_batches = n_gpu if lm.device.type == "cuda" else n_cpu
+    hook = lm.default_hook()
+    corpus = open_corpus(corpus_spec, seq_len=SEQ_LEN, vocab_size=lm.vocab_size,
+                         encode=lm.encode_text, separator=lm.separator_id)
+    contexts = [c for _, c in zip(range(n_batches * batch), corpus.contexts(), strict=False)]
+    batches = [torch.from_numpy(np.stack(contexts[i : i + batch])).to(lm.device)
+               for i in range(0, len(contexts), batch)]
+    tokens = len(contexts) * (SEQ_LEN - 1)  # both sides count the positions sent
+    port = free_tcp_port()
+    cfg = ProducerConfig(model=name, corpus=corpus_spec, hooks=[hook], batch_size=batch,
+                         seq_len=SEQ_LEN, max_tokens=tokens, producer_id="bench",
+                         connect=[f"tcp://127.0.0.1:{port}"])
+    warm = ProducerConfig(**{**cfg.__dict__, "max_tokens": batch * (SEQ_LEN - 1)})
+    whole_producer(lm, corpus, warm, port)  # first-call costs (allocator, sockets) not counted
+    bare, whole = [], []
+    for _ in range(rounds):
+        bare.append(tokens / bare_forward(lm, hook, batches))
+        seconds, _ = whole_producer(lm, corpus, cfg, port)
+        whole.append(tokens / seconds)
+    ratios = [w / b for w, b in zip(whole, bare, strict=True)]
+    med = statistics.median(ratios)
+    print(f"{name}: bare {bare} producer {whole} ratios {ratios}", flush=True)
+    return [
+        name, str(lm.device), str(lm.dtype).removeprefix("torch."), hook,
+        f"{batch}x{SEQ_LEN}", f"{tokens:,}", rounds,
+        f"{statistics.median(bare):,.0f}", f"{statistics.median(whole):,.0f}",
+        f"{med:.3f}", "yes" if med >= 0.95 else "**no**",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2-135m")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="alternating measurements of each side (0 = per-model default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    rows = [measure(name, args.device, args.rounds) for name in args.models.split(",")]
+    header = ["model", "device", "model dtype", "hook", "batch", "tokens/measurement",
+              "rounds", "bare forward tok/s", "producer tok/s", "ratio (median)", ">= 0.95"]
+    body = (
+        markdown_table(header, rows)
+        + "\n\nBoth sides run the same model, batch and hook (the default, block round(2/3 n)) "
+        "over the same contexts and count the same positions (127 per context: the first is "
+        "dropped). *bare* = `HookedModel` forward only, ids already on the device; *producer* = "
+        "`run_producer` end to end (corpus, forward, bfloat16 cast, copy to host, chunking, "
+        "lz4-shuffle encoding on the sending thread, PUSH) to a PULL sink thread in the same "
+        "process, timed from call to return (pipeline fill and drain included). The two "
+        "alternate `rounds` times; the ratio is the median of the per-round ratios."
+    )
+    if args.no_write:
+        print(body)
+    else:
+        write_section("bench_producer", "Producer throughput vs bare forward", body)
+
+
+if __name__ == "__main__":
+    main()
