@@ -279,6 +279,8 @@ def pull_socket(
             if not authorized_dir.is_dir():
                 raise UserError(f"authorised-keys directory {authorized_dir} does not exist")
             keys = authorized_keys(authorized_dir)
+            for key in keys:  # a broken file would otherwise silently lock everyone out
+                load_public_key(key)
             if not keys:
                 log.warning("no *.key files in %s: every producer will be refused", authorized_dir)
             domain = f"saestream-{uuid.uuid4().hex}"

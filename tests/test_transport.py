@@ -178,6 +178,10 @@ def test_missing_key_files_are_user_errors(ctx, tmp_path: Path, keys) -> None:
     with pytest.raises(UserError):
         pull_socket(ctx, "tcp://127.0.0.1:*",
                     curve=CurveServerKeys(keys["server_secret"], tmp_path / "no-such-dir"))
+    (keys["authorized"] / "broken.key").write_text("not a certificate\n")
+    with pytest.raises(UserError, match=r"broken\.key"):
+        pull_socket(ctx, "tcp://127.0.0.1:*",
+                    curve=CurveServerKeys(keys["server_secret"], keys["authorized"]))
     with pytest.raises(UserError):  # a public key where the secret pair is needed
         push_socket(ctx, ["tcp://127.0.0.1:1"],
                     curve=CurveClientKeys(keys["server_public"], keys["server_public"]))
