@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import zmq
 
+from common.errors import UserError
 from common.metrics import serve_metrics
 from common.signals import SignalFlags
 from common.transport import CurveServerKeys, pull_socket
@@ -164,7 +165,7 @@ def run_consumer(
     hook_info: dict[str, HookInfo] = {}
     progress: dict[str, ProducerProgress] = {}
     if cfg.d_in is not None:
-        hook_info = {h: HookInfo(cfg.d_in, "float32", None) for h in cfg.hooks}
+        hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks}
     if cfg.resume and cfg.checkpoint_dir is not None:
         trainers, hook_info, progress, stats.steps, stats.tokens = _restore(cfg, hook_info, device)
         for name, tr in trainers.items():
@@ -174,7 +175,13 @@ def run_consumer(
     for h in cfg.hooks:
         metrics.declare_hook(h, cfg.buffer_tokens)
 
-    # Receiving: a PULL socket and its thread; /metrics.
+    # /metrics, then receiving: a PULL socket and its thread.
+    try:
+        serve_metrics(metrics.registry, cfg.metrics_port, cfg.metrics_addr)
+    except OSError as exc:
+        raise UserError(
+            f"cannot serve /metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}"
+        ) from exc
     ctx = zmq.Context()
     sock = pull_socket(ctx, cfg.bind, hwm=cfg.hwm, curve=cfg.curve)
     buffers = BufferSet(cfg.buffer_tokens, pin_memory=device.type == "cuda", seed=cfg.seed)
@@ -183,7 +190,6 @@ def run_consumer(
         log_interval=cfg.reject_log_interval,
     )
     receiver.start()
-    serve_metrics(metrics.registry, cfg.metrics_port, cfg.metrics_addr)
     log.info(
         "consumer on %s, hooks %s, SAEs %s, device %s, metrics on %s:%s",
         cfg.bind, ",".join(cfg.hooks), ",".join(s.name for s in cfg.saes), device,
@@ -201,6 +207,9 @@ def run_consumer(
     steps_at_log, tokens_at_log = stats.steps, stats.tokens
     try:
         while not flags.stop.is_set():
+            stats.stop_reason = _limit_reached(cfg, stats)  # e.g. resumed at --max-steps
+            if stats.stop_reason:
+                break
             # 1. A batch from whichever hook's buffer is above its low-water mark.
             got = buffers.take_any(cfg.batch_size, low_water, timeout=0.2)
             for h, buf in buffers.items():
@@ -229,11 +238,8 @@ def run_consumer(
             receiver.add_trained(_count_sources(batch))
 
             # 3. Stop conditions, signals and periodic snapshots, at the step boundary.
-            if cfg.max_steps is not None and stats.steps >= cfg.max_steps:
-                stats.stop_reason = "max-steps"
-                break
-            if cfg.max_tokens is not None and stats.tokens >= cfg.max_tokens:
-                stats.stop_reason = "max-tokens"
+            stats.stop_reason = _limit_reached(cfg, stats)
+            if stats.stop_reason:
                 break
             if flags.snapshot.is_set():
                 flags.snapshot.clear()
@@ -276,8 +282,6 @@ def _restore(
     path, trainers, extra = found
     want = {s.name for s in cfg.saes}
     if set(trainers) != want:
-        from common.errors import UserError
-
         raise UserError(
             f"snapshot {path} holds SAEs {sorted(trainers)}, but --sae configures {sorted(want)}"
         )
@@ -285,12 +289,10 @@ def _restore(
     for name, tr in trainers.items():
         spec = next(s for s in cfg.saes if s.name == name)
         if tr.hook != spec.hook:
-            from common.errors import UserError
-
             raise UserError(f"SAE {name} in {path} reads hook {tr.hook}, --sae says {spec.hook}")
         saved = extra.get("hooks", {}).get(tr.hook, {})
         hook_info[tr.hook] = HookInfo(
-            tr.sae_cfg.d_in, saved.get("dtype", "float32"), saved.get("model", tr.model)
+            tr.sae_cfg.d_in, saved.get("dtype"), saved.get("model", tr.model)
         )
     progress = {}
     for i, (name, p) in enumerate(extra.get("producers", {}).items()):
@@ -333,6 +335,14 @@ def _record(
     metrics.trained_tokens.labels(**labels).inc(m.tokens)
     metrics.train_steps.labels(**labels).inc()
     metrics.train_step_seconds.labels(**labels).observe(seconds)
+
+
+def _limit_reached(cfg: ConsumerConfig, stats: RunStats) -> str:
+    if cfg.max_steps is not None and stats.steps >= cfg.max_steps:
+        return "max-steps"
+    if cfg.max_tokens is not None and stats.tokens >= cfg.max_tokens:
+        return "max-tokens"
+    return ""
 
 
 def _count_sources(batch: Batch) -> dict[int, int]:

@@ -33,8 +33,10 @@ class HookInfo:
     """What the consumer learned about a hook from its first valid message (or a checkpoint)."""
 
     d: int
-    dtype: str
+    dtype: str | None
+    """Wire dtype of the hook's first message: the buffer's dtype (None until seen)."""
     model: str | None
+    """Model of the hook's first message; later messages of another model are rejected."""
 
 
 @dataclass
@@ -144,14 +146,16 @@ class Receiver(threading.Thread):
             )
         elif chunk.d != info.d:
             return self._reject("dim", f"dim: d={chunk.d} for hook {chunk.hook}, expected {info.d}")
-        elif info.model is None:
-            info.model = chunk.model
-        elif chunk.model != info.model:
+        elif info.model is not None and chunk.model != info.model:
             got = f"{chunk.model!r:.100}"
             return self._reject("model", f"model: {got} on hook {chunk.hook}, not {info.model!r}")
+        else:
+            with self.lock:
+                info.model = info.model or chunk.model
+                info.dtype = info.dtype or chunk.dtype
         progress = self._track(chunk)
         self._count(chunk)
-        buf = self.buffers.get_or_create(chunk.hook, info.d, DTYPES[info.dtype])
+        buf = self.buffers.get_or_create(chunk.hook, info.d, DTYPES[info.dtype or chunk.dtype])
         buf.put(chunk.acts, source=progress.index, should_stop=self.stop_event.is_set)
         return True
 

@@ -437,3 +437,15 @@ def test_bad_options_fail_with_one_line_and_exit_2(args: list[str], message: str
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stderr.count("\n") <= 2
+
+
+def test_d_in_flag_fixes_the_width_and_other_widths_are_rejected(
+    start_consumer, sender_for
+) -> None:
+    c = start_consumer("--d-in", "32")
+    s = sender_for(c)
+    assert s.send(chunk_frames(0))  # d=64
+    assert s.send(chunk_frames(1, acts=torch.ones(CHUNK, 32)))
+    c.wait_for("one reject, one accept", lambda: c.value(
+        "saestream_rejected_messages_total", reason="dim") == 1
+        and c.value("saestream_received_messages_total") == 1)
