@@ -98,18 +98,29 @@ class ArrayCorpus(Corpus):
 
 
 class SyntheticCorpus(Corpus):
-    """`n` contexts of uniformly random ids; context i depends only on (seed, i)."""
+    """`n` contexts of uniformly random ids; context i depends only on (seed, i).
+
+    Ids are drawn a block of `BLOCK` contexts at a time (block b from the generator seeded
+    with (seed, b)), since seeding a generator costs more than drawing one context.
+    """
+
+    BLOCK = 64
 
     def __init__(self, spec: str, n: int, seq_len: int, vocab_size: int, seed: int) -> None:
         self.spec, self.n, self.seq_len = spec, n, seq_len
         self.vocab_size, self.seed = vocab_size, seed
+        self._block: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.n
 
     def context(self, i: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, i])
-        return rng.integers(0, self.vocab_size, self.seq_len, dtype=np.int64)
+        b = i // self.BLOCK
+        if self._block is None or self._block[0] != b:
+            rng = np.random.default_rng([self.seed, b])
+            ids = rng.integers(0, self.vocab_size, (self.BLOCK, self.seq_len), dtype=np.int64)
+            self._block = (b, ids)
+        return self._block[1][i % self.BLOCK].copy()
 
     def contexts(self) -> Iterator[np.ndarray]:
         return self.shard_contexts(Shard(), 0)
