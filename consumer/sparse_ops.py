@@ -127,7 +127,10 @@ class TopKEncode(Function):
         k_aux: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         xc = x - b_dec
-        pre = F.linear(xc, W_enc, b_enc)  # the one dense matmul; runs in bf16 under autocast
+        # The one dense matmul (bf16 under autocast). The bias is added in place afterwards:
+        # addmm would first broadcast it into the whole [batch, n_latents] output.
+        pre = torch.mm(xc, W_enc.t())
+        pre += b_enc
         values, indices = pre.topk(k, dim=1, sorted=True)
         if dead is not None and k_aux > 0:
             aux_values, aux_local = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
@@ -160,7 +163,8 @@ class TopKEncode(Function):
             G = torch.zeros(xc.shape[0], dead.numel(), dtype=W_enc.dtype, device=W_enc.device)
             G.scatter_(1, aux_local, g_aux)
             g_lat.index_add_(0, dead, G.sum(dim=0))
-            grad_W.index_add_(0, dead, G.t() @ xc)
+            # `dead` holds distinct ids: gather, add, write back (index_add_ is serial on CPU).
+            grad_W.index_copy_(0, dead, grad_W.index_select(0, dead).add_(G.t() @ xc))
         elif aux_local.numel():
             aux_indices = dead[aux_local]
             g_lat.index_add_(0, aux_indices.reshape(-1), g_aux.reshape(-1))
@@ -219,7 +223,7 @@ class CompactDecode(Function):
         g_out = g_out.to(W_s.dtype)
         grad_values = (g_out @ W_s.t()).gather(1, local) if ctx.needs_input_grad[0] else None
         grad_W = torch.zeros(ctx.n_latents, W_s.shape[1], dtype=W_s.dtype, device=W_s.device)  # type: ignore[attr-defined]
-        grad_W.index_add_(0, support, Z.t() @ g_out)
+        grad_W.index_copy_(0, support, Z.t() @ g_out)  # support ids are distinct
         return grad_values, None, None, grad_W
 
 

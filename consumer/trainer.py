@@ -20,7 +20,7 @@ from consumer.sparse_ops import sparse_decode, topk_encode
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
 # Rows of the first sample used for b_dec's geometric median and the normalisation constants.
-INIT_SAMPLE_ROWS = 65536
+INIT_SAMPLE_ROWS = 8192
 
 
 @dataclass
@@ -191,7 +191,7 @@ class Trainer:
                 aux_recon = sparse_decode(F.relu(pre_aux.float()), idx_aux, W_dec, support=dead)
         else:
             with ctx:
-                pre = F.linear(x - b_dec, W_enc, b_enc)
+                pre = (x - b_dec) @ W_enc.t() + b_enc
             pre = pre.float()
             pre_top, idx_top = pre.topk(k_top, dim=1, sorted=True)
             vals_top = F.relu(pre_top)
@@ -347,7 +347,8 @@ def _project_decoder_grad(W_dec: torch.Tensor) -> None:
     g = W_dec.grad
     if g is None:
         return
-    g.sub_((g * W_dec).sum(dim=1, keepdim=True) * W_dec)
+    parallel = torch.linalg.vecdot(g, W_dec, dim=1)
+    g.addcmul_(parallel[:, None], W_dec, value=-1.0)
 
 
 def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:

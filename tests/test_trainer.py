@@ -125,7 +125,7 @@ def test_losses_match_numpy_reference(sparse):
     xn, _ = t.sae.normalize(x)
     ref = reference(t, xn, dead)
     out = t.losses(xn, torch.from_numpy(dead))
-    assert float(out.main) == pytest.approx(ref["main"], rel=1e-5)
+    assert float(out.main.detach()) == pytest.approx(ref["main"], rel=1e-5)
     assert float(out.multi_topk) == pytest.approx(ref["multi"], rel=1e-5)
     assert float(out.auxk) == pytest.approx(ref["auxk"], rel=1e-5)
     # Multi-TopK: L(k) + L(4k)/8; AuxK weighted 1/32.
