@@ -107,6 +107,9 @@ def build_sae_specs(sae_texts: Sequence[str], hooks: Sequence[str]) -> tuple[lis
             elif len(targets) > 1:
                 fields["name"] = f"{p['name']}-{hook}"
             specs.append(SAESpec(**fields))
+    idle = [h for h in hooks if not any(s.hook == h for s in specs)]
+    if idle:
+        raise UserError(f"--hook {idle[0]} has no --sae (add one without hook= or with hook=it)")
     names = [s.name for s in specs]
     for s in specs:
         if not _NAME_RE.match(s.name):

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,9 +90,10 @@ class Child:
 class Progress:
     """One line of consumer progress from two scrapes of its /metrics."""
 
-    def __init__(self, metrics_port: int) -> None:
+    def __init__(self, metrics_port: int, window: float = 5.0) -> None:
         self.port = metrics_port
-        self.last: tuple[float, float, float] | None = None  # time, received, trained
+        self.window = window
+        self.points: deque[tuple[float, float, float]] = deque()  # time, received, trained
 
     def read(self) -> dict[str, Any] | None:
         from common.status import by_name, fetch_samples, value
@@ -104,11 +106,13 @@ class Progress:
         received = value(s, "saestream_received_tokens_total") or 0.0
         trained_rows = s.get("saestream_trained_tokens_total", [])
         trained = max((x.value for x in trained_rows), default=0.0)
-        rates = (0.0, 0.0)
-        if self.last is not None and now > self.last[0]:
-            dt = now - self.last[0]
-            rates = ((received - self.last[1]) / dt, (trained - self.last[2]) / dt)
-        self.last = (now, received, trained)
+        # rates over the last `window` seconds
+        self.points.append((now, received, trained))
+        while len(self.points) > 2 and now - self.points[1][0] >= self.window:
+            self.points.popleft()
+        t0, r0, n0 = self.points[0]
+        dt = now - t0
+        rates = ((received - r0) / dt, (trained - n0) / dt) if dt > 0 else (0.0, 0.0)
         cap = value(s, "saestream_buffer_capacity_tokens") or 0.0
         return {
             "received": received,

@@ -429,6 +429,7 @@ def test_several_saes_train_on_the_same_batches(start_consumer, sender_for) -> N
         (["--hook", "h", "--sae", "name=a", "--sae", "name=a"], "used twice"),
         (["--hook", "h", "--batch-size", "512", "--buffer-tokens", "256"], "larger than"),
         (["--sae", "k=8"], "--hook"),
+        (["--hook", "a", "--hook", "b", "--sae", "hook=a"], "--hook b has no --sae"),
         (["--hook", "h", "--curve-secret-key", "/nonexistent"], "go together"),
     ],
 )
