@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -113,10 +114,56 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(n)
 
 
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
+def batched(contexts: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Stacks of up to `size` contexts: [batch, seq_len] token ids."""
+    it = iter(contexts)
     while batch := list(itertools.islice(it, size)):
-        yield batch
+        yield np.stack(batch)
+
+
+class Prefetch:
+    """Runs an iterator on a thread of its own, up to `depth` items ahead, so reading and
+    tokenising the corpus overlaps the forward pass. Exceptions surface in the consumer."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable, depth: int = 4) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="corpus",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, entry: tuple) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterable) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as exc:
+            self._put((self._END, exc))
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item, exc = self._queue.get()
+            if exc is not None:
+                raise exc
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop reading ahead (the thread ends at its next item)."""
+        self._closed.set()
 
 
 class Chunker:
@@ -247,18 +294,19 @@ def run_producer(
     next_save = time.monotonic() + cfg.state_every
     queued_all = True
     drain_stop = stop
+    batches: Prefetch | None = None
     try:
         while queued_all and not stop.is_set() and left != 0 and (
             cfg.epochs == 0 or epoch < cfg.epochs
         ):
             start_ctx = done // per_ctx
             pos, seen = start_ctx * per_ctx, 0
-            for batch in batched(corpus.shard_contexts(shard, start_ctx), cfg.batch_size):
-                seen += len(batch)
-                ids = np.stack(batch)
+            batches = Prefetch(batched(corpus.shard_contexts(shard, start_ctx), cfg.batch_size))
+            for ids in batches:
+                seen += len(ids)
                 valid = ((ids >= 0) & (ids < lm.vocab_size)).all(axis=1)
-                starts = pos + per_ctx * np.arange(len(batch))
-                pos += per_ctx * len(batch)
+                starts = pos + per_ctx * np.arange(len(ids))
+                pos += per_ctx * len(ids)
                 if not valid.all():
                     bad_ids.warning("ids", "skipping %d context(s) with token ids outside "
                                     "[0, %d)", int((~valid).sum()), lm.vocab_size)
@@ -294,6 +342,7 @@ def run_producer(
                     log.info("sent %d tokens, %d messages", sender.tokens_sent, sender.seq)
                     next_save = time.monotonic() + cfg.state_every
                 if not queued_all or stop.is_set() or left == 0:
+                    batches.close()
                     break
             else:
                 if seen == 0 and start_ctx == 0:
@@ -312,6 +361,8 @@ def run_producer(
                 queued_all = False
                 break
     except BaseException:
+        if batches is not None:
+            batches.close()
         drain_stop = threading.Event()  # failing: give what is queued `linger`, not forever
         drain_stop.set()
         raise

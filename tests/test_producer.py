@@ -25,7 +25,7 @@ from producer.corpus import (
 from producer.daemon import ProducerConfig, run_producer
 from producer.hooks import HookedModel, HookError
 from producer.metrics import ProducerMetrics
-from producer.models import ByteTokenizer, build_tiny, find_blocks, load_model
+from producer.models import ByteTokenizer, ModelError, build_tiny, find_blocks, load_model
 from producer.sender import Outgoing, Progress, Sender
 from producer.state import ProducerState, StateError, check_state, read_state, write_state
 
@@ -164,7 +164,7 @@ def test_tokens_corpus_reads_npy_1d_2d_and_bin_ids_exactly(tmp_path: Path) -> No
 
 def test_wiki_sample_is_markup_free_text_in_a_fixed_order() -> None:
     corpus = byte_corpus("wiki-sample", seq_len=256)
-    a, b = contexts_of(corpus), contexts_of(byte_corpus("wiki-sample", seq_len=256))
+    a, b = contexts_of(corpus), contexts_of(corpus)
     assert a == b and len(a) > 1000
     text = bytes(t for ctx in a[:2000] for t in ctx if t != SEP).decode("utf-8", "replace")
     assert "Anarchism" in text
@@ -383,3 +383,91 @@ def test_sender_blocks_under_backpressure_and_never_drops() -> None:
     assert registry.get_sample_value("saestream_producer_send_blocked_seconds_total") > 0
     sock.close()
     ctx.term()
+
+
+def test_model_directory_and_random_config_load_offline(tmp_path: Path) -> None:
+    build_tiny(seed=3).save_pretrained(tmp_path / "saved")
+    lm = load_model(str(tmp_path / "saved"), device="cpu", dtype="bfloat16")
+    assert (lm.n_layers, lm.d_model, lm.dtype, lm.tokenizer) == (6, 64, torch.bfloat16, None)
+    want = build_tiny(seed=3).model.layers[0].mlp.up_proj.weight.to(torch.bfloat16)
+    assert torch.equal(lm.model.model.layers[0].mlp.up_proj.weight, want)
+    lm.model.config.to_json_file(tmp_path / "config.json")
+    rand = load_model(f"random:{tmp_path / 'config.json'}", device="cpu", seed=1)
+    assert rand.default_hook() == "model.layers.4" and rand.vocab_size == 512
+    with pytest.raises(ModelError, match="unknown model"):
+        load_model(str(tmp_path / "missing"), device="cpu")
+
+
+def test_chunks_are_dealt_across_every_connected_endpoint(free_port: int) -> None:
+    other = free_tcp_port()
+    ctx, a = pull_socket(free_port)
+    b = ctx.socket(zmq.PULL)
+    b.linger = 0
+    b.bind(f"tcp://127.0.0.1:{other}")
+    try:
+        cfg = tiny_cfg(free_port, max_tokens=2000, connect=[f"tcp://127.0.0.1:{free_port}",
+                                                             f"tcp://127.0.0.1:{other}"])
+        thread, done, _ = run_in_thread(cfg)
+        chunks: list = []
+        last = time.monotonic()
+        while not (done.is_set() and time.monotonic() - last > 0.5):
+            for sock in (a, b):
+                if sock.poll(20):
+                    chunks.append((sock, decode_chunk(sock.recv_multipart(copy=False))))
+                    last = time.monotonic()
+        thread.join(30)
+    finally:
+        a.close()
+        b.close()
+        ctx.term()
+    assert sorted(c.seq for _, c in chunks) == list(range(20))
+    assert sum(c.n for _, c in chunks) == 2000
+    assert {s for s, _ in chunks} == {a, b}
+
+
+def test_curve_keys_authenticate_the_stream(tmp_path: Path, free_port: int) -> None:
+    import zmq.auth
+
+    from common.transport import CurveClientKeys, CurveServerKeys
+    from common.transport import pull_socket as curve_pull
+
+    for name in ("consumer", "producer"):
+        zmq.auth.create_certificates(str(tmp_path), name)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "producer.key").write_bytes((tmp_path / "producer.key").read_bytes())
+    ctx = zmq.Context()
+    sock = curve_pull(ctx, f"tcp://127.0.0.1:{free_port}",
+                      curve=CurveServerKeys(tmp_path / "consumer.key_secret", allowed))
+    try:
+        curve = CurveClientKeys(tmp_path / "producer.key_secret", tmp_path / "consumer.key")
+        thread, done, _ = run_in_thread(tiny_cfg(free_port, max_tokens=300, curve=curve))
+        chunks = receive_all(sock, done)
+        thread.join(30)
+    finally:
+        sock.close()
+        ctx.term()
+    assert sum(c.n for c in chunks) == 300
+
+
+def test_consumer_restart_does_not_stop_the_producer(free_port: int) -> None:
+    thread, done, result = run_in_thread(tiny_cfg(free_port, max_tokens=3000, queue_size=1,
+                                                  hwm=1))
+    ctx, sock = pull_socket(free_port)
+    first = []
+    while len(first) < 3:
+        if sock.poll(100):
+            first.append(decode_chunk(sock.recv_multipart(copy=False)))
+    sock.close()  # the consumer goes away mid-stream ...
+    ctx.term()
+    time.sleep(0.5)
+    ctx, sock = pull_socket(free_port)  # ... and comes back on the same port
+    try:
+        second = receive_all(sock, done)
+    finally:
+        sock.close()
+        ctx.term()
+    thread.join(30)
+    assert second and result["summary"].tokens == 3000 and result["summary"].complete
+    seqs = [c.seq for c in first + second]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
