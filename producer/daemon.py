@@ -29,6 +29,7 @@ import torch
 import zmq
 from prometheus_client import CollectorRegistry
 
+from common.errors import UserError
 from common.logs import RateLimitedLog
 from common.metrics import serve_metrics
 from common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
@@ -262,7 +263,12 @@ def run_producer(
         return RunSummary(run, 0, 0, progress, True)
 
     metrics = ProducerMetrics.create(registry)
-    serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
+    try:
+        serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
+    except OSError as exc:
+        raise UserError(
+            f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}"
+        ) from exc
     zctx = zmq.Context()
     sock = push_socket(zctx, list(cfg.connect), hwm=cfg.hwm, curve=cfg.curve,
                        linger_ms=int(cfg.linger * 1000))
@@ -300,7 +306,7 @@ def run_producer(
             cfg.epochs == 0 or epoch < cfg.epochs
         ):
             start_ctx = done // per_ctx
-            pos, seen = start_ctx * per_ctx, 0
+            pos, seen, usable = start_ctx * per_ctx, 0, 0
             batches = Prefetch(batched(corpus.shard_contexts(shard, start_ctx), cfg.batch_size))
             for ids in batches:
                 seen += len(ids)
@@ -311,6 +317,7 @@ def run_producer(
                     bad_ids.warning("ids", "skipping %d context(s) with token ids outside "
                                     "[0, %d)", int((~valid).sum()), lm.vocab_size)
                     ids, starts = ids[valid], starts[valid]
+                usable += len(ids)
                 if len(ids):
                     t0 = time.perf_counter()
                     acts = hooked(torch.from_numpy(ids).to(lm.device))
@@ -345,8 +352,9 @@ def run_producer(
                     batches.close()
                     break
             else:
-                if seen == 0 and start_ctx == 0:
-                    raise CorpusError(f"shard {shard} of corpus {cfg.corpus} has no contexts")
+                if usable == 0 and start_ctx == 0:
+                    what = "usable contexts" if seen else "contexts"
+                    raise CorpusError(f"shard {shard} of corpus {cfg.corpus} has no {what}")
                 for item in chunker.take(epoch, final=True):
                     queued_all = queued_all and sender.put(item, stop, cfg.linger)
                 epoch, done = epoch + 1, 0

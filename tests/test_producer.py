@@ -471,3 +471,15 @@ def test_consumer_restart_does_not_stop_the_producer(free_port: int) -> None:
     assert second and result["summary"].tokens == 3000 and result["summary"].complete
     seqs = [c.seq for c in first + second]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_contexts_with_out_of_range_ids_are_skipped_not_fatal(
+    tmp_path: Path, free_port: int
+) -> None:
+    rows = np.arange(10 * 32).reshape(10, 32) % 500
+    rows[3, 5] = 9999  # outside tiny's vocabulary of 512
+    np.save(tmp_path / "rows.npy", rows)
+    cfg = tiny_cfg(free_port, corpus=f"tokens:{tmp_path}/rows.npy", epochs=1)
+    chunks, result = collect_run(cfg, free_port)
+    assert sum(c.n for c in chunks) == 9 * 31 == result["summary"].tokens
+    assert chunks[0].source["start"] == 0 and chunks[-1].source["end"] == 10 * 31
