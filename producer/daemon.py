@@ -182,6 +182,33 @@ class Chunker:
             self.segments.append((start, acts))
             self.rows += n
 
+    def add_batch(
+        self, acts: dict[str, torch.Tensor], starts: list[int], done: int, left: int | None
+    ) -> int | None:
+        """Add a batch's rows, except positions before `done` (sent before a restart) and
+        beyond the budget `left` (None = no limit); returns the budget still left.
+
+        :param acts: hook -> [batch, per_ctx, d], context j starting at position starts[j].
+        """
+        per_ctx = int(next(iter(acts.values())).shape[1])
+        spans = []  # (row in batch, first position, lo, hi) of what is added
+        for j, start in enumerate(starts):
+            lo = max(0, done - start)
+            hi = per_ctx if left is None else min(per_ctx, lo + left)
+            if hi > lo:
+                spans.append((j, start, lo, hi))
+                if left is not None:
+                    left -= hi - lo
+        contiguous = starts[-1] - starts[0] == per_ctx * (len(starts) - 1)
+        if contiguous and len(spans) == len(starts) and all(
+            lo == 0 and hi == per_ctx for _, _, lo, hi in spans
+        ):  # the common case: the whole batch is one run of the token stream, no copy
+            self.add(starts[0], {h: a.reshape(-1, a.shape[-1]) for h, a in acts.items()})
+        else:
+            for j, start, lo, hi in spans:
+                self.add(start + lo, {h: a[j, lo:hi] for h, a in acts.items()})
+        return left
+
     def take(self, epoch: int, final: bool = False) -> Iterator[Outgoing]:
         """Full chunks (and with `final`, the partial rest), one message per hook each."""
         while self.rows >= self.chunk_tokens or (final and self.rows > 0):
@@ -225,7 +252,7 @@ def run_producer(
     registry = registry or CollectorRegistry()
     set_threads(cfg.threads)
     if cfg.wire_dtype not in DTYPES:
-        raise CorpusError(f"bad wire dtype {cfg.wire_dtype!r}")
+        raise UserError(f"bad wire dtype {cfg.wire_dtype!r} (use {', '.join(DTYPES)})")
     shard = Shard.parse(cfg.shard)
 
     lm = model or load_model(
@@ -323,23 +350,7 @@ def run_producer(
                     acts = hooked(torch.from_numpy(ids).to(lm.device))
                     host = {h: a[:, first:].to(wire_dtype).cpu() for h, a in acts.items()}
                     metrics.forward_seconds.observe(time.perf_counter() - t0)
-                    spans = []  # (row in batch, first position, lo, hi) of what is sent
-                    for j, start in enumerate(starts.tolist()):
-                        lo = max(0, done - start)  # the part of a context sent before a restart
-                        hi = per_ctx if left is None else min(per_ctx, lo + left)
-                        if hi > lo:
-                            spans.append((j, start, lo, hi))
-                            if left is not None:
-                                left -= hi - lo
-                    whole = len(spans) == len(starts) and all(
-                        lo == 0 and hi == per_ctx for _, _, lo, hi in spans
-                    ) and int(starts[-1] - starts[0]) == per_ctx * (len(starts) - 1)
-                    if whole:  # the common case: the batch is one run of the token stream
-                        chunker.add(int(starts[0]), {h: a.reshape(-1, a.shape[-1])
-                                                     for h, a in host.items()})
-                    else:
-                        for j, start, lo, hi in spans:
-                            chunker.add(start + lo, {h: a[j, lo:hi] for h, a in host.items()})
+                    left = chunker.add_batch(host, starts.tolist(), done, left)
                 for item in chunker.take(epoch):
                     if not sender.put(item, stop, cfg.linger):
                         queued_all = False
