@@ -33,7 +33,7 @@ from common.errors import UserError
 from common.logs import RateLimitedLog
 from common.metrics import serve_metrics
 from common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
-from common.wire import DEFAULT_CODEC, DTYPES
+from common.wire import DEFAULT_CODEC, DTYPES, DecodeLimits
 from producer.corpus import Corpus, CorpusError, Shard, open_corpus
 from producer.hooks import HookedModel, HookError, validate_hooks
 from producer.metrics import ProducerMetrics
@@ -272,6 +272,14 @@ def run_producer(
     first = 0 if cfg.keep_first_token else 1
     per_ctx = corpus.seq_len - first
     wire_dtype = DTYPES[cfg.wire_dtype]
+    limits = DecodeLimits()
+    chunk_bytes = cfg.chunk_tokens * lm.d_model * wire_dtype.itemsize
+    if cfg.chunk_tokens > limits.max_n or chunk_bytes > limits.max_raw_nbytes:
+        raise UserError(
+            f"--chunk-tokens {cfg.chunk_tokens}: chunks of {chunk_bytes:,} bytes would be "
+            f"rejected by receivers' default limits ({limits.max_n} rows, "
+            f"{limits.max_raw_nbytes:,} bytes)"
+        )
 
     run = uuid.uuid4().hex[:12]
     producer_id = cfg.producer_id or default_producer_id()
