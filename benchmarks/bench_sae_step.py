@@ -95,6 +95,17 @@ def bench_shape(
     return med
 
 
+def verdict(ratios: list[tuple[str, float, float]]) -> str:
+    """Which rows meet the targets, stated plainly."""
+    lines = []
+    for name, test, target in (("a/b ≤ 1.6", 1, 1.6), ("c/a ≥ 2", 2, 2.0)):
+        ok = [r for r in ratios if (r[test] <= target if test == 1 else r[test] >= target)]
+        missed = [f"{r[0]} ({r[test]:.2f})" for r in ratios if r not in ok]
+        line = f"Target {name}: met in {len(ok)} of {len(ratios)} rows"
+        lines.append(line + (f"; **missed** in {', '.join(missed)}." if missed else "."))
+    return "\n\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant")
@@ -114,7 +125,8 @@ def main() -> None:
     shapes = (
         [(256, 4096, 32, 1024)] if args.quick else [(768, 16384, 32, 4096), (256, 4096, 32, 1024)]
     )
-    rows = []
+    rows: list[list[object]] = []
+    ratios: list[tuple[str, float, float]] = []
     for d_in, n_latents, k, batch in shapes:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
@@ -135,6 +147,7 @@ def main() -> None:
                         f"**{c / a:.2f}**",
                     ]
                 )
+                ratios.append((f"{d_in}×{n_latents}/{n_threads}t/{frac:.0%} dead", a / b, c / a))
                 print(rows[-1], flush=True)
     body = (
         "Medians of "
@@ -158,6 +171,7 @@ def main() -> None:
             rows,
         )
     )
+    body += "\n\n" + verdict(ratios)
     write_section("bench_sae_step", "SAE training step (bench_sae_step)", body)
 
 
