@@ -169,6 +169,8 @@ class Sender:
         return t
 
     def close(self) -> None:
+        if self.sock.closed:
+            return
         self.stop.set()
         for t in self.threads:
             t.join(10)
@@ -255,8 +257,10 @@ def test_sigterm_writes_a_final_snapshot_and_exits_0_while_waiting_for_data(
     start_consumer, sender_for
 ) -> None:
     c = start_consumer()
-    sent = sender_for(c).send_chunks(24)  # 6144 tokens: trains until the buffer is below 2048
+    sender = sender_for(c)
+    sent = sender.send_chunks(24)  # 6144 tokens: trains until the buffer is below 2048
     c.wait_for("all received", lambda: c.value("saestream_received_tokens_total") == sent)
+    sender.close()  # no producer left
     c.wait_for("idle below min-fill", lambda: c.value("saestream_buffer_tokens") < 2048
                and c.steps() > 0)
     steps = int(c.steps())
