@@ -145,8 +145,8 @@ class Progress:
     type=click.FloatRange(min=0, min_open=True),
     default=120.0,
     show_default=True,
-    help="Seconds to stream once activations flow (the first-run model cache "
-    "build is not counted).",
+    help="Seconds to stream once both producers' activations arrive (start-up and the "
+    "first-run model cache build are not counted).",
 )
 @click.option(
     "--tokens",
