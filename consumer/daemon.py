@@ -220,6 +220,12 @@ def run_consumer(
                 if flags.snapshot.is_set():  # idle: no step in progress, snapshot now
                     flags.snapshot.clear()
                     snapshot("signal")
+                if time.monotonic() - last_log >= cfg.log_every:
+                    fill = " ".join(f"{h}={b.fill()}" for h, b in buffers.items()) or "empty"
+                    log.info("waiting for data: buffer %s, training starts at %d tokens",
+                             fill, low_water)
+                    last_log, steps_at_log, tokens_at_log = (
+                        time.monotonic(), stats.steps, stats.tokens)
                 continue
             hook, batch = got
 
