@@ -454,3 +454,38 @@ def test_d_in_flag_fixes_the_width_and_other_widths_are_rejected(
     c.wait_for("one reject, one accept", lambda: c.value(
         "saestream_rejected_messages_total", reason="dim") == 1
         and c.value("saestream_received_messages_total") == 1)
+
+
+def test_curve_admits_authorized_producers_only(start_consumer, tmp_path) -> None:
+    from common.transport import CurveClientKeys
+
+    keys, admitted = tmp_path / "keys", tmp_path / "admitted"
+    for name in ("consumer", "good", "bad"):
+        assert run_cli(["keygen", str(keys), "--name", name], timeout=60).returncode == 0
+    admitted.mkdir()
+    (admitted / "good.key").write_bytes((keys / "good.key").read_bytes())
+    c = start_consumer("--curve-secret-key", str(keys / "consumer.key_secret"),
+                       "--curve-authorized-dir", str(admitted))
+    c.wait_for("metrics", lambda: c.metrics() is not None)
+    ctx = zmq.Context()
+    socks: dict[str, zmq.Socket] = {}
+    try:
+        for name in ("good", "bad"):
+            curve = CurveClientKeys(keys / f"{name}.key_secret", keys / "consumer.key")
+            socks[name] = push_socket(ctx, [c.endpoint], curve=curve)
+        socks["plain"] = plain = push_socket(ctx, [c.endpoint])
+        for seq in range(3):
+            for name in ("good", "bad"):
+                sock = socks[name]
+                if sock.poll(100, zmq.POLLOUT):
+                    sock.send_multipart(chunk_frames(seq, producer=name))
+            if plain.poll(100, zmq.POLLOUT):
+                plain.send_multipart(chunk_frames(seq, producer="plain"))
+        c.wait_for("the admitted producer", lambda: c.value(
+            "saestream_received_messages_total", producer="good") == 3)
+        time.sleep(1)
+        assert c.value("saestream_received_messages_total") == 3  # nobody else got in
+    finally:
+        for sock in socks.values():
+            sock.close(linger=0)
+        ctx.term()
