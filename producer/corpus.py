@@ -58,6 +58,8 @@ class Corpus:
     spec: str
     """The `--corpus` value this came from; recorded in the state file and in chunk headers."""
     seq_len: int
+    read_ahead: bool = False
+    """Worth reading on a thread of its own (tokenising text), ahead of the model."""
 
     def contexts(self) -> Iterator[np.ndarray]:
         """Every context in corpus order, each an int64 array of shape [seq_len]."""
@@ -132,6 +134,8 @@ class SyntheticCorpus(Corpus):
 
 class DocumentCorpus(Corpus):
     """Text documents, tokenised lazily as the contexts are consumed."""
+
+    read_ahead = True
 
     def __init__(
         self,

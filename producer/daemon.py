@@ -124,16 +124,23 @@ def batched(contexts: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 class Prefetch:
     """Runs an iterator on a thread of its own, up to `depth` items ahead, so reading and
-    tokenising the corpus overlaps the forward pass. Exceptions surface in the consumer."""
+    tokenising the corpus overlaps the forward pass. Exceptions surface in the consumer.
+
+    `depth` 0 iterates inline instead: for corpora that are cheap to read (arrays, synthetic
+    ids) a second Python thread costs the model loop more in GIL hand-overs than it saves.
+    """
 
     _END = object()
 
     def __init__(self, items: Iterable, depth: int = 4) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), name="corpus",
-                                        daemon=True)
-        self._thread.start()
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, args=(items,), name="corpus",
+                                            daemon=True)
+            self._thread.start()
+        self._inline = depth <= 0
 
     def _put(self, entry: tuple) -> bool:
         while not self._closed.is_set():
@@ -154,6 +161,9 @@ class Prefetch:
             self._put((self._END, exc))
 
     def __iter__(self) -> Iterator:
+        if self._inline:
+            yield from self._items
+            return
         while True:
             item, exc = self._queue.get()
             if exc is not None:
@@ -342,7 +352,8 @@ def run_producer(
         ):
             start_ctx = done // per_ctx
             pos, seen, usable = start_ctx * per_ctx, 0, 0
-            batches = Prefetch(batched(corpus.shard_contexts(shard, start_ctx), cfg.batch_size))
+            batches = Prefetch(batched(corpus.shard_contexts(shard, start_ctx), cfg.batch_size),
+                               depth=4 if corpus.read_ahead else 0)
             for ids in batches:
                 seen += len(ids)
                 valid = ((ids >= 0) & (ids < lm.vocab_size)).all(axis=1)

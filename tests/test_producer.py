@@ -483,3 +483,17 @@ def test_contexts_with_out_of_range_ids_are_skipped_not_fatal(
     chunks, result = collect_run(cfg, free_port)
     assert sum(c.n for c in chunks) == 9 * 31 == result["summary"].tokens
     assert chunks[0].source["start"] == 0 and chunks[-1].source["end"] == 10 * 31
+
+
+def test_text_corpus_is_read_ahead_on_its_own_thread_in_order(
+    tmp_path: Path, free_port: int
+) -> None:
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(str(n) for n in range(i, 400 + i)))
+    corpus = byte_corpus(f"text:{tmp_path}/*.txt", seq_len=32)
+    assert corpus.read_ahead
+    n_contexts = len(contexts_of(corpus))
+    chunks, _ = collect_run(tiny_cfg(free_port, corpus=f"text:{tmp_path}/*.txt", epochs=1),
+                            free_port)
+    assert sum(c.n for c in chunks) == n_contexts * 31
+    assert [c.source["start"] for c in chunks[1:]] == [c.source["end"] for c in chunks[:-1]]
