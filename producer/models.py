@@ -6,6 +6,7 @@ Heavy imports (transformers) happen inside the functions, so importing this modu
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -252,22 +253,30 @@ def smollm2_cache_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / EMBEDDED_MODEL
 
 
+def _cache_is_fresh(cached: Path, fingerprint: str) -> bool:
+    try:
+        marker = json.loads((cached / "saestream-cache.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("gguf") == fingerprint
+
+
 def _load_smollm2(cache_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Load the dequantised float copy from the cache, building it from the GGUF on first use."""
+    """Load the dequantised float copy from the cache, building it from the GGUF on first use.
+
+    Producers starting together (the demo starts two) build it once: the first takes a lock
+    file, the others wait for it and then find the cache fresh.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2_folder()
-    gguf = folder / SMOLLM2_GGUF
     cached = smollm2_cache_path(cache_dir)
-    marker = cached / "saestream-cache.json"
-    fingerprint = _gguf_fingerprint(gguf)
-    fresh = False
-    try:
-        fresh = json.loads(marker.read_text()).get("gguf") == fingerprint
-    except (OSError, ValueError):
-        pass
-    if not fresh:
-        build_smollm2_cache(cache_dir)
+    fingerprint = _gguf_fingerprint(smollm2_folder() / SMOLLM2_GGUF)
+    if not _cache_is_fresh(cached, fingerprint):
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(cache_dir) / f".{EMBEDDED_MODEL}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _cache_is_fresh(cached, fingerprint):
+                build_smollm2_cache(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
     return model, tokenizer
