@@ -24,7 +24,7 @@ WIRE_DTYPES = ("bfloat16", "float16", "float32")
                    "synthetic[:N_CONTEXTS].")
 @click.option("--connect", multiple=True, default=("tcp://127.0.0.1:5557",), show_default=True,
               help="Consumer endpoint to PUSH to (repeatable; round-robin).")
-@click.option("--chunk-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Token rows per message.")
 @click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default="bfloat16",
               show_default=True)

@@ -55,7 +55,7 @@ class ProducerConfig:
     corpus: str = "wiki-sample"
     connect: Sequence[str] = ("tcp://127.0.0.1:5557",)
     """Consumer endpoints; chunks are dealt round-robin among the connected ones."""
-    chunk_tokens: int = 4096
+    chunk_tokens: int = 2048
     """Token rows per message (the last chunk of a run or epoch may have fewer)."""
     wire_dtype: str = "bfloat16"
     codec: str = DEFAULT_CODEC
