@@ -473,14 +473,13 @@ def test_curve_admits_authorized_producers_only(start_consumer, tmp_path) -> Non
         for name in ("good", "bad"):
             curve = CurveClientKeys(keys / f"{name}.key_secret", keys / "consumer.key")
             socks[name] = push_socket(ctx, [c.endpoint], curve=curve)
-        socks["plain"] = plain = push_socket(ctx, [c.endpoint])
+        socks["plain"] = push_socket(ctx, [c.endpoint])
         for seq in range(3):
-            for name in ("good", "bad"):
-                sock = socks[name]
-                if sock.poll(100, zmq.POLLOUT):
-                    sock.send_multipart(chunk_frames(seq, producer=name))
-            if plain.poll(100, zmq.POLLOUT):
-                plain.send_multipart(chunk_frames(seq, producer="plain"))
+            assert socks["good"].poll(30_000, zmq.POLLOUT)  # the CURVE handshake completes
+            socks["good"].send_multipart(chunk_frames(seq, producer="good"))
+            for name in ("bad", "plain"):  # never connected: not writable (IMMEDIATE)
+                if socks[name].poll(100, zmq.POLLOUT):
+                    socks[name].send_multipart(chunk_frames(seq, producer=name))
         c.wait_for("the admitted producer", lambda: c.value(
             "saestream_received_messages_total", producer="good") == 3)
         time.sleep(1)
