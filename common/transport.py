@@ -11,8 +11,11 @@ Every socket option is set here, once, for both daemons (README "wire" has the s
 - `RECONNECT_IVL` 100 ms, `RECONNECT_IVL_MAX` 5 s: reconnect fast after a restart, back off
   exponentially while a peer is down.
 - `TCP_KEEPALIVE` on (idle 60 s, interval 10 s, 6 probes): the kernel notices a vanished peer.
-- `HEARTBEAT_IVL` 10 s / `HEARTBEAT_TIMEOUT` 30 s: ZMTP pings close a silent half-open
-  connection in ~30 s; it is then re-established.
+- `HEARTBEAT_IVL` 10 s / `HEARTBEAT_TIMEOUT` 30 s (PUSH only): ZMTP pings close a silent
+  half-open connection in ~30 s; it is then re-established. Never on PULL: a ping sent to a
+  producer that has finished and closed draws a TCP reset, and a reset discards whatever
+  the consumer's kernel still held unread from that producer (chunks were lost that way
+  when the consumer was backlogged); TCP keepalive covers vanished peers on that side.
 - `MAXMSGSIZE` = `max_message_bytes` (PULL): a peer sending a larger frame is disconnected
   before ZeroMQ buffers it.
 - CURVE (optional): PUSH sets `curve_serverkey` and its key pair; PULL `curve_server`, its key
@@ -118,15 +121,16 @@ def _set_keys(sock: zmq.Socket, path: Path, *, public: bytes | None = None,
         raise UserError(f"{path}: not a valid CURVE key ({exc})") from exc
 
 
-def _common_options(sock: zmq.Socket) -> None:
+def _common_options(sock: zmq.Socket, *, heartbeat: bool) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    if heartbeat:  # PUSH only: see the module docstring for why PULL must not ping
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
 
 
 def push_socket(
@@ -153,7 +157,7 @@ def push_socket(
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        _common_options(sock)
+        _common_options(sock, heartbeat=True)
         if curve is not None:
             public, secret = load_keypair(curve.secret_key_file)
             server = load_public_key(curve.server_public_key_file)
@@ -272,7 +276,7 @@ def pull_socket(
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        _common_options(sock)
+        _common_options(sock, heartbeat=False)
         if curve is not None:
             public, secret = load_keypair(curve.secret_key_file)
             authorized_dir = Path(curve.authorized_dir)

@@ -288,3 +288,31 @@ def test_closing_a_curve_socket_lets_the_context_terminate(keys) -> None:
     done.start()
     done.join(10)
     assert not done.is_alive()
+
+
+@pytest.mark.slow
+def test_backlogged_consumer_keeps_every_chunk_of_a_producer_that_closed(ctx, free_port):
+    """A producer sends everything and closes while the consumer is still far behind.
+
+    The consumer reads slowly for longer than the heartbeat interval; a PULL-side ping to the
+    closed producer would draw a TCP reset and throw away the chunks still unread.
+    """
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    pull = pull_socket(ctx, endpoint, hwm=4)
+    n_messages, payload = 48, b"x" * 200_000
+    push = push_socket(ctx, [endpoint], hwm=4, linger_ms=60_000)
+
+    def send_all_then_close() -> None:
+        for i in range(n_messages):
+            push.send_multipart([b"%d" % i, payload])
+        push.close()
+
+    sender = threading.Thread(target=send_all_then_close)
+    sender.start()
+    received = []
+    while pull.poll(5000):
+        received.append(int(pull.recv_multipart()[0]))
+        time.sleep(0.25)  # 48 × 0.25 s = 12 s > HEARTBEAT_IVL (10 s)
+    sender.join()
+    pull.close()
+    assert received == list(range(n_messages))
