@@ -155,3 +155,25 @@ def test_bad_input_as_a_real_process(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip() == f"saestream: error: {path}: NaN or infinite value in row 17"
+
+
+def test_help_documents_every_flag():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for flag in (
+        "--input",
+        "--hook",
+        "--latents",
+        "--k",
+        "--k-aux",
+        "--multi-topk",
+        "--batch-size",
+        "--tokens",
+        "--steps",
+        "--lr",
+        "--input-normalization",
+        "--seed",
+        "--device",
+        "--out",
+    ):
+        assert flag in res.output
