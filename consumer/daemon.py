@@ -283,7 +283,7 @@ def _restore(
     assert cfg.checkpoint_dir is not None
     found = load_latest(cfg.checkpoint_dir, device)
     if found is None:
-        log.info("--resume: no snapshot in %s yet, starting fresh", cfg.checkpoint_dir)
+        log.info("--resume: no readable snapshot in %s, starting fresh", cfg.checkpoint_dir)
         return {}, hook_info, {}, 0, 0
     path, trainers, extra = found
     want = {s.name for s in cfg.saes}
