@@ -157,9 +157,9 @@ def main() -> None:
         "fp32, CPU. (a) whole sparse-path training step "
         "(forward, AuxK, backward, decoder-gradient projection, Adam, renormalisation); "
         "(b) one dense encoder matmul `x @ W_encᵀ`; (c) whole dense-reference step. "
-        "Targets: a/b ≤ 1.6, c/a ≥ 2. The machine is shared with other jobs while this runs; "
-        "multi-threaded small ops stall at thread barriers when a core is taken, so the "
-        "2-thread rows overstate (a) relative to (b).\n\n"
+        "Targets: a/b ≤ 1.6, c/a ≥ 2. Light work of other jobs may share the 2 cores while "
+        "this runs; multi-threaded small ops stall at thread barriers when a core is taken, "
+        "so the 2-thread rows can overstate (a) relative to (b).\n\n"
         + markdown_table(
             [
                 "shape",

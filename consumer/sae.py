@@ -106,8 +106,12 @@ class SparseAutoencoder(nn.Module):
         mode = self.cfg.input_normalization
         if mode == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
-            std = x.std(dim=-1, keepdim=True) + LAYER_NORM_EPS
-            return (x - mu) / std, NormStats(mu, std)
+            xc = x - mu
+            # The unbiased std from the centred values (needed anyway): on CPU a dozen times
+            # faster than torch's one-pass (Welford) `x.std`, the same value up to rounding.
+            std = xc.pow(2).sum(dim=-1, keepdim=True).div_(x.shape[-1] - 1).sqrt_()
+            std = std.add_(LAYER_NORM_EPS)
+            return xc / std, NormStats(mu, std)
         if mode == "scalar":
             if self.input_scale is None:
                 raise RuntimeError("scalar input normalisation needs set_input_scale() first")

@@ -32,6 +32,44 @@ from torch.autograd.function import FunctionCtx
 COMPACT_RATIO = 8
 # Rows of the gathered [chunk, k, d_in] block in the ∂v computation: bounded memory on CPU.
 _GATHER_CHUNK = 512
+# Columns per strided group in the two-stage CPU top-k (`topk_rows`).
+_TOPK_GROUP = 8
+
+
+def encoder_matmul(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """The one dense matmul, xc W_encᵀ + b_enc -> [batch, n_latents] (bf16 under autocast).
+
+    On CPU one addmm (as nn.Linear), which is faster there than mm and a separate bias add.
+    On CUDA the bias is added in place afterwards: addmm would first broadcast it into the
+    whole output. The dense reference path calls this too on CPU, so both rank the latents
+    on bit-identical pre-activations.
+    """
+    if xc.is_cuda:
+        pre = torch.mm(xc, W_enc.t())
+        pre += b_enc
+        return pre
+    return torch.addmm(b_enc, xc, W_enc.t())
+
+
+def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pre.topk(k, dim=1, sorted=True)` for a contiguous [batch, n] tensor; the same values
+    (indices may differ only among equal values).
+
+    On CPU torch's top-k costs several ns per element, more than half the encoder matmul at
+    d_in = 256. Two stages instead: the maxima of column groups {g, g + G, g + 2G, ...}
+    (one vectorised reduction), the k groups with the largest maxima, and the top k of their
+    k · 8 columns. Exact: an element outside those groups is ≤ its group's maximum ≤ each of
+    the k chosen maxima, so at least k candidates are ≥ it.
+    """
+    batch, n = pre.shape
+    s = _TOPK_GROUP
+    if pre.is_cuda or n % s or n // s < 4 * k or not pre.is_contiguous():
+        return pre.topk(k, dim=1, sorted=True)
+    G = n // s
+    groups = pre.view(batch, s, G).amax(dim=1).topk(k, dim=1, sorted=False).indices
+    cols = (groups.unsqueeze(2) + torch.arange(0, n, G, device=pre.device)).view(batch, k * s)
+    values, j = pre.gather(1, cols).topk(k, dim=1, sorted=True)
+    return values, cols.gather(1, j)
 
 
 def latent_token_matrix(
@@ -127,13 +165,14 @@ class TopKEncode(Function):
         k_aux: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         xc = x - b_dec
-        # The one dense matmul (bf16 under autocast). The bias is added in place afterwards:
-        # addmm would first broadcast it into the whole [batch, n_latents] output.
-        pre = torch.mm(xc, W_enc.t())
-        pre += b_enc
-        values, indices = pre.topk(k, dim=1, sorted=True)
+        pre = encoder_matmul(xc, W_enc, b_enc)
+        values, indices = topk_rows(pre, k)
         if dead is not None and k_aux > 0:
-            aux_values, aux_local = pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)
+            aux_values = pre.index_select(1, dead)
+            if k_aux < dead.numel():
+                aux_values, aux_local = aux_values.topk(k_aux, dim=1, sorted=False)
+            else:  # every dead latent is kept: no selection needed
+                aux_local = torch.arange(k_aux, device=dead.device).expand_as(aux_values)
         else:
             dead = indices.new_zeros(0)
             aux_values = values.new_zeros(x.shape[0], 0)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from consumer.geometric_median import geometric_median
 from consumer.sae import SAEConfig, SparseAutoencoder
-from consumer.sparse_ops import sparse_decode, topk_encode
+from consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
@@ -191,7 +191,10 @@ class Trainer:
                 aux_recon = sparse_decode(F.relu(pre_aux.float()), idx_aux, W_dec, support=dead)
         else:
             with ctx:
-                pre = (x - b_dec) @ W_enc.t() + b_enc
+                if x.is_cuda:
+                    pre = (x - b_dec) @ W_enc.t() + b_enc
+                else:  # the sparse path's addmm: both rank latents on identical values
+                    pre = encoder_matmul(x - b_dec, W_enc, b_enc)
             pre = pre.float()
             pre_top, idx_top = pre.topk(k_top, dim=1, sorted=True)
             vals_top = F.relu(pre_top)
