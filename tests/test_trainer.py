@@ -323,3 +323,18 @@ def test_learns_a_known_sparse_dictionary():
     assert nmse < 0.1
     assert last[-1].dead_fraction <= 0.3
     assert last[-1].l0 == k
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_two_stage_topk_returns_the_same_values_as_torch_topk(ties: bool) -> None:
+    from consumer.sparse_ops import topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 4096, generator=g)
+    if ties:  # many exactly equal values: indices may differ, values may not
+        pre = (pre * 4).round() / 4
+    values, indices = topk_rows(pre, 32)
+    ref_values, _ = pre.topk(32, dim=1, sorted=True)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row)) == 32 for row in indices.tolist())  # distinct latents per token
