@@ -153,8 +153,8 @@ def bench_trainer(args: argparse.Namespace, sample: torch.Tensor, latents: int) 
 def bench_pipeline(args: argparse.Namespace, logdir: Path, latents: int) -> tuple[float, dict]:
     """(c): trained tokens/s of producers → a real consumer process."""
     port, mport = free_port(), free_port()
-    # Endless producers, stopped once the consumer reaches --max-tokens: a producer that exits
-    # while the consumer is backlogged can lose its last queued chunks (PUSH has no ack).
+    # Endless producers, stopped once the consumer reaches --max-tokens: the consumer is fed
+    # for the whole measured window, which never includes a tail where producers are done.
     max_tokens = args.producers * args.tokens
     log = open(logdir / "consumer.log", "w")
     consumer = subprocess.Popen(
