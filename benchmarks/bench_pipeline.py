@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, write_section
 
-from common.status import by_name, fetch_samples, value
-from common.transport import pull_socket
-from common.wire import decode_chunk
-from consumer.demo import DEFAULT_HOOKS
+from saestream.common.transport import pull_socket
+from saestream.common.wire import decode_chunk
+from saestream.tools.demo import DEFAULT_HOOKS
+from saestream.tools.status import by_name, fetch_samples, value
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ def start_producers(args: argparse.Namespace, endpoint: str, tokens: int | None,
     for i in range(args.producers):
         log = open(logdir / f"{tag}-producer-{i}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "producer", "--model", args.model,
+            [sys.executable, "-m", "saestream", "producer", "--model", args.model,
              "--corpus", args.corpus, "--hook", args.hook, "--connect", endpoint,
              "--producer-id", f"bench-{i}", "--shard", f"{i}/{args.producers}",
              *limit, "--chunk-tokens", str(args.chunk_tokens),
@@ -124,8 +124,8 @@ def bench_producers(args: argparse.Namespace, logdir: Path) -> tuple[float, torc
 
 def bench_trainer(args: argparse.Namespace, sample: torch.Tensor, latents: int) -> float:
     """(b): tokens/s of the Trainer alone on in-memory batches."""
-    from consumer.sae import SAEConfig
-    from consumer.trainer import Trainer, TrainerConfig
+    from saestream.consumer.sae import SAEConfig
+    from saestream.consumer.trainer import Trainer, TrainerConfig
 
     torch.set_num_threads(args.trainer_threads)
     device = torch.device(args.device)
@@ -158,7 +158,7 @@ def bench_pipeline(args: argparse.Namespace, logdir: Path, latents: int) -> tupl
     max_tokens = args.producers * args.tokens
     log = open(logdir / "consumer.log", "w")
     consumer = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "consumer", "--bind", f"tcp://127.0.0.1:{port}",
+        [sys.executable, "-m", "saestream", "consumer", "--bind", f"tcp://127.0.0.1:{port}",
          "--hook", args.hook, "--sae", f"name=bench,latents={latents},k={args.k}",
          "--batch-size", str(args.batch_size), "--buffer-tokens", str(args.buffer_tokens),
          "--min-fill", str(args.min_fill), "--max-tokens", str(max_tokens),

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import markdown_table, write_section
 
-from producer.corpus import open_corpus
-from producer.daemon import ProducerConfig, run_producer
-from producer.hooks import HookedModel
-from producer.models import LoadedModel, load_model
+from saestream.producer.corpus import open_corpus
+from saestream.producer.daemon import ProducerConfig, run_producer
+from saestream.producer.hooks import HookedModel
+from saestream.producer.models import LoadedModel, load_model
 
 # model -> (corpus, batch size, batches per measurement on CPU, on GPU, rounds)
 SETTINGS = {

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, write_section
 
-from consumer.sae import SAEConfig
-from consumer.trainer import Trainer, TrainerConfig
+from saestream.consumer.sae import SAEConfig
+from saestream.consumer.trainer import Trainer, TrainerConfig
 
 DEAD_TOKENS = 1_000_000
 

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import markdown_table, write_section
 
-from common.transport import pull_socket, push_socket
-from common.wire import (
+from saestream.common.transport import pull_socket, push_socket
+from saestream.common.wire import (
     _ITEMSIZE,
     CODECS,
     DTYPES,
@@ -90,7 +90,7 @@ def synthetic_acts(n: int = 2048, d: int = 576, seed: int = 0) -> torch.Tensor:
 def real_acts(max_tokens: int = 2048, seq_len: int = 256) -> tuple[torch.Tensor | None, str]:
     """Layer-20 residual activations of SmolLM2-135M on the bundled Wikipedia sample."""
     try:
-        from producer.models import load_model
+        from saestream.producer.models import load_model
 
         lm = load_model("smollm2-135m", device="cpu", dtype="float32")
         model, encode = lm.model, lm.encode_text
@@ -116,7 +116,7 @@ def real_acts(max_tokens: int = 2048, seq_len: int = 256) -> tuple[torch.Tensor 
         except Exception as exc2:
             return None, f"model not available: {type(exc2).__name__}: {exc2}"[:200]
     try:
-        from producer.corpus import wiki_documents, wiki_sample_path
+        from saestream.producer.corpus import wiki_documents, wiki_sample_path
 
         docs = wiki_documents(wiki_sample_path())
         text_from = "gensim's bundled enwiki sample"

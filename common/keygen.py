@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors
 
 
 def write_keypair(directory: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:

@@ -44,7 +44,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from common.errors import UserError
+from saestream.common.errors import UserError
 
 log = logging.getLogger("saestream.transport")
 
@@ -337,7 +337,7 @@ class ConnectionMonitor(threading.Thread):
     def __init__(self, sock: zmq.Socket, name: str, *, interval: float = 30.0,
                  logger: logging.Logger | None = None) -> None:
         super().__init__(name=f"zmq-monitor-{name}", daemon=True)
-        from common.logs import RateLimitedLog
+        from saestream.common.logs import RateLimitedLog
 
         self.label = name
         self.counts: dict[str, int] = dict.fromkeys(_EVENT_NAMES.values(), 0)

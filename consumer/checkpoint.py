@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import __version__
-from consumer.sae import SAEConfig
-from consumer.trainer import Trainer, TrainerConfig
+from saestream import __version__
+from saestream.consumer.sae import SAEConfig
+from saestream.consumer.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("saestream.checkpoint")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors
 
 SPEC_KEYS: dict[str, str] = {
     "name": "snapshot folder and `sae` label (default: the hook)",
@@ -87,8 +87,8 @@ def build_sae_specs(sae_texts: Sequence[str], hooks: Sequence[str]) -> tuple[lis
     is trained on every hook (named `NAME-HOOK` when there are several). Without --hook, the
     hooks are those the specs name.
     """
-    from consumer.daemon import SAESpec
-    from consumer.sae import INPUT_NORMALIZATIONS
+    from saestream.consumer.daemon import SAESpec
+    from saestream.consumer.sae import INPUT_NORMALIZATIONS
 
     parsed = [parse_sae_spec(t) for t in sae_texts] or [{}]
     hooks = list(dict.fromkeys(hooks))
@@ -200,12 +200,12 @@ def consumer(**opts: Any) -> None:
     Signals: SIGUSR1 writes a snapshot and training continues; SIGTERM/SIGINT write a final
     snapshot and exit 0. Metrics are served on --metrics-port.
     """
-    from common.logs import setup_logging
-    from common.signals import SignalFlags
+    from saestream.common.logs import setup_logging
+    from saestream.common.signals import SignalFlags
 
     setup_logging(opts["log_level"], "saestream.consumer")
     cfg = build_config(opts)
-    from consumer.daemon import run_consumer
+    from saestream.consumer.daemon import run_consumer
 
     run_consumer(cfg, SignalFlags().install())
 
@@ -214,8 +214,8 @@ def build_config(opts: dict[str, Any]) -> Any:
     """Validate the options as a whole and map them onto `ConsumerConfig`."""
     import torch
 
-    from common.transport import CurveServerKeys
-    from consumer.daemon import ConsumerConfig
+    from saestream.common.transport import CurveServerKeys
+    from saestream.consumer.daemon import ConsumerConfig
 
     hooks, specs = build_sae_specs(opts["saes"], opts["hooks"])
     if opts["batch_size"] > opts["buffer_tokens"]:

@@ -19,14 +19,19 @@ from typing import Any
 import torch
 import zmq
 
-from common.errors import UserError
-from common.metrics import serve_metrics
-from common.signals import SignalFlags
-from common.transport import CurveServerKeys, pull_socket
-from common.wire import REJECT_REASONS
-from consumer.buffer import Batch, BufferSet
-from consumer.metrics import ConsumerMetrics
-from consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, ProducerProgress, Receiver
+from saestream.common.errors import UserError
+from saestream.common.metrics import serve_metrics
+from saestream.common.signals import SignalFlags
+from saestream.common.transport import CurveServerKeys, pull_socket
+from saestream.common.wire import REJECT_REASONS
+from saestream.consumer.buffer import Batch, BufferSet
+from saestream.consumer.metrics import ConsumerMetrics
+from saestream.consumer.receiver import (
+    CONSUMER_REJECT_REASONS,
+    HookInfo,
+    ProducerProgress,
+    Receiver,
+)
 
 log = logging.getLogger("saestream.consumer")
 
@@ -65,7 +70,7 @@ class SAESpec:
     """Seed of the SAE's initialisation."""
 
     def sae_config(self, d_in: int) -> Any:
-        from consumer.sae import SAEConfig
+        from saestream.consumer.sae import SAEConfig
 
         return SAEConfig(
             d_in=d_in, n_latents=self.latents, k=self.k, multi_topk=self.multi_topk,
@@ -73,7 +78,7 @@ class SAESpec:
         )
 
     def trainer_config(self) -> Any:
-        from consumer.trainer import TrainerConfig
+        from saestream.consumer.trainer import TrainerConfig
 
         return TrainerConfig(
             lr=self.lr, k_aux=self.k_aux, auxk_coef=self.auxk_coef, dead_tokens=self.dead_tokens,
@@ -278,7 +283,7 @@ def _restore(
     cfg: ConsumerConfig, hook_info: dict[str, HookInfo], device: torch.device
 ) -> tuple[dict[str, Any], dict[str, HookInfo], dict[str, ProducerProgress], int, int]:
     """Trainers, hook widths, producer progress, steps and tokens from the newest snapshot."""
-    from consumer.checkpoint import load_latest
+    from saestream.consumer.checkpoint import load_latest
 
     assert cfg.checkpoint_dir is not None
     found = load_latest(cfg.checkpoint_dir, device)
@@ -314,7 +319,7 @@ def _restore(
 
 
 def _new_trainer(spec: SAESpec, receiver: Receiver, device: torch.device) -> Any:
-    from consumer.trainer import Trainer
+    from saestream.consumer.trainer import Trainer
 
     info = receiver.known_hooks()[spec.hook]
     cfg = spec.sae_config(info.d)
@@ -380,7 +385,7 @@ def _save(
         log.info("%s snapshot: step %d already saved in %s", reason, stats.steps,
                  stats.snapshots[-1])
         return None
-    from consumer.checkpoint import prune_snapshots, save_snapshot
+    from saestream.consumer.checkpoint import prune_snapshots, save_snapshot
 
     hooks = receiver.known_hooks()
     extra = {

@@ -17,10 +17,10 @@ from typing import Any
 
 import zmq
 
-from common.logs import RateLimitedLog
-from common.wire import DTYPES, Chunk, DecodeLimits, WireError, decode_chunk
-from consumer.buffer import BufferSet
-from consumer.metrics import ConsumerMetrics
+from saestream.common.logs import RateLimitedLog
+from saestream.common.wire import DTYPES, Chunk, DecodeLimits, WireError, decode_chunk
+from saestream.consumer.buffer import BufferSet
+from saestream.consumer.metrics import ConsumerMetrics
 
 log = logging.getLogger("saestream.consumer.receiver")
 

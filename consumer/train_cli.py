@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors
 
 # safetensors dtype names -> (numpy dtype to map the bytes with, is bfloat16)
 _ST_DTYPES = {
@@ -287,9 +287,9 @@ def train(
     """Train a TopK SAE on activations stored on disk, then write a checkpoint to --out."""
     import torch
 
-    from consumer.checkpoint import save_snapshot
-    from consumer.sae import SAEConfig
-    from consumer.trainer import Trainer, TrainerConfig
+    from saestream.consumer.checkpoint import save_snapshot
+    from saestream.consumer.sae import SAEConfig
+    from saestream.consumer.trainer import Trainer, TrainerConfig
 
     if tokens is not None and steps is not None:
         raise UserError("give --tokens or --steps, not both")

@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from consumer.geometric_median import geometric_median
-from consumer.sae import SAEConfig, SparseAutoencoder
-from consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode
+from saestream.consumer.geometric_median import geometric_median
+from saestream.consumer.sae import SAEConfig, SparseAutoencoder
+from saestream.consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors
 
 CODECS = ("raw", "lz4", "lz4-shuffle")  # = common.wire.CODECS (not imported: keeps --help fast)
 WIRE_DTYPES = ("bfloat16", "float16", "float32")
@@ -77,9 +77,9 @@ WIRE_DTYPES = ("bfloat16", "float16", "float32")
 @cli_errors
 def producer(**kw: object) -> None:
     """Run a language model over a corpus and stream its residual activations to consumers."""
-    from common.logs import setup_logging
-    from common.signals import SignalFlags
-    from producer.corpus import CorpusError, Shard, precheck_corpus
+    from saestream.common.logs import setup_logging
+    from saestream.common.signals import SignalFlags
+    from saestream.producer.corpus import CorpusError, Shard, precheck_corpus
 
     setup_logging(str(kw.pop("log_level")))
     secret, server = kw.pop("curve_secret_key"), kw.pop("curve_server_key")
@@ -92,11 +92,11 @@ def producer(**kw: object) -> None:
         raise UserError(str(exc)) from exc
     flags = SignalFlags().install()
 
-    from common.transport import CurveClientKeys
-    from producer.daemon import ProducerConfig, run_producer
-    from producer.hooks import HookError
-    from producer.models import ModelError
-    from producer.state import StateError
+    from saestream.common.transport import CurveClientKeys
+    from saestream.producer.daemon import ProducerConfig, run_producer
+    from saestream.producer.hooks import HookError
+    from saestream.producer.models import ModelError
+    from saestream.producer.state import StateError
 
     curve = CurveClientKeys(secret, server) if secret is not None else None  # type: ignore[arg-type]
     cfg = ProducerConfig(curve=curve, **kw)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.logs import RateLimitedLog
+from saestream.common.logs import RateLimitedLog
 
 log = logging.getLogger("saestream.producer")
 

@@ -29,17 +29,17 @@ import torch
 import zmq
 from prometheus_client import CollectorRegistry
 
-from common.errors import UserError
-from common.logs import RateLimitedLog
-from common.metrics import serve_metrics
-from common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
-from common.wire import DEFAULT_CODEC, DTYPES, DecodeLimits
-from producer.corpus import Corpus, CorpusError, Shard, open_corpus
-from producer.hooks import HookedModel, HookError, validate_hooks
-from producer.metrics import ProducerMetrics
-from producer.models import EMBEDDED_MODEL, LoadedModel, load_model
-from producer.sender import Outgoing, Progress, Sender
-from producer.state import ProducerState, check_state, read_state, write_state
+from saestream.common.errors import UserError
+from saestream.common.logs import RateLimitedLog
+from saestream.common.metrics import serve_metrics
+from saestream.common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
+from saestream.common.wire import DEFAULT_CODEC, DTYPES, DecodeLimits
+from saestream.producer.corpus import Corpus, CorpusError, Shard, open_corpus
+from saestream.producer.hooks import HookedModel, HookError, validate_hooks
+from saestream.producer.metrics import ProducerMetrics
+from saestream.producer.models import EMBEDDED_MODEL, LoadedModel, load_model
+from saestream.producer.sender import Outgoing, Progress, Sender
+from saestream.producer.state import ProducerState, check_state, read_state, write_state
 
 log = logging.getLogger("saestream.producer")
 

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 import zmq
 
-from common.wire import encode_chunk
-from producer.metrics import ProducerMetrics
+from saestream.common.wire import encode_chunk
+from saestream.producer.metrics import ProducerMetrics
 
 log = logging.getLogger("saestream.producer")
 

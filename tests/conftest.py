@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def saestream_cmd(*args: str) -> list[str]:
     """argv that runs the `saestream` CLI with this interpreter (no reliance on PATH)."""
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "saestream", *args]
 
 
 def run_cli(args: Sequence[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:

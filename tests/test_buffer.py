@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from consumer.buffer import BufferSet, ShuffleBuffer, _sample_distinct
+from saestream.consumer.buffer import BufferSet, ShuffleBuffer, _sample_distinct
 
 
 def tokens(start: int, n: int, d: int = 4) -> torch.Tensor:

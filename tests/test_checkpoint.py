@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import consumer.checkpoint as ckpt
-from consumer.checkpoint import (
+import saestream.consumer.checkpoint as ckpt
+from saestream.consumer.checkpoint import (
     CheckpointError,
     list_snapshots,
     load_latest,
@@ -21,8 +21,8 @@ from consumer.checkpoint import (
     prune_snapshots,
     save_snapshot,
 )
-from consumer.sae import SAEConfig
-from consumer.trainer import Trainer, TrainerConfig
+from saestream.consumer.sae import SAEConfig
+from saestream.consumer.trainer import Trainer, TrainerConfig
 
 D_IN = 16
 

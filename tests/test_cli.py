@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from common import __version__
-from common.cli import COMMANDS
+from saestream import __version__
+from saestream.tools.cli import COMMANDS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -21,9 +21,9 @@ import torch
 import zmq
 from conftest import free_tcp_port, run_cli, saestream_cmd
 
-from common.status import by_name, fetch_samples, value
-from common.transport import push_socket
-from common.wire import encode_chunk
+from saestream.common.transport import push_socket
+from saestream.common.wire import encode_chunk
+from saestream.tools.status import by_name, fetch_samples, value
 
 HOOK = "model.layers.1"
 D = 64
@@ -457,7 +457,7 @@ def test_d_in_flag_fixes_the_width_and_other_widths_are_rejected(
 
 
 def test_curve_admits_authorized_producers_only(start_consumer, tmp_path) -> None:
-    from common.transport import CurveClientKeys
+    from saestream.common.transport import CurveClientKeys
 
     keys, admitted = tmp_path / "keys", tmp_path / "admitted"
     for name in ("consumer", "good", "bad"):

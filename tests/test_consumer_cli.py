@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import UserError
-from consumer.cli import build_sae_specs, parse_sae_spec
+from saestream.common.errors import UserError
+from saestream.consumer.cli import build_sae_specs, parse_sae_spec
 
 
 def test_spec_values_are_typed() -> None:

@@ -78,8 +78,8 @@ def exported_metric_names() -> set[str]:
     """Every metric family name the consumer and the producer export (from their code)."""
     from prometheus_client import CollectorRegistry
 
-    from consumer.metrics import ConsumerMetrics
-    from producer.metrics import ProducerMetrics
+    from saestream.consumer.metrics import ConsumerMetrics
+    from saestream.producer.metrics import ProducerMetrics
 
     names: set[str] = set()
     for registry in (ConsumerMetrics().registry, _producer_registry(ProducerMetrics)):
@@ -605,8 +605,8 @@ def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
 
 
 def test_deploy_files_pass_only_flags_the_daemons_accept() -> None:
-    from consumer.cli import consumer
-    from producer.cli import producer
+    from saestream.consumer.cli import consumer
+    from saestream.producer.cli import producer
 
     accepted = {
         name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
@@ -649,7 +649,7 @@ def test_readme_operations_section_has_commands_for_each_task() -> None:
 def test_readme_operations_commands_use_only_real_subcommands_and_flags() -> None:
     import shlex
 
-    from common.cli import cli
+    from saestream.tools.cli import cli
 
     text = (ROOT / "README.md").read_text()
     section = text.split("<!-- section:operations:begin -->")[1].split(

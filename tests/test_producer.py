@@ -14,20 +14,20 @@ import zmq
 from conftest import free_tcp_port
 from prometheus_client import CollectorRegistry
 
-from common.wire import decode_chunk
-from producer.corpus import (
+from saestream.common.wire import decode_chunk
+from saestream.producer.corpus import (
     ArrayCorpus,
     CorpusError,
     Shard,
     open_corpus,
     precheck_corpus,
 )
-from producer.daemon import ProducerConfig, run_producer
-from producer.hooks import HookedModel, HookError
-from producer.metrics import ProducerMetrics
-from producer.models import ByteTokenizer, ModelError, build_tiny, find_blocks, load_model
-from producer.sender import Outgoing, Progress, Sender
-from producer.state import ProducerState, StateError, check_state, read_state, write_state
+from saestream.producer.daemon import ProducerConfig, run_producer
+from saestream.producer.hooks import HookedModel, HookError
+from saestream.producer.metrics import ProducerMetrics
+from saestream.producer.models import ByteTokenizer, ModelError, build_tiny, find_blocks, load_model
+from saestream.producer.sender import Outgoing, Progress, Sender
+from saestream.producer.state import ProducerState, StateError, check_state, read_state, write_state
 
 torch.set_num_threads(1)
 SEP = ByteTokenizer.eos_token_id
@@ -428,8 +428,8 @@ def test_chunks_are_dealt_across_every_connected_endpoint(free_port: int) -> Non
 def test_curve_keys_authenticate_the_stream(tmp_path: Path, free_port: int) -> None:
     import zmq.auth
 
-    from common.transport import CurveClientKeys, CurveServerKeys
-    from common.transport import pull_socket as curve_pull
+    from saestream.common.transport import CurveClientKeys, CurveServerKeys
+    from saestream.common.transport import pull_socket as curve_pull
 
     for name in ("consumer", "producer"):
         zmq.auth.create_certificates(str(tmp_path), name)

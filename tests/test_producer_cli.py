@@ -13,7 +13,7 @@ import pytest
 import zmq
 from conftest import free_tcp_port, run_cli, saestream_cmd
 
-from common.wire import decode_chunk
+from saestream.common.wire import decode_chunk
 
 
 def test_sigterm_flushes_every_chunk_without_seq_gap_and_writes_state(tmp_path: Path) -> None:

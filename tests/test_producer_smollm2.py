@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from producer.hooks import HookedModel
-from producer.models import build_smollm2_cache, load_model, load_smollm2_gguf
+from saestream.producer.hooks import HookedModel
+from saestream.producer.models import build_smollm2_cache, load_model, load_smollm2_gguf
 
 pytestmark = pytest.mark.slow  # dequantising the GGUF takes ~15-25 s on 2 cores
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from consumer.geometric_median import geometric_median
-from consumer.sae import SAEConfig, SparseAutoencoder
+from saestream.consumer.geometric_median import geometric_median
+from saestream.consumer.sae import SAEConfig, SparseAutoencoder
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ import pytest
 from conftest import free_tcp_port, run_cli
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from common.metrics import serve_metrics
-from common.status import fetch_samples, metrics_url, summarize
-from consumer.metrics import ConsumerMetrics
+from saestream.common.metrics import serve_metrics
+from saestream.consumer.metrics import ConsumerMetrics
+from saestream.tools.status import fetch_samples, metrics_url, summarize
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import run_cli
 from safetensors.torch import save_file
 
-from consumer.checkpoint import load_snapshot
-from consumer.train_cli import ShuffledBatches, train
+from saestream.consumer.checkpoint import load_snapshot
+from saestream.consumer.train_cli import ShuffledBatches, train
 
 D_IN = 16
 

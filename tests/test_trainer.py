@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from consumer.sae import SAEConfig
-from consumer.sparse_ops import use_compact
-from consumer.trainer import ADAM_EPS, Trainer, TrainerConfig, default_lr
+from saestream.consumer.sae import SAEConfig
+from saestream.consumer.sparse_ops import use_compact
+from saestream.consumer.trainer import ADAM_EPS, Trainer, TrainerConfig, default_lr
 
 D_IN, LATENTS, K = 24, 96, 4
 
@@ -327,7 +327,7 @@ def test_learns_a_known_sparse_dictionary():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_two_stage_topk_returns_the_same_values_as_torch_topk(ties: bool) -> None:
-    from consumer.sparse_ops import topk_rows
+    from saestream.consumer.sparse_ops import topk_rows
 
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(64, 4096, generator=g)

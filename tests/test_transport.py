@@ -11,9 +11,9 @@ import pytest
 import torch
 import zmq
 
-from common.errors import UserError
-from common.keygen import write_keypair
-from common.transport import (
+from saestream.common.errors import UserError
+from saestream.common.keygen import write_keypair
+from saestream.common.transport import (
     ConnectionMonitor,
     CurveClientKeys,
     CurveServerKeys,
@@ -21,7 +21,7 @@ from common.transport import (
     pull_socket,
     push_socket,
 )
-from common.wire import decode_chunk, encode_chunk
+from saestream.common.wire import decode_chunk, encode_chunk
 
 REJECT_WAIT_MS = 1500  # how long an unauthorised producer's message must fail to arrive
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.wire import (
+from saestream.common.wire import (
     CODECS,
     DTYPES,
     HEADER_FIELDS,

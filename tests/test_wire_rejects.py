@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.wire import (
+from saestream.common.wire import (
     HEADER_FIELDS,
     REJECT_REASON_HELP,
     REJECT_REASONS,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import click
 
-from common.errors import cli_errors
+from saestream.common.errors import cli_errors
 
 
 @dataclass(frozen=True)

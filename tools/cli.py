@@ -2,7 +2,7 @@
 
 Subcommands live next to the code they drive (`producer/cli.py`, `consumer/cli.py`, ...);
 this group names them by import path so that `saestream --help` stays instant (no torch
-import) and so that `common` never imports `producer` or `consumer` at module level.
+import). It stands above both daemons (`tools/`), since it names commands of each.
 """
 
 from __future__ import annotations
@@ -12,16 +12,20 @@ import sys
 
 import click
 
-from common import __version__
+from saestream import __version__
 
 # name -> ("module:attribute", one-line help shown by `saestream --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("consumer.train_cli:train", "Train a TopK SAE from activations on disk."),
-    "consumer": ("consumer.cli:consumer", "Run the training daemon (receive, shuffle, train)."),
-    "producer": ("producer.cli:producer", "Run the harvesting daemon (LM forward, stream acts)."),
-    "demo": ("consumer.demo:demo", "Start a consumer and two producers on 127.0.0.1."),
-    "status": ("common.status:status", "One-screen summary from the daemons' /metrics."),
-    "keygen": ("common.keygen:keygen", "Write a ZeroMQ CURVE key pair."),
+    "train": ("saestream.consumer.train_cli:train", "Train a TopK SAE from activations on disk."),
+    "consumer": (
+        "saestream.consumer.cli:consumer", "Run the training daemon (receive, shuffle, train)."
+    ),
+    "producer": (
+        "saestream.producer.cli:producer", "Run the harvesting daemon (LM forward, stream acts)."
+    ),
+    "demo": ("saestream.tools.demo:demo", "Start a consumer and two producers on 127.0.0.1."),
+    "status": ("saestream.tools.status:status", "One-screen summary from the daemons' /metrics."),
+    "keygen": ("saestream.common.keygen:keygen", "Write a ZeroMQ CURVE key pair."),
 }
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import click
 
-from common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors
 
 DEFAULT_HOOKS = {"smollm2-135m": "model.layers.20", "tiny": "model.layers.4"}
 """The producer's default hook (block round(2/3 · n_layers)) of the models the demo knows."""
@@ -57,7 +57,7 @@ class Child:
         self.log_path = log_dir / f"{name}.log"
         self._log: IO[str] = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args],
+            [sys.executable, "-m", "saestream", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -96,7 +96,7 @@ class Progress:
         self.points: deque[tuple[float, float, float]] = deque()  # time, received, trained
 
     def read(self) -> dict[str, Any] | None:
-        from common.status import by_name, fetch_samples, value
+        from saestream.tools.status import by_name, fetch_samples, value
 
         try:
             s = by_name(fetch_samples(f"127.0.0.1:{self.port}", timeout=2))
@@ -228,7 +228,7 @@ def demo(
     Stops after --duration seconds of streaming or --tokens trained tokens, or on Ctrl-C /
     SIGTERM; then stops the three processes with SIGTERM and prints the checkpoint.
     """
-    from common.signals import SignalFlags
+    from saestream.common.signals import SignalFlags
 
     if hook is None:
         hook = DEFAULT_HOOKS.get(model)

@@ -1,0 +1,1 @@
+"""Tools that stand above both daemons: the command group, the demo, and `saestream status`."""
