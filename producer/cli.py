@@ -22,6 +22,10 @@ WIRE_DTYPES = ("bfloat16", "float16", "float32")
 @click.option("--corpus", default="wiki-sample", show_default=True,
               help="text:PATH_OR_GLOB, tokens:PATH[.npy|.bin][:uint16|:uint32], wiki-sample, "
                    "synthetic[:N_CONTEXTS].")
+@click.option("--split", type=click.Choice(["train", "eval", "all"]), default="train",
+              show_default=True,
+              help="Part of the corpus to stream: train, eval (every 10th document held out "
+                   "for evaluation) or all.")
 @click.option("--connect", multiple=True, default=("tcp://127.0.0.1:5557",), show_default=True,
               help="Consumer endpoint to PUSH to (repeatable; round-robin).")
 @click.option("--chunk-tokens", type=click.IntRange(min=1), default=2048, show_default=True,

@@ -3,6 +3,11 @@
 Documents are tokenised, joined with the separator id (one after each document) and cut into
 `seq_len` contexts in corpus order; a trailing partial context is dropped. Context `i` of the
 corpus belongs to shard `i % N == I`, so N shards are disjoint and together cover the corpus.
+
+Every corpus also has a fixed train/eval split (`SPLITS`), so evaluation never scores text an
+SAE was trained on: unit `u` (a document of a text corpus, a context of `tokens:` and
+`synthetic`) is held out for evaluation iff `u % EVAL_EVERY == EVAL_EVERY - 1` (every tenth).
+The split is applied before cutting contexts, so the two splits share no document.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ WIKI_SAMPLE_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-short
 SYNTHETIC_DEFAULT_CONTEXTS = 4096
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 WIKI_MIN_WORDS = 50  # gensim's ARTICLE_MIN_WORDS: shorter pages (stubs, lists) are skipped
+SPLITS = ("train", "eval", "all")
+EVAL_EVERY = 10
+"""Unit u (document, or context of an id corpus) is in the eval split iff u % 10 == 9."""
 
 
 class CorpusError(ValueError):
@@ -52,6 +60,35 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def in_split(unit: int, split: str) -> bool:
+    """Whether document/context `unit` (0-based, corpus order) belongs to `split`."""
+    if split == "all":
+        return True
+    held_out = unit % EVAL_EVERY == EVAL_EVERY - 1
+    return held_out if split == "eval" else not held_out
+
+
+def split_size(n: int, split: str) -> int:
+    """How many of units 0..n-1 belong to `split`."""
+    held_out = n // EVAL_EVERY
+    return {"all": n, "eval": held_out, "train": n - held_out}[split]
+
+
+def split_unit(j: int, split: str) -> int:
+    """The corpus index of the j-th unit of `split` (closed form: no index array)."""
+    if split == "eval":
+        return EVAL_EVERY * j + EVAL_EVERY - 1
+    if split == "train":
+        return j + j // (EVAL_EVERY - 1)
+    return j
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise CorpusError(f"bad split {split!r} (use {', '.join(SPLITS)})")
+    return split
+
+
 class Corpus:
     """A corpus cut into contexts of `seq_len` token ids, always in the same order."""
 
@@ -72,10 +109,15 @@ class Corpus:
 
 
 class ArrayCorpus(Corpus):
-    """Contexts sliced out of a token array (a memmap, a loaded file, a tokenised sample)."""
+    """Contexts sliced out of a token array (a memmap, a loaded file, a tokenised sample).
 
-    def __init__(self, spec: str, tokens: np.ndarray, seq_len: int) -> None:
+    :param split: which contexts of the array to serve (see `SPLITS`); for a tokenised text
+        sample the split is applied to its documents beforehand and this is `all`.
+    """
+
+    def __init__(self, spec: str, tokens: np.ndarray, seq_len: int, split: str = "all") -> None:
         self.spec = spec
+        self.split = check_split(split)
         if tokens.ndim == 2:
             self._rows = tokens
             self.seq_len = int(tokens.shape[1])
@@ -87,16 +129,18 @@ class ArrayCorpus(Corpus):
             raise CorpusError(f"{spec}: token array must be 1-D or 2-D, not {tokens.ndim}-D")
         if len(self._rows) == 0:
             raise CorpusError(f"{spec}: fewer tokens than one context of {seq_len}")
+        if len(self) == 0:
+            raise CorpusError(f"{spec}: no context in the {split} split")
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return split_size(len(self._rows), self.split)
 
     def contexts(self) -> Iterator[np.ndarray]:
         return self.shard_contexts(Shard(), 0)
 
     def shard_contexts(self, shard: Shard, start: int = 0) -> Iterator[np.ndarray]:
-        for i in range(shard.index + start * shard.count, len(self._rows), shard.count):
-            yield np.asarray(self._rows[i], dtype=np.int64)
+        for j in range(shard.index + start * shard.count, len(self), shard.count):
+            yield np.asarray(self._rows[split_unit(j, self.split)], dtype=np.int64)
 
 
 class SyntheticCorpus(Corpus):
@@ -108,13 +152,18 @@ class SyntheticCorpus(Corpus):
 
     BLOCK = 64
 
-    def __init__(self, spec: str, n: int, seq_len: int, vocab_size: int, seed: int) -> None:
+    def __init__(
+        self, spec: str, n: int, seq_len: int, vocab_size: int, seed: int, split: str = "all"
+    ) -> None:
         self.spec, self.n, self.seq_len = spec, n, seq_len
         self.vocab_size, self.seed = vocab_size, seed
+        self.split = check_split(split)
         self._block: tuple[int, np.ndarray] | None = None
+        if len(self) == 0:
+            raise CorpusError(f"{spec}: no context in the {split} split")
 
     def __len__(self) -> int:
-        return self.n
+        return split_size(self.n, self.split)
 
     def context(self, i: int) -> np.ndarray:
         b = i // self.BLOCK
@@ -128,8 +177,8 @@ class SyntheticCorpus(Corpus):
         return self.shard_contexts(Shard(), 0)
 
     def shard_contexts(self, shard: Shard, start: int = 0) -> Iterator[np.ndarray]:
-        for i in range(shard.index + start * shard.count, self.n, shard.count):
-            yield self.context(i)
+        for j in range(shard.index + start * shard.count, len(self), shard.count):
+            yield self.context(split_unit(j, self.split))
 
 
 class DocumentCorpus(Corpus):
@@ -226,6 +275,45 @@ def wiki_documents(path: Path) -> Iterator[str]:
                 yield text
 
 
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A parsed `--corpus` value: what `open_corpus` opens and `precheck_corpus` checks."""
+
+    kind: str
+    """`synthetic`, `wiki-sample`, `text` or `tokens`."""
+    target: str = ""
+    """The path or glob of `text:`/`tokens:`."""
+    count: int = SYNTHETIC_DEFAULT_CONTEXTS
+    """Contexts of `synthetic[:N]`."""
+    token_dtype: str = "uint16"
+    """Element type of a `tokens:*.bin` file."""
+
+
+CORPUS_FORMS = "text:PATH_OR_GLOB, tokens:PATH, wiki-sample or synthetic"
+
+
+def parse_corpus_spec(spec: str, token_dtype: str = "uint16") -> CorpusSpec:
+    """`text:PATH_OR_GLOB`, `tokens:PATH[:uint16|uint32]`, `wiki-sample`, `synthetic[:N]`."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        count = spec.partition(":")[2] or str(SYNTHETIC_DEFAULT_CONTEXTS)
+        if not count.isdigit() or int(count) < 1:
+            raise CorpusError(f"bad corpus {spec!r}: expected synthetic or synthetic:N_CONTEXTS")
+        return CorpusSpec("synthetic", count=int(count))
+    if spec == WIKI_SAMPLE:
+        return CorpusSpec("wiki-sample")
+    if spec.startswith("text:"):
+        return CorpusSpec("text", target=spec[len("text:") :])
+    if spec.startswith("tokens:"):
+        target = spec[len("tokens:") :]
+        head, sep, tail = target.rpartition(":")
+        if sep and tail in TOKEN_DTYPES:
+            target, token_dtype = head, tail
+        if token_dtype not in TOKEN_DTYPES:
+            raise CorpusError(f"bad token dtype {token_dtype!r} (use uint16 or uint32)")
+        return CorpusSpec("tokens", target=target, token_dtype=token_dtype)
+    raise CorpusError(f"unknown corpus {spec!r} (use {CORPUS_FORMS})")
+
+
 def open_corpus(
     spec: str,
     *,
@@ -235,50 +323,56 @@ def open_corpus(
     separator: int,
     seed: int = 0,
     token_dtype: str = "uint16",
+    split: str = "all",
 ) -> Corpus:
-    """Open `--corpus SPEC`: text:PATH_OR_GLOB, tokens:PATH[:uint16|uint32], wiki-sample,
-    synthetic[:N_CONTEXTS]."""
+    """Open `--corpus SPEC` (see `parse_corpus_spec`), serving only the units of `split`."""
     if seq_len < 2:
         raise CorpusError(f"--seq-len must be at least 2, not {seq_len}")
-    warn = RateLimitedLog(log)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        count = spec.partition(":")[2] or str(SYNTHETIC_DEFAULT_CONTEXTS)
-        if not count.isdigit() or int(count) < 1:
-            raise CorpusError(f"bad corpus {spec!r}: expected synthetic or synthetic:N_CONTEXTS")
-        return SyntheticCorpus(spec, int(count), seq_len, vocab_size, seed)
-    if spec == WIKI_SAMPLE:
-        if encode is None:
-            raise CorpusError(f"corpus {spec} needs a model with a tokenizer")
-        path = wiki_sample_path()
+    check_split(split)
+    parsed = parse_corpus_spec(spec, token_dtype)
+    if parsed.kind == "synthetic":
+        return SyntheticCorpus(spec, parsed.count, seq_len, vocab_size, seed, split)
+    if parsed.kind == "tokens":
+        return ArrayCorpus(spec, _load_tokens(spec, parsed), seq_len, split)
+    if encode is None:
+        raise CorpusError(f"corpus {spec} needs a model with a tokenizer")
+    if parsed.kind == "wiki-sample":
         stream: list[int] = []
-        for text in wiki_documents(path):
+        for text in _split_documents(wiki_documents(wiki_sample_path()), split):
             stream.extend(encode(text))
             stream.append(separator)
         return ArrayCorpus(spec, np.asarray(stream, dtype=np.int64), seq_len)
-    if spec.startswith("text:"):
-        if encode is None:
-            raise CorpusError(f"corpus {spec} needs a model with a tokenizer")
-        files = text_files(spec[len("text:") :])
-        if not files:
-            raise CorpusError(f"corpus {spec}: no files match {spec[len('text:'):]!r}")
-        return DocumentCorpus(
-            spec, lambda: read_text_documents(files, warn), encode, separator, seq_len
-        )
-    if spec.startswith("tokens:"):
-        return _open_tokens(spec, seq_len, token_dtype)
-    raise CorpusError(
-        f"unknown corpus {spec!r} (use text:PATH_OR_GLOB, tokens:PATH, wiki-sample or synthetic)"
+    files = _text_files_of(spec, parsed)
+    warn = RateLimitedLog(log)
+    return DocumentCorpus(
+        spec, lambda: _split_documents(read_text_documents(files, warn), split), encode,
+        separator, seq_len,
     )
 
 
-def _open_tokens(spec: str, seq_len: int, token_dtype: str) -> ArrayCorpus:
-    target = spec[len("tokens:") :]
-    head, sep, tail = target.rpartition(":")
-    if sep and tail in TOKEN_DTYPES:
-        target, token_dtype = head, tail
-    if token_dtype not in TOKEN_DTYPES:
-        raise CorpusError(f"bad token dtype {token_dtype!r} (use uint16 or uint32)")
-    path = Path(target).expanduser()
+def precheck_corpus(spec: str, token_dtype: str = "uint16") -> None:
+    """Cheap checks of a `--corpus` value (syntax, files present) before a model is loaded."""
+    parsed = parse_corpus_spec(spec, token_dtype)
+    if parsed.kind == "text":
+        _text_files_of(spec, parsed)
+    elif parsed.kind == "tokens":
+        ArrayCorpus(spec, _load_tokens(spec, parsed), 2)  # shape and size
+
+
+def _split_documents(documents: Iterable[str], split: str) -> Iterator[str]:
+    return (doc for i, doc in enumerate(documents) if in_split(i, split))
+
+
+def _text_files_of(spec: str, parsed: CorpusSpec) -> list[Path]:
+    files = text_files(parsed.target)
+    if not files:
+        raise CorpusError(f"corpus {spec}: no files match {parsed.target!r}")
+    return files
+
+
+def _load_tokens(spec: str, parsed: CorpusSpec) -> np.ndarray:
+    """The id array of a `tokens:` corpus, memory-mapped (never read whole)."""
+    path = Path(parsed.target).expanduser()
     if not path.is_file():
         raise CorpusError(f"corpus {spec}: file {str(path)!r} not found")
     try:
@@ -286,32 +380,11 @@ def _open_tokens(spec: str, seq_len: int, token_dtype: str) -> ArrayCorpus:
             tokens = np.load(path, mmap_mode="r")
             if not np.issubdtype(tokens.dtype, np.integer):
                 raise CorpusError(f"corpus {spec}: {tokens.dtype} array, expected integer ids")
-        elif path.suffix == ".bin":
-            tokens = np.memmap(path, dtype=TOKEN_DTYPES[token_dtype], mode="r")
-        else:
-            raise CorpusError(f"corpus {spec}: expected a .npy or .bin file")
+            return tokens
+        if path.suffix == ".bin":
+            return np.memmap(path, dtype=TOKEN_DTYPES[parsed.token_dtype], mode="r")
     except (OSError, ValueError) as exc:
         if isinstance(exc, CorpusError):
             raise
         raise CorpusError(f"corpus {spec}: cannot read {str(path)!r}: {exc}") from exc
-    return ArrayCorpus(spec, tokens, seq_len)
-
-
-def precheck_corpus(spec: str, token_dtype: str = "uint16") -> None:
-    """Cheap checks of a `--corpus` value (syntax, files present) before a model is loaded."""
-    if spec == WIKI_SAMPLE or spec == "synthetic":
-        return
-    if spec.startswith("synthetic:"):
-        count = spec.partition(":")[2]
-        if not count.isdigit() or int(count) < 1:
-            raise CorpusError(f"bad corpus {spec!r}: expected synthetic or synthetic:N_CONTEXTS")
-    elif spec.startswith("text:"):
-        if not text_files(spec[len("text:") :]):
-            raise CorpusError(f"corpus {spec}: no files match {spec[len('text:'):]!r}")
-    elif spec.startswith("tokens:"):
-        _open_tokens(spec, 2, token_dtype)
-    else:
-        raise CorpusError(
-            f"unknown corpus {spec!r} (use text:PATH_OR_GLOB, tokens:PATH, wiki-sample or "
-            "synthetic)"
-        )
+    raise CorpusError(f"corpus {spec}: expected a .npy or .bin file")

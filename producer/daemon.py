@@ -53,6 +53,8 @@ class ProducerConfig:
     hooks: Sequence[str] = ()
     """Module paths whose output is streamed; empty = the model's default hook."""
     corpus: str = "wiki-sample"
+    split: str = "train"
+    """Which part of the corpus to stream: `train` (default), `eval` (held out) or `all`."""
     connect: Sequence[str] = ("tcp://127.0.0.1:5557",)
     """Consumer endpoints; chunks are dealt round-robin among the connected ones."""
     chunk_tokens: int = 2048
@@ -277,7 +279,7 @@ def run_producer(
     corpus = corpus or open_corpus(
         cfg.corpus, seq_len=cfg.seq_len, vocab_size=lm.vocab_size,
         encode=lm.encode_text if lm.tokenizer is not None else None,
-        separator=lm.separator_id, seed=cfg.seed, token_dtype=cfg.token_dtype,
+        separator=lm.separator_id, seed=cfg.seed, token_dtype=cfg.token_dtype, split=cfg.split,
     )
     first = 0 if cfg.keep_first_token else 1
     per_ctx = corpus.seq_len - first
@@ -293,7 +295,8 @@ def run_producer(
 
     run = uuid.uuid4().hex[:12]
     producer_id = cfg.producer_id or default_producer_id()
-    state = ProducerState(cfg.corpus, str(shard), corpus.seq_len, cfg.keep_first_token)
+    state = ProducerState(cfg.corpus, str(shard), corpus.seq_len, cfg.keep_first_token,
+                          split=cfg.split)
     if cfg.state_file is not None:
         saved = read_state(cfg.state_file)
         if saved is not None:
@@ -323,7 +326,8 @@ def run_producer(
     ).start()
     hooked = HookedModel(lm.model, hooks)  # removed again in the `finally` below
     chunker = Chunker(hooks, cfg.chunk_tokens,
-                      {**cfg.extra_source, "corpus": cfg.corpus, "shard": str(shard)})
+                      {**cfg.extra_source, "corpus": cfg.corpus, "split": cfg.split,
+                       "shard": str(shard)})
     bad_ids = RateLimitedLog(log)
     log.info(
         "producer %s run %s: model %s (%d layers, d_model %d, %s on %s), hooks %s, corpus %s "

@@ -40,9 +40,11 @@ class ProducerState:
     """Run ids that have written this file, oldest first (the last 20)."""
     updated: float = 0.0
     version: int = STATE_VERSION
+    split: str = "all"
+    """`--split` the progress refers to (files written before splits existed: `all`)."""
 
-    def key(self) -> tuple[str, str, int, bool]:
-        return (self.corpus, self.shard, self.seq_len, self.keep_first_token)
+    def key(self) -> tuple[str, str, str, int, bool]:
+        return (self.corpus, self.split, self.shard, self.seq_len, self.keep_first_token)
 
 
 def read_state(path: Path) -> ProducerState | None:
@@ -62,9 +64,9 @@ def read_state(path: Path) -> ProducerState | None:
 
 
 def check_state(state: ProducerState, expected: ProducerState, path: Path) -> None:
-    """A state file written for another corpus/shard/context length cannot be resumed."""
+    """A state file written for another corpus/split/shard/context length cannot be resumed."""
     if state.key() != expected.key():
-        names = ("corpus", "shard", "seq_len", "keep_first_token")
+        names = ("corpus", "split", "shard", "seq_len", "keep_first_token")
         have = dict(zip(names, state.key(), strict=True))
         want = dict(zip(names, expected.key(), strict=True))
         diff = ", ".join(f"{k} {have[k]!r} != {want[k]!r}" for k in have if have[k] != want[k])

@@ -274,7 +274,7 @@ def run_in_thread(cfg: ProducerConfig, registry: CollectorRegistry | None = None
 def tiny_cfg(port: int, **kw) -> ProducerConfig:
     base = dict(model="tiny", corpus="synthetic:200", connect=[f"tcp://127.0.0.1:{port}"],
                 device="cpu", seq_len=32, batch_size=4, chunk_tokens=100, threads=1,
-                producer_id="test", linger=2.0)
+                producer_id="test", linger=2.0, split="all")  # whole corpus
     return ProducerConfig(**{**base, **kw})
 
 
@@ -497,3 +497,54 @@ def test_text_corpus_is_read_ahead_on_its_own_thread_in_order(
                             free_port)
     assert sum(c.n for c in chunks) == n_contexts * 31
     assert [c.source["start"] for c in chunks[1:]] == [c.source["end"] for c in chunks[:-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# train/eval split
+
+
+def test_train_and_eval_splits_share_no_document_and_together_are_the_corpus(
+    tmp_path: Path,
+) -> None:
+    docs = [f"document number {i} " + "x" * (i % 7) for i in range(45)]  # distinct documents
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def texts(split: str) -> list[str]:
+        corpus = byte_corpus(f"text:{tmp_path}/docs.jsonl", seq_len=4, split=split)
+        ids = [t for ctx in corpus.contexts() for t in ctx]
+        text = "".join("\n" if t == SEP else chr(t) for t in ids).split("\n")
+        return [d for d in text if d.startswith("document")]
+
+    train, held = texts("train"), texts("eval")
+    want = [docs[i] for i in range(45) if i % 10 == 9]  # every tenth document, as documented
+    assert held[:-1] == want[:-1] and want[-1].startswith(held[-1])  # the tail is cut off
+    assert train[:-1] == [docs[i] for i in range(45) if i % 10 != 9][:len(train) - 1]
+    assert not set(train) & set(want)
+
+
+def test_id_corpora_split_by_contiguous_contexts() -> None:
+    flat = np.arange(40 * 5)  # context i = ids 5i..5i+4
+    parts = {s: contexts_of(ArrayCorpus("tokens:x", flat, 5, split=s))
+             for s in ("train", "eval", "all")}
+    assert [c[0] // 5 for c in parts["eval"]] == [9, 19, 29, 39]
+    assert sorted(parts["train"] + parts["eval"]) == parts["all"]
+    assert not {tuple(c) for c in parts["train"]} & {tuple(c) for c in parts["eval"]}
+    synth = {s: contexts_of(open_corpus("synthetic:30", seq_len=8, vocab_size=100, encode=None,
+                                        separator=0, split=s)) for s in ("train", "eval", "all")}
+    assert synth["eval"] == [synth["all"][i] for i in (9, 19, 29)]
+    assert len(synth["train"]) == 27 and synth["train"][9] == synth["all"][10]
+
+
+def test_wiki_sample_eval_split_is_held_out_articles() -> None:
+    train = {tuple(c) for c in byte_corpus("wiki-sample", seq_len=256, split="train").contexts()}
+    held = contexts_of(byte_corpus("wiki-sample", seq_len=256, split="eval"))
+    assert len(held) > 50 and len(train) > 9 * len(held) // 2
+    assert not train & {tuple(c) for c in held}
+
+
+def test_a_state_file_of_another_split_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    write_state(path, ProducerState("synthetic", "0/1", 128, False, split="train"))
+    with pytest.raises(StateError, match="split"):
+        check_state(read_state(path), ProducerState("synthetic", "0/1", 128, False,
+                                                    split="eval"), path)
