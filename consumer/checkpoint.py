@@ -22,13 +22,13 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from saestream import __version__
-from saestream.consumer.sae import SAEConfig
+from saestream.consumer.sae import SAEConfig, SparseAutoencoder
 from saestream.consumer.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("saestream.checkpoint")
@@ -193,6 +193,74 @@ def load_latest(
             continue
         return path, trainers, extra
     return None
+
+
+class LoadedSAE(NamedTuple):
+    """An SAE read for inference (evaluation, export, the feature browser): weights only."""
+
+    name: str
+    """The SAE folder's name (the `sae` label)."""
+    directory: Path
+    sae: SparseAutoencoder
+    """In eval mode, float32, on the device asked for; `input_scale` set for `scalar`."""
+    cfg: dict[str, Any]
+    """cfg.json as written (hook, model, k, input_normalization, ...)."""
+
+
+def sae_dirs(path: Path, name: str | None = None) -> list[Path]:
+    """The SAE folders `path` names: an SAE folder itself (holds cfg.json), every SAE of a
+    snapshot, or every SAE of the snapshot a checkpoint directory's `latest` names.
+    `name` picks one SAE. Raises CheckpointError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    if (path / LATEST).is_file() and not (path / "cfg.json").exists():
+        target = (path / LATEST).read_text().strip()
+        if not SNAPSHOT_RE.match(target) or not (path / target).is_dir():
+            raise CheckpointError(f"{path}/{LATEST} names {target!r}, which is not a snapshot")
+        path = path / target
+    if (path / "cfg.json").is_file():
+        found = [path]
+    else:
+        found = sorted(d for d in path.iterdir() if (d / "cfg.json").is_file())
+    if not found:
+        raise CheckpointError(f"{path}: neither an SAE folder, a snapshot nor a checkpoint dir")
+    if name is not None:
+        found = [d for d in found if d.name == name]
+        if not found:
+            raise CheckpointError(f"{path}: no SAE named {name!r}")
+    return found
+
+
+def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
+    """Read `<sae folder>/cfg.json` and `sae.safetensors` (no trainer state). Raises
+    CheckpointError."""
+    d = Path(directory)
+    try:
+        cfg = json.loads((d / "cfg.json").read_text())
+        sae_cfg = SAEConfig(
+            d_in=int(cfg["d_in"]), n_latents=int(cfg["num_latents"]), k=int(cfg["k"]),
+            multi_topk=bool(cfg.get("multi_topk", False)),
+            input_normalization=str(cfg.get("input_normalization", "none")),
+        )
+        sae = SparseAutoencoder(sae_cfg, device="meta")  # shapes only; filled below
+        weights = load_file(str(d / "sae.safetensors"))
+        if set(weights) != set(WEIGHT_NAMES):
+            raise CheckpointError(f"{d}: sae.safetensors holds {sorted(weights)}")
+        for n, p in sae.named_parameters():
+            if tuple(weights[n].shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{d}: {n} has shape {tuple(weights[n].shape)}, expected {tuple(p.shape)}"
+                )
+        sae = sae.to_empty(device=device)
+        sae.load_state_dict({n: w.float() for n, w in weights.items()})
+        if sae_cfg.input_normalization == "scalar":
+            sae.input_scale = float(cfg["input_scale"])
+    except CheckpointError:
+        raise
+    except Exception as exc:  # corrupt or foreign files surface as many exception types
+        raise CheckpointError(f"{d}: {type(exc).__name__}: {exc}") from exc
+    return LoadedSAE(d.name, d, sae.eval().requires_grad_(False), cfg)
 
 
 def prune_snapshots(root: Path, keep: int) -> None:

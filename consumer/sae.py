@@ -87,6 +87,8 @@ class SparseAutoencoder(nn.Module):
         # For `scalar` normalisation: x_norm = x * input_scale. Set once by the trainer from
         # the first sample (`set_input_scale`) and recorded in the checkpoint's cfg.json.
         self.input_scale: float | None = None
+        if self.W_dec.is_meta:  # shapes only (e.g. to be loaded with `to_empty`): no init
+            return
         with torch.no_grad():
             w = torch.randn(cfg.n_latents, cfg.d_in, generator=generator)
             self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))

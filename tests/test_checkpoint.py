@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,30 @@ def test_list_and_prune_keep_the_newest_and_the_latest(tmp_path):
     prune_snapshots(tmp_path, keep=1)  # newest by step, and the one `latest` names
     assert [p.name for p in list_snapshots(tmp_path)] == ["step-00000020", "step-00000100"]
     assert load_latest(tmp_path)[0].name == "step-00000100"
+
+
+def test_load_sae_reads_weights_only_from_any_way_of_naming_a_snapshot(tmp_path: Path) -> None:
+    from saestream.consumer.checkpoint import CheckpointError, load_sae, sae_dirs
+
+    a = Trainer(SAEConfig(d_in=6, n_latents=12, k=3, input_normalization="scalar"),
+                TrainerConfig(), name="a", hook="h")
+    b = Trainer(SAEConfig(d_in=6, n_latents=8, k=2), TrainerConfig(seed=1), name="b", hook="h")
+    x = torch.randn(32, 6) * 3
+    a.train_step(x)
+    b.train_step(x)
+    snap = save_snapshot(tmp_path, 1, {"a": a, "b": b})
+    assert sae_dirs(tmp_path) == [snap / "a", snap / "b"]  # checkpoint dir: follows latest
+    assert sae_dirs(snap) == [snap / "a", snap / "b"]
+    assert sae_dirs(snap / "b") == [snap / "b"] == sae_dirs(tmp_path, "b")
+    loaded = load_sae(snap / "a")
+    assert loaded.name == "a" and loaded.cfg["hook"] == "h"
+    assert loaded.sae.input_scale == a.sae.input_scale
+    with torch.no_grad():
+        assert torch.equal(loaded.sae(x).x_hat, a.sae(x).x_hat)
+    with pytest.raises(CheckpointError, match="no SAE named"):
+        sae_dirs(snap, "c")
+    (snap / "b" / "sae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_sae(snap / "b")
+    with pytest.raises(CheckpointError):
+        sae_dirs(tmp_path / "missing")
