@@ -1,31 +1,39 @@
 """The TopK sparse autoencoder of Gao et al. 2024, "Scaling and evaluating sparse autoencoders".
 
-Plain PyTorch, no I/O:  z = ReLU(TopK(encoder(x − b_dec))),  x̂ = z W_dec + b_dec,
-on inputs normalised by a recorded `input_normalization`. Training (losses, the sparse
-backward, the optimiser) lives in `consumer/trainer.py` and `consumer/sparse_ops.py`.
+Plain PyTorch, no I/O:  z = ReLU(TopK(W_enc (x − b_dec) + b_enc)),  x̂ = z W_dec + b_dec,
+on inputs normalised by a recorded `input_normalization`. `forward` is the one training
+forward: the reconstruction, the kept latents, and the extra reconstructions the losses need
+(AuxK over dead latents, Multi-TopK), on the sparse fast path of `consumer/sparse_ops.py` or
+the dense reference. The loss arithmetic, the optimiser and the bookkeeping live in
+`consumer/trainer.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saestream.consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode
+
 INPUT_NORMALIZATIONS = ("none", "layer_norm", "scalar")
 LAYER_NORM_EPS = 1e-5
+"""Added to the per-token standard deviation of `layer_norm` (as OpenAI's released SAEs)."""
 
 
 @dataclass
 class SAEConfig:
-    d_in: int
-    """Width of the activations the SAE reads (the model's d_model at the hook)."""
-    n_latents: int
+    d_in: int | None = None
+    """Width of the activations the SAE reads (the model's d_model at the hook); None until
+    known (the consumer learns it from the hook's first message)."""
+    n_latents: int = 16384
     """Number of latents (dictionary size)."""
-    k: int
+    k: int = 32
     """Latents kept per token by TopK (the L0 target)."""
     multi_topk: bool = False
     """Also train on the top 4k latents: loss L(k) + L(4k)/8 (Gao et al., section 5.3)."""
@@ -35,11 +43,13 @@ class SAEConfig:
     first training sample so that E‖x‖² = d_in)."""
 
     def validate(self) -> None:
-        """Raise ValueError for a configuration no SAE can have."""
-        if self.d_in < 1 or self.n_latents < 1:
-            raise ValueError("d_in and n_latents must be positive")
+        """Raise ValueError for a configuration no SAE can have (d_in may still be None)."""
+        if self.d_in is not None and self.d_in < 1:
+            raise ValueError(f"d_in must be positive, got {self.d_in}")
+        if self.n_latents < 1:
+            raise ValueError(f"n_latents must be positive, got {self.n_latents}")
         if not 1 <= self.k <= self.n_latents:
-            raise ValueError(f"k must be in 1..n_latents ({self.n_latents}), got {self.k}")
+            raise ValueError(f"need 1 <= k <= n_latents ({self.n_latents}), got k={self.k}")
         if self.multi_topk and 4 * self.k > self.n_latents:
             raise ValueError(f"multi_topk needs 4k <= n_latents, got 4*{self.k} > {self.n_latents}")
         if self.input_normalization not in INPUT_NORMALIZATIONS:
@@ -59,12 +69,35 @@ class NormStats(NamedTuple):
 
 
 class ForwardOutput(NamedTuple):
+    """What one forward pass computes. `normalized_*` tensors are in the SAE's own space (after
+    `input_normalization`), where the training losses are measured."""
+
     x_hat: torch.Tensor
     """Reconstruction in the raw input space (shape [batch, d_in])."""
     latent_acts: torch.Tensor
     """Values of the kept latents, ReLU applied (shape [batch, k])."""
     latent_indices: torch.Tensor
     """Indices of the kept latents (shape [batch, k], int64)."""
+    normalized_x: torch.Tensor
+    """The input, normalised (shape [batch, d_in])."""
+    normalized_x_hat: torch.Tensor
+    """The reconstruction before `denormalize`, b_dec included (shape [batch, d_in])."""
+    multi_topk_x_hat: torch.Tensor | None
+    """Multi-TopK: the reconstruction from the top 4k latents, normalised space, b_dec
+    included; None unless `multi_topk`."""
+    auxk_recon: torch.Tensor | None
+    """AuxK: the top-k_aux dead latents' decoding, normalised space, without b_dec (it models
+    the residual x − x̂); None when no latent is dead or k_aux is 0."""
+
+
+class _Decoded(NamedTuple):
+    """What either path of `forward` computes, before the reconstruction is mapped back."""
+
+    values: torch.Tensor  # [batch, k_top], ReLU applied
+    indices: torch.Tensor  # [batch, k_top]
+    x_hat: torch.Tensor  # top-k reconstruction, b_dec included
+    x_hat_4k: torch.Tensor | None
+    auxk_recon: torch.Tensor | None
 
 
 class SparseAutoencoder(nn.Module):
@@ -80,6 +113,8 @@ class SparseAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         cfg.validate()
+        if cfg.d_in is None:
+            raise ValueError("an SAE needs d_in")
         self.cfg = cfg
         self.encoder = nn.Linear(cfg.d_in, cfg.n_latents, device=device)
         self.W_dec = nn.Parameter(torch.empty(cfg.n_latents, cfg.d_in, device=device))
@@ -130,7 +165,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_pre_act(self, x: torch.Tensor) -> torch.Tensor:
         """:param x: normalised input [batch, d_in]. :return: pre-activations [batch, n_latents]."""
-        return self.encoder(x - self.b_dec)
+        return encoder_matmul(x - self.b_dec, self.encoder.weight, self.encoder.bias)
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:param x: normalised input [batch, d_in].
@@ -145,8 +180,82 @@ class SparseAutoencoder(nn.Module):
         )
         return out + self.b_dec
 
-    def forward(self, x: torch.Tensor) -> ForwardOutput:
-        """:param x: raw activations [batch, d_in]. Normalise, encode, decode, map back."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        dead_mask: torch.Tensor | None = None,
+        *,
+        k_aux: int = 0,
+        dense: bool = False,
+        autocast_bf16: bool = False,
+    ) -> ForwardOutput:
+        """Normalise, encode, decode, map back; with the extra reconstructions training needs.
+
+        :param x: raw activations [batch, d_in].
+        :param dead_mask: bool [n_latents], the latents AuxK may use (None = no AuxK).
+        :param k_aux: how many of the dead latents AuxK keeps per token (capped by how many
+            are dead; 0 = no AuxK).
+        :param dense: the dense reference path (every latent materialised) instead of the
+            sparse fast path; both give the same values and gradients up to rounding.
+        :param autocast_bf16: run the encoder matmul under bf16 autocast (CUDA only).
+        """
         xn, stats = self.normalize(x.to(self.W_dec.dtype))
-        values, indices = self.encode(xn)
-        return ForwardOutput(self.denormalize(self.decode(values, indices), stats), values, indices)
+        k = self.cfg.k
+        k_top = 4 * k if self.cfg.multi_topk else k
+        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(1)
+        k_aux = min(k_aux, 0 if dead is None else int(dead.numel()))
+        amp: Any = contextlib.nullcontext()
+        if autocast_bf16 and xn.is_cuda:
+            amp = torch.autocast("cuda", dtype=torch.bfloat16)
+        path = self._dense if dense else self._sparse
+        with amp:
+            vals, idx, x_hat, x_hat_4k, aux = path(xn, k, k_top, dead if k_aux else None, k_aux)
+        return ForwardOutput(
+            x_hat=self.denormalize(x_hat, stats),
+            latent_acts=vals[:, :k],
+            latent_indices=idx[:, :k],
+            normalized_x=xn,
+            normalized_x_hat=x_hat,
+            multi_topk_x_hat=x_hat_4k,
+            auxk_recon=aux,
+        )
+
+    def _sparse(
+        self, xn: torch.Tensor, k: int, k_top: int, dead: torch.Tensor | None, k_aux: int
+    ) -> _Decoded:
+        """The fast path: one dense matmul, then only the kept latents are touched."""
+        pre_top, idx, pre_aux, idx_aux = topk_encode(
+            xn, self.encoder.weight, self.encoder.bias, self.b_dec, k_top, dead, k_aux
+        )
+        vals = F.relu(pre_top.float())
+        x_hat = sparse_decode(vals[:, :k], idx[:, :k], self.W_dec) + self.b_dec
+        x_hat_4k = sparse_decode(vals, idx, self.W_dec) + self.b_dec if k_top > k else None
+        aux = None
+        if k_aux:
+            aux = sparse_decode(F.relu(pre_aux.float()), idx_aux, self.W_dec, support=dead)
+        return _Decoded(vals, idx, x_hat, x_hat_4k, aux)
+
+    def _dense(
+        self, xn: torch.Tensor, k: int, k_top: int, dead: torch.Tensor | None, k_aux: int
+    ) -> _Decoded:
+        """The reference: every latent materialised as a [batch, n_latents] matrix."""
+        if xn.is_cuda:
+            pre = (xn - self.b_dec) @ self.encoder.weight.t() + self.encoder.bias
+        else:  # the sparse path's addmm: both rank latents on identical values
+            pre = self.encode_pre_act(xn)
+        pre = pre.float()
+        pre_top, idx = pre.topk(k_top, dim=1, sorted=True)
+        vals = F.relu(pre_top)
+
+        def decode(v: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(pre).scatter(1, i, v) @ self.W_dec
+
+        x_hat = decode(vals[:, :k], idx[:, :k]) + self.b_dec
+        x_hat_4k = decode(vals, idx) + self.b_dec if k_top > k else None
+        aux = None
+        if k_aux:
+            live = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device)
+            live[dead] = False
+            aux_v, aux_i = pre.masked_fill(live, float("-inf")).topk(k_aux, dim=1)
+            aux = decode(F.relu(aux_v), aux_i)
+        return _Decoded(vals, idx, x_hat, x_hat_4k, aux)

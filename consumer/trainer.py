@@ -5,17 +5,15 @@ batches of raw activations through `train_step`.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from saestream.consumer.geometric_median import geometric_median
 from saestream.consumer.sae import SAEConfig, SparseAutoencoder
-from saestream.consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
@@ -28,7 +26,8 @@ class TrainerConfig:
     lr: float | None = None
     """Adam learning rate; None = 2e-4 / sqrt(n_latents / 2^14) (Gao et al.)."""
     k_aux: int = 512
-    """Dead latents that reconstruct the residual in the AuxK loss (capped by how many are dead)."""
+    """Dead latents that reconstruct the residual in the AuxK loss (capped by how many are
+    dead); 0 turns AuxK off."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss."""
     dead_tokens: int = 10_000_000
@@ -39,21 +38,26 @@ class TrainerConfig:
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); the
     saved `sae.safetensors` then holds the EMA weights. None = off."""
     sparse: bool = True
-    """Sparse fast path (True) or the dense reference implementation (False)."""
+    """Sparse fast path (True) or the dense reference implementation (False, for checks)."""
     autocast_bf16: bool = False
     """Run the encoder matmul under bf16 autocast (CUDA only; ignored on CPU)."""
     seed: int = 0
     """Seed of the decoder initialisation."""
 
     def validate(self) -> None:
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        """Raise ValueError for settings no run can use (NaN and infinities included)."""
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.k_aux < 0:
-            raise ValueError(f"k_aux must be >= 0, got {self.k_aux}")
+            raise ValueError(f"k_aux must be >= 0 (0 = AuxK off), got {self.k_aux}")
+        if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
+            raise ValueError(f"auxk_coef must be a number >= 0, got {self.auxk_coef}")
         if self.dead_tokens < 1:
             raise ValueError(f"dead_tokens must be >= 1, got {self.dead_tokens}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.grad_clip is not None and not (
+            math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
+            raise ValueError(f"grad_clip must be a positive number, got {self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
@@ -84,15 +88,40 @@ class StepMetrics(NamedTuple):
     """Tokens in this batch."""
 
 
-class _Losses(NamedTuple):
+class MSEWindow:
+    """Normalized MSE over the last `steps` steps: Σ sse / Σ sst (the training metric)."""
+
+    def __init__(self, steps: int | None = None) -> None:
+        self._steps: deque[tuple[float, float]] = deque(maxlen=steps)
+
+    def add(self, m: StepMetrics) -> None:
+        self._steps.append((m.sse, m.sst))
+
+    def value(self) -> float:
+        sst = sum(s for _, s in self._steps)
+        return sum(e for e, _ in self._steps) / sst if sst > 0 else float("nan")
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+class Losses(NamedTuple):
+    """The loss terms of one step (graph kept for backward) and the step's statistics."""
+
     total: torch.Tensor
+    """main + auxk_coef · auxk (+ multi_topk / 8): what is minimised."""
     main: torch.Tensor
+    """MSE over the initial constant `mse_scale`."""
     auxk: torch.Tensor
     multi_topk: torch.Tensor
     sse: torch.Tensor
     sst: torch.Tensor
     l0: torch.Tensor
-    fired: torch.Tensor  # int64 latent ids among the top k with value > 0 (may repeat)
+    fired: torch.Tensor
+    """int64 ids of the latents among the top k with a positive value (may repeat)."""
 
 
 class Trainer:
@@ -164,76 +193,39 @@ class Trainer:
         """bool [n_latents]: latents that have not fired in the last `dead_tokens` tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
-    def losses(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> _Losses:
-        """Forward pass and losses on a normalised batch [batch, d_in] (graph kept for backward).
+    def losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> Losses:
+        """The SAE's forward on a batch of raw activations and the loss arithmetic.
 
-        :param dead: int64 ids of the dead latents for AuxK (None or empty = no AuxK).
+        :param dead_mask: bool [n_latents] of dead latents for AuxK (None = no AuxK).
         """
-        cfg, sae = self.cfg, self.sae
-        k = self.sae_cfg.k
-        k_top = 4 * k if self.sae_cfg.multi_topk else k
-        k_aux = min(cfg.k_aux, 0 if dead is None else int(dead.numel()))
-        use_autocast = cfg.autocast_bf16 and x.is_cuda
-        ctx: Any = contextlib.nullcontext()
-        if use_autocast:
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16)
-        W_enc, b_enc, W_dec, b_dec = sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec
-        if cfg.sparse:
-            with ctx:
-                pre_top, idx_top, pre_aux, idx_aux = topk_encode(
-                    x, W_enc, b_enc, b_dec, k_top, dead if k_aux else None, k_aux
-                )
-            vals_top = F.relu(pre_top.float())
-            x_hat = sparse_decode(vals_top[:, :k], idx_top[:, :k], W_dec) + b_dec
-            x_hat_4k = sparse_decode(vals_top, idx_top, W_dec) + b_dec if k_top > k else None
-            aux_recon = None
-            if k_aux:
-                aux_recon = sparse_decode(F.relu(pre_aux.float()), idx_aux, W_dec, support=dead)
-        else:
-            with ctx:
-                if x.is_cuda:
-                    pre = (x - b_dec) @ W_enc.t() + b_enc
-                else:  # the sparse path's addmm: both rank latents on identical values
-                    pre = encoder_matmul(x - b_dec, W_enc, b_enc)
-            pre = pre.float()
-            pre_top, idx_top = pre.topk(k_top, dim=1, sorted=True)
-            vals_top = F.relu(pre_top)
-            z = torch.zeros_like(pre).scatter(1, idx_top[:, :k], vals_top[:, :k])
-            x_hat = z @ W_dec + b_dec
-            x_hat_4k = None
-            if k_top > k:
-                x_hat_4k = torch.zeros_like(pre).scatter(1, idx_top, vals_top) @ W_dec + b_dec
-            aux_recon = None
-            if k_aux:
-                live = torch.ones(pre.shape[1], dtype=torch.bool, device=pre.device)
-                live[dead] = False
-                aux_v, aux_i = pre.masked_fill(live, float("-inf")).topk(k_aux, dim=1)
-                z_aux = torch.zeros_like(pre).scatter(1, aux_i, F.relu(aux_v))
-                aux_recon = z_aux @ W_dec
-
-        err = x_hat - x
+        cfg = self.cfg
+        out = self.sae(
+            x, dead_mask, k_aux=cfg.k_aux, dense=not cfg.sparse, autocast_bf16=cfg.autocast_bf16
+        )
+        xn = out.normalized_x
+        err = out.normalized_x_hat - xn
         main = err.pow(2).mean() / self.mse_scale
         total = main
-        zero = x.new_zeros(())
+        zero = xn.new_zeros(())
         multi = zero
-        if x_hat_4k is not None:
-            multi = (x_hat_4k - x).pow(2).mean() / self.mse_scale
+        if out.multi_topk_x_hat is not None:
+            multi = (out.multi_topk_x_hat - xn).pow(2).mean() / self.mse_scale
             total = total + multi / 8
         auxk = zero
-        if aux_recon is not None:
+        if out.auxk_recon is not None:
             # Dead latents reconstruct the residual; neither side holds b_dec (x − x̂ has it
             # removed, and the aux reconstruction is decoded without it).
-            e = (x - x_hat).detach()
-            auxk = (aux_recon - e).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum()
+            e = -err.detach()
+            auxk = (out.auxk_recon - e).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum()
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
             total = total + cfg.auxk_coef * auxk
         with torch.no_grad():
             sse = err.pow(2).sum()
-            sst = (x - x.mean(dim=0)).pow(2).sum()
-            active = vals_top[:, :k] > 0
+            sst = (xn - xn.mean(dim=0)).pow(2).sum()
+            active = out.latent_acts > 0
             l0 = active.sum(dim=1).float().mean()
-            fired = idx_top[:, :k][active]
-        return _Losses(total, main, auxk, multi, sse, sst, l0, fired)
+            fired = out.latent_indices[active]
+        return Losses(total, main, auxk, multi, sse, sst, l0, fired)
 
     def train_step(self, x: torch.Tensor) -> StepMetrics:
         """One optimiser step on a batch of raw activations [batch, d_in] (any float dtype or
@@ -242,11 +234,8 @@ class Trainer:
         if not self.initialized:
             self.initialize(x)
         sae = self.sae
-        with torch.no_grad():
-            xn, _ = sae.normalize(x)
-        dead_ids = self.dead_mask().nonzero().squeeze(1)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.losses(xn, dead_ids if dead_ids.numel() else None)
+        out = self.losses(x, self.dead_mask() if self.cfg.k_aux else None)
         out.total.backward()
         with torch.no_grad():
             _project_decoder_grad(sae.W_dec)
