@@ -20,6 +20,14 @@ def setup_logging(level: str = "INFO", name: str = "saestream") -> logging.Logge
     return logging.getLogger(name)
 
 
+def shown(text: object, limit: int = 200) -> str:
+    """A peer-supplied string as it may appear in a log line: as is when printable, else
+    escaped (no forged lines, no terminal control codes), and cut at `limit` characters."""
+    value = str(text)
+    value = value if value.isprintable() else repr(value)[1:-1]
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
 class RateLimitedLog:
     """Logs a message for a key at most once per `interval` seconds; counts what it suppressed."""
 

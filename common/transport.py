@@ -11,11 +11,14 @@ Every socket option is set here, once, for both daemons (README "wire" has the s
 - `RECONNECT_IVL` 100 ms, `RECONNECT_IVL_MAX` 5 s: reconnect fast after a restart, back off
   exponentially while a peer is down.
 - `TCP_KEEPALIVE` on (idle 60 s, interval 10 s, 6 probes): the kernel notices a vanished peer.
-- `HEARTBEAT_IVL` 10 s / `HEARTBEAT_TIMEOUT` 30 s (PUSH only): ZMTP pings close a silent
-  half-open connection in ~30 s; it is then re-established. Never on PULL: a ping sent to a
-  producer that has finished and closed draws a TCP reset, and a reset discards whatever
-  the consumer's kernel still held unread from that producer (chunks were lost that way
-  when the consumer was backlogged); TCP keepalive covers vanished peers on that side.
+- No ZMTP heartbeats, on either side. A consumer whose buffer is full stops reading its
+  socket, so libzmq stops reading that connection too and a producer's PING goes
+  unanswered: the heartbeat timeout then closed a healthy, merely backlogged connection,
+  and closing it discarded the chunks queued on it (29 % of one producer's chunks in a
+  5-minute backpressure run). On the PULL side a ping sent to a producer that had already
+  closed drew a TCP reset, which discards what the kernel still held unread. TCP
+  keepalive notices a vanished peer instead; chunks lost to a real disconnect are re-sent
+  through the control channel (common/control.py).
 - `MAXMSGSIZE` = `max_message_bytes` (PULL): a peer sending a larger frame is disconnected
   before ZeroMQ buffers it.
 - CURVE (optional): PUSH sets `curve_serverkey` and its key pair; PULL `curve_server`, its key
@@ -35,7 +38,7 @@ import logging
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +59,6 @@ RECONNECT_IVL_MAX_MS = 5000
 TCP_KEEPALIVE_IDLE_S = 60
 TCP_KEEPALIVE_INTVL_S = 10
 TCP_KEEPALIVE_CNT = 6
-HEARTBEAT_IVL_MS = 10_000
-HEARTBEAT_TIMEOUT_MS = 30_000
 DEFAULT_MAX_MESSAGE_BYTES = (256 << 20) + (2 << 20)
 """Largest frame the PULL socket accepts: wire.DecodeLimits' default max_raw_nbytes plus the
 LZ4 worst-case expansion (~0.4 %) and the header."""
@@ -121,16 +122,13 @@ def _set_keys(sock: zmq.Socket, path: Path, *, public: bytes | None = None,
         raise UserError(f"{path}: not a valid CURVE key ({exc})") from exc
 
 
-def _common_options(sock: zmq.Socket, *, heartbeat: bool) -> None:
+def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
-    if heartbeat:  # PUSH only: see the module docstring for why PULL must not ping
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
 
 
 def push_socket(
@@ -157,21 +155,47 @@ def push_socket(
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        _common_options(sock, heartbeat=True)
-        if curve is not None:
-            public, secret = load_keypair(curve.secret_key_file)
-            server = load_public_key(curve.server_public_key_file)
-            _set_keys(sock, curve.secret_key_file, public=public, secret=secret)
-            _set_keys(sock, curve.server_public_key_file, server=server)
-        for endpoint in endpoints:
-            try:
-                sock.connect(endpoint)
-            except zmq.ZMQError as exc:
-                raise UserError(f"cannot connect to {endpoint!r}: {exc}") from exc
+        _common_options(sock)
+        _connect(sock, endpoints, curve)
     except BaseException:
         sock.close(linger=0)
         raise
     return sock
+
+
+def dealer_socket(
+    ctx: zmq.Context, endpoint: str, *, curve: CurveClientKeys | None = None
+) -> Socket:
+    """A DEALER socket connected to one consumer's control endpoint (see common/control.py).
+
+    Requests are small and re-sent every interval, so nothing is queued for a peer that is
+    not connected (`IMMEDIATE`) and nothing lingers on close.
+    """
+    sock = _new_socket(ctx, zmq.DEALER, False, "control socket")
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        _common_options(sock)
+        _connect(sock, [endpoint], curve)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def _connect(sock: zmq.Socket, endpoints: Sequence[str], curve: CurveClientKeys | None) -> None:
+    if curve is not None:
+        public, secret = load_keypair(curve.secret_key_file)
+        server = load_public_key(curve.server_public_key_file)
+        _set_keys(sock, curve.secret_key_file, public=public, secret=secret)
+        _set_keys(sock, curve.server_public_key_file, server=server)
+    for endpoint in endpoints:
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise UserError(f"cannot connect to {endpoint!r}: {exc}") from exc
 
 
 class Socket(zmq.Socket):
@@ -203,12 +227,30 @@ def _new_socket(ctx: zmq.Context, kind: int, monitor: bool, label: str) -> Socke
 # PULL side: one ZAP authenticator per context, one ZAP domain per CURVE socket.
 
 
-class _ContextAuth:
-    """A ThreadAuthenticator shared by the CURVE sockets of one context (ZeroMQ allows one
-    ZAP handler per context); stopped when its last socket closes."""
+class _LimitingAuthenticator(ThreadAuthenticator):
+    """pyzmq's authenticator, plus a per-domain admission check run before its own: a
+    connection beyond a socket's limit is refused at the handshake, before it can buffer
+    anything."""
 
     def __init__(self, ctx: zmq.Context) -> None:
-        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("saestream.zap"))
+        super().__init__(ctx, log=logging.getLogger("saestream.zap"))
+        self.admit: dict[str, Callable[[], bool]] = {}
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 6:
+            check = self.admit.get(msg[2].decode("utf-8", "replace"))
+            if check is not None and not check():
+                self._send_zap_reply(msg[1], b"400", b"too many connections")
+                return
+        await super().handle_zap_message(msg)
+
+
+class _ContextAuth:
+    """The authenticator shared by the sockets of one context (ZeroMQ allows one ZAP handler
+    per context); stopped when its last socket closes."""
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        self.auth = _LimitingAuthenticator(ctx)
         self.auth.start()
         self.users = 0
 
@@ -217,24 +259,52 @@ _AUTH: weakref.WeakKeyDictionary[zmq.Context, _ContextAuth] = weakref.WeakKeyDic
 _AUTH_LOCK = threading.Lock()
 
 
-def _acquire_auth(ctx: zmq.Context, domain: str, authorized_dir: Path) -> Any:
+def _acquire_auth(
+    ctx: zmq.Context, domain: str, authorized_dir: Path | None,
+    admit: Callable[[], bool] | None = None,
+) -> Any:
+    """Register a ZAP domain (CURVE keys from `authorized_dir`, and/or an admission check);
+    returns the function that unregisters it."""
     with _AUTH_LOCK:
         entry = _AUTH.get(ctx)
         if entry is None:
             entry = _AUTH[ctx] = _ContextAuth(ctx)
         entry.users += 1
-        entry.auth.configure_curve(domain=domain, location=str(authorized_dir))
+        if authorized_dir is not None:
+            entry.auth.configure_curve(domain=domain, location=str(authorized_dir))
+        if admit is not None:
+            entry.auth.admit[domain] = admit
 
     def release() -> None:
         with _AUTH_LOCK:
             entry.users -= 1
             entry.auth.certs.pop(domain, None)
+            entry.auth.admit.pop(domain, None)
             if entry.users == 0:
                 entry.auth.stop()
                 if _AUTH.get(ctx) is entry:
                     del _AUTH[ctx]
 
     return release
+
+
+def _curve_server(ctx: zmq.Context, sock: Socket, curve: CurveServerKeys, bind: str,
+                  admit: Callable[[], bool] | None = None) -> None:
+    public, secret = load_keypair(curve.secret_key_file)
+    authorized_dir = Path(curve.authorized_dir)
+    if not authorized_dir.is_dir():
+        raise UserError(f"authorised-keys directory {authorized_dir} does not exist")
+    keys = authorized_keys(authorized_dir)
+    for key in keys:  # a broken file would otherwise silently lock everyone out
+        load_public_key(key)
+    if not keys:
+        log.warning("no *.key files in %s: every producer will be refused", authorized_dir)
+    domain = f"saestream-{uuid.uuid4().hex}"
+    sock._release_auth = _acquire_auth(ctx, domain, authorized_dir, admit)
+    sock.zap_domain = domain.encode()
+    sock.curve_server = True
+    _set_keys(sock, curve.secret_key_file, public=public, secret=secret)
+    log.info("CURVE on %s: %d authorised producer key(s) in %s", bind, len(keys), authorized_dir)
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -263,38 +333,37 @@ def pull_socket(
     hwm: int = DEFAULT_HWM,
     curve: CurveServerKeys | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_connections: int | None = None,
     monitor: bool = True,
 ) -> Socket:
     """A PULL socket bound to `bind`, fair-queueing the chunks of every connected producer.
 
     With `curve`, only producers whose public key is in `curve.authorized_dir` get in.
+    With `max_connections`, a connection beyond that many open ones is refused at its
+    handshake (counted by the connection monitor, so `monitor` must be on).
     With `monitor`, a `ConnectionMonitor` thread logs refused handshakes.
     Close the socket before terminating the context (it owns an authenticator thread).
     """
+    if max_connections is not None and not monitor:
+        raise ValueError("max_connections needs the connection monitor")
     sock = _new_socket(ctx, zmq.PULL, monitor, "consumer socket")
     try:
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        _common_options(sock, heartbeat=False)
+        _common_options(sock)
+        admit = None
+        if max_connections is not None:
+            mon = sock.connection_monitor
+            assert mon is not None
+            admit = lambda: mon.open_connections() <= max_connections  # noqa: E731
         if curve is not None:
-            public, secret = load_keypair(curve.secret_key_file)
-            authorized_dir = Path(curve.authorized_dir)
-            if not authorized_dir.is_dir():
-                raise UserError(f"authorised-keys directory {authorized_dir} does not exist")
-            keys = authorized_keys(authorized_dir)
-            for key in keys:  # a broken file would otherwise silently lock everyone out
-                load_public_key(key)
-            if not keys:
-                log.warning("no *.key files in %s: every producer will be refused", authorized_dir)
+            _curve_server(ctx, sock, curve, bind, admit)
+        elif admit is not None:  # NULL security still asks the ZAP handler once a domain is set
             domain = f"saestream-{uuid.uuid4().hex}"
-            sock._release_auth = _acquire_auth(ctx, domain, authorized_dir)
+            sock._release_auth = _acquire_auth(ctx, domain, None, admit)
             sock.zap_domain = domain.encode()
-            sock.curve_server = True
-            _set_keys(sock, curve.secret_key_file, public=public, secret=secret)
-            log.info("CURVE on %s: %d authorised producer key(s) in %s", bind, len(keys),
-                     authorized_dir)
-        elif not is_loopback_endpoint(bind):
+        if curve is None and not is_loopback_endpoint(bind):
             log.warning(
                 "binding %s without CURVE: anyone who can reach it can send activations and "
                 "the stream is unencrypted (see `saestream keygen`)", bind
@@ -303,6 +372,29 @@ def pull_socket(
             sock.bind(bind)
         except zmq.ZMQError as exc:
             raise UserError(f"cannot bind {bind!r}: {exc}") from exc
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def router_socket(
+    ctx: zmq.Context, bind: str, *, curve: CurveServerKeys | None = None
+) -> Socket:
+    """The consumer's control socket (ROUTER, bound), authenticated like its data socket."""
+    sock = _new_socket(ctx, zmq.ROUTER, False, "consumer control socket")
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a gone peer is dropped
+        sock.setsockopt(zmq.SNDHWM, 64)
+        _common_options(sock)
+        if curve is not None:
+            _curve_server(ctx, sock, curve, bind)
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as exc:
+            raise UserError(f"cannot bind the control endpoint {bind!r}: {exc}") from exc
     except BaseException:
         sock.close(linger=0)
         raise
@@ -341,6 +433,7 @@ class ConnectionMonitor(threading.Thread):
 
         self.label = name
         self.counts: dict[str, int] = dict.fromkeys(_EVENT_NAMES.values(), 0)
+        self._open: set[int] = set()  # fds of accepted connections not yet closed
         self._log = logger or log
         self._rlog = RateLimitedLog(self._log, interval)
         self._stop_event = threading.Event()
@@ -374,16 +467,24 @@ class ConnectionMonitor(threading.Thread):
         if kind is None:
             return
         self.counts[kind] += 1
+        if kind == "accepted":
+            self._open.add(event["value"])
+        elif kind == "disconnected":
+            self._open.discard(event["value"])
         endpoint = event["endpoint"].decode(errors="replace")
         if kind in _FAILED:
             self._rlog.warning(
                 kind,
-                "%s: %s on %s (code %s): a peer was refused; check the CURVE keys on both "
-                "sides (an unauthorised key, or CURVE on one side only)",
+                "%s: %s on %s (code %s): a peer was refused (an unauthorised CURVE key, CURVE "
+                "on one side only, or more connections than the consumer admits)",
                 self.label, kind, endpoint, event["value"],
             )
         else:
             self._log.debug("%s: %s %s", self.label, kind, endpoint)
+
+    def open_connections(self) -> int:
+        """Accepted connections not yet closed, as far as the events seen so far tell."""
+        return len(self._open)
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop_event.set()

@@ -42,6 +42,15 @@ _ABS_MASK = {"bfloat16": 0x7FFF, "float16": 0x7FFF, "float32": 0x7FFFFFFF}
 MAX_STR_LEN = 1024
 """Longest producer, run, model and hook name (characters)."""
 
+MAX_SOURCE_KEYS = 64
+"""Most entries in a header's `source` map; keys are str of at most MAX_SOURCE_KEY_LEN chars."""
+MAX_SOURCE_KEY_LEN = 256
+MAX_SOURCE_LIST = 256
+"""Longest list value in `source` (of scalars only: provenance is flat)."""
+POSITION_KEYS = ("epoch", "start", "end")
+"""`source` keys that place a chunk in its producer's stream: rows are positions
+[start, end) of epoch `epoch`, so end − start == n. Optional; all three or none."""
+
 CODECS = ("raw", "lz4", "lz4-shuffle")
 DEFAULT_CODEC = "lz4-shuffle"
 
@@ -75,6 +84,12 @@ REJECT_REASON_HELP = {
     "hook": "the hook is not one the receiver trains on",
     "dim": "d differs from the receiver's expected width for that hook",
 }
+
+
+def lz4_bound(raw_nbytes: int) -> int:
+    """Most bytes one LZ4 frame of `raw_nbytes` can take (incompressible data expands by
+    1/255, plus block and frame headers): what a receiver must let through for a chunk."""
+    return raw_nbytes + raw_nbytes // 255 + (raw_nbytes >> 20) * 8 + 1024
 
 
 class WireError(Exception):
@@ -253,8 +268,12 @@ def encode_chunk(
             raise ValueError(f"{name} must be a non-empty str of at most {MAX_STR_LEN} chars")
     if type(seq) is not int or seq < 0:
         raise ValueError("seq must be an int >= 0")
-    if not isinstance(source, Mapping) or not all(type(k) is str for k in source):
+    if not isinstance(source, Mapping):
         raise ValueError("source must be a map with str keys")
+    try:
+        _check_source(dict(source), n)
+    except WireError as exc:
+        raise ValueError(str(exc)) from None
     ts = time.time() if ts is None else float(ts)
     if not math.isfinite(ts):
         raise ValueError("ts must be finite")
@@ -320,6 +339,38 @@ def _check_str(header: dict, key: str, max_len: int = MAX_STR_LEN) -> None:
         raise WireError("field", f"{key} must be a non-empty str of at most {max_len} chars")
 
 
+def _is_scalar(value: object) -> bool:
+    """JSON-safe leaf: str, int, finite float, bool or None (never bytes or containers)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return value is None or type(value) in (str, int, bool)
+
+
+def _check_source(source: Any, n: Any) -> None:
+    """`source` reaches JSON files and logs: a flat, bounded map of JSON-safe values."""
+    if type(source) is not dict or len(source) > MAX_SOURCE_KEYS:
+        raise WireError("field", f"source must be a map of at most {MAX_SOURCE_KEYS} entries")
+    for key, value in source.items():
+        if type(key) is not str or len(key) > MAX_SOURCE_KEY_LEN:
+            raise WireError("field", f"source keys must be str of at most {MAX_SOURCE_KEY_LEN}")
+        if type(value) is list:
+            if len(value) > MAX_SOURCE_LIST or not all(_is_scalar(v) for v in value):
+                raise WireError("field", f"source[{key!r:.50}]: a list of scalars, at most "
+                                f"{MAX_SOURCE_LIST}")
+        elif not _is_scalar(value):
+            raise WireError("field", f"source[{key!r:.50}] is a {type(value).__name__}, not a "
+                            "str, int, finite float, bool, None or list of those")
+    present = [k for k in POSITION_KEYS if k in source]
+    if present:
+        if len(present) != len(POSITION_KEYS) or not all(
+            _is_int(source[k]) and 0 <= source[k] < 1 << 62 for k in POSITION_KEYS
+        ):
+            raise WireError("field", "source epoch/start/end: all three, ints >= 0")
+        if _is_int(n) and source["end"] - source["start"] != n:
+            raise WireError("field", f"source end - start = {source['end'] - source['start']}, "
+                            f"but the chunk has n = {n} rows")
+
+
 def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
     if type(header) is not dict:
         raise WireError("header", f"header is a msgpack {type(header).__name__}, not a map")
@@ -344,8 +395,7 @@ def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
         raise WireError("field", "seq must be >= 0")
     if not 0 <= header["checksum"] < 1 << 32:
         raise WireError("field", "checksum must be a crc32 (0 <= checksum < 2**32)")
-    if type(header["source"]) is not dict or not all(type(k) is str for k in header["source"]):
-        raise WireError("field", "source must be a map with str keys")
+    _check_source(header["source"], header["n"])
     ts = header["ts"]
     if type(ts) not in (int, float) or not math.isfinite(ts):
         raise WireError("field", "ts must be a finite number")

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
+T = TypeVar("T")
 
 class Batch(NamedTuple):
     """One training batch taken from the buffer."""
@@ -79,10 +80,13 @@ class ShuffleBuffer:
         source: int = 0,
         should_stop: Callable[[], bool] = lambda: False,
         poll: float = 0.1,
+        on_commit: Callable[[int, int], None] | None = None,
     ) -> int:
         """Write the rows of `acts` ([n, d]) into free slots; blocks while the buffer is full.
 
-        A chunk larger than the free space is written in parts as slots free up. Returns the
+        A chunk larger than the free space is written in parts as slots free up; after each
+        part, `on_commit(first_row, rows)` runs under the buffer's lock, so whoever freezes
+        the buffer (`BufferSet.freeze`) sees exactly the rows it was told about. Returns the
         number of rows written: `n`, or fewer if `should_stop()` turned true while waiting.
         """
         n = acts.shape[0]
@@ -104,9 +108,26 @@ class ShuffleBuffer:
                 self.filled[self.n_filled : self.n_filled + m] = slots
                 self.n_filled += m
                 self.tokens_in += m
+                if on_commit is not None:
+                    on_commit(written, m)
                 self._cond.notify_all()
             written += m
         return written
+
+    def restore(self, batch: Batch) -> None:
+        """Refill an empty buffer with rows saved by a snapshot, each with its own source."""
+        n = batch.x.shape[0]
+        with self._cond:
+            if self.n_filled or self.n_free != self.capacity or n > self.capacity:
+                raise ValueError(f"cannot restore {n} rows into this buffer")
+            slots = self.free[self.n_free - n : self.n_free].clone()
+            self.n_free -= n
+            self.data.index_copy_(0, slots, batch.x.to(self.dtype))
+            self.source.index_copy_(0, slots, batch.sources.to(torch.int32))
+            self.filled[:n] = slots
+            self.n_filled = n
+            self.tokens_in += n
+            self._cond.notify_all()
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -161,9 +182,12 @@ class ShuffleBuffer:
         return self.n_filled
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the buffered rows and their sources (for tests and diagnostics)."""
+        """Copies of the buffered rows and their sources (snapshots, tests, diagnostics)."""
         with self._cond:
-            idx = self.filled[: self.n_filled].clone()
+            return self._contents()
+
+    def _contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.filled[: self.n_filled]
         return self.data.index_select(0, idx), self.source.index_select(0, idx)
 
     def wake(self) -> None:
@@ -215,6 +239,17 @@ class BufferSet:
     def items(self) -> list[tuple[str, ShuffleBuffer]]:
         with self._cond:
             return list(self.buffers.items())
+
+    def fill(self, hook: str) -> int:
+        """Tokens ready in `hook`'s buffer (0 before it exists)."""
+        buf = self.buffers.get(hook)
+        return 0 if buf is None else buf.fill()
+
+    def freeze(self, capture: Callable[[], T]) -> tuple[T, dict[str, Batch]]:
+        """`capture()` and copies of every buffer's rows (as `Batch`es), taken under the lock
+        every commit holds: one consistent cut of buffers and whatever `capture` reads."""
+        with self._cond:
+            return capture(), {h: Batch(*b._contents()) for h, b in self.buffers.items()}
 
     def take_any(
         self, batch_size: int, low_water: int, timeout: float

@@ -5,10 +5,14 @@
     DIR/step-00001234/<name>/trainer.json      trainer configuration and counters (readable)
     DIR/step-00001234/<name>/trainer.pt        optimiser, dead counters, RNG (weights_only)
     DIR/step-00001234/extra.json               provenance supplied by the caller
+    DIR/step-00001234/buffers/<i>.safetensors  the consumer's shuffle buffers (rows, sources)
     DIR/latest                                 text: the newest snapshot's directory name
 
 Each snapshot is written under `DIR/.tmp-…`, fsynced and renamed into place; `latest` is
-replaced atomically afterwards, so a reader never sees half a checkpoint.
+replaced atomically afterwards, so a reader never sees half a checkpoint. A consumer's
+`extra.json` names its run (`run_id`), its SAEs (`saes`) and buffers (`buffers`): a
+snapshot is complete only when every one of them is there (`check_complete`), and resuming
+follows `latest`, falling back only to older snapshots of the same run (`resumable`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,14 +33,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saestream import __version__
-from saestream.consumer.sae import SAEConfig, SparseAutoencoder
+from saestream.consumer.buffer import Batch
+from saestream.consumer.sae import LAYER_NORM_EPS, SAEConfig, SparseAutoencoder
 from saestream.consumer.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("saestream.checkpoint")
 
 SNAPSHOT_RE = re.compile(r"^step-(\d{8,})$")
 WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+SAE_FILES = ("sae.safetensors", "cfg.json", "trainer.json", "trainer.pt")
 LATEST = "latest"
+TEMP_PREFIXES = (".tmp-", ".old-", f".{LATEST}.tmp")
 
 
 class CheckpointError(Exception):
@@ -59,7 +67,7 @@ def sae_cfg_json(trainer: Trainer) -> dict[str, Any]:
         "normalize_decoder": True,
         "input_normalization": c.input_normalization,
         "input_scale": trainer.sae.input_scale if c.input_normalization == "scalar" else None,
-        "layer_norm_eps": 1e-5,
+        "layer_norm_eps": LAYER_NORM_EPS,
         "name": trainer.name,
         "hook": trainer.hook,
         "model": trainer.model,
@@ -68,16 +76,33 @@ def sae_cfg_json(trainer: Trainer) -> dict[str, Any]:
 
 
 def save_snapshot(
-    root: Path, step: int, trainers: Mapping[str, Trainer], extra: dict | None = None
+    root: Path, step: int, trainers: Mapping[str, Trainer], extra: dict | None = None,
+    *, buffers: Mapping[str, Batch] | None = None,
 ) -> Path:
     """Write `root/step-XXXXXXXX/` for every trainer (keyed by SAE name) and point
-    `root/latest` at it. Returns the snapshot's path. A snapshot of the same step is replaced."""
+    `root/latest` at it. Returns the snapshot's path. A snapshot of the same step is replaced.
+
+    :param buffers: shuffle-buffer contents per hook; written under `buffers/` and listed in
+        `extra.json` (`buffers`: hook -> file).
+    Raises OSError (or safetensors' error) with nothing left behind but the previous state.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / snapshot_name(step)
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    extra = dict(extra or {})
     try:
+        if buffers is not None:
+            (tmp / "buffers").mkdir()
+            extra["buffers"] = {}
+            for i, (hook, batch) in enumerate(buffers.items()):
+                rel = f"buffers/{i}.safetensors"
+                save_file({"rows": batch.x.contiguous(), "sources": batch.sources.contiguous()},
+                          str(tmp / rel), metadata={"hook": hook})
+                _fsync(tmp / rel)
+                extra["buffers"][hook] = rel
+            _fsync(tmp / "buffers")
         for name, trainer in trainers.items():
             _check_name(name)
             d = tmp / name
@@ -101,7 +126,8 @@ def save_snapshot(
             for f in d.iterdir():
                 _fsync(f)
             _fsync(d)
-        _write_json(tmp / "extra.json", extra or {})
+        _write_json(tmp / "extra.json", extra)
+        _fsync(tmp / "extra.json")
         _fsync(tmp)
         old = None
         if final.exists():
@@ -115,10 +141,14 @@ def save_snapshot(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    _fsync(pointer)
-    os.replace(pointer, root / LATEST)
-    _fsync(root)
+    try:
+        pointer.write_text(final.name + "\n")
+        _fsync(pointer)
+        os.replace(pointer, root / LATEST)
+        _fsync(root)
+    except BaseException:
+        pointer.unlink(missing_ok=True)
+        raise
     return final
 
 
@@ -143,10 +173,13 @@ def load_snapshot(
     try:
         extra_file = path / "extra.json"
         extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
-        dirs = sorted(d for d in path.iterdir() if (d / "cfg.json").exists())
-        if not dirs:
-            raise CheckpointError(f"{path}: no SAE directory (none holds cfg.json)")
-        return {d.name: load_trainer(d, device) for d in dirs}, extra
+        if isinstance(extra.get("saes"), dict):  # a consumer's snapshot names its SAEs
+            names = sorted(extra["saes"])
+        else:
+            names = sorted(d.name for d in path.iterdir() if (d / "cfg.json").exists())
+            if not names:
+                raise CheckpointError(f"{path}: no SAE directory (none holds cfg.json)")
+        return {n: load_trainer(path / n, device) for n in names}, extra
     except CheckpointError:
         raise
     except (OSError, ValueError) as exc:
@@ -180,12 +213,94 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu") -> Trainer
         raise CheckpointError(f"{d}: {type(exc).__name__}: {exc}") from exc
 
 
+def check_complete(path: Path) -> dict[str, Any]:
+    """The snapshot's extra.json if every file its layout names is present; CheckpointError
+    (saying what is missing) otherwise. Cheap: nothing but extra.json is read."""
+    path = Path(path)
+    try:
+        extra = json.loads((path / "extra.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: no readable extra.json ({exc})") from None
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: extra.json is not an object")
+    if isinstance(extra.get("saes"), dict):  # a consumer's snapshot names its SAEs
+        names = sorted(extra["saes"])
+    else:
+        names = sorted(d.name for d in path.iterdir() if (d / "cfg.json").exists())
+        if not names:
+            raise CheckpointError(f"{path}: no SAE directory (none holds cfg.json)")
+    for name in names:
+        missing = [f for f in SAE_FILES if not (path / name / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: SAE {name} lacks {', '.join(missing)}")
+    for hook, rel in (extra.get("buffers") or {}).items():
+        if not (path / str(rel)).is_file():
+            raise CheckpointError(f"{path}: the buffer of hook {hook} ({rel}) is missing")
+    return extra
+
+
+def run_of(extra: Mapping[str, Any]) -> str | None:
+    """The id of the run that wrote a snapshot (None for snapshots from before run ids)."""
+    run = extra.get("run_id")
+    return run if isinstance(run, str) else None
+
+
+def latest_name(root: Path) -> str | None:
+    try:
+        name = (Path(root) / LATEST).read_text().strip()
+    except OSError:
+        return None
+    return name if SNAPSHOT_RE.match(name) else None
+
+
+def resumable(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Complete snapshots to resume from, best first: the one `latest` names, then older
+    ones of the same run, newest first (a warning for each one skipped). Without `latest`,
+    the newest complete snapshot's run is taken. Other runs' snapshots are never offered."""
+    root = Path(root)
+    snaps = list_snapshots(root)
+    name = latest_name(root)
+    target = root / name if name else None
+    if target is None or not target.is_dir():
+        if name:
+            log.warning("%s/%s names %s, which is missing", root, LATEST, name)
+        complete = [(p, e) for p, e in _complete(reversed(snaps), warn=False)]
+        if not complete:
+            return
+        target = complete[0][0]
+    run = None
+    try:
+        run = run_of(check_complete(target))
+    except CheckpointError as exc:
+        log.warning("skipping incomplete snapshot %s: %s", target, exc)
+    step = int(SNAPSHOT_RE.match(target.name).group(1))  # type: ignore[union-attr]
+    for path, extra in _complete(
+        (p for p in reversed(snaps) if int(SNAPSHOT_RE.match(p.name).group(1)) <= step),
+        warn=True,
+    ):
+        if run is None and path != target and run_of(extra) is not None:
+            run = run_of(extra)  # `latest` itself was unreadable: its run is the next one's
+        if run_of(extra) != run:
+            log.warning("skipping %s: it belongs to run %s, not %s", path, run_of(extra), run)
+            continue
+        yield path, extra
+
+
+def _complete(paths: Iterator[Path], warn: bool) -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in paths:
+        try:
+            yield path, check_complete(path)
+        except CheckpointError as exc:
+            if warn:
+                log.warning("skipping incomplete snapshot %s: %s", path, exc)
+
+
 def load_latest(
     root: Path, device: str | torch.device = "cpu"
 ) -> tuple[Path, dict[str, Trainer], dict] | None:
-    """The newest readable snapshot under `root`, or None. Unreadable ones are skipped with
-    a warning."""
-    for path in reversed(list_snapshots(root)):
+    """The snapshot to resume from (see `resumable`), read; None if there is none. Unreadable
+    ones are skipped with a warning."""
+    for path, _ in resumable(root):
         try:
             trainers, extra = load_snapshot(path, device)
         except CheckpointError as exc:
@@ -193,6 +308,83 @@ def load_latest(
             continue
         return path, trainers, extra
     return None
+
+
+def load_buffers(path: Path, extra: Mapping[str, Any]) -> dict[str, Batch]:
+    """The shuffle-buffer contents a snapshot holds, per hook."""
+    out = {}
+    for hook, rel in (extra.get("buffers") or {}).items():
+        try:
+            t = load_file(str(Path(path) / str(rel)))
+            out[hook] = Batch(t["rows"], t["sources"])
+        except Exception as exc:  # corrupt files surface as many exception types
+            raise CheckpointError(f"{path}/{rel}: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a snapshot could not be written, as a metric label."""
+    import errno
+
+    code = getattr(exc, "errno", None)
+    text = str(exc).lower()
+    if code == errno.ENOSPC or "no space" in text:
+        return "no_space"
+    if code == errno.EROFS or "read-only" in text:
+        return "read_only"
+    if code in (errno.EACCES, errno.EPERM) or "permission" in text:
+        return "permission"
+    if code == errno.EIO:
+        return "io"
+    return "other"
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete what interrupted writes left in `root` (`.tmp-*`, `.old-*`); returns them."""
+    root = Path(root)
+    stale = [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIXES)] if root.is_dir() \
+        else []
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+RUN_FILE = "run.json"
+"""The run a checkpoint directory belongs to, written before the run accepts any data, so a
+consumer killed before its first snapshot comes back as the same run."""
+
+
+def holds_a_run(root: Path) -> bool:
+    """Whether `root` holds a run (its run file, snapshots or a `latest` pointer)."""
+    root = Path(root)
+    return (root / RUN_FILE).exists() or (root / LATEST).exists() or bool(list_snapshots(root))
+
+
+def read_run_id(root: Path) -> str | None:
+    try:
+        run = json.loads((Path(root) / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, str) and run else None
+
+
+def write_run_id(root: Path, run_id: str) -> None:
+    tmp = Path(root) / f".tmp-{RUN_FILE}"
+    _write_json(tmp, {"run_id": run_id, "created": time.time()})
+    _fsync(tmp)
+    os.replace(tmp, Path(root) / RUN_FILE)
+    _fsync(Path(root))
+
+
+def remove_run(root: Path) -> None:
+    """`--overwrite`: delete every snapshot, the `latest` pointer and the run file."""
+    for path in list_snapshots(root):
+        shutil.rmtree(path)
+    (Path(root) / LATEST).unlink(missing_ok=True)
+    (Path(root) / RUN_FILE).unlink(missing_ok=True)
 
 
 class LoadedSAE(NamedTuple):
@@ -263,18 +455,18 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
     return LoadedSAE(d.name, d, sae.eval().requires_grad_(False), cfg)
 
 
-def prune_snapshots(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` snapshots (never the one `latest` names)."""
+def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]:
+    """Delete all but the newest `keep` complete snapshots of `run` (never the one `latest`
+    names); other runs' and incomplete snapshots are left alone. Returns what was deleted."""
     root = Path(root)
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    try:
-        pinned = (root / LATEST).read_text().strip()
-    except OSError:
-        pinned = None
-    for path in list_snapshots(root)[:-keep]:
-        if path.name != pinned:
-            shutil.rmtree(path, ignore_errors=True)
+    pinned = latest_name(root)
+    ours = [p for p, e in _complete(iter(list_snapshots(root)), warn=False) if run_of(e) == run]
+    doomed = [p for p in ours[:-keep] if p.name != pinned]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def _check_name(name: str) -> None:

@@ -1,17 +1,25 @@
 """The consumer daemon: receive → shuffle buffer → train every SAE on each batch → checkpoint.
 
-`run_consumer` is the main loop, readable top to bottom. Two threads: the receiver (socket →
-buffer, `consumer/receiver.py`) and this loop (buffer → trainers). Signals only set flags,
-handled here at step boundaries: SIGUSR1 writes a snapshot and training continues;
-SIGTERM/SIGINT write a final snapshot and return.
+`run_consumer` is the main loop, readable top to bottom; `ConsumerRun` holds the run and
+its named steps. Three threads: the receiver (socket → buffer, `consumer/receiver.py`), the
+control channel (producers ask where to continue, `consumer/control.py`) and this loop
+(buffer → trainers). Signals only set flags, handled at step boundaries: SIGUSR1 writes a
+snapshot and training continues; SIGTERM/SIGINT write a final snapshot and return.
+
+Delivery: each snapshot holds the trainers, the shuffle buffer and the ledger of which
+positions of every producer's stream they account for, taken as one consistent cut; a
+producer resumes from what the snapshot accounts for, so a token is trained exactly once
+whichever process dies. A snapshot that fails (full disk, I/O error) is counted and logged,
+and training goes on.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
+import tempfile
 import time
-from collections import deque
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,409 +27,419 @@ from typing import Any
 import torch
 import zmq
 
+from saestream.common.control import control_endpoint
+from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
-from saestream.common.transport import CurveServerKeys, pull_socket
-from saestream.common.wire import REJECT_REASONS
+from saestream.common.transport import pull_socket, router_socket
+from saestream.common.wire import REJECT_REASONS, DecodeLimits, lz4_bound
+from saestream.consumer import checkpoint as ckpt
 from saestream.consumer.buffer import Batch, BufferSet
+from saestream.consumer.config import ConsumerConfig, SAESpec, check_fits
+from saestream.consumer.control import ControlServer
+from saestream.consumer.ledger import Ledger
 from saestream.consumer.metrics import ConsumerMetrics
-from saestream.consumer.receiver import (
-    CONSUMER_REJECT_REASONS,
-    HookInfo,
-    ProducerProgress,
-    Receiver,
-)
+from saestream.consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, Receiver
+from saestream.consumer.trainer import MSEWindow, StepMetrics, Trainer
 
 log = logging.getLogger("saestream.consumer")
 
-DEFAULT_BIND = "tcp://127.0.0.1:5557"
-DEFAULT_METRICS_PORT = 9101
-
-
-@dataclass
-class SAESpec:
-    """One SAE the consumer trains; `--sae key=value,...` maps onto these fields."""
-
-    name: str
-    """Snapshot folder and `sae` label; defaults to the hook (suffixed when a spec serves
-    several hooks)."""
-    hook: str
-    """Hook whose activations this SAE reads."""
-    latents: int = 16384
-    """Number of latents (dictionary size)."""
-    k: int = 32
-    """Latents kept per token by TopK."""
-    multi_topk: bool = False
-    """Add the Multi-TopK term L(4k)/8."""
-    input_normalization: str = "layer_norm"
-    """none | layer_norm | scalar (recorded in the checkpoint, never inferred)."""
-    lr: float | None = None
-    """Adam learning rate; None = 2e-4 / sqrt(latents / 2**14)."""
-    k_aux: int = 512
-    """Dead latents used by the AuxK loss."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead when it has not fired in this many trained tokens."""
-    grad_clip: float | None = None
-    """Clip the gradient norm to this value (None = off)."""
-    seed: int = 0
-    """Seed of the SAE's initialisation."""
-
-    def sae_config(self, d_in: int) -> Any:
-        from saestream.consumer.sae import SAEConfig
-
-        return SAEConfig(
-            d_in=d_in, n_latents=self.latents, k=self.k, multi_topk=self.multi_topk,
-            input_normalization=self.input_normalization,
-        )
-
-    def trainer_config(self) -> Any:
-        from saestream.consumer.trainer import TrainerConfig
-
-        return TrainerConfig(
-            lr=self.lr, k_aux=self.k_aux, auxk_coef=self.auxk_coef, dead_tokens=self.dead_tokens,
-            grad_clip=self.grad_clip, seed=self.seed,
-        )
-
-
-@dataclass
-class ConsumerConfig:
-    """Everything `saestream consumer` is configured with; one field per CLI flag."""
-
-    hooks: list[str]
-    """Hooks to accept (`--hook`)."""
-    saes: list[SAESpec]
-    """SAEs to train (`--sae`), each on one of `hooks`."""
-    bind: str = DEFAULT_BIND
-    """ZeroMQ endpoint the PULL socket binds (producers connect to it)."""
-    d_in: int | None = None
-    """Width of every hook; None = learned from the hook's first valid message."""
-    buffer_tokens: int = 1 << 18
-    """Shuffle buffer capacity per hook (tokens)."""
-    batch_size: int = 4096
-    """Tokens per training batch."""
-    min_fill: float = 0.5
-    """Training waits while a buffer holds fewer than min_fill × buffer_tokens tokens."""
-    checkpoint_dir: Path | None = None
-    """Where snapshots go; None = no snapshots."""
-    checkpoint_every: int | None = None
-    """Periodic snapshot every this many steps (None = off)."""
-    checkpoint_every_seconds: float | None = None
-    """Periodic snapshot every this many seconds of training (None = off)."""
-    keep: int = 3
-    """Snapshots to keep (newest); 0 = all."""
-    resume: bool = False
-    """Continue from the newest readable snapshot in checkpoint_dir, if any."""
-    max_tokens: int | None = None
-    """Stop (with a final snapshot) after training on this many tokens."""
-    max_steps: int | None = None
-    """Stop (with a final snapshot) after this many steps."""
-    metrics_port: int = DEFAULT_METRICS_PORT
-    """Port of /metrics (0 = off)."""
-    metrics_addr: str = "127.0.0.1"
-    """Address /metrics listens on."""
-    metrics_window: int = 100
-    """Steps over which saestream_normalized_mse is computed."""
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N."""
-    hwm: int = 16
-    """Receive high-water mark (messages queued per producer before it blocks)."""
-    curve: CurveServerKeys | None = None
-    """CURVE server keys; None = plaintext."""
-    log_every: float = 30.0
-    """Seconds between progress log lines."""
-    reject_log_interval: float = 10.0
-    """Seconds between log lines for one reject reason."""
-    seed: int = 0
-    """Seed of the buffer's batch sampling."""
+FLUSH_SNAPSHOT_SECONDS = 2.0
+"""Snapshots asked for by producers that finished are written at most this often."""
+RETRY_AFTER_FAILURE_SECONDS = 10.0
 
 
 @dataclass
 class RunStats:
     """What a finished run did (returned to the CLI and tests)."""
 
+    run_id: str = ""
     steps: int = 0
     tokens: int = 0
     snapshots: list[Path] = field(default_factory=list)
     saved_step: int = -1
     stop_reason: str = ""
+    failed_snapshots: int = 0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class FinalSnapshotError(Exception):
+    """The final snapshot could not be written; the message names the last good one."""
 
 
 def run_consumer(
     cfg: ConsumerConfig, flags: SignalFlags, *, metrics: ConsumerMetrics | None = None
 ) -> RunStats:
-    """Receive and train until stopped (signal, --max-tokens, --max-steps); final snapshot."""
-    device = resolve_device(cfg.device)
-    metrics = metrics or ConsumerMetrics()
-    metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
-    low_water = max(cfg.batch_size, math.ceil(cfg.min_fill * cfg.buffer_tokens))
-    stats = RunStats()
+    """Receive and train until stopped (signal, --max-tokens, --max-steps); final snapshot.
 
-    # Training state: fresh, or exactly where the newest readable snapshot left off.
-    trainers: dict[str, Any] = {}
-    hook_info: dict[str, HookInfo] = {}
-    progress: dict[str, ProducerProgress] = {}
-    if cfg.d_in is not None:
-        hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks}
-    if cfg.resume and cfg.checkpoint_dir is not None:
-        trainers, hook_info, progress, stats.steps, stats.tokens = _restore(cfg, hook_info, device)
-        for name, tr in trainers.items():
-            metrics.train_steps.labels(hook=tr.hook, sae=name).inc(tr.step)
-            metrics.trained_tokens.labels(hook=tr.hook, sae=name).inc(tr.tokens_seen)
-    windows = {spec.name: deque(maxlen=cfg.metrics_window) for spec in cfg.saes}
-    for h in cfg.hooks:
-        metrics.declare_hook(h, cfg.buffer_tokens)
-
-    # /metrics, then receiving: a PULL socket and its thread.
+    Raises UserError for a configuration this machine or directory cannot serve (before
+    any socket is bound), FinalSnapshotError when the final snapshot cannot be written.
+    """
+    run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics())
     try:
-        serve_metrics(metrics.registry, cfg.metrics_port, cfg.metrics_addr)
-    except OSError as exc:
-        raise UserError(
-            f"cannot serve /metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}"
-        ) from exc
-    ctx = zmq.Context()
-    sock = pull_socket(ctx, cfg.bind, hwm=cfg.hwm, curve=cfg.curve)
-    buffers = BufferSet(cfg.buffer_tokens, pin_memory=device.type == "cuda", seed=cfg.seed)
-    receiver = Receiver(
-        sock, buffers, metrics, hooks=cfg.hooks, hook_info=hook_info, progress=progress,
-        log_interval=cfg.reject_log_interval,
-    )
-    receiver.start()
-    log.info(
-        "consumer on %s, hooks %s, SAEs %s, device %s, metrics on %s:%s",
-        cfg.bind, ",".join(cfg.hooks), ",".join(s.name for s in cfg.saes), device,
-        cfg.metrics_addr, cfg.metrics_port or "off",
-    )
-
-    def snapshot(reason: str) -> None:
-        path = _save(cfg, stats, trainers, receiver, reason)
-        if path is not None:
-            stats.snapshots.append(path)
-            metrics.checkpoints.inc()
-            metrics.last_checkpoint.set(time.time())
-
-    last_save, last_log = time.monotonic(), time.monotonic()
-    steps_at_log, tokens_at_log = stats.steps, stats.tokens
-    try:
-        while not flags.stop.is_set():
-            stats.stop_reason = _limit_reached(cfg, stats)  # e.g. resumed at --max-steps
-            if stats.stop_reason:
-                break
-            # 1. A batch from whichever hook's buffer is above its low-water mark.
-            got = buffers.take_any(cfg.batch_size, low_water, timeout=0.2)
-            for h, buf in buffers.items():
-                metrics.buffer_tokens.labels(hook=h).set(buf.fill())
-            if receiver.error is not None:
-                raise RuntimeError("receiver thread failed") from receiver.error
-            if got is None:
-                if flags.snapshot.is_set():  # idle: no step in progress, snapshot now
-                    flags.snapshot.clear()
-                    snapshot("signal")
-                if time.monotonic() - last_log >= cfg.log_every:
-                    fill = " ".join(f"{h}={b.fill()}" for h, b in buffers.items()) or "empty"
-                    log.info("waiting for data: buffer %s, training starts at %d tokens",
-                             fill, low_water)
-                    last_log, steps_at_log, tokens_at_log = (
-                        time.monotonic(), stats.steps, stats.tokens)
-                continue
-            hook, batch = got
-
-            # 2. Every SAE of that hook trains on the same batch.
-            x = batch.x.to(device, non_blocking=True)
-            for spec in (s for s in cfg.saes if s.hook == hook):
-                trainer = trainers.get(spec.name)
-                if trainer is None:
-                    trainer = trainers[spec.name] = _new_trainer(spec, receiver, device)
-                t0 = time.perf_counter()
-                m = trainer.train_step(x)
-                dt = time.perf_counter() - t0
-                _record(metrics, windows[spec.name], hook, spec.name, m, dt)
-            stats.steps += 1
-            stats.tokens += batch.x.shape[0]
-            receiver.add_trained(_count_sources(batch))
-
-            # 3. Stop conditions, signals and periodic snapshots, at the step boundary.
-            stats.stop_reason = _limit_reached(cfg, stats)
-            if stats.stop_reason:
-                break
-            if flags.snapshot.is_set():
-                flags.snapshot.clear()
-                snapshot("signal")
-                last_save = time.monotonic()
-            elif _periodic_due(cfg, stats.steps, last_save):
-                snapshot("periodic")
-                last_save = time.monotonic()
-            if time.monotonic() - last_log >= cfg.log_every:
-                elapsed = time.monotonic() - last_log
-                _log_progress(stats, steps_at_log, tokens_at_log, elapsed, windows, buffers)
-                last_log, steps_at_log, tokens_at_log = time.monotonic(), stats.steps, stats.tokens
-        else:
-            stats.stop_reason = "signal"
-        snapshot("final")
+        while not run.stop_reason():
+            got = run.next_batch()
+            if got is not None:
+                run.train(*got)
+            run.housekeeping()
+        run.finish()
     finally:
-        receiver.stop()
-        ctx.destroy(linger=0)
-    log.info(
-        "stopped (%s) after %d steps, %d tokens; %d snapshots written",
-        stats.stop_reason, stats.steps, stats.tokens, len(stats.snapshots),
-    )
-    return stats
+        run.close()
+    return run.stats
 
 
-# -- helpers of the main loop, in the order it uses them -------------------------------------
+class ConsumerRun:
+    """One consumer process: set-up in the constructor, then the loop's named steps."""
 
+    def __init__(self, cfg: ConsumerConfig, flags: SignalFlags,
+                 metrics: ConsumerMetrics) -> None:
+        self.cfg, self.flags, self.metrics = cfg, flags, metrics
+        self.device = resolve_device(cfg.device)
+        check_fits(cfg, str(self.device))
+        self.stats = RunStats()
+        self.trainers: dict[str, Trainer] = {}
+        self.windows = {s.name: MSEWindow(cfg.metrics_window) for s in cfg.saes}
+        self.hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks} if cfg.d_in \
+            else {}
+        self.ledger = Ledger(cfg.max_producers, cfg.producer_expiry_seconds)
+        self.buffers = BufferSet(cfg.buffer_tokens, pin_memory=self.device.type == "cuda",
+                                 seed=cfg.seed)
+        restored = self._open_checkpoint_dir()
+        metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
+        self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
+        self._serve(restored)
+        self._last_save = self._last_flush_save = self._last_log = time.monotonic()
+        self._saved_version = -1
+        self._failed_at = -float("inf")
+        self._at_log = (self.stats.steps, self.stats.tokens)
 
-def _restore(
-    cfg: ConsumerConfig, hook_info: dict[str, HookInfo], device: torch.device
-) -> tuple[dict[str, Any], dict[str, HookInfo], dict[str, ProducerProgress], int, int]:
-    """Trainers, hook widths, producer progress, steps and tokens from the newest snapshot."""
-    from saestream.consumer.checkpoint import load_latest
+    # -- set-up -------------------------------------------------------------------------------
 
-    assert cfg.checkpoint_dir is not None
-    found = load_latest(cfg.checkpoint_dir, device)
-    if found is None:
-        log.info("--resume: no readable snapshot in %s, starting fresh", cfg.checkpoint_dir)
-        return {}, hook_info, {}, 0, 0
-    path, trainers, extra = found
-    want = {s.name for s in cfg.saes}
-    if set(trainers) != want:
+    def _open_checkpoint_dir(self) -> Ledger | None:
+        """Check the directory, then resume (returns the committed ledger) or start anew."""
+        cfg, root = self.cfg, self.cfg.checkpoint_dir
+        if root is None:
+            return None
+        _check_writable(root)
+        for stale in ckpt.remove_stale_temporaries(root):
+            log.info("removed %s, left by an interrupted snapshot", stale)
+        if ckpt.holds_a_run(root) and cfg.overwrite:
+            log.warning("--overwrite: deleting the run in %s", root)
+            ckpt.remove_run(root)
+        elif ckpt.holds_a_run(root) and not cfg.resume:
+            raise UserError(
+                f"--checkpoint-dir {root} already holds a run: pass --resume to continue it, "
+                "--overwrite to discard it, or choose a new directory"
+            )
+        elif ckpt.holds_a_run(root):
+            return self._restore(root)
+        elif cfg.resume:
+            log.info("--resume: no run in %s, starting a new one", root)
+        self.stats.run_id = uuid.uuid4().hex[:12]
+        ckpt.write_run_id(root, self.stats.run_id)  # before any data is accepted
+        return None
+
+    def _restore(self, root: Path) -> Ledger:
+        """Trainers, buffers, ledger, counters from the snapshot `latest` names (or nothing
+        yet, for a run that was killed before its first snapshot)."""
+        run_id = ckpt.read_run_id(root)
+        if run_id is not None and not ckpt.list_snapshots(root) and not ckpt.latest_name(root):
+            log.info("--resume: run %s in %s has no snapshot yet: continuing it from the start",
+                     run_id, root)
+            self.stats.run_id = run_id
+            return self.ledger.copy()
+        for path, _ in ckpt.resumable(root):
+            try:
+                trainers, extra = ckpt.load_snapshot(path, self.device)
+                buffered = ckpt.load_buffers(path, extra)
+            except ckpt.CheckpointError as exc:
+                log.warning("skipping unreadable snapshot %s: %s", path, exc)
+                continue
+            self._adopt(path, trainers, extra, buffered)
+            return self.ledger.copy()
         raise UserError(
-            f"snapshot {path} holds SAEs {sorted(trainers)}, but --sae configures {sorted(want)}"
+            f"--resume: no readable snapshot of the run in {root} (see the warnings above); "
+            "--overwrite starts over"
         )
-    hook_info = dict(hook_info)
-    for name, tr in trainers.items():
-        spec = next(s for s in cfg.saes if s.name == name)
-        if tr.hook != spec.hook:
-            raise UserError(f"SAE {name} in {path} reads hook {tr.hook}, --sae says {spec.hook}")
-        saved = extra.get("hooks", {}).get(tr.hook, {})
-        hook_info[tr.hook] = HookInfo(
-            tr.sae_cfg.d_in, saved.get("dtype"), saved.get("model", tr.model)
+
+    def _adopt(self, path: Path, trainers: dict[str, Trainer], extra: dict[str, Any],
+               buffered: dict[str, Batch]) -> None:
+        cfg = self.cfg
+        specs = {s.name: s for s in cfg.saes}
+        if trainers and set(trainers) != set(specs):
+            raise UserError(f"snapshot {path} holds SAEs {sorted(trainers)}, but --sae "
+                            f"configures {sorted(specs)}")
+        for name, tr in trainers.items():
+            if tr.hook != specs[name].hook:
+                raise UserError(f"SAE {name} in {path} reads hook {tr.hook}, --sae says "
+                                f"{specs[name].hook}")
+        for hook, saved in extra.get("hooks", {}).items():
+            if hook in cfg.hooks:
+                self.hook_info[hook] = HookInfo(saved["d_in"], saved.get("dtype"),
+                                                saved.get("model"))
+        self.ledger = Ledger.from_json(extra.get("producers", {}), cfg.max_producers,
+                                       cfg.producer_expiry_seconds)
+        for hook, batch in buffered.items():
+            info = self.hook_info[hook]
+            if batch.x.shape[0] > cfg.buffer_tokens:
+                raise UserError(f"snapshot {path} buffers {batch.x.shape[0]} tokens of {hook}: "
+                                f"--buffer-tokens must be at least that")
+            self.buffers.get_or_create(hook, info.d, batch.x.dtype).restore(batch)
+        self.trainers = trainers
+        self.stats.steps, self.stats.tokens = int(extra.get("step", 0)), int(extra["tokens"])
+        self.stats.run_id = ckpt.run_of(extra) or ""
+        for name, tr in trainers.items():
+            self.metrics.train_steps.labels(hook=tr.hook, sae=name).inc(tr.step)
+            self.metrics.trained_tokens.labels(hook=tr.hook, sae=name).inc(tr.tokens_seen)
+        log.info("resumed from %s (run %s): step %d, %d tokens, %d buffered", path,
+                 self.stats.run_id, self.stats.steps, self.stats.tokens,
+                 sum(b.x.shape[0] for b in buffered.values()))
+
+    def _serve(self, committed: Ledger | None) -> None:
+        """/metrics, then the sockets and the threads that serve them."""
+        cfg, m = self.cfg, self.metrics
+        try:
+            serve_metrics(m.registry, cfg.metrics_port, cfg.metrics_addr)
+        except OSError as exc:
+            raise UserError(f"cannot serve /metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
+                            f"{exc}") from exc
+        limits = DecodeLimits(max_raw_nbytes=cfg.max_chunk_bytes)
+        max_message = lz4_bound(cfg.max_chunk_bytes) + limits.max_header_nbytes
+        budget = cfg.max_connections * (cfg.hwm + 1) * max_message
+        m.receive_budget_bytes.set(budget)
+        self.ctx = zmq.Context()
+        sock = pull_socket(self.ctx, cfg.bind, hwm=cfg.hwm, curve=cfg.curve,
+                           max_message_bytes=max_message, max_connections=cfg.max_connections)
+        self.receiver = Receiver(sock, self.buffers, m, self.ledger, hooks=cfg.hooks,
+                                 hook_info=self.hook_info, limits=limits,
+                                 log_interval=cfg.reject_log_interval)
+        self.control: ControlServer | None = None
+        control = cfg.control_bind or control_endpoint(cfg.bind)
+        if control != "off":
+            self.control = ControlServer(
+                router_socket(self.ctx, control, curve=cfg.curve), self.ledger, m,
+                run_id=self.stats.run_id, durable=cfg.checkpoint_dir is not None)
+            self.control.committed = committed
+        for h in cfg.hooks:
+            m.declare_hook(h, cfg.buffer_tokens, lambda h=h: self.buffers.fill(h))
+        self.receiver.start()
+        if self.control is not None:
+            self.control.start()
+        log.info(
+            "consumer run %s on %s (control %s), hooks %s, SAEs %s, device %s, metrics on "
+            "%s:%s; receive memory bound %.0f MiB (%d connections x (%d queued + 1) x %.1f MiB)",
+            self.stats.run_id, cfg.bind, control, ",".join(cfg.hooks),
+            ",".join(s.name for s in cfg.saes), self.device, cfg.metrics_addr,
+            cfg.metrics_port or "off", budget / 2**20, cfg.max_connections, cfg.hwm,
+            max_message / 2**20,
         )
-    progress = {}
-    for i, (name, p) in enumerate(extra.get("producers", {}).items()):
-        progress[name] = ProducerProgress(
-            index=i, run=p.get("run"), last_seq=p.get("last_seq"),
-            received_messages=p.get("received_messages", 0),
-            received_tokens=p.get("received_tokens", 0),
-            trained_tokens=p.get("trained_tokens", 0), source=p.get("source", {}),
-        )
-    steps, tokens = int(extra.get("step", 0)), int(extra.get("tokens", 0))
-    log.info("resumed from %s: step %d, %d tokens", path, steps, tokens)
-    return trainers, hook_info, progress, steps, tokens
+
+    # -- the loop's steps ---------------------------------------------------------------------
+
+    def stop_reason(self) -> str:
+        for thread in (self.receiver, self.control):
+            if thread is not None and thread.error is not None:
+                raise RuntimeError(f"the {thread.name} thread failed") from thread.error
+        cfg, s = self.cfg, self.stats
+        if not s.stop_reason:
+            if self.flags.stop.is_set():
+                s.stop_reason = "signal"
+            elif cfg.max_steps is not None and s.steps >= cfg.max_steps:
+                s.stop_reason = "max-steps"
+            elif cfg.max_tokens is not None and s.tokens >= cfg.max_tokens:
+                s.stop_reason = "max-tokens"
+        return s.stop_reason
+
+    def next_batch(self) -> tuple[str, Batch] | None:
+        """A batch from whichever hook's buffer is above its low-water mark (waits ≤ 0.2 s).
+        The last batch before --max-tokens is cut so the run trains exactly that many."""
+        size, low = self.cfg.batch_size, self.cfg.low_water()
+        if self.cfg.max_tokens is not None:
+            left = self.cfg.max_tokens - self.stats.tokens
+            size, low = min(size, left), min(low, left)
+        return self.buffers.take_any(size, low, timeout=0.2)
+
+    def train(self, hook: str, batch: Batch) -> None:
+        """Every SAE of the hook trains on the same batch."""
+        x = batch.x.to(self.device, non_blocking=True)
+        for spec in (s for s in self.cfg.saes if s.hook == hook):
+            trainer = self.trainers.get(spec.name) or self._new_trainer(spec)
+            labels = {"hook": hook, "sae": spec.name}
+            with self.metrics.train_step_seconds.labels(**labels).time():
+                m = trainer.train_step(x)
+            self._record(labels, m)
+        self.stats.steps += 1
+        self.stats.tokens += batch.x.shape[0]
+        counts = torch.bincount(batch.sources.long())
+        self.ledger.credit_trained(hook, {i: int(c) for i, c in enumerate(counts.tolist()) if c})
+
+    def housekeeping(self) -> None:
+        """At the step boundary: snapshots asked for (signal, periodic, producers), logs."""
+        cfg, now = self.cfg, time.monotonic()
+        control = self.control
+        if self.flags.snapshot.is_set():
+            self.flags.snapshot.clear()
+            self.snapshot("signal")
+        elif now - self._failed_at < RETRY_AFTER_FAILURE_SECONDS:
+            pass  # a disk just failed: periodic and producer-asked snapshots wait a little
+        elif (cfg.checkpoint_every and self.stats.steps % cfg.checkpoint_every == 0
+              and self.stats.saved_step != self.stats.steps) or (
+                cfg.checkpoint_every_seconds and now - self._last_save
+                >= cfg.checkpoint_every_seconds):
+            self.snapshot("periodic")
+        elif control is not None and control.flush_requested.is_set() and (
+                now - self._last_flush_save >= FLUSH_SNAPSHOT_SECONDS):
+            control.flush_requested.clear()
+            self._last_flush_save = now
+            self.snapshot("flush")
+        if now - self._last_log >= cfg.log_every:
+            self._log_progress(now)
+
+    def finish(self) -> None:
+        """The final snapshot, tried `final_snapshot_attempts` times."""
+        for attempt in range(1, self.cfg.final_snapshot_attempts + 1):
+            if self.snapshot("final") is not False:
+                break
+            if attempt < self.cfg.final_snapshot_attempts:
+                time.sleep(1.0)
+        else:
+            last = self.stats.snapshots[-1] if self.stats.snapshots else ckpt.latest_name(
+                self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
+            raise FinalSnapshotError(
+                f"the final snapshot failed {self.cfg.final_snapshot_attempts} times; the last "
+                f"good snapshot is {last or 'none'}"
+            )
+        log.info("stopped (%s) after %d steps, %d tokens; %d snapshots written",
+                 self.stats.stop_reason, self.stats.steps, self.stats.tokens,
+                 len(self.stats.snapshots))
+
+    def close(self) -> None:
+        if hasattr(self, "receiver"):
+            self.receiver.stop()
+            if self.control is not None:
+                self.control.stop()
+            self.ctx.destroy(linger=0)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _new_trainer(self, spec: SAESpec) -> Trainer:
+        info = self.receiver.known_hooks()[spec.hook]
+        check_fits(self.cfg, str(self.device), info.d)
+        log.info("SAE %s on %s: d_in=%d latents=%d k=%d", spec.name, spec.hook, info.d,
+                 spec.latents, spec.k)
+        trainer = Trainer(spec.sae_config(info.d), spec.trainer, name=spec.name,
+                          hook=spec.hook, model=info.model, device=self.device)
+        self.trainers[spec.name] = trainer
+        return trainer
+
+    def _record(self, labels: dict[str, str], m: StepMetrics) -> None:
+        """Export one step's StepMetrics; normalized MSE over the window of recent steps."""
+        mt = self.metrics
+        window = self.windows[labels["sae"]]
+        window.add(m)
+        mt.normalized_mse.labels(**labels).set(window.value())
+        mt.dead_latent_fraction.labels(**labels).set(m.dead_fraction)
+        mt.l0.labels(**labels).set(m.l0)
+        mt.auxk_loss.labels(**labels).set(m.auxk_loss)
+        mt.loss.labels(**labels).set(m.loss)
+        mt.trained_tokens.labels(**labels).inc(m.tokens)
+        mt.train_steps.labels(**labels).inc()
+
+    def snapshot(self, reason: str) -> Path | bool | None:
+        """Write a snapshot: its path; None when skipped; False when writing it failed (the
+        failure is counted and logged, the previous snapshot stays, training goes on)."""
+        cfg, s = self.cfg, self.stats
+        if cfg.checkpoint_dir is None:
+            log.info("%s snapshot skipped: no --checkpoint-dir", reason)
+            return None
+        (ledger_json, committed), buffers = self.buffers.freeze(self._ledger_cut)
+        if s.snapshots and (s.saved_step, self._saved_version) == (s.steps, committed.version):
+            log.info("%s snapshot: step %d already saved in %s", reason, s.steps,
+                     s.snapshots[-1])
+            return None
+        if not self.trainers and not any(b.x.shape[0] for b in buffers.values()):
+            log.info("%s snapshot skipped: nothing trained yet", reason)
+            return None
+        t0 = time.perf_counter()
+        buffers = _renumber_sources(buffers, committed.ordinals())
+        try:
+            path = ckpt.save_snapshot(cfg.checkpoint_dir, s.steps, self.trainers,
+                                      self._extra(reason, ledger_json), buffers=buffers)
+        except Exception as exc:  # a full or failing disk must not end the training
+            why = ckpt.failure_reason(exc)
+            self._failed_at = time.monotonic()
+            self.metrics.checkpoint_failures.labels(reason=why).inc()
+            s.failed_snapshots += 1
+            log.error("%s snapshot at step %d failed (%s: %s); the previous snapshot stays, "
+                      "training goes on", reason, s.steps, why, exc)
+            return False
+        s.saved_step, self._last_save = s.steps, time.monotonic()
+        self._saved_version = committed.version
+        s.snapshots.append(path)
+        if self.control is not None:
+            self.control.committed = committed
+        self.metrics.checkpoints.inc()
+        self.metrics.last_checkpoint.set_to_current_time()
+        if cfg.keep:
+            ckpt.prune_snapshots(cfg.checkpoint_dir, cfg.keep, s.run_id)
+        log.info("%s snapshot %s (%.2fs)", reason, path, time.perf_counter() - t0)
+        return path
+
+    def _ledger_cut(self) -> tuple[dict[str, Any], Ledger]:
+        """Under the buffers' lock: the ledger as JSON and a copy for the control channel's
+        `committed` answers."""
+        snap = self.ledger.copy()
+        return snap.to_json(), snap
+
+    def _extra(self, reason: str, producers: dict[str, Any]) -> dict[str, Any]:
+        s = self.stats
+        hooks = self.receiver.known_hooks()
+        return {
+            "run_id": s.run_id, "reason": reason, "stop_reason": s.stop_reason or None,
+            "time": time.time(), "step": s.steps, "tokens": s.tokens,
+            "hooks": {h: {"model": i.model, "d_in": i.d, "dtype": i.dtype}
+                      for h, i in hooks.items() if h in self.cfg.hooks},
+            "saes": {n: {"hook": t.hook, "model": t.model, "step": t.step,
+                         "tokens": t.tokens_seen} for n, t in self.trainers.items()},
+            "producers": producers,
+        }
+
+    def _log_progress(self, now: float) -> None:
+        steps0, tokens0 = self._at_log
+        elapsed = now - self._last_log
+        s = self.stats
+        fill = " ".join(f"{h}={b.fill()}/{b.capacity}" for h, b in self.buffers.items()) \
+            or "empty"
+        if s.steps == steps0:
+            log.info("waiting for data: buffer %s, training starts at %d tokens", fill,
+                     self.cfg.low_water())
+        else:
+            nmse = " ".join(f"{n}={w.value():.4f}" for n, w in self.windows.items() if len(w))
+            log.info("step %d, %d tokens, %.0f tokens/s, %.2f steps/s; nmse %s; buffer %s",
+                     s.steps, s.tokens, (s.tokens - tokens0) / elapsed,
+                     (s.steps - steps0) / elapsed, nmse, fill)
+        self._last_log, self._at_log = now, (s.steps, s.tokens)
 
 
-def _new_trainer(spec: SAESpec, receiver: Receiver, device: torch.device) -> Any:
-    from saestream.consumer.trainer import Trainer
-
-    info = receiver.known_hooks()[spec.hook]
-    cfg = spec.sae_config(info.d)
-    log.info("SAE %s on %s: d_in=%d latents=%d k=%d", spec.name, spec.hook, info.d, spec.latents,
-             spec.k)
-    return Trainer(cfg, spec.trainer_config(), name=spec.name, hook=spec.hook, model=info.model,
-                   device=device)
-
-
-def _record(
-    metrics: ConsumerMetrics, window: deque, hook: str, sae: str, m: Any, seconds: float
-) -> None:
-    """Export one step's StepMetrics; normalized MSE over the window of recent steps."""
-    window.append((m.sse, m.sst))
-    sst = sum(s for _, s in window)
-    labels = {"hook": hook, "sae": sae}
-    metrics.normalized_mse.labels(**labels).set(
-        sum(e for e, _ in window) / sst if sst > 0 else float("nan")
-    )
-    metrics.dead_latent_fraction.labels(**labels).set(m.dead_fraction)
-    metrics.l0.labels(**labels).set(m.l0)
-    metrics.auxk_loss.labels(**labels).set(m.auxk_loss)
-    metrics.loss.labels(**labels).set(m.loss)
-    metrics.trained_tokens.labels(**labels).inc(m.tokens)
-    metrics.train_steps.labels(**labels).inc()
-    metrics.train_step_seconds.labels(**labels).observe(seconds)
+def _renumber_sources(buffers: dict[str, Batch], ordinals: dict[int, int]) -> dict[str, Batch]:
+    """Buffer tags as the saved ledger will number them (-1 for a forgotten producer)."""
+    if not buffers:
+        return buffers
+    top = max([*ordinals, 0]) + 1
+    lut = torch.full((top,), -1, dtype=torch.int32)
+    for index, ordinal in ordinals.items():
+        lut[index] = ordinal
+    return {h: Batch(b.x, lut[b.sources.long().clamp_(0, top - 1)]) for h, b in buffers.items()}
 
 
-def _limit_reached(cfg: ConsumerConfig, stats: RunStats) -> str:
-    if cfg.max_steps is not None and stats.steps >= cfg.max_steps:
-        return "max-steps"
-    if cfg.max_tokens is not None and stats.tokens >= cfg.max_tokens:
-        return "max-tokens"
-    return ""
-
-
-def _count_sources(batch: Batch) -> dict[int, int]:
-    counts = torch.bincount(batch.sources.long())
-    return {i: int(c) for i, c in enumerate(counts.tolist()) if c}
-
-
-def _periodic_due(cfg: ConsumerConfig, steps: int, last_save: float) -> bool:
-    if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0:
-        return True
-    return bool(
-        cfg.checkpoint_every_seconds
-        and time.monotonic() - last_save >= cfg.checkpoint_every_seconds
-    )
-
-
-def _save(
-    cfg: ConsumerConfig, stats: RunStats, trainers: dict[str, Any], receiver: Receiver,
-    reason: str,
-) -> Path | None:
-    """A snapshot of every trainer with provenance; pruned to the newest `keep`."""
-    if cfg.checkpoint_dir is None:
-        log.info("%s snapshot skipped: no --checkpoint-dir", reason)
-        return None
-    if not trainers:
-        log.info("%s snapshot skipped: nothing trained yet", reason)
-        return None
-    if stats.snapshots and stats.saved_step == stats.steps:
-        log.info("%s snapshot: step %d already saved in %s", reason, stats.steps,
-                 stats.snapshots[-1])
-        return None
-    from saestream.consumer.checkpoint import prune_snapshots, save_snapshot
-
-    hooks = receiver.known_hooks()
-    extra = {
-        "reason": reason,
-        "stop_reason": stats.stop_reason or None,
-        "time": time.time(),
-        "step": stats.steps,
-        "tokens": stats.tokens,
-        "hooks": {
-            h: {"model": i.model, "d_in": i.d, "dtype": i.dtype}
-            for h, i in hooks.items() if h in cfg.hooks
-        },
-        "saes": {n: {"hook": t.hook, "model": t.model, "step": t.step,
-                     "tokens": t.tokens_seen} for n, t in trainers.items()},
-        "producers": receiver.snapshot_progress(),
-    }
-    t0 = time.perf_counter()
-    path = save_snapshot(cfg.checkpoint_dir, stats.steps, trainers, extra)
-    stats.saved_step = stats.steps
-    if cfg.keep:
-        prune_snapshots(cfg.checkpoint_dir, cfg.keep)
-    log.info("%s snapshot %s (%.2fs)", reason, path, time.perf_counter() - t0)
-    return path
-
-
-def _log_progress(
-    stats: RunStats, steps0: int, tokens0: int, elapsed: float,
-    windows: dict[str, deque], buffers: BufferSet,
-) -> None:
-    nmse = " ".join(
-        f"{name}={sum(e for e, _ in w) / max(sum(s for _, s in w), 1e-30):.4f}"
-        for name, w in windows.items() if w
-    )
-    fill = " ".join(f"{h}={b.fill()}/{b.capacity}" for h, b in buffers.items())
-    log.info(
-        "step %d, %d tokens, %.0f tokens/s, %.2f steps/s; nmse %s; buffer %s",
-        stats.steps, stats.tokens, (stats.tokens - tokens0) / elapsed,
-        (stats.steps - steps0) / elapsed, nmse, fill,
-    )
+def _check_writable(root: Path) -> None:
+    """UserError unless `root` exists (or can be made) and a file can be written there."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".tmp-probe-") as fh:
+            fh.write(b"saestream")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise UserError(f"--checkpoint-dir {root}: not writable ({exc.strerror or exc})") \
+            from None

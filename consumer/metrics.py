@@ -8,7 +8,7 @@ global state), so tests can run several consumers in one process.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -140,11 +140,58 @@ class ConsumerMetrics:
             registry=r,
         )
 
+        self.checkpoint_failures = Counter(
+            "saestream_checkpoint_failures_total",
+            "Snapshots (count) that could not be written, by reason (no_space, read_only, "
+            "permission, io, other); training goes on and the previous snapshot is kept.",
+            ["reason"], registry=r,
+        )
+
+        # -- delivery guarantees and limits --
+        self.duplicate_tokens = Counter(
+            "saestream_duplicate_tokens_total",
+            "Rows (count) dropped because their stream positions were already accounted for "
+            "(re-sent after a producer rewound); never trained twice.",
+            ["producer"], registry=r,
+        )
+        self.producers_tracked = Gauge(
+            "saestream_producers_tracked",
+            "Producer ids heard from within --producer-expiry-seconds (at most "
+            "--max-producers).",
+            registry=r,
+        )
+        self.receive_budget_bytes = Gauge(
+            "saestream_receive_memory_budget_bytes",
+            "Worst-case bytes ZeroMQ may hold for received messages: --max-connections x "
+            "(--hwm + 1) x the largest message accepted.",
+            registry=r,
+        )
+        self.control_rejected = Counter(
+            "saestream_control_rejected_total",
+            "Control-channel messages (count) dropped as malformed.",
+            registry=r,
+        )
+
     def declare_rejects(self, reasons: Iterable[str]) -> None:
         """Export every reject reason from the start (at 0), so dashboards see the series."""
         for reason in reasons:
             self.rejected_messages.labels(reason=reason)
 
-    def declare_hook(self, hook: str, capacity: int) -> None:
+    def declare_hook(self, hook: str, capacity: int,
+                     fill: Callable[[], float] | None = None) -> None:
+        """The hook's buffer gauges: capacity, and the fill (read at scrape time if given)."""
         self.buffer_capacity_tokens.labels(hook=hook).set(capacity)
-        self.buffer_tokens.labels(hook=hook).set(0)
+        if fill is None:
+            self.buffer_tokens.labels(hook=hook).set(0)
+        else:
+            self.buffer_tokens.labels(hook=hook).set_function(fill)
+
+    def forget_producer(self, producer: str) -> None:
+        """Drop an expired producer's series (its counts stay in the ledger)."""
+        for metric in (self.received_messages, self.received_tokens, self.received_wire_bytes,
+                       self.sequence_gaps, self.producer_restarts, self.producer_last_seen,
+                       self.duplicate_tokens):
+            try:
+                metric.remove(producer)
+            except KeyError:
+                pass

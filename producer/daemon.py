@@ -1,27 +1,22 @@
 """The producer's main loop: contexts → truncated forward → chunks → send queue → PUSH.
 
-`run_producer` reads top to bottom: load the model and the corpus, pick up the state file,
-then for each batch of the shard's contexts run the forward up to the deepest hook, cut the
-activations into chunks of `chunk_tokens` and hand them to the sending thread. On the stop
-flag (SIGTERM/SIGINT), `--max-tokens` or the last epoch it flushes the partial chunk, lets the
-sender drain within `linger` seconds (unbounded while no stop was asked for), and writes the
-state file with the position of the last chunk actually sent.
+`run_producer` reads top to bottom; `ProducerRun` holds the run and its named steps. The
+loop emits the shard's stream from a position until its end (`--max-tokens`, `--epochs`)
+or until the consumer says to continue elsewhere (a rewind or a skip, see
+producer/control.py); at the end it waits until the consumer holds every row (committed in
+a snapshot when it keeps them), then exits. On the stop flag (SIGTERM/SIGINT) it flushes the
+partial chunk, lets the sender drain within `linger` seconds, writes the state file and
+returns.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import queue
 import socket
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -29,71 +24,31 @@ import torch
 import zmq
 from prometheus_client import CollectorRegistry
 
+from saestream.common.control import MAX_VOID, control_endpoint
 from saestream.common.errors import UserError
 from saestream.common.logs import RateLimitedLog
 from saestream.common.metrics import serve_metrics
-from saestream.common.transport import DEFAULT_HWM, CurveClientKeys, push_socket
-from saestream.common.wire import DEFAULT_CODEC, DTYPES, DecodeLimits
+from saestream.common.transport import push_socket
+from saestream.common.wire import DTYPES, DecodeLimits
+from saestream.producer.chunker import Chunker, Prefetch, batched
+from saestream.producer.config import ProducerConfig
+from saestream.producer.control import HOLE_SECONDS, ControlClient, where_request
 from saestream.producer.corpus import Corpus, CorpusError, Shard, open_corpus
 from saestream.producer.hooks import HookedModel, HookError, validate_hooks
 from saestream.producer.metrics import ProducerMetrics
-from saestream.producer.models import EMBEDDED_MODEL, LoadedModel, load_model
+from saestream.producer.models import Interrupted, LoadedModel, load_model
 from saestream.producer.sender import Outgoing, Progress, Sender
 from saestream.producer.state import ProducerState, check_state, read_state, write_state
 
+__all__ = ["ProducerConfig", "RunSummary", "run_producer"]
+
 log = logging.getLogger("saestream.producer")
 
-
-@dataclass
-class ProducerConfig:
-    """One field per `saestream producer` flag (see README, section producer)."""
-
-    model: str = EMBEDDED_MODEL
-    """`smollm2-135m`, `tiny`, `random:CONFIG.json`, a model directory or a cached hub id."""
-    hooks: Sequence[str] = ()
-    """Module paths whose output is streamed; empty = the model's default hook."""
-    corpus: str = "wiki-sample"
-    split: str = "train"
-    """Which part of the corpus to stream: `train` (default), `eval` (held out) or `all`."""
-    connect: Sequence[str] = ("tcp://127.0.0.1:5557",)
-    """Consumer endpoints; chunks are dealt round-robin among the connected ones."""
-    chunk_tokens: int = 2048
-    """Token rows per message (the last chunk of a run or epoch may have fewer)."""
-    wire_dtype: str = "bfloat16"
-    codec: str = DEFAULT_CODEC
-    batch_size: int = 8
-    """Contexts per forward pass."""
-    seq_len: int = 128
-    """Tokens per context fed to the model (2-D `.npy` corpora bring their own)."""
-    shard: str = "0/1"
-    producer_id: str | None = None
-    """Sent in every header; None = `<hostname>-<pid>`."""
-    epochs: int = 0
-    """Passes over the shard; 0 = endless."""
-    max_tokens: int = 0
-    """Send exactly this many tokens (per hook), then exit; 0 = no limit."""
-    state_file: Path | None = None
-    state_every: float = 30.0
-    """Seconds between state-file writes while running (it is always written on exit)."""
-    metrics_port: int = 0
-    metrics_addr: str = "127.0.0.1"
-    device: str = "auto"
-    model_dtype: str = "auto"
-    keep_first_token: bool = False
-    seed: int = 0
-    """Seeds random models (`tiny`, `random:`) and the synthetic corpus."""
-    curve: CurveClientKeys | None = None
-    cache_dir: Path | None = None
-    token_dtype: str = "uint16"
-    """Element type of `.bin` token files."""
-    threads: int = 0
-    """torch intra-op threads; 0 = `$SAESTREAM_THREADS`, else torch's default."""
-    queue_size: int = 8
-    """Chunks the send queue holds before the model loop blocks."""
-    hwm: int = DEFAULT_HWM
-    linger: float = 5.0
-    """Seconds allowed, after a stop signal, to send what is queued."""
-    extra_source: dict = field(default_factory=dict)
+MAX_POS = 1 << 62
+"""Void from the end of an epoch to here: the consumer's frontier moves to the next epoch."""
+CONSUMER_DEFAULT_MAX_CHUNK_BYTES = 16 << 20
+"""A consumer's default --max-chunk-bytes: larger chunks would be rejected."""
+FIRST_ANSWER_GRACE = 2.0
 
 
 class RunSummary(NamedTuple):
@@ -117,135 +72,6 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(n)
 
 
-def batched(contexts: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
-    """Stacks of up to `size` contexts: [batch, seq_len] token ids."""
-    it = iter(contexts)
-    while batch := list(itertools.islice(it, size)):
-        yield np.stack(batch)
-
-
-class Prefetch:
-    """Runs an iterator on a thread of its own, up to `depth` items ahead, so reading and
-    tokenising the corpus overlaps the forward pass. Exceptions surface in the consumer.
-
-    `depth` 0 iterates inline instead: for corpora that are cheap to read (arrays, synthetic
-    ids) a second Python thread costs the model loop more in GIL hand-overs than it saves.
-    """
-
-    _END = object()
-
-    def __init__(self, items: Iterable, depth: int = 4) -> None:
-        self._items = items
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._closed = threading.Event()
-        if depth > 0:
-            self._thread = threading.Thread(target=self._run, args=(items,), name="corpus",
-                                            daemon=True)
-            self._thread.start()
-        self._inline = depth <= 0
-
-    def _put(self, entry: tuple) -> bool:
-        while not self._closed.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, items: Iterable) -> None:
-        try:
-            for item in items:
-                if not self._put((item, None)):
-                    return
-            self._put((self._END, None))
-        except BaseException as exc:
-            self._put((self._END, exc))
-
-    def __iter__(self) -> Iterator:
-        if self._inline:
-            yield from self._items
-            return
-        while True:
-            item, exc = self._queue.get()
-            if exc is not None:
-                raise exc
-            if item is self._END:
-                return
-            yield item
-
-    def close(self) -> None:
-        """Stop reading ahead (the thread ends at its next item)."""
-        self._closed.set()
-
-
-class Chunker:
-    """Collects per-context activations and cuts them into chunks of `chunk_tokens` rows."""
-
-    def __init__(self, hooks: Sequence[str], chunk_tokens: int, source: dict) -> None:
-        self.hooks, self.chunk_tokens, self.source = list(hooks), chunk_tokens, source
-        self.segments: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
-        self.rows = 0
-
-    def add(self, start: int, acts: dict[str, torch.Tensor]) -> None:
-        """Rows of one context, starting at position `start` of the shard's token stream."""
-        n = int(next(iter(acts.values())).shape[0])
-        if n:
-            self.segments.append((start, acts))
-            self.rows += n
-
-    def add_batch(
-        self, acts: dict[str, torch.Tensor], starts: list[int], done: int, left: int | None
-    ) -> int | None:
-        """Add a batch's rows, except positions before `done` (sent before a restart) and
-        beyond the budget `left` (None = no limit); returns the budget still left.
-
-        :param acts: hook -> [batch, per_ctx, d], context j starting at position starts[j].
-        """
-        per_ctx = int(next(iter(acts.values())).shape[1])
-        spans = []  # (row in batch, first position, lo, hi) of what is added
-        for j, start in enumerate(starts):
-            lo = max(0, done - start)
-            hi = per_ctx if left is None else min(per_ctx, lo + left)
-            if hi > lo:
-                spans.append((j, start, lo, hi))
-                if left is not None:
-                    left -= hi - lo
-        contiguous = starts[-1] - starts[0] == per_ctx * (len(starts) - 1)
-        if contiguous and len(spans) == len(starts) and all(
-            lo == 0 and hi == per_ctx for _, _, lo, hi in spans
-        ):  # the common case: the whole batch is one run of the token stream, no copy
-            self.add(starts[0], {h: a.reshape(-1, a.shape[-1]) for h, a in acts.items()})
-        else:
-            for j, start, lo, hi in spans:
-                self.add(start + lo, {h: a[j, lo:hi] for h, a in acts.items()})
-        return left
-
-    def take(self, epoch: int, final: bool = False) -> Iterator[Outgoing]:
-        """Full chunks (and with `final`, the partial rest), one message per hook each."""
-        while self.rows >= self.chunk_tokens or (final and self.rows > 0):
-            need = min(self.chunk_tokens, self.rows)
-            pieces: list[dict[str, torch.Tensor]] = []
-            first = self.segments[0][0]
-            end = first
-            while need:
-                start, acts = self.segments.popleft()
-                n = int(acts[self.hooks[0]].shape[0])
-                if n > need:
-                    self.segments.appendleft((start + need, {h: a[need:] for h, a in acts.items()}))
-                    acts, n = {h: a[:need] for h, a in acts.items()}, need
-                pieces.append(acts)
-                need -= n
-                self.rows -= n
-                end = start + n
-            source = {**self.source, "epoch": epoch, "start": first, "end": end}
-            for i, hook in enumerate(self.hooks):
-                parts = [p[hook] for p in pieces]
-                acts_h = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
-                last = i == len(self.hooks) - 1
-                yield Outgoing(hook, acts_h, source, Progress(epoch, end) if last else None)
-
-
 def run_producer(
     cfg: ProducerConfig,
     stop: threading.Event | None = None,
@@ -260,160 +86,397 @@ def run_producer(
     `model` and `corpus`, when given (benchmarks, tests), replace loading `cfg.model` and
     opening `cfg.corpus`; `cfg.corpus` still names the corpus in headers and the state file.
     """
-    stop = stop or threading.Event()
-    registry = registry or CollectorRegistry()
-    set_threads(cfg.threads)
-    if cfg.wire_dtype not in DTYPES:
-        raise UserError(f"bad wire dtype {cfg.wire_dtype!r} (use {', '.join(DTYPES)})")
-    shard = Shard.parse(cfg.shard)
-
-    lm = model or load_model(
-        cfg.model, device=cfg.device, dtype=cfg.model_dtype, cache_dir=cfg.cache_dir,
-        seed=cfg.seed,
-    )
+    run = ProducerRun(cfg, stop or threading.Event(), registry or CollectorRegistry(), model,
+                      corpus)
     try:
-        hooks = validate_hooks(lm.model, list(cfg.hooks) or [lm.default_hook()])
-    except HookError as exc:
-        last = f"{lm.block_prefix}.{lm.n_layers - 1}"
-        raise HookError(f"{exc} (its blocks are {lm.block_prefix}.0 .. {last})") from None
-    corpus = corpus or open_corpus(
-        cfg.corpus, seq_len=cfg.seq_len, vocab_size=lm.vocab_size,
-        encode=lm.encode_text if lm.tokenizer is not None else None,
-        separator=lm.separator_id, seed=cfg.seed, token_dtype=cfg.token_dtype, split=cfg.split,
-    )
-    first = 0 if cfg.keep_first_token else 1
-    per_ctx = corpus.seq_len - first
-    wire_dtype = DTYPES[cfg.wire_dtype]
-    limits = DecodeLimits()
-    chunk_bytes = cfg.chunk_tokens * lm.d_model * wire_dtype.itemsize
-    if cfg.chunk_tokens > limits.max_n or chunk_bytes > limits.max_raw_nbytes:
-        raise UserError(
-            f"--chunk-tokens {cfg.chunk_tokens}: chunks of {chunk_bytes:,} bytes would be "
-            f"rejected by receivers' default limits ({limits.max_n} rows, "
-            f"{limits.max_raw_nbytes:,} bytes)"
-        )
-
-    run = uuid.uuid4().hex[:12]
-    producer_id = cfg.producer_id or default_producer_id()
-    state = ProducerState(cfg.corpus, str(shard), corpus.seq_len, cfg.keep_first_token,
-                          split=cfg.split)
-    if cfg.state_file is not None:
-        saved = read_state(cfg.state_file)
-        if saved is not None:
-            check_state(saved, state, cfg.state_file)
-            state = saved
-            log.info("resuming from %s: epoch %d, %d tokens into the shard",
-                     cfg.state_file, state.epoch, state.tokens_done)
-    state.runs = [*state.runs, run][-20:]
-    progress = Progress(state.epoch, state.tokens_done)
-    if cfg.epochs and state.epoch >= cfg.epochs:
-        log.info("all %d epoch(s) already done according to %s", cfg.epochs, cfg.state_file)
-        return RunSummary(run, 0, 0, progress, True)
-
-    metrics = ProducerMetrics.create(registry)
-    try:
-        serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
-    except OSError as exc:
-        raise UserError(
-            f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}"
-        ) from exc
-    zctx = zmq.Context()
-    sock = push_socket(zctx, list(cfg.connect), hwm=cfg.hwm, curve=cfg.curve,
-                       linger_ms=int(cfg.linger * 1000))
-    sender = Sender(
-        sock, producer=producer_id, run=run, model=lm.name, codec=cfg.codec, metrics=metrics,
-        queue_size=cfg.queue_size, first_hook=hooks[0], progress=progress,
-    ).start()
-    hooked = HookedModel(lm.model, hooks)  # removed again in the `finally` below
-    chunker = Chunker(hooks, cfg.chunk_tokens,
-                      {**cfg.extra_source, "corpus": cfg.corpus, "split": cfg.split,
-                       "shard": str(shard)})
-    bad_ids = RateLimitedLog(log)
-    log.info(
-        "producer %s run %s: model %s (%d layers, d_model %d, %s on %s), hooks %s, corpus %s "
-        "shard %s, seq_len %d, -> %s", producer_id, run, lm.name, lm.n_layers, lm.d_model,
-        str(lm.dtype).removeprefix("torch."), lm.device, ",".join(hooks), cfg.corpus, shard,
-        corpus.seq_len, ",".join(cfg.connect),
-    )
-
-    base_total = state.tokens_sent_total
-
-    def save_state() -> None:
-        if cfg.state_file is not None:
-            state.epoch, state.tokens_done = sender.progress
-            state.tokens_sent_total = base_total + sender.tokens_sent
-            write_state(cfg.state_file, state)
-
-    left = cfg.max_tokens or None  # tokens still to emit this run (None = unlimited)
-    epoch, done = progress
-    next_save = time.monotonic() + cfg.state_every
-    queued_all = True
-    drain_stop = stop
-    batches: Prefetch | None = None
-    try:
-        while queued_all and not stop.is_set() and left != 0 and (
-            cfg.epochs == 0 or epoch < cfg.epochs
-        ):
-            start_ctx = done // per_ctx
-            pos, seen, usable = start_ctx * per_ctx, 0, 0
-            batches = Prefetch(batched(corpus.shard_contexts(shard, start_ctx), cfg.batch_size),
-                               depth=4 if corpus.read_ahead else 0)
-            for ids in batches:
-                seen += len(ids)
-                valid = ((ids >= 0) & (ids < lm.vocab_size)).all(axis=1)
-                starts = pos + per_ctx * np.arange(len(ids))
-                pos += per_ctx * len(ids)
-                if not valid.all():
-                    bad_ids.warning("ids", "skipping %d context(s) with token ids outside "
-                                    "[0, %d)", int((~valid).sum()), lm.vocab_size)
-                    ids, starts = ids[valid], starts[valid]
-                usable += len(ids)
-                if len(ids):
-                    t0 = time.perf_counter()
-                    acts = hooked(torch.from_numpy(ids).to(lm.device))
-                    host = {h: a[:, first:].to(wire_dtype).cpu() for h, a in acts.items()}
-                    metrics.forward_seconds.observe(time.perf_counter() - t0)
-                    left = chunker.add_batch(host, starts.tolist(), done, left)
-                for item in chunker.take(epoch):
-                    if not sender.put(item, stop, cfg.linger):
-                        queued_all = False
-                        break
-                if time.monotonic() >= next_save:
-                    save_state()
-                    log.info("sent %d tokens, %d messages", sender.tokens_sent, sender.seq)
-                    next_save = time.monotonic() + cfg.state_every
-                if not queued_all or stop.is_set() or left == 0:
-                    batches.close()
-                    break
-            else:
-                if usable == 0 and start_ctx == 0:
-                    what = "usable contexts" if seen else "contexts"
-                    raise CorpusError(f"shard {shard} of corpus {cfg.corpus} has no {what}")
-                for item in chunker.take(epoch, final=True):
-                    queued_all = queued_all and sender.put(item, stop, cfg.linger)
-                epoch, done = epoch + 1, 0
-                queued_all = queued_all and sender.put(
-                    Outgoing(None, None, {}, Progress(epoch, 0)), stop, cfg.linger
-                )
-                log.info("epoch %d done", epoch)
-                continue
-            break
-        for item in chunker.take(epoch, final=True):  # the chunk in hand
-            if not queued_all or not sender.put(item, stop, cfg.linger):
-                queued_all = False
-                break
+        outcome = "stop" if run.stopped else "start"
+        while outcome not in ("done", "stop"):
+            start, end = run.plan()
+            outcome = run.emit(start, end)
+            if outcome == "end":
+                outcome = run.settle()
     except BaseException:
-        if batches is not None:
-            batches.close()
-        drain_stop = threading.Event()  # failing: give what is queued `linger`, not forever
-        drain_stop.set()
+        run.failed = True
         raise
     finally:
-        hooked.remove()
-        complete = sender.drain(drain_stop, cfg.linger) and queued_all
-        sock.close(linger=int(cfg.linger * 1000))
-        zctx.term()
-        save_state()
-    log.info("producer %s run %s: sent %d tokens per hook in %d messages%s", producer_id, run,
-             sender.tokens_sent, sender.seq, "" if complete else " (stopped with chunks unsent)")
-    return RunSummary(run, sender.seq, sender.tokens_sent, sender.progress, complete)
+        run.close()
+    return run.summary()
+
+
+class ProducerRun:
+    """One producer process: set-up in the constructor, then the loop's named steps."""
+
+    def __init__(self, cfg: ProducerConfig, stop: threading.Event,
+                 registry: CollectorRegistry, model: LoadedModel | None,
+                 corpus: Corpus | None) -> None:
+        self.cfg, self.stop, self.failed = cfg, stop, False
+        self.stopped = False
+        set_threads(cfg.threads)
+        if cfg.wire_dtype not in DTYPES:
+            raise UserError(f"bad wire dtype {cfg.wire_dtype!r} (use {', '.join(DTYPES)})")
+        self.shard = Shard.parse(cfg.shard)
+        saved = read_state(cfg.state_file) if cfg.state_file is not None else None
+        try:
+            self.lm = model or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype,
+                                          cache_dir=cfg.cache_dir, seed=cfg.seed, stop=stop)
+        except Interrupted:
+            self.stopped = True
+            return
+        self._open_stream(corpus, saved)
+        self._serve(registry)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _open_stream(self, corpus: Corpus | None, saved: ProducerState | None) -> None:
+        cfg, lm = self.cfg, self.lm
+        try:
+            self.hooks = validate_hooks(lm.model, list(cfg.hooks) or [lm.default_hook()])
+        except HookError as exc:
+            last = f"{lm.block_prefix}.{lm.n_layers - 1}"
+            raise HookError(f"{exc} (its blocks are {lm.block_prefix}.0 .. {last})") from None
+        if lm.max_positions is not None and cfg.seq_len > lm.max_positions:
+            raise UserError(f"--seq-len {cfg.seq_len}: model {lm.name} takes at most "
+                            f"{lm.max_positions} positions")
+        self.corpus = corpus or open_corpus(
+            cfg.corpus, seq_len=cfg.seq_len, vocab_size=lm.vocab_size,
+            encode=lm.encode_text if lm.tokenizer is not None else None,
+            separator=lm.separator_id, seed=cfg.seed, token_dtype=cfg.token_dtype,
+            split=cfg.split,
+        )
+        self.first = 0 if cfg.keep_first_token else 1
+        self.per_ctx = self.corpus.seq_len - self.first
+        chunk_bytes = cfg.chunk_tokens * lm.d_model * DTYPES[cfg.wire_dtype].itemsize
+        if cfg.chunk_tokens > DecodeLimits.max_n or chunk_bytes > CONSUMER_DEFAULT_MAX_CHUNK_BYTES:
+            raise UserError(
+                f"--chunk-tokens {cfg.chunk_tokens}: chunks of {chunk_bytes:,} bytes would be "
+                f"rejected by consumers' default limits ({DecodeLimits.max_n} rows, "
+                f"{CONSUMER_DEFAULT_MAX_CHUNK_BYTES:,} bytes: --max-chunk-bytes)"
+            )
+        self.state = ProducerState(cfg.corpus, str(self.shard), self.corpus.seq_len,
+                                   cfg.keep_first_token, split=cfg.split)
+        if saved is not None:
+            check_state(saved, self.state, cfg.state_file)  # type: ignore[arg-type]
+            self.state = saved
+            log.info("resuming from %s: epoch %d, %d tokens into the shard", cfg.state_file,
+                     saved.epoch, saved.tokens_done)
+        self.producer_id = cfg.producer_id or self.state.producer_id or default_producer_id()
+        self.state.producer_id = self.producer_id
+        self.run = uuid.uuid4().hex[:12]
+        self.state.runs = [*self.state.runs, self.run][-20:]
+        self.base_total = self.state.tokens_sent_total
+        self.resume = Progress(self.state.epoch, self.state.tokens_done)
+        self.voids: list[tuple[int, int, int]] = []
+        self.emitted = self.since = self.resume
+        self.end: Progress | None = None
+        self.left: int | None = None
+        self._state_lock = threading.RLock()
+
+    def _serve(self, registry: CollectorRegistry) -> None:
+        cfg = self.cfg
+        self.metrics = ProducerMetrics.create(registry)
+        try:
+            serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
+        except OSError as exc:
+            raise UserError(
+                f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}"
+            ) from exc
+        self.zctx = zmq.Context()
+        self.sock = push_socket(self.zctx, list(cfg.connect), hwm=cfg.hwm, curve=cfg.curve,
+                                linger_ms=int(cfg.linger * 1000))
+        self.sender = Sender(
+            self.sock, producer=self.producer_id, run=self.run, model=self.lm.name,
+            codec=cfg.codec, metrics=self.metrics, queue_size=cfg.queue_size,
+            first_hook=self.hooks[0], progress=self.resume,
+        ).start()
+        endpoints = list(cfg.control_connect) or [control_endpoint(e) for e in cfg.connect]
+        self.control: ControlClient | None = None
+        if endpoints != ["off"]:
+            self.control = ControlClient(self.zctx, endpoints, curve=cfg.curve,
+                                         request=self._where)
+            self.control.start()
+        self.hooked = HookedModel(self.lm.model, self.hooks)  # removed again in `close`
+        self.chunker = Chunker(self.hooks, cfg.chunk_tokens, {
+            **cfg.extra_source, "corpus": cfg.corpus, "split": cfg.split,
+            "shard": str(self.shard)})
+        self.bad_ids = RateLimitedLog(log)
+        self.next_save = time.monotonic() + cfg.state_every
+        lm = self.lm
+        log.info(
+            "producer %s run %s: model %s (%d layers, d_model %d, %s on %s), hooks %s, corpus "
+            "%s (%s) shard %s, seq_len %d, -> %s (control %s)", self.producer_id, self.run,
+            lm.name, lm.n_layers, lm.d_model, str(lm.dtype).removeprefix("torch."), lm.device,
+            ",".join(self.hooks), cfg.corpus, cfg.split, self.shard, self.corpus.seq_len,
+            ",".join(cfg.connect), ",".join(endpoints),
+        )
+
+    # -- the loop's steps ---------------------------------------------------------------------
+
+    def plan(self) -> tuple[Progress, Progress | None]:
+        """Where to emit from (the resume point, or where the consumer said) and to."""
+        start = self.resume
+        cfg, state = self.cfg, self.state
+        end = Progress(cfg.epochs, 0) if cfg.epochs else None
+        self.left = None
+        if cfg.max_tokens:
+            b = state.budget
+            if not b or b["done"] or b["rows"] != cfg.max_tokens:
+                b = state.budget = {"rows": cfg.max_tokens, "start": list(start), "end": None,
+                                    "done": False}
+            if b["end"] is None and Progress(*b["start"]) == start:
+                self.left = cfg.max_tokens  # counted on the way; its end is where it runs out
+            elif b["end"] is None:
+                b["end"] = list(self._scan_end(Progress(*b["start"]), b["rows"], end))
+            if b["end"] is not None:
+                end = min(end, Progress(*b["end"])) if end else Progress(*b["end"])
+        self.since = self.emitted = start
+        self.end = end
+        return start, end
+
+    def emit(self, start: Progress, end: Progress | None) -> str:
+        """Emit the stream from `start` to `end`: "end", "rewind" (self.resume says where)
+        or "stop"."""
+        epoch, done = start
+        while end is None or Progress(epoch, done) < end:
+            outcome = self._emit_epoch(epoch, done, end)
+            if outcome != "epoch":
+                return outcome
+            epoch, done = epoch + 1, 0
+        return self._flush("end")
+
+    def settle(self) -> str:
+        """Wait until the consumer holds everything up to the end: "done", "rewind", "stop"."""
+        if not self._wait_sent():
+            return "stop"
+        control, end = self.control, self.end
+        if control is None or not self._expect_answers():
+            return self._done(None)
+        control.flush = True
+        last, since = None, time.monotonic()
+        while not self.stop.is_set():
+            self._check_refusal()
+            reply = control.view()
+            if reply is not None and end is not None:
+                held = control.frontier(reply, "committed" if reply["durable"] else "frontier")
+                if held is not None and held >= end:
+                    return self._done(held)
+                target = control.target(end, self.since)
+                accounted = control.frontier(reply)
+                if accounted != last:
+                    last, since = accounted, time.monotonic()
+                elif accounted is not None and accounted < end and \
+                        time.monotonic() - since >= HOLE_SECONDS:
+                    target = accounted  # sent, never arrived: a broken connection lost it
+                if target is not None and target < end:
+                    return self._rewind(target)
+            self.stop.wait(0.1)
+        return "stop"
+
+    def close(self) -> None:
+        if self.stopped and not hasattr(self, "sender"):
+            return
+        drain_stop = self.stop
+        if self.failed:  # failing: give what is queued `linger`, not forever
+            drain_stop = threading.Event()
+            drain_stop.set()
+        self.hooked.remove()
+        self.complete = self.sender.drain(drain_stop, self.cfg.linger)
+        if self.control is not None:
+            self.control.stop()
+        self.sock.close(linger=int(self.cfg.linger * 1000))
+        self.zctx.term()
+        self._save_state()
+        log.info("producer %s run %s: sent %d tokens per hook in %d messages%s",
+                 self.producer_id, self.run, self.sender.tokens_sent, self.sender.seq,
+                 "" if self.complete else " (stopped with chunks unsent)")
+
+    def summary(self) -> RunSummary:
+        if not hasattr(self, "sender"):
+            return RunSummary("", 0, 0, Progress(0, 0), True)
+        return RunSummary(self.run, self.sender.seq, self.sender.tokens_sent,
+                          self.sender.progress, self.complete)
+
+    # -- emitting -------------------------------------------------------------------------------
+
+    def _emit_epoch(self, epoch: int, done: int, end: Progress | None) -> str:
+        """One pass over the shard from `done`: "epoch" when it ran out, else the outcome."""
+        cfg, per_ctx = self.cfg, self.per_ctx
+        stop_at = end.tokens_done if end is not None and end.epoch == epoch else None
+        start_ctx = done // per_ctx
+        pos, seen, usable = start_ctx * per_ctx, 0, 0
+        batches = Prefetch(batched(self.corpus.shard_contexts(self.shard, start_ctx),
+                                   cfg.batch_size), depth=4 if self.corpus.read_ahead else 0)
+        try:
+            for ids in batches:
+                if self.stop.is_set():
+                    return self._flush("stop")
+                target = self.control.target(self.emitted, self.since) if self.control else None
+                if target is not None:
+                    return self._rewind(target)
+                starts = pos + per_ctx * np.arange(len(ids))
+                pos += per_ctx * len(ids)
+                seen += len(ids)
+                usable += self._forward(ids, starts, epoch, done, stop_at)
+                if self.left == 0:
+                    self._budget_reached(epoch)
+                    return self._flush("end")
+                for item in self.chunker.take(epoch):
+                    if not self.sender.put(item, self.stop, cfg.linger):
+                        return "stop"
+                self._periodic_save()
+                if stop_at is not None and pos >= stop_at:
+                    return self._flush("end")
+        finally:
+            batches.close()
+        if usable == 0 and start_ctx == 0:
+            what = "usable contexts" if seen else "contexts"
+            raise CorpusError(f"shard {self.shard} of corpus {cfg.corpus} has no {what}")
+        self.voids.append((epoch, pos, MAX_POS))  # the rest of this epoch never carries rows
+        if self._flush("epoch") != "epoch":
+            return "stop"
+        if not self.sender.put(Outgoing(None, None, {}, Progress(epoch + 1, 0)), self.stop,
+                               cfg.linger):
+            return "stop"
+        log.info("epoch %d done", epoch + 1)
+        return "epoch"
+
+    def _forward(self, ids: np.ndarray, starts: np.ndarray, epoch: int, done: int,
+                 stop_at: int | None) -> int:
+        """The hooked forward of a batch's valid contexts into the chunker; returns their
+        number. Contexts with ids outside the vocabulary are skipped and declared void."""
+        lm, per_ctx = self.lm, self.per_ctx
+        valid = ((ids >= 0) & (ids < lm.vocab_size)).all(axis=1)
+        if not valid.all():
+            self.bad_ids.warning("ids", "skipping %d context(s) with token ids outside [0, %d)",
+                                 int((~valid).sum()), lm.vocab_size)
+            for s in starts[~valid].tolist():
+                if s + per_ctx > done:
+                    self.voids.append((epoch, max(s, done), s + per_ctx))
+            del self.voids[: -2 * MAX_VOID]
+            ids, starts = ids[valid], starts[valid]
+        if len(ids):
+            with self.metrics.forward_seconds.time():
+                acts = self.hooked(torch.from_numpy(ids).to(lm.device))
+                host = {h: a[:, self.first:].to(DTYPES[self.cfg.wire_dtype]).cpu()
+                        for h, a in acts.items()}
+            self.left = self.chunker.add_batch(host, starts.tolist(), done, self.left, stop_at)
+            self.emitted = Progress(epoch, self.chunker.last_end)
+        return len(ids)
+
+    def _flush(self, outcome: str) -> str:
+        """Send the partial chunk in hand; `outcome`, or "stop" if the linger ran out."""
+        for item in self.chunker.take(self.emitted.epoch, final=True):
+            if not self.sender.put(item, self.stop, self.cfg.linger):
+                return "stop"
+        return outcome
+
+    def _done(self, held: Progress | None) -> str:
+        """The stream is over: the budget is spent, the state says so."""
+        if self.state.budget is not None:
+            self.state.budget["done"] = True
+        self._save_state(committed=held)
+        return "done"
+
+    def _rewind(self, target: Progress) -> str:
+        direction = "back" if target < self.emitted else "forward"
+        dropped = self.sender.rewind(target)
+        self.chunker.clear()
+        self.metrics.rewinds.labels(direction=direction).inc()
+        log.info("the consumer holds position %d of epoch %d: continuing there (%s; %d queued "
+                 "chunks dropped)", target.tokens_done, target.epoch, direction, dropped)
+        self.resume = self.emitted = target
+        return "rewind"
+
+    def _budget_reached(self, epoch: int) -> None:
+        b = self.state.budget
+        if b is not None:
+            b["end"] = [epoch, self.chunker.last_end]
+            self.end = Progress(epoch, self.chunker.last_end)
+            self._save_state()
+
+    def _scan_end(self, start: Progress, rows: int, end: Progress | None) -> Progress:
+        """Where `rows` rows from `start` end (contexts with bad ids hold none)."""
+        per_ctx, vocab = self.per_ctx, self.lm.vocab_size
+        epoch, done, left = start.epoch, start.tokens_done, rows
+        while end is None or Progress(epoch, done) < end:
+            first_ctx, any_ctx = done // per_ctx, False
+            for i, ctx in enumerate(self.corpus.shard_contexts(self.shard, first_ctx)):
+                any_ctx = True
+                pos = (first_ctx + i) * per_ctx
+                lo = max(0, done - pos)
+                if ((ctx >= 0) & (ctx < vocab)).all():
+                    take = min(per_ctx - lo, left)
+                    left -= take
+                    if left == 0:
+                        return Progress(epoch, pos + lo + take)
+            if not any_ctx and first_ctx == 0:
+                break
+            epoch, done = epoch + 1, 0
+        return end or Progress(epoch, done)
+
+    # -- waiting and bookkeeping ----------------------------------------------------------------
+
+    def _wait_sent(self) -> bool:
+        """Until everything queued is handed to ZeroMQ (False on stop)."""
+        while not self.sender.idle():
+            if self.stop.wait(0.05):
+                return False
+            if self.sender.error is not None:
+                raise RuntimeError("the sending thread failed") from self.sender.error
+        return True
+
+    def _expect_answers(self) -> bool:
+        """Whether a consumer speaks the control channel (give a first answer a moment)."""
+        control = self.control
+        assert control is not None
+        deadline = time.monotonic() + FIRST_ANSWER_GRACE
+        while control.reachable and not control.ever_answered.is_set() \
+                and time.monotonic() < deadline:
+            if self.stop.wait(0.05):
+                return False
+        return control.ever_answered.is_set()
+
+    def _check_refusal(self) -> None:
+        if self.control is not None and self.control.error:
+            raise UserError(f"the consumer refuses this producer: {self.control.error}")
+
+    def _where(self) -> dict:
+        """The control request, built fresh every time (on the control thread)."""
+        reply = self.control.view() if self.control is not None else None
+        if reply is not None and reply["origin"] is not None \
+                and reply["consumer"] not in self.state.origins:
+            self.state.origins[reply["consumer"]] = list(reply["origin"])
+            self.state.origins = dict(list(self.state.origins.items())[-63:])
+            self._save_state()  # durable before this consumer run depends on it
+        propose = {**self.state.origins, "*": list(self._resume_point())}
+        stream = {"corpus": self.cfg.corpus, "split": self.cfg.split, "shard": str(self.shard),
+                  "seq_len": self.corpus.seq_len, "first": self.first}
+        return where_request(producer=self.producer_id, run=self.run, hooks=self.hooks,
+                             stream=stream, propose=propose, void=self.voids,
+                             flush=bool(self.control and self.control.flush))
+
+    def _resume_point(self, committed: Progress | None = None) -> Progress:
+        """Where a restart should begin: what a keeping consumer committed, else what was
+        sent (the state file's fallback when no consumer answers)."""
+        if committed is not None:
+            return committed
+        reply = self.control.view() if self.control is not None else None
+        if reply is not None and reply["durable"]:
+            held = self.control.frontier(reply, "committed")  # type: ignore[union-attr]
+            if held is not None:
+                return held
+        return self.sender.progress
+
+    def _periodic_save(self) -> None:
+        if time.monotonic() >= self.next_save:
+            self._save_state()
+            log.info("sent %d tokens, %d messages", self.sender.tokens_sent, self.sender.seq)
+            self.next_save = time.monotonic() + self.cfg.state_every
+
+    def _save_state(self, committed: Progress | None = None) -> None:
+        if self.cfg.state_file is None or not hasattr(self, "sender"):
+            return
+        with self._state_lock:  # the control thread saves too (a new consumer run's origin)
+            state = self.state
+            state.epoch, state.tokens_done = self._resume_point(committed)
+            state.tokens_sent_total = self.base_total + self.sender.tokens_sent
+            write_state(self.cfg.state_file, state)

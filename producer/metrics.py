@@ -19,43 +19,54 @@ class ProducerMetrics:
     forward_seconds: Histogram
     send_blocked_seconds: Counter
     queue_depth: Gauge
+    rewinds: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ProducerMetrics:
-        p = "saestream_producer_"
         return cls(
             tokens=Counter(
-                p + "tokens", "Token activations sent (rows of chunks handed to ZeroMQ).",
+                "saestream_producer_tokens_total",
+                "Token activations sent (rows of chunks handed to ZeroMQ).",
                 ["hook"], registry=registry,
             ),
             messages=Counter(
-                p + "messages", "Chunk messages sent.", ["hook"], registry=registry
+                "saestream_producer_messages_total", "Chunk messages sent.", ["hook"],
+                registry=registry,
             ),
             raw_bytes=Counter(
-                p + "raw_bytes",
+                "saestream_producer_raw_bytes_total",
                 "Bytes of activations sent before compression (n * d * wire itemsize).",
                 ["hook"], registry=registry,
             ),
             wire_bytes=Counter(
-                p + "wire_bytes", "Bytes sent on the wire (header + compressed payload).",
+                "saestream_producer_wire_bytes_total",
+                "Bytes sent on the wire (header + compressed payload).",
                 ["hook"], registry=registry,
             ),
             compression_ratio=Gauge(
-                p + "compression_ratio",
+                "saestream_producer_compression_ratio",
                 "raw_bytes / wire_bytes of the last chunk sent (dimensionless).",
                 ["hook"], registry=registry,
             ),
             forward_seconds=Histogram(
-                p + "forward_seconds",
+                "saestream_producer_forward_seconds",
                 "Seconds per batch for the truncated forward pass, activations on the host.",
                 buckets=FORWARD_BUCKETS, registry=registry,
             ),
             send_blocked_seconds=Counter(
-                p + "send_blocked_seconds",
+                "saestream_producer_send_blocked_seconds_total",
                 "Seconds the model loop waited for room in the full send queue (backpressure).",
                 registry=registry,
             ),
             queue_depth=Gauge(
-                p + "queue_depth", "Chunks waiting in the send queue.", registry=registry
+                "saestream_producer_queue_depth", "Chunks waiting in the send queue.",
+                registry=registry,
+            ),
+            rewinds=Counter(
+                "saestream_producer_rewinds_total",
+                "Times (count) the producer moved to where the consumer said to continue: back "
+                "(re-sending what the consumer does not hold) or forward (skipping what it "
+                "holds), by direction.",
+                ["direction"], registry=registry,
             ),
         )

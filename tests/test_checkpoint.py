@@ -220,7 +220,8 @@ def test_list_and_prune_keep_the_newest_and_the_latest(tmp_path):
     ]
     prune_snapshots(tmp_path, keep=1)  # newest by step, and the one `latest` names
     assert [p.name for p in list_snapshots(tmp_path)] == ["step-00000020", "step-00000100"]
-    assert load_latest(tmp_path)[0].name == "step-00000100"
+    # Resuming follows `latest` (the snapshot written last), not the highest step number.
+    assert load_latest(tmp_path)[0].name == "step-00000020"
 
 
 def test_load_sae_reads_weights_only_from_any_way_of_naming_a_snapshot(tmp_path: Path) -> None:

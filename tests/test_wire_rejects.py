@@ -119,6 +119,14 @@ BAD_FIELDS = [
     ("raw_nbytes", 128.0), ("raw_nbytes", None),
     ("checksum", -1), ("checksum", 1 << 32), ("checksum", "abc"), ("checksum", False),
     ("source", [1, 2]), ("source", "corpus"), ("source", None),
+    # source reaches JSON files and logs: flat, bounded, JSON-safe values only
+    ("source", {"corpus": b"bytes"}), ("source", {"a": {"b": 1}}), ("source", {"a": [[1]]}),
+    ("source", {"a": [b"x"]}), ("source", {"a": math.nan}), ("source", {"a": -math.inf}),
+    ("source", {f"k{i}": i for i in range(65)}), ("source", {"k" * 257: 1}),
+    ("source", {"a": list(range(257))}),
+    ("source", {"epoch": 0, "start": 0}), ("source", {"epoch": 0, "start": 5, "end": 9}),
+    ("source", {"epoch": 0, "start": -8, "end": 0}), ("source", {"epoch": "0", "start": 0,
+                                                                  "end": 8}),
     ("ts", "now"), ("ts", None), ("ts", math.nan), ("ts", math.inf), ("ts", True),
     ("dtype", "int8"), ("dtype", "float64"), ("dtype", ["bfloat16"]), ("dtype", 16),
 ]
@@ -127,6 +135,12 @@ BAD_FIELDS = [
 @pytest.mark.parametrize(("key", "value"), BAD_FIELDS)
 def test_reject_bad_field(key: str, value) -> None:
     assert reason(with_header(good(), **{key: value})) == "field"
+
+
+def test_source_with_positions_matching_n_is_accepted() -> None:
+    frames = with_header(good(n=8), source={"corpus": "c", "epoch": 2, "start": 40, "end": 48,
+                                            "tags": ["a", 1, None, 2.5, True]})
+    assert decode_chunk(frames).source["end"] == 48
 
 
 def test_reject_unknown_field() -> None:

@@ -1,0 +1,33 @@
+"""Device names: the one place `--device auto|cpu|cuda|cuda:N` is understood."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from saestream.common.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_HELP = "auto (CUDA if present), cpu, cuda or cuda:N."
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` = the first CUDA device when there is one, else the CPU. UserError for a name
+    that is not a device here (unknown, or CUDA on a machine without it)."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {spec!r}: not a device (use {DEVICE_HELP})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {spec!r}: not a device (use {DEVICE_HELP})")
+    return device

@@ -1,0 +1,127 @@
+"""The control thread: answers producers' `where` requests from the ledger (exactly-once).
+
+One job: read the ROUTER socket, validate each request (common/control.py), register the
+producer's stream and void positions in the ledger, and reply with, per hook, the frontier
+of what this consumer accounts for, the frontier of its newest snapshot (`committed`) and
+whether a hole was seen. A `flush` request sets `flush_requested`, so the training loop
+writes a snapshot soon. On stop it sends every producer it has heard from a last reply
+with `stopping` set, so producers waiting for a commit learn the state it ended in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import zmq
+
+from saestream.common.control import CONTROL_VERSION, ControlError, decode_where, encode
+from saestream.common.logs import RateLimitedLog
+from saestream.consumer.ledger import Ledger, LedgerFull
+from saestream.consumer.metrics import ConsumerMetrics
+
+log = logging.getLogger("saestream.consumer.control")
+
+MAX_PEERS = 1024
+"""Most producer connections remembered for the last reply on stop."""
+
+
+class ControlServer(threading.Thread):
+    """Owns the ROUTER socket `sock` from `start()` until `stop()` returns."""
+
+    def __init__(
+        self, sock: zmq.Socket, ledger: Ledger, metrics: ConsumerMetrics, *, run_id: str,
+        durable: bool, poll_ms: int = 100,
+    ) -> None:
+        super().__init__(name="control", daemon=True)
+        self.sock = sock
+        self.ledger = ledger
+        self.metrics = metrics
+        self.run_id = run_id
+        self.durable = durable
+        self.committed: Ledger | None = None
+        """The ledger as of the newest snapshot (set by the training loop after each one)."""
+        self.flush_requested = threading.Event()
+        self.poll_ms = poll_ms
+        self._stopping = threading.Event()
+        self._peers: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self._rlog = RateLimitedLog(log, 10.0)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self.sock.poll(self.poll_ms):
+                    self._serve(self.sock.recv_multipart())
+            for ident, request in self._peers.items():  # the last word
+                self._send(ident, self.reply(request, stopping=True))
+        except BaseException as exc:  # a bug, not a peer
+            self.error = exc
+            log.exception("control thread failed")
+        finally:
+            self.sock.close(linger=200)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self.join(timeout)
+
+    def _serve(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.metrics.control_rejected.inc()
+            return
+        ident, frame = frames
+        try:
+            request = decode_where(frame)
+        except ControlError as exc:
+            self.metrics.control_rejected.inc()
+            self._rlog.warning("bad", "dropped a control message: %s", exc)
+            return
+        self._peers[ident] = request
+        self._peers.move_to_end(ident)
+        while len(self._peers) > MAX_PEERS:
+            self._peers.popitem(last=False)
+        self._send(ident, self.reply(request))
+
+    def _send(self, ident: bytes, reply: dict[str, Any]) -> None:
+        try:
+            self.sock.send_multipart([ident, encode(reply)], flags=zmq.NOBLOCK)
+        except zmq.Again:  # that peer's queue is full: it asks again soon
+            pass
+
+    def reply(self, request: dict[str, Any], stopping: bool = False) -> dict[str, Any]:
+        """The `position` reply to a validated `where` request (registers it first)."""
+        name = request["producer"]
+        out: dict[str, Any] = {"v": CONTROL_VERSION, "op": "position", "consumer": self.run_id,
+                               "durable": self.durable, "stopping": stopping, "hooks": {},
+                               "origin": None, "error": None}
+        propose = request["propose"].get(self.run_id, request["propose"]["*"])
+        try:
+            entry = self.ledger.declare(name, request["stream"], request["hooks"], propose,
+                                        now=time.time())
+        except LedgerFull:
+            out["error"] = f"this consumer already tracks {self.ledger.max_producers} producers"
+            return out
+        except ValueError as exc:
+            out["error"] = str(exc)
+            return out
+        if request["void"]:
+            self.ledger.add_void(name, request["void"])
+            entry = self.ledger.get(name) or entry
+        if request["flush"]:
+            self.flush_requested.set()
+        committed = self.committed.get(name) if self.committed is not None else None
+        origin = entry.origin or propose
+        out["origin"] = list(origin)
+        for hook in request["hooks"]:
+            hl = entry.hooks[hook]
+            frontier = hl.frontier(origin)
+            done = None
+            if self.durable:
+                chl = committed.hooks.get(hook) if committed is not None else None
+                done = list(chl.frontier(committed.origin or origin) if chl else origin)
+            out["hooks"][hook] = {"frontier": list(frontier), "committed": done,
+                                  "beyond": hl.beyond(frontier)}
+        return out

@@ -1,0 +1,407 @@
+"""The consumer's ledger: per producer, what was received and trained, and — for exactly-once
+delivery — which positions of its stream are accounted for.
+
+A producer's stream is its corpus shard, position by position (`source` epoch/start/end of
+each chunk). A position is *accounted for* once its row is in the shuffle buffer or trained,
+or once the producer declared it void (a skipped context, or the end of an epoch). Each
+snapshot stores the ledger with the buffer, so what a snapshot accounts for is exactly what
+it holds: a producer that asks where to continue (`frontier`) re-sends everything after it,
+and rows that arrive twice are trimmed here (`admit`). Several threads use one ledger: the
+receiver admits and commits, the training loop credits trained rows, the control socket
+reads frontiers; every method takes the ledger's lock.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_POS = 1 << 62
+"""End of a void range that closes an epoch: every later position of it is void."""
+MAX_RANGES = 1024
+"""Most disjoint ranges kept per (producer, hook, epoch); a chunk that would open more is
+refused (the producer rewinds to the first hole and fills it)."""
+
+Range = list[int]  # [start, end), end > start
+
+
+def _subtract(ranges: list[Range], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) not covered by sorted disjoint `ranges`."""
+    out, pos = [], lo
+    for a, b in ranges:
+        if b <= pos:
+            continue
+        if a >= hi:
+            break
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+        if pos >= hi:
+            break
+    if pos < hi:
+        out.append((pos, hi))
+    return out
+
+
+def _add(ranges: list[Range], lo: int, hi: int) -> None:
+    """Insert [lo, hi) into sorted disjoint `ranges`, merging what touches it."""
+    i = 0
+    while i < len(ranges) and ranges[i][1] < lo:
+        i += 1
+    j = i
+    while j < len(ranges) and ranges[j][0] <= hi:
+        lo, hi = min(lo, ranges[j][0]), max(hi, ranges[j][1])
+        j += 1
+    ranges[i:j] = [[lo, hi]]
+
+
+def _touches(ranges: list[Range], lo: int, hi: int) -> bool:
+    """Whether [lo, hi) would merge with one of `ranges` (overlap or shared end)."""
+    return any(a <= hi and b >= lo for a, b in ranges)
+
+
+def _covering(ranges: list[Range], pos: int) -> int | None:
+    """End of the range holding `pos`, or None."""
+    for a, b in ranges:
+        if a <= pos < b:
+            return b
+        if a > pos:
+            return None
+    return None
+
+
+@dataclass
+class HookLedger:
+    """One hook of one producer: accounted positions per epoch, and token counts."""
+
+    data: dict[int, list[Range]] = field(default_factory=dict)
+    """epoch -> ranges whose rows were received (buffered or trained)."""
+    void: dict[int, list[Range]] = field(default_factory=dict)
+    """epoch -> ranges the producer declared void (skipped contexts, epoch ends)."""
+    received_tokens: int = 0
+    trained_tokens: int = 0
+    duplicate_tokens: int = 0
+    """Rows dropped because their positions were already accounted for."""
+
+    def covered(self, epoch: int, pos: int) -> int | None:
+        for table in (self.data, self.void):
+            end = _covering(table.get(epoch, []), pos)
+            if end is not None:
+                return end
+        return None
+
+    def frontier(self, origin: tuple[int, int]) -> tuple[int, int]:
+        """The first position at or after `origin` not accounted for."""
+        epoch, pos = origin
+        for _ in range(4 * MAX_RANGES + 64):  # bounded walk over data and void ranges
+            end = self.covered(epoch, pos)
+            if end is None:
+                return epoch, pos
+            epoch, pos = (epoch + 1, 0) if end >= MAX_POS else (epoch, end)
+        return epoch, pos
+
+    def beyond(self, frontier: tuple[int, int]) -> bool:
+        """Whether rows past `frontier` were received (a hole: something was lost)."""
+        e0, p0 = frontier
+        return any(
+            b > p0 if e == e0 else e > e0 for e, rs in self.data.items() for _, b in rs
+        )
+
+    def rows_between(self, lo: tuple[int, int], hi: tuple[int, int]) -> int:
+        """Received rows at positions in [lo, hi) (epoch-major order)."""
+        total = 0
+        for e, rs in self.data.items():
+            for a, b in rs:
+                a2 = max(a, lo[1]) if e == lo[0] else a
+                b2 = min(b, hi[1]) if e == hi[0] else b
+                if lo[0] <= e <= hi[0] and b2 > a2:
+                    total += b2 - a2
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "data": {str(e): rs for e, rs in sorted(self.data.items())},
+            "void": {str(e): rs for e, rs in sorted(self.void.items())},
+            "received_tokens": self.received_tokens,
+            "trained_tokens": self.trained_tokens,
+            "duplicate_tokens": self.duplicate_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> HookLedger:
+        def table(t: Mapping[str, Any]) -> dict[int, list[Range]]:
+            return {int(e): [[int(a), int(b)] for a, b in rs] for e, rs in t.items()}
+
+        return cls(
+            table(d.get("data", {})), table(d.get("void", {})),
+            int(d.get("received_tokens", 0)), int(d.get("trained_tokens", 0)),
+            int(d.get("duplicate_tokens", 0)),
+        )
+
+
+@dataclass
+class ProducerLedger:
+    """Everything the consumer knows of one producer id."""
+
+    index: int
+    """Small integer that tags this producer's rows in the shuffle buffer."""
+    run: str | None = None
+    """Run id of the latest message."""
+    last_seq: int | None = None
+    """Sequence number of the latest message of `run`."""
+    received_messages: int = 0
+    received_tokens: int = 0
+    trained_tokens: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+    """`source` of the latest message (corpus id, token offsets)."""
+    stream: dict[str, Any] | None = None
+    """What the producer reads (corpus, split, shard, seq_len, first), from its control
+    requests; a later request for another stream under the same id is refused."""
+    origin: tuple[int, int] | None = None
+    """Where this run of the consumer started accounting the producer's stream."""
+    hooks: dict[str, HookLedger] = field(default_factory=dict)
+    last_seen: float = 0.0
+    """Unix time of the latest message or control request (not saved)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run": self.run, "last_seq": self.last_seq,
+            "received_messages": self.received_messages,
+            "received_tokens": self.received_tokens, "trained_tokens": self.trained_tokens,
+            "source": self.source, "stream": self.stream,
+            "origin": None if self.origin is None else list(self.origin),
+            "hooks": {h: hl.to_json() for h, hl in self.hooks.items()},
+        }
+
+    @classmethod
+    def from_json(cls, index: int, d: Mapping[str, Any]) -> ProducerLedger:
+        origin = d.get("origin")
+        return cls(
+            index=index, run=d.get("run"), last_seq=d.get("last_seq"),
+            received_messages=int(d.get("received_messages", 0)),
+            received_tokens=int(d.get("received_tokens", 0)),
+            trained_tokens=int(d.get("trained_tokens", 0)), source=dict(d.get("source", {})),
+            stream=d.get("stream"),
+            origin=None if origin is None else (int(origin[0]), int(origin[1])),
+            hooks={h: HookLedger.from_json(v) for h, v in d.get("hooks", {}).items()},
+        )
+
+
+@dataclass
+class Admission:
+    """What `admit` decided for one chunk."""
+
+    producer: ProducerLedger
+    parts: list[tuple[int, int]]
+    """(first row, rows) of the chunk to keep: all of it, or the rows not yet accounted."""
+    epoch: int | None
+    start: int | None
+    """The chunk's first position (None: the chunk carries no positions)."""
+    duplicates: int
+
+
+class LedgerFull(Exception):
+    """A new producer id while `max_producers` live ones are tracked."""
+
+
+class Ledger:
+    """Per-producer provenance and positions. `max_producers` bounds the live entries;
+    entries idle for `expiry` seconds stop counting against it (their positions stay, up to
+    `4 × max_producers` entries in all, oldest idle ones forgotten first)."""
+
+    def __init__(self, max_producers: int = 256, expiry: float = 600.0) -> None:
+        self.max_producers = max_producers
+        self.expiry = expiry
+        self.producers: dict[str, ProducerLedger] = {}
+        self._by_index: dict[int, str] = {}
+        self._next_index = 0
+        self.version = 0
+        """Bumped by every change a snapshot would record."""
+        self.lock = threading.Lock()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _entry(self, name: str, now: float) -> ProducerLedger:
+        p = self.producers.get(name)
+        if p is None:
+            if self._live(now) >= self.max_producers:
+                raise LedgerFull(name)
+            self._forget_idle(now)
+            p = self.producers[name] = ProducerLedger(index=self._next_index)
+            self._by_index[p.index] = name
+            self._next_index += 1
+        p.last_seen = now
+        return p
+
+    def admit(self, producer: str, hook: str, n: int, source: Mapping[str, Any],
+              now: float | None = None) -> Admission:
+        """Which rows of an n-row chunk to keep. Raises LedgerFull for a producer beyond
+        the limit, ValueError for a chunk that would leave too many holes."""
+        now = time.time() if now is None else now
+        with self.lock:
+            p = self._entry(producer, now)
+            if not all(k in source for k in ("epoch", "start", "end")):
+                return Admission(p, [(0, n)], None, None, 0)
+            epoch, start = int(source["epoch"]), int(source["start"])
+            hl = p.hooks.setdefault(hook, HookLedger())
+            if p.origin is None:
+                p.origin = (epoch, start)
+            taken = sorted(hl.data.get(epoch, []) + hl.void.get(epoch, []))
+            fresh = _subtract(taken, start, start + n)
+            data = hl.data.get(epoch, [])
+            if len(data) >= MAX_RANGES and any(not _touches(data, a, b) for a, b in fresh):
+                raise ValueError(f"more than {MAX_RANGES} holes in its positions")
+            parts = [(a - start, b - a) for a, b in fresh]
+            dup = n - sum(m for _, m in parts)
+            hl.duplicate_tokens += dup
+            return Admission(p, parts, epoch, start, dup)
+
+    def commit(self, adm: Admission, hook: str, first_row: int, rows: int) -> None:
+        """`rows` rows of a chunk, from its row `first_row`, are now in the buffer. Called
+        with the buffer's lock held, so a snapshot sees buffer and ledger agree."""
+        with self.lock:
+            p = adm.producer
+            p.received_tokens += rows
+            self.version += 1
+            if adm.epoch is None:
+                return
+            hl = p.hooks.setdefault(hook, HookLedger())
+            hl.received_tokens += rows
+            lo = adm.start + first_row
+            _add(hl.data.setdefault(adm.epoch, []), lo, lo + rows)
+
+    def record_message(self, adm: Admission, run: str, seq: int,
+                       source: Mapping[str, Any]) -> tuple[str, int | None]:
+        """Per-run sequence tracking: ('new'|'restart'|'gap'|'ok', previous seq)."""
+        with self.lock:
+            p = adm.producer
+            prev_run, prev_seq = p.run, p.last_seq
+            p.run, p.last_seq = run, seq
+            p.received_messages += 1
+            p.source = dict(source)
+        if prev_run is None:
+            return "new", None
+        if prev_run != run:
+            return "restart", prev_seq
+        if prev_seq is not None and seq != prev_seq + 1:
+            return "gap", prev_seq
+        return "ok", prev_seq
+
+    # -- training ---------------------------------------------------------------------------
+
+    def credit_trained(self, hook: str, counts: Mapping[int, int]) -> None:
+        """Trained rows by buffer tag (producer index)."""
+        with self.lock:
+            for index, n in counts.items():
+                name = self._by_index.get(index)
+                if name is None:
+                    continue
+                p = self.producers[name]
+                p.trained_tokens += n
+                if hook in p.hooks:
+                    p.hooks[hook].trained_tokens += n
+
+    # -- the control channel ----------------------------------------------------------------
+
+    def declare(self, producer: str, stream: Mapping[str, Any], hooks: Iterable[str],
+                propose: tuple[int, int], now: float | None = None) -> ProducerLedger:
+        """A producer says what it reads and where it would start; returns its entry (a copy).
+        Raises ValueError when the id is known with another stream, LedgerFull when full."""
+        now = time.time() if now is None else now
+        with self.lock:
+            p = self._entry(producer, now)
+            if p.stream is not None and p.stream != dict(stream):
+                raise ValueError(
+                    f"producer {producer!r} is in this consumer's ledger reading "
+                    f"{_describe(p.stream)}, not {_describe(stream)}: give it another "
+                    "--producer-id, or point it at its old stream"
+                )
+            if p.stream is None or p.origin is None:
+                self.version += 1
+            p.stream = dict(stream)
+            if p.origin is None:
+                p.origin = propose
+            for h in hooks:
+                p.hooks.setdefault(h, HookLedger())
+            return copy.deepcopy(p)
+
+    def add_void(self, producer: str, ranges: Iterable[tuple[int, int, int]]) -> None:
+        """Positions the producer will never send rows for: (epoch, start, end) each."""
+        with self.lock:
+            p = self.producers.get(producer)
+            if p is None:
+                return
+            self.version += 1
+            for hl in p.hooks.values():
+                for epoch, a, b in ranges:
+                    if 0 <= a < b:
+                        _add(hl.void.setdefault(int(epoch), []), int(a), int(b))
+
+    # -- persistence and inspection ---------------------------------------------------------
+
+    def _live(self, now: float) -> int:
+        return sum(1 for p in self.producers.values() if now - p.last_seen < self.expiry)
+
+    def live_count(self, now: float) -> int:
+        """Producers heard from within the expiry."""
+        with self.lock:
+            return self._live(now)
+
+    def expired(self, now: float) -> list[str]:
+        """Producers idle past the expiry (for the metrics to drop their series)."""
+        with self.lock:
+            return [n for n, p in self.producers.items() if now - p.last_seen >= self.expiry]
+
+    def _forget_idle(self, now: float) -> None:
+        idle = sorted(
+            (p.last_seen, n) for n, p in self.producers.items()
+            if now - p.last_seen >= self.expiry
+        )
+        while len(self.producers) >= 4 * self.max_producers and idle:
+            _, name = idle.pop(0)
+            p = self.producers.pop(name)
+            self._by_index.pop(p.index, None)
+
+    def copy(self) -> Ledger:
+        with self.lock:
+            other = Ledger(self.max_producers, self.expiry)
+            other.producers = copy.deepcopy(self.producers)
+            other._by_index = dict(self._by_index)
+            other._next_index = self._next_index
+            other.version = self.version
+            return other
+
+    def ordinals(self) -> dict[int, int]:
+        """Buffer tag -> position in `to_json`'s order (the tags `from_json` gives back)."""
+        with self.lock:
+            return {p.index: i for i, p in enumerate(self.producers.values())}
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return {name: p.to_json() for name, p in self.producers.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], max_producers: int = 256,
+                  expiry: float = 600.0) -> Ledger:
+        ledger = cls(max_producers, expiry)
+        now = time.time()
+        for i, (name, d) in enumerate(data.items()):
+            p = ProducerLedger.from_json(i, d)
+            p.last_seen = now
+            ledger.producers[name] = p
+            ledger._by_index[i] = name
+        ledger._next_index = len(ledger.producers)
+        return ledger
+
+    def get(self, producer: str) -> ProducerLedger | None:
+        with self.lock:
+            p = self.producers.get(producer)
+            return None if p is None else copy.deepcopy(p)
+
+
+def _describe(stream: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {stream.get(k)!r}" for k in ("corpus", "split", "shard", "seq_len"))

@@ -1,0 +1,171 @@
+"""The producer's side of the control channel (common/control.py): a thread that asks every
+consumer, twice a second, where to continue, and the rules that turn the answers into a
+rewind or a skip.
+
+- A consumer run answering for the first time (a start, or the consumer restarted): the
+  producer continues from that run's frontier, backwards (re-sending what the consumer does
+  not hold) or forwards (skipping what it already holds).
+- A hole that stays open (`beyond` for `HOLE_SECONDS` with the frontier unmoved: a chunk was
+  lost to a broken connection): rewind to the frontier.
+- Answers from several consumer runs (a producer dealing to independent consumers): no
+  rewinds; each consumer trims what it already has, nothing more is promised.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from saestream.common.control import (
+    CONTROL_VERSION,
+    MAX_VOID,
+    ControlError,
+    decode_position,
+    encode,
+)
+from saestream.common.transport import CurveClientKeys, dealer_socket
+from saestream.producer.sender import Progress
+
+log = logging.getLogger("saestream.producer.control")
+
+ASK_SECONDS = 0.5
+HOLE_SECONDS = 5.0
+FRESH_SECONDS = 5.0
+"""An answer older than this no longer counts (that consumer may be gone)."""
+
+
+class ControlClient(threading.Thread):
+    """Owns one DEALER socket per control endpoint from `start()` until `stop()`.
+
+    :param request: builds the current `where` request (called on this thread).
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoints: Sequence[str], *,
+                 curve: CurveClientKeys | None, request: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(name="control", daemon=True)
+        self.socks = [dealer_socket(ctx, e, curve=curve) for e in endpoints]
+        self.endpoints = list(endpoints)
+        self.request = request
+        self.replies: dict[int, tuple[float, dict[str, Any]]] = {}
+        self.lock = threading.Lock()
+        self.flush = False
+        """Ask for a snapshot (the producer has sent its last rows)."""
+        self.ever_answered = threading.Event()
+        self.reachable = False
+        """Some control endpoint took a request (a connection exists)."""
+        self._stopping = threading.Event()
+        self._seen_runs: set[str] = set()
+        self._hole: tuple[Progress, float] | None = None
+        self.error: str | None = None
+        """The consumer's refusal (e.g. this id is known with another stream)."""
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for sock in self.socks:
+            poller.register(sock, zmq.POLLIN)
+        next_ask = 0.0
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= next_ask:
+                    frame = encode(self.request())
+                    for sock in self.socks:
+                        try:
+                            sock.send(frame, flags=zmq.NOBLOCK)
+                            self.reachable = True
+                        except zmq.Again:  # not connected yet: ask again later
+                            pass
+                    next_ask = now + ASK_SECONDS
+                for sock, _ in poller.poll(50):
+                    self._read(self.socks.index(sock), sock.recv())
+        finally:
+            for sock in self.socks:
+                sock.close(linger=0)
+
+    def _read(self, i: int, frame: bytes) -> None:
+        try:
+            reply = decode_position(frame)
+        except ControlError as exc:
+            log.warning("ignoring a malformed control reply from %s: %s", self.endpoints[i], exc)
+            return
+        if reply["error"]:
+            self.error = reply["error"]
+        with self.lock:
+            self.replies[i] = (time.monotonic(), reply)
+        self.ever_answered.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(5.0)
+
+    # -- what the answers mean ----------------------------------------------------------------
+
+    def view(self) -> dict[str, Any] | None:
+        """The freshest answer when every fresh answer comes from one consumer run (one
+        consumer, or the ranks of one job); None otherwise."""
+        now = time.monotonic()
+        with self.lock:
+            fresh = [r for t, r in self.replies.values() if now - t < FRESH_SECONDS]
+            latest = max(self.replies.values(), key=lambda tr: tr[0], default=None)
+        runs = {r["consumer"] for r in fresh}
+        if len(runs) != 1 or latest is None or latest[1]["consumer"] not in runs:
+            return None
+        return latest[1]
+
+    def frontier(self, reply: dict[str, Any], key: str = "frontier") -> Progress | None:
+        """The lowest frontier (or committed frontier) over the hooks, None if unknown."""
+        values = [h[key] for h in reply["hooks"].values()]
+        if not values or any(v is None for v in values):
+            return None
+        return Progress(*min(tuple(v) for v in values))
+
+    def target(self, emitted: Progress, since: Progress) -> Progress | None:
+        """Where to continue instead of `emitted` (the emission began at `since`), or None
+        to carry on."""
+        reply = self.view()
+        if reply is None or not reply["hooks"]:
+            return None
+        f = self.frontier(reply)
+        if f is None:
+            return None
+        if reply["consumer"] not in self._seen_runs:
+            first = not self._seen_runs
+            self._seen_runs.add(reply["consumer"])
+            self._hole = None
+            if f > emitted:
+                return f  # it holds more than was sent: skip ahead
+            if first and f >= since:
+                return None  # the first answer: what was sent since is most likely on its way
+            return f if f != emitted else None
+        if not any(h["beyond"] for h in reply["hooks"].values()):
+            self._hole = None
+            return None
+        now = time.monotonic()
+        if self._hole is None or self._hole[0] != f:
+            self._hole = (f, now)
+            return None
+        if now - self._hole[1] >= HOLE_SECONDS:
+            self._hole = None
+            log.warning("rows after position %d of epoch %d arrived but not those before: "
+                        "re-sending from there", f.tokens_done, f.epoch)
+            return f
+        return None
+
+    def first_runs(self) -> set[str]:
+        """Consumer runs that have answered (a new one is where `origins` are recorded)."""
+        return set(self._seen_runs)
+
+
+def where_request(*, producer: str, run: str, hooks: Sequence[str], stream: dict[str, Any],
+                  propose: dict[str, list[int]], void: Sequence[tuple[int, int, int]],
+                  flush: bool) -> dict[str, Any]:
+    return {
+        "v": CONTROL_VERSION, "op": "where", "producer": producer, "run": run,
+        "hooks": list(hooks), "stream": stream, "propose": propose,
+        "void": [list(v) for v in list(void)[-MAX_VOID:]], "flush": flush,
+    }
