@@ -47,3 +47,9 @@ def test_unknown_command_is_a_usage_error() -> None:
     result = run_cli(["no-such-command"], timeout=60)
     assert result.returncode == 2
     assert "No such command" in result.stderr
+
+
+def test_readme_sae_key_table_is_the_one_derived_from_the_config_fields() -> None:
+    from saestream.consumer.config import sae_keys_table
+
+    assert sae_keys_table() in README
