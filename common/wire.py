@@ -3,7 +3,7 @@
 `[header, payload]`: the header is a msgpack map with exactly the keys of `HEADER_FIELDS`;
 the payload is the row-major, little-endian `n × d` activations in `dtype`, as is (`raw`),
 as one LZ4 frame (`lz4`), or with the bytes first regrouped by significance and then as one
-LZ4 frame (`lz4-shuffle`). `checksum` is `zlib.crc32` of the raw bytes. See DESIGN.md.
+LZ4 frame (`lz4-shuffle`). `checksum` is `zlib.crc32` of the raw bytes. See ARCHITECTURE.md.
 
 `decode_chunk` trusts nothing: every failure is a `WireError` whose `reason` is one of
 `REJECT_REASONS`, and no allocation is ever larger than the `raw_nbytes` that the

@@ -153,7 +153,7 @@ def test_header_round_trip_property(producer, run, seq, hook, source, ts) -> Non
 @given(itemsize=st.sampled_from([2, 4]), m=st.integers(1, 300), seed=st.integers(0, 1000))
 def test_shuffle_matches_the_design_definition(itemsize: int, m: int, seed: int) -> None:
     raw = np.random.default_rng(seed).integers(0, 256, m * itemsize, dtype=np.uint8)
-    expected = raw.reshape(m, itemsize).T.reshape(-1)  # DESIGN.md: byte j of i -> j*m + i
+    expected = raw.reshape(m, itemsize).T.reshape(-1)  # ARCHITECTURE.md: byte j of i -> j*m + i
     shuffled = shuffle_bytes(raw, itemsize)
     assert np.array_equal(shuffled, expected)
     assert np.array_equal(unshuffle_bytes(shuffled, itemsize).view(np.uint8), raw)
