@@ -165,6 +165,17 @@ def list_snapshots(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def sae_names(path: Path, extra: Mapping[str, Any]) -> list[str]:
+    """The SAEs of a snapshot: those its extra.json lists (a consumer's), else every folder
+    holding a cfg.json (`saestream train`'s). CheckpointError when there is none."""
+    if isinstance(extra.get("saes"), dict):
+        return sorted(extra["saes"])
+    names = sorted(d.name for d in Path(path).iterdir() if (d / "cfg.json").exists())
+    if not names:
+        raise CheckpointError(f"{path}: no SAE directory (none holds cfg.json)")
+    return names
+
+
 def load_snapshot(
     path: Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, Trainer], dict]:
@@ -173,12 +184,7 @@ def load_snapshot(
     try:
         extra_file = path / "extra.json"
         extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
-        if isinstance(extra.get("saes"), dict):  # a consumer's snapshot names its SAEs
-            names = sorted(extra["saes"])
-        else:
-            names = sorted(d.name for d in path.iterdir() if (d / "cfg.json").exists())
-            if not names:
-                raise CheckpointError(f"{path}: no SAE directory (none holds cfg.json)")
+        names = sae_names(path, extra)
         return {n: load_trainer(path / n, device) for n in names}, extra
     except CheckpointError:
         raise
@@ -223,12 +229,7 @@ def check_complete(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no readable extra.json ({exc})") from None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path}: extra.json is not an object")
-    if isinstance(extra.get("saes"), dict):  # a consumer's snapshot names its SAEs
-        names = sorted(extra["saes"])
-    else:
-        names = sorted(d.name for d in path.iterdir() if (d / "cfg.json").exists())
-        if not names:
-            raise CheckpointError(f"{path}: no SAE directory (none holds cfg.json)")
+    names = sae_names(path, extra)
     for name in names:
         missing = [f for f in SAE_FILES if not (path / name / f).is_file()]
         if missing:
