@@ -16,7 +16,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError, cli_errors
+from saestream.common.settings import FiniteFloat, config_option
+from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
+from saestream.consumer.trainer import TrainerConfig
 
 # safetensors dtype names -> (numpy dtype to map the bytes with, is bfloat16)
 _ST_DTYPES = {
@@ -26,6 +30,9 @@ _ST_DTYPES = {
     "BF16": (np.uint16, True),
 }
 _SCAN_ROWS = 1 << 16
+S, T = SAEConfig, TrainerConfig
+"""Every SAE and trainer option's default and help come from these dataclass fields."""
+_POSITIVE = click.IntRange(min=1)
 
 
 class Activations:
@@ -122,20 +129,6 @@ def _open_safetensors(path: Path, tensor: str | None) -> Activations:
     return Activations(array, bf16, f"{path}:{tensor}")
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device (use auto, cpu, cuda, cuda:N)") from None
-    return device
-
-
 class ShuffledBatches:
     """Batches of row indices: a fresh random permutation per pass, every row once per pass;
     a batch that crosses the end of a pass continues into the next one."""
@@ -186,22 +179,12 @@ class ShuffledBatches:
 @click.option(
     "--model", default=None, help="Model the activations come from (recorded; default: unknown)."
 )
-@click.option("--latents", default=16384, show_default=True, type=int, help="Number of latents.")
-@click.option("--k", default=32, show_default=True, type=int, help="Latents kept per token.")
-@click.option(
-    "--k-aux", default=512, show_default=True, type=int, help="Dead latents used by the AuxK loss."
-)
-@click.option(
-    "--auxk-coef", default=1 / 32, show_default=True, type=float, help="Weight of the AuxK loss."
-)
-@click.option(
-    "--dead-tokens",
-    default=10_000_000,
-    show_default=True,
-    type=int,
-    help="A latent is dead after this many tokens without firing.",
-)
-@click.option("--multi-topk", is_flag=True, help="Add the Multi-TopK term L(4k)/8.")
+@config_option(S, "n_latents", "--latents", type=_POSITIVE)
+@config_option(S, "k", type=_POSITIVE)
+@config_option(T, "k_aux", type=click.IntRange(min=0))
+@config_option(T, "auxk_coef", type=FiniteFloat(0.0))
+@config_option(T, "dead_tokens", type=_POSITIVE)
+@config_option(S, "multi_topk")
 @click.option(
     "--batch-size", default=4096, show_default=True, type=int, help="Tokens per training step."
 )
@@ -214,28 +197,12 @@ class ShuffledBatches:
 @click.option(
     "--steps", default=None, type=int, help="Train this many steps (instead of --tokens)."
 )
-@click.option(
-    "--lr",
-    default=None,
-    type=float,
-    help="Adam learning rate [default: 2e-4 / sqrt(latents / 2^14)].",
-)
-@click.option("--grad-clip", default=None, type=float, help="Clip the gradient norm (default off).")
-@click.option(
-    "--ema-decay",
-    default=None,
-    type=float,
-    help="Keep an EMA of the weights with this decay; saved instead of the raw weights.",
-)
-@click.option(
-    "--input-normalization",
-    default="layer_norm",
-    show_default=True,
-    type=click.Choice(["none", "layer_norm", "scalar"]),
-    help="Input normalisation, recorded in cfg.json.",
-)
+@config_option(T, "lr", type=FiniteFloat(0.0, min_open=True))
+@config_option(T, "grad_clip", type=FiniteFloat(0.0, min_open=True))
+@config_option(T, "ema_decay", type=FiniteFloat(0.0, min_open=True, max=1.0))
+@config_option(S, "input_normalization", type=click.Choice(list(INPUT_NORMALIZATIONS)))
 @click.option("--dense", is_flag=True, help="Use the dense reference path (slow; for checks).")
-@click.option("--bf16", is_flag=True, help="bf16 autocast for the encoder matmul (CUDA only).")
+@config_option(T, "autocast_bf16", "--bf16")
 @click.option(
     "--seed",
     default=0,
@@ -264,7 +231,7 @@ def train(
     hook: str,
     name: str | None,
     model: str | None,
-    latents: int,
+    n_latents: int,
     k: int,
     k_aux: int,
     auxk_coef: float,
@@ -278,7 +245,7 @@ def train(
     ema_decay: float | None,
     input_normalization: str,
     dense: bool,
-    bf16: bool,
+    autocast_bf16: bool,
     seed: int,
     device: str,
     out: Path,
@@ -288,8 +255,7 @@ def train(
     import torch
 
     from saestream.consumer.checkpoint import save_snapshot
-    from saestream.consumer.sae import SAEConfig
-    from saestream.consumer.trainer import Trainer, TrainerConfig
+    from saestream.consumer.trainer import Trainer
 
     if tokens is not None and steps is not None:
         raise UserError("give --tokens or --steps, not both")
@@ -300,7 +266,7 @@ def train(
     n_rows, d_in = act.shape
     sae_cfg = SAEConfig(
         d_in=d_in,
-        n_latents=latents,
+        n_latents=n_latents,
         k=k,
         multi_topk=multi_topk,
         input_normalization=input_normalization,
@@ -313,7 +279,7 @@ def train(
         grad_clip=grad_clip,
         ema_decay=ema_decay,
         sparse=not dense,
-        autocast_bf16=bf16,
+        autocast_bf16=autocast_bf16,
         seed=seed,
     )
     try:
@@ -338,7 +304,7 @@ def train(
     trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev)
     batches = ShuffledBatches(n_rows, batch_size, seed)
     click.echo(
-        f"training {name}: d_in={d_in} latents={latents} k={k} on {n_rows} tokens from "
+        f"training {name}: d_in={d_in} latents={n_latents} k={k} on {n_rows} tokens from "
         f"{act.label}, {total_steps} steps of {batch_size} on {dev}"
     )
     start = last = time.perf_counter()

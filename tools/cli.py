@@ -55,8 +55,20 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="saestream")
+    """Console-script entry point. Bad usage (an unknown flag, a value out of range) is one
+    line on stderr and exit 2, like every other user error (common/errors.py)."""
+    try:
+        code = cli.main(prog_name="saestream", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"saestream: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"saestream: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("saestream: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
