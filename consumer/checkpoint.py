@@ -254,10 +254,11 @@ def latest_name(root: Path) -> str | None:
     return name if SNAPSHOT_RE.match(name) else None
 
 
-def resumable(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+def resumable(root: Path, run_id: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Complete snapshots to resume from, best first: the one `latest` names, then older
-    ones of the same run, newest first (a warning for each one skipped). Without `latest`,
-    the newest complete snapshot's run is taken. Other runs' snapshots are never offered."""
+    ones of the same run, newest first (a warning for each one skipped). The run is
+    `run_id` (the directory's run file) when given, else the one `latest` names, else the
+    newest complete snapshot's. Other runs' snapshots are never offered."""
     root = Path(root)
     snaps = list_snapshots(root)
     name = latest_name(root)
@@ -269,11 +270,12 @@ def resumable(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         if not complete:
             return
         target = complete[0][0]
-    run = None
-    try:
-        run = run_of(check_complete(target))
-    except CheckpointError as exc:
-        log.warning("skipping incomplete snapshot %s: %s", target, exc)
+    run = run_id
+    if run is None:
+        try:
+            run = run_of(check_complete(target))
+        except CheckpointError as exc:
+            log.warning("skipping incomplete snapshot %s: %s", target, exc)
     step = int(SNAPSHOT_RE.match(target.name).group(1))  # type: ignore[union-attr]
     for path, extra in _complete(
         (p for p in reversed(snaps) if int(SNAPSHOT_RE.match(p.name).group(1)) <= step),

@@ -16,8 +16,6 @@ and training goes on.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import zmq
 from saestream.common.control import control_endpoint
 from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError
+from saestream.common.files import check_writable_dir
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
 from saestream.common.transport import pull_socket, router_socket
@@ -120,7 +119,7 @@ class ConsumerRun:
         cfg, root = self.cfg, self.cfg.checkpoint_dir
         if root is None:
             return None
-        _check_writable(root)
+        check_writable_dir(root, "--checkpoint-dir")
         for stale in ckpt.remove_stale_temporaries(root):
             log.info("removed %s, left by an interrupted snapshot", stale)
         if ckpt.holds_a_run(root) and cfg.overwrite:
@@ -148,7 +147,7 @@ class ConsumerRun:
                      run_id, root)
             self.stats.run_id = run_id
             return self.ledger.copy()
-        for path, _ in ckpt.resumable(root):
+        for path, _ in ckpt.resumable(root, run_id):  # never another run's
             try:
                 trainers, extra = ckpt.load_snapshot(path, self.device)
                 buffered = ckpt.load_buffers(path, extra)
@@ -303,8 +302,10 @@ class ConsumerRun:
             if attempt < self.cfg.final_snapshot_attempts:
                 time.sleep(1.0)
         else:
-            last = self.stats.snapshots[-1] if self.stats.snapshots else ckpt.latest_name(
-                self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
+            root = self.cfg.checkpoint_dir
+            named = ckpt.latest_name(root) if root is not None else None
+            last = self.stats.snapshots[-1] if self.stats.snapshots else (
+                root / named if root is not None and named else None)  # a path, not a name
             raise FinalSnapshotError(
                 f"the final snapshot failed {self.cfg.final_snapshot_attempts} times; the last "
                 f"good snapshot is {last or 'none'}"
@@ -430,16 +431,3 @@ def _renumber_sources(buffers: dict[str, Batch], ordinals: dict[int, int]) -> di
     for index, ordinal in ordinals.items():
         lut[index] = ordinal
     return {h: Batch(b.x, lut[b.sources.long().clamp_(0, top - 1)]) for h, b in buffers.items()}
-
-
-def _check_writable(root: Path) -> None:
-    """UserError unless `root` exists (or can be made) and a file can be written there."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".tmp-probe-") as fh:
-            fh.write(b"saestream")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise UserError(f"--checkpoint-dir {root}: not writable ({exc.strerror or exc})") \
-            from None

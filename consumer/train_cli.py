@@ -18,6 +18,7 @@ import numpy as np
 
 from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError, cli_errors
+from saestream.common.files import check_writable_dir
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
 from saestream.consumer.trainer import TrainerConfig
@@ -94,14 +95,17 @@ def _open_safetensors(path: Path, tensor: str | None) -> Activations:
     # The format: u64 little-endian header length, JSON header, then the raw tensors.
     # Mapping it with numpy directly gives random row access without reading the file.
     try:
+        size = path.stat().st_size
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100_000_000:
-                raise ValueError("header too large")
+            if n > min(100_000_000, size - 8):
+                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
             header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            _check_tensor_entry(key, info, size - 8 - n)
     except (OSError, ValueError, struct.error) as exc:
         raise UserError(f"--input {path}: not a readable .safetensors file ({exc})") from None
     if tensor is None:
@@ -127,6 +131,39 @@ def _open_safetensors(path: Path, tensor: str | None) -> Activations:
     except (ValueError, OSError) as exc:
         raise UserError(f"--input {path}: cannot map tensor {tensor!r} ({exc})") from None
     return Activations(array, bf16, f"{path}:{tensor}")
+
+
+def _check_tensor_entry(key: str, info: object, data_bytes: int) -> None:
+    """ValueError unless a header entry is {dtype: str, shape: [int >= 0, ...],
+    data_offsets: [begin, end]} with 0 <= begin <= end <= the data section's size."""
+
+    def whole(v: object) -> bool:
+        return type(v) is int and v >= 0
+
+    ok = (
+        isinstance(info, dict) and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list) and all(whole(d) for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+        and all(whole(o) for o in info["data_offsets"])
+        and info["data_offsets"][0] <= info["data_offsets"][1] <= data_bytes
+    )
+    if not ok:
+        raise ValueError(f"malformed header entry for tensor {key!r}")
+
+
+def check_memory(sae_cfg: SAEConfig, cfg: TrainerConfig, batch_size: int, device: object) -> None:
+    """UserError when training this SAE cannot fit the device's memory (host RAM on CPU)."""
+    from saestream.consumer.config import SAESpec, machine_memory_bytes, sae_train_bytes
+
+    assert sae_cfg.d_in is not None
+    need = sae_train_bytes(SAESpec("sae", "hook", sae_cfg, cfg), sae_cfg.d_in, batch_size)
+    have = machine_memory_bytes(str(device))
+    if need > have:
+        raise UserError(
+            f"--latents {sae_cfg.n_latents}: training needs at least {need / 2**30:,.1f} GiB "
+            f"at d_in {sae_cfg.d_in} and batch {batch_size}; {device} has "
+            f"{have / 2**30:,.1f} GiB"
+        )
 
 
 class ShuffledBatches:
@@ -299,6 +336,8 @@ def train(
         )
         batch_size = n_rows
     total_steps = steps if steps is not None else math.ceil((tokens or n_rows) / batch_size)
+    check_memory(sae_cfg, cfg, batch_size, dev)
+    check_writable_dir(out, "--out")
 
     torch.manual_seed(seed)
     trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev)

@@ -23,6 +23,7 @@ from typing import IO, Any
 import click
 
 from saestream.common.errors import UserError, cli_errors
+from saestream.common.files import check_writable_dir
 
 DEFAULT_HOOKS = {"smollm2-135m": "model.layers.20", "tiny": "model.layers.4"}
 """The producer's default hook (block round(2/3 · n_layers)) of the models the demo knows."""
@@ -85,6 +86,28 @@ class Child:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _check_consumer_settings(hook: str, sae: str, batch_size: int, buffer_tokens: int,
+                             device: str) -> None:
+    """The consumer's own checks of what the demo hands it (UserError: one line, exit 2),
+    before any process starts."""
+    from saestream.common.devices import resolve_device
+    from saestream.consumer.config import ConsumerConfig, build_sae_specs, check_fits
+
+    hooks, specs = build_sae_specs([sae], [hook])
+    cfg = ConsumerConfig(hooks=hooks, saes=specs, batch_size=batch_size,
+                         buffer_tokens=buffer_tokens)
+    check_fits(cfg, str(resolve_device(device)))
+
+
+def _user_error(child: Child) -> str | None:
+    """The one-line error of a child that exited 2 (bad input), without its prefix."""
+    if child.proc.returncode != 2:
+        return None
+    prefix = "saestream: error: "
+    lines = [x for x in child.tail(5).splitlines() if x.startswith(prefix)]
+    return lines[-1][len(prefix):] if lines else None
 
 
 class Progress:
@@ -238,9 +261,10 @@ def demo(
             )
     if batch_size > buffer_tokens:
         raise UserError("--batch-size is larger than --buffer-tokens")
+    _check_consumer_settings(hook, sae, batch_size, buffer_tokens, device)
     flags = SignalFlags().install()
-    workdir.mkdir(parents=True, exist_ok=True)
     logs, ckpt = workdir / "logs", workdir / "checkpoints"
+    check_writable_dir(workdir, "--workdir")
     logs.mkdir(exist_ok=True)
     port = _pick_port(port, set())
     metrics_port = _pick_port(metrics_port, {port})
@@ -274,6 +298,7 @@ def demo(
         "0.25",
         "--checkpoint-dir",
         str(ckpt),
+        "--resume",  # a second demo in the same --workdir continues the first one's run
         "--keep",
         "2",
         "--metrics-port",
@@ -388,6 +413,9 @@ def demo(
         children[0].terminate()
         consumer_rc = children[0].wait(120)
     if failed is not None:
+        refused = _user_error(failed)
+        if refused is not None:  # bad input the child found (exit 2): so does the demo
+            raise UserError(f"{failed.name}: {refused}")
         click.echo(
             f"{failed.name} exited with code {failed.proc.returncode}; its log "
             f"({failed.log_path}) ends:\n{failed.tail()}",

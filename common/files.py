@@ -1,0 +1,23 @@
+"""Directories the commands write to, checked before any work that would be lost."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from saestream.common.errors import UserError
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """UserError (`FLAG PATH: not writable (reason)`) unless `path` exists, or can be made,
+    as a directory where a file can be written and synced: checked at start-up, so a
+    read-only, full or misnamed directory costs no training time."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".tmp-probe-") as fh:
+            fh.write(b"saestream")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: not writable ({exc.strerror or exc})") from None

@@ -1,0 +1,293 @@
+"""Resume follows `latest`, within one run (issue 9, item 4), with real consumer processes.
+
+One base run (two SAEs, snapshots at steps 2, 4 and 6) is written once; each test damages a
+copy of its checkpoint directory the way a crash, an operator or another run would, then
+starts `saestream consumer --resume` on it. Unit-level cases of the same rules (pruning,
+which snapshots are offered) are at the end and in test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import free_tcp_port, run_cli
+from test_checkpoint import trained
+from test_consumer import HOOK, Consumer, Sender, latest, snapshot_dirs
+
+from saestream.consumer import checkpoint as ckpt_mod
+from saestream.consumer.checkpoint import (
+    check_complete,
+    list_snapshots,
+    prune_snapshots,
+    read_run_id,
+    resumable,
+    save_snapshot,
+    write_run_id,
+)
+
+SAES = ("--sae", "name=k4,latents=128,k=4,k_aux=32", "--sae", "name=k8,latents=256,k=8,k_aux=32")
+OTHER_RUN = "0therrun0000"
+
+
+def extra_of(snap: Path) -> dict:
+    return json.loads((snap / "extra.json").read_text())
+
+
+def set_run(snap: Path, run_id: str) -> None:
+    (snap / "extra.json").write_text(json.dumps({**extra_of(snap), "run_id": run_id}))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> tuple[Path, str]:
+    """A finished run's checkpoint directory (step-00000002, 4 and 6) and its run id."""
+    work = tmp_path_factory.mktemp("base")
+    ckpt = work / "ckpt"
+    c = Consumer(work, *SAES, "--checkpoint-every", "2", "--max-steps", "6", "--keep", "0",
+                 ckpt=ckpt)
+    sender = Sender(c.endpoint)
+    try:
+        sender.in_background(200)
+        assert c.wait_exit() == 0, c.log()
+    finally:
+        sender.close()
+        c.close()
+    assert snapshot_dirs(ckpt) == ["step-00000002", "step-00000004", "step-00000006"]
+    run_id = read_run_id(ckpt)
+    assert run_id and all(extra_of(p)["run_id"] == run_id for p in list_snapshots(ckpt))
+    return ckpt, run_id
+
+
+@pytest.fixture
+def run_dir(base_run, tmp_path: Path) -> tuple[Path, str]:
+    """A private copy of the base run's checkpoint directory, and the run id."""
+    ckpt, run_id = base_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    return copy, run_id
+
+
+@pytest.fixture
+def resume(tmp_path: Path):
+    """`resume(ckpt, *args)`: a consumer with `--resume` and the base run's SAEs, fed by a
+    sender until it exits (--max-steps); returns it after checking it exited 0."""
+    started: list[tuple[Consumer, Sender]] = []
+
+    def run(ckpt: Path, *args: str) -> Consumer:
+        c = Consumer(tmp_path, *SAES, "--resume", *args, ckpt=ckpt)
+        s = Sender(c.endpoint)
+        started.append((c, s))
+        s.in_background(200, run="r2")
+        assert c.wait_exit() == 0, c.log()
+        return c
+
+    yield run
+    for c, s in started:
+        s.close()
+        c.close()
+
+
+def resumed_from(c: Consumer, snap: Path, run_id: str, step: int) -> bool:
+    return f"resumed from {snap} (run {run_id}): step {step}," in c.log()
+
+
+def final_state(snap: Path, run_id: str, step: int) -> None:
+    """`snap` is a complete snapshot of `run_id` at `step`, both SAEs there."""
+    extra = check_complete(snap)
+    assert extra["run_id"] == run_id and extra["step"] == step
+    assert sorted(extra["saes"]) == ["k4", "k8"]
+    for name in ("k4", "k8"):
+        assert json.loads((snap / name / "trainer.json").read_text())["step"] == step
+
+
+# -- through the CLI ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_follows_latest_not_a_stale_higher_snapshot_of_another_run(run_dir, resume):
+    ckpt, run_id = run_dir
+    stale = ckpt / "step-00000361"
+    shutil.copytree(ckpt / "step-00000006", stale)
+    set_run(stale, OTHER_RUN)
+    c = resume(ckpt, "--max-steps", "8", "--keep", "1")
+    assert resumed_from(c, ckpt / "step-00000006", run_id, 6), c.log()
+    final_state(latest(ckpt), run_id, 8)
+    # --keep 1 pruned this run's older snapshots and nothing of the other run
+    assert snapshot_dirs(ckpt) == ["step-00000008", "step-00000361"]
+    assert extra_of(stale)["run_id"] == OTHER_RUN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other_run_between", [False, True], ids=["alone", "other-run-between"])
+def test_a_snapshot_without_extra_json_is_skipped_for_the_older_one_of_the_same_run(
+    run_dir, resume, other_run_between: bool
+) -> None:
+    ckpt, run_id = run_dir
+    (ckpt / "step-00000006" / "extra.json").unlink()
+    if other_run_between:  # never the fallback: it belongs to another run
+        shutil.copytree(ckpt / "step-00000004", ckpt / "step-00000005")
+        set_run(ckpt / "step-00000005", OTHER_RUN)
+    c = resume(ckpt, "--max-steps", "8", "--checkpoint-every", "2", "--keep", "2")
+    assert resumed_from(c, ckpt / "step-00000004", run_id, 4), c.log()
+    assert f"skipping incomplete snapshot {ckpt / 'step-00000006'}" in c.log()
+    # the new snapshots are kept (step 6 rewritten complete), the older ones pruned
+    assert snapshot_dirs(ckpt) == (["step-00000005"] if other_run_between else []) + [
+        "step-00000006", "step-00000008"]
+    final_state(ckpt / "step-00000006", run_id, 6)
+    final_state(latest(ckpt), run_id, 8)
+    if other_run_between:
+        assert extra_of(ckpt / "step-00000005")["run_id"] == OTHER_RUN
+
+
+@pytest.mark.slow
+def test_an_empty_step_directory_is_not_resumed_nor_counted_by_keep(run_dir, resume) -> None:
+    ckpt, run_id = run_dir
+    (ckpt / "step-99999999").mkdir()
+    c = resume(ckpt, "--max-steps", "8", "--checkpoint-every", "2", "--keep", "2")
+    assert resumed_from(c, ckpt / "step-00000006", run_id, 6), c.log()
+    assert snapshot_dirs(ckpt) == ["step-00000006", "step-00000008", "step-99999999"]
+    assert latest(ckpt).name == "step-00000008"
+    final_state(ckpt / "step-00000006", run_id, 6)
+    final_state(ckpt / "step-00000008", run_id, 8)
+    assert not any((ckpt / "step-99999999").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["sae-folder", "one-file"])
+def test_a_multi_sae_snapshot_missing_one_sae_falls_back_to_the_older_complete_one(
+    run_dir, resume, damage: str
+) -> None:
+    ckpt, run_id = run_dir
+    if damage == "sae-folder":
+        shutil.rmtree(ckpt / "step-00000006" / "k8")
+    else:
+        (ckpt / "step-00000006" / "k8" / "trainer.pt").unlink()
+    c = resume(ckpt, "--max-steps", "8")
+    assert resumed_from(c, ckpt / "step-00000004", run_id, 4), c.log()
+    warning = next(x for x in c.log().splitlines() if "skipping incomplete snapshot" in x)
+    assert "step-00000006" in warning and "SAE k8 lacks" in warning
+    final_state(latest(ckpt), run_id, 8)
+
+
+def run_resume_cli(ckpt: Path, *args: str):
+    return run_cli(["consumer", "--bind", f"tcp://127.0.0.1:{free_tcp_port()}",
+                    "--metrics-port", "0", "--hook", HOOK, *SAES, "--checkpoint-dir",
+                    str(ckpt), *args], timeout=120)
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [x for x in stderr.splitlines() if x.startswith("saestream: error:")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["corrupt-weights", "no-extra-json"])
+def test_no_readable_snapshot_is_an_error_not_a_silent_fresh_start(run_dir, damage) -> None:
+    ckpt, _ = run_dir
+    for snap in list_snapshots(ckpt):
+        if damage == "corrupt-weights":
+            (snap / "k4" / "sae.safetensors").write_bytes(b"\0 not safetensors")
+        else:
+            (snap / "extra.json").unlink()
+    before = sorted(p.name for p in ckpt.iterdir())
+    res = run_resume_cli(ckpt, "--resume")
+    assert res.returncode == 2, res.stderr
+    assert error_lines(res.stderr) == [
+        f"saestream: error: --resume: no readable snapshot of the run in {ckpt} (see the "
+        "warnings above); --overwrite starts over"
+    ]
+    assert res.stderr.strip().splitlines()[-1].startswith("saestream: error:")
+    for step in ("00000002", "00000004", "00000006"):
+        assert f"step-{step}" in res.stderr  # a warning for each one skipped
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("holds", ["snapshots", "run-file-only"])
+def test_starting_without_resume_where_a_run_is_is_refused_and_overwrite_starts_over(
+    run_dir, tmp_path: Path, holds: str
+) -> None:
+    ckpt, run_id = run_dir
+    if holds == "run-file-only":  # a run killed before its first snapshot
+        ckpt = tmp_path / "killed-early"
+        ckpt.mkdir()
+        write_run_id(ckpt, "killedearly0")
+    res = run_resume_cli(ckpt)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"saestream: error: --checkpoint-dir {ckpt} already holds a run: pass --resume to "
+        "continue it, --overwrite to discard it, or choose a new directory"
+    ]
+    if holds == "run-file-only":
+        return
+    c = Consumer(tmp_path, *SAES, "--overwrite", "--max-steps", "2", ckpt=ckpt)
+    s = Sender(c.endpoint)
+    try:
+        s.in_background(200)
+        assert c.wait_exit() == 0, c.log()
+    finally:
+        s.close()
+        c.close()
+    assert "--overwrite: deleting the run" in c.log()
+    new_run = read_run_id(ckpt)
+    assert new_run and new_run != run_id
+    assert snapshot_dirs(ckpt) == ["step-00000002"]
+    final_state(latest(ckpt), new_run, 2)
+
+
+@pytest.mark.slow
+def test_stale_temporaries_are_removed_at_start_up(run_dir, tmp_path: Path) -> None:
+    ckpt, run_id = run_dir
+    stale = [ckpt / ".tmp-step-00000008-0badc0de", ckpt / ".old-step-00000004-0ddba11e"]
+    for d in stale:
+        shutil.copytree(ckpt / "step-00000004", d)  # as big as a real one
+    (ckpt / ".latest.tmp").write_text("step-00000008\n")
+    (ckpt / ".tmp-run.json").write_text("{")
+    c = Consumer(tmp_path, *SAES, "--resume", ckpt=ckpt)
+    try:
+        c.wait_for("start-up", lambda: c.metrics() is not None)
+        assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".")) == []
+        for d in stale:
+            assert f"removed {d}, left by an interrupted snapshot" in c.log()
+        assert resumed_from(c, ckpt / "step-00000006", run_id, 6), c.log()
+        c.signal(signal.SIGTERM)
+        assert c.wait_exit() == 0, c.log()
+    finally:
+        c.close()
+
+
+# -- unit level --------------------------------------------------------------------------------
+
+
+def test_prune_counts_only_complete_snapshots_of_this_run(tmp_path: Path) -> None:
+    t = trained(steps=1)
+    for step in (1, 2, 3, 4):
+        save_snapshot(tmp_path, step, {"h": t}, extra={"run_id": "mine", "saes": {"h": {}}})
+    save_snapshot(tmp_path, 50, {"h": t}, extra={"run_id": "theirs", "saes": {"h": {}}})
+    (tmp_path / "latest").write_text("step-00000004\n")  # this run's newest
+    (tmp_path / "step-99999999").mkdir()  # empty
+    (tmp_path / "step-00000003" / "extra.json").unlink()  # incomplete
+    deleted = prune_snapshots(tmp_path, keep=2, run="mine")
+    assert [p.name for p in deleted] == ["step-00000001"]
+    assert [p.name for p in list_snapshots(tmp_path)] == [
+        "step-00000002", "step-00000003", "step-00000004", "step-00000050", "step-99999999"]
+
+
+def test_resumable_offers_latest_then_older_ones_of_its_run_only(tmp_path: Path, caplog) -> None:
+    t = trained(steps=1)
+    for step, run in ((1, "mine"), (2, "theirs"), (3, "mine"), (4, "mine"), (9, "theirs")):
+        save_snapshot(tmp_path, step, {"h": t}, extra={"run_id": run, "saes": {"h": {}}})
+    (tmp_path / "latest").write_text("step-00000004\n")
+    shutil.rmtree(tmp_path / "step-00000003" / "h")  # incomplete
+    with caplog.at_level(logging.WARNING, logger=ckpt_mod.log.name):
+        offered = [p.name for p, _ in resumable(tmp_path)]
+    assert offered == ["step-00000004", "step-00000001"]
+    assert "step-00000003" in caplog.text and "step-00000002" in caplog.text
+    # `latest` without extra.json: its run is still known from the directory's run file
+    (tmp_path / "step-00000004" / "extra.json").unlink()
+    write_run_id(tmp_path, "mine")
+    assert [p.name for p, _ in resumable(tmp_path, read_run_id(tmp_path))] == ["step-00000001"]
