@@ -47,6 +47,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from saestream.common.control import MAX_CONTROL_BYTES
 from saestream.common.errors import UserError
 
 log = logging.getLogger("saestream.transport")
@@ -59,6 +60,8 @@ RECONNECT_IVL_MAX_MS = 5000
 TCP_KEEPALIVE_IDLE_S = 60
 TCP_KEEPALIVE_INTVL_S = 10
 TCP_KEEPALIVE_CNT = 6
+CONTROL_HWM = 4
+"""Control requests queued per producer connection (a producer asks twice a second)."""
 DEFAULT_MAX_MESSAGE_BYTES = (256 << 20) + (2 << 20)
 """Largest frame the PULL socket accepts: wire.DecodeLimits' default max_raw_nbytes plus the
 LZ4 worst-case expansion (~0.4 %) and the header."""
@@ -352,26 +355,7 @@ def pull_socket(
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         _common_options(sock)
-        admit = None
-        if max_connections is not None:
-            mon = sock.connection_monitor
-            assert mon is not None
-            admit = lambda: mon.open_connections() <= max_connections  # noqa: E731
-        if curve is not None:
-            _curve_server(ctx, sock, curve, bind, admit)
-        elif admit is not None:  # NULL security still asks the ZAP handler once a domain is set
-            domain = f"saestream-{uuid.uuid4().hex}"
-            sock._release_auth = _acquire_auth(ctx, domain, None, admit)
-            sock.zap_domain = domain.encode()
-        if curve is None and not is_loopback_endpoint(bind):
-            log.warning(
-                "binding %s without CURVE: anyone who can reach it can send activations and "
-                "the stream is unencrypted (see `saestream keygen`)", bind
-            )
-        try:
-            sock.bind(bind)
-        except zmq.ZMQError as exc:
-            raise UserError(f"cannot bind {bind!r}: {exc}") from exc
+        _admit_and_bind(ctx, sock, bind, curve, max_connections)
     except BaseException:
         sock.close(linger=0)
         raise
@@ -379,26 +363,51 @@ def pull_socket(
 
 
 def router_socket(
-    ctx: zmq.Context, bind: str, *, curve: CurveServerKeys | None = None
+    ctx: zmq.Context, bind: str, *, curve: CurveServerKeys | None = None,
+    max_connections: int | None = None, hwm: int = CONTROL_HWM,
+    max_message_bytes: int = MAX_CONTROL_BYTES,
 ) -> Socket:
-    """The consumer's control socket (ROUTER, bound), authenticated like its data socket."""
-    sock = _new_socket(ctx, zmq.ROUTER, False, "consumer control socket")
+    """The consumer's control socket (ROUTER, bound), authenticated and capped like its data
+    socket: at most `max_connections` peers, `hwm` requests queued from each, none larger
+    than `max_message_bytes`, so what strangers can make it hold is bounded."""
+    sock = _new_socket(ctx, zmq.ROUTER, max_connections is not None, "consumer control socket")
     try:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a gone peer is dropped
         sock.setsockopt(zmq.SNDHWM, 64)
         _common_options(sock)
-        if curve is not None:
-            _curve_server(ctx, sock, curve, bind)
-        try:
-            sock.bind(bind)
-        except zmq.ZMQError as exc:
-            raise UserError(f"cannot bind the control endpoint {bind!r}: {exc}") from exc
+        _admit_and_bind(ctx, sock, bind, curve, max_connections)
     except BaseException:
         sock.close(linger=0)
         raise
     return sock
+
+
+def _admit_and_bind(ctx: zmq.Context, sock: Socket, bind: str, curve: CurveServerKeys | None,
+                    max_connections: int | None) -> None:
+    """Authentication (CURVE, or a ZAP handler that only counts connections), then bind."""
+    admit = None
+    if max_connections is not None:
+        mon = sock.connection_monitor
+        assert mon is not None
+        admit = lambda: mon.open_connections() <= max_connections  # noqa: E731
+    if curve is not None:
+        _curve_server(ctx, sock, curve, bind, admit)
+    elif admit is not None:  # NULL security still asks the ZAP handler once a domain is set
+        domain = f"saestream-{uuid.uuid4().hex}"
+        sock._release_auth = _acquire_auth(ctx, domain, None, admit)
+        sock.zap_domain = domain.encode()
+    if curve is None and not is_loopback_endpoint(bind):
+        log.warning(
+            "binding %s without CURVE: anyone who can reach it can send activations and "
+            "the stream is unencrypted (see `saestream keygen`)", bind
+        )
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as exc:
+        raise UserError(f"cannot bind {bind!r}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 import zmq
 
-from saestream.common.control import control_endpoint
+from saestream.common.control import MAX_CONTROL_BYTES, control_endpoint
 from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError
 from saestream.common.files import check_writable_dir
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
-from saestream.common.transport import pull_socket, router_socket
+from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
 from saestream.common.wire import REJECT_REASONS, DecodeLimits, lz4_bound
 from saestream.consumer import checkpoint as ckpt
 from saestream.consumer.buffer import Batch, BufferSet
@@ -204,7 +204,8 @@ class ConsumerRun:
                             f"{exc}") from exc
         limits = DecodeLimits(max_raw_nbytes=cfg.max_chunk_bytes)
         max_message = lz4_bound(cfg.max_chunk_bytes) + limits.max_header_nbytes
-        budget = cfg.max_connections * (cfg.hwm + 1) * max_message
+        budget = cfg.max_connections * ((cfg.hwm + 1) * max_message
+                                        + (CONTROL_HWM + 1) * MAX_CONTROL_BYTES)
         m.receive_budget_bytes.set(budget)
         self.ctx = zmq.Context()
         sock = pull_socket(self.ctx, cfg.bind, hwm=cfg.hwm, curve=cfg.curve,
@@ -216,7 +217,8 @@ class ConsumerRun:
         control = cfg.control_bind or control_endpoint(cfg.bind)
         if control != "off":
             self.control = ControlServer(
-                router_socket(self.ctx, control, curve=cfg.curve), self.ledger, m,
+                router_socket(self.ctx, control, curve=cfg.curve,
+                              max_connections=cfg.max_connections), self.ledger, m,
                 run_id=self.stats.run_id, durable=cfg.checkpoint_dir is not None)
             self.control.committed = committed
         for h in cfg.hooks:
@@ -226,11 +228,12 @@ class ConsumerRun:
             self.control.start()
         log.info(
             "consumer run %s on %s (control %s), hooks %s, SAEs %s, device %s, metrics on "
-            "%s:%s; receive memory bound %.0f MiB (%d connections x (%d queued + 1) x %.1f MiB)",
+            "%s:%s; receive memory bound %.0f MiB (%d connections x ((%d queued + 1) x %.1f MiB "
+            "of data + (%d + 1) x %.2f MiB of control))",
             self.stats.run_id, cfg.bind, control, ",".join(cfg.hooks),
             ",".join(s.name for s in cfg.saes), self.device, cfg.metrics_addr,
             cfg.metrics_port or "off", budget / 2**20, cfg.max_connections, cfg.hwm,
-            max_message / 2**20,
+            max_message / 2**20, CONTROL_HWM, MAX_CONTROL_BYTES / 2**20,
         )
 
     # -- the loop's steps ---------------------------------------------------------------------

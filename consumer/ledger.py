@@ -378,18 +378,20 @@ class Ledger:
     def ordinals(self) -> dict[int, int]:
         """Buffer tag -> position in `to_json`'s order (the tags `from_json` gives back)."""
         with self.lock:
-            return {p.index: i for i, p in enumerate(self.producers.values())}
+            return {self.producers[n].index: i for i, n in enumerate(sorted(self.producers))}
 
     def to_json(self) -> dict[str, dict[str, Any]]:
+        """Producers by name, sorted: the order snapshots keep (their JSON is written with
+        sorted keys), so a producer's position in it is its buffer tag in the snapshot."""
         with self.lock:
-            return {name: p.to_json() for name, p in self.producers.items()}
+            return {name: self.producers[name].to_json() for name in sorted(self.producers)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], max_producers: int = 256,
                   expiry: float = 600.0) -> Ledger:
         ledger = cls(max_producers, expiry)
         now = time.time()
-        for i, (name, d) in enumerate(data.items()):
+        for i, (name, d) in enumerate(sorted(data.items())):
             p = ProducerLedger.from_json(i, d)
             p.last_seen = now
             ledger.producers[name] = p

@@ -163,7 +163,7 @@ class ConsumerMetrics:
         self.receive_budget_bytes = Gauge(
             "saestream_receive_memory_budget_bytes",
             "Worst-case bytes ZeroMQ may hold for received messages: --max-connections x "
-            "(--hwm + 1) x the largest message accepted.",
+            "((--hwm + 1) x the largest message accepted + 5 control requests of 256 KiB).",
             registry=r,
         )
         self.control_rejected = Counter(

@@ -16,11 +16,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+_handed_out: set[int] = set()
+
+
 def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, whose next port is free too (a
+    consumer binds its control socket on its data port + 1), and that neither this nor its
+    next port was handed out before in this test session: ports picked one after another are
+    often neighbours, and a metrics port on a consumer's data port + 1 fails its start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535 or {port, port + 1} & _handed_out:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        _handed_out.update((port, port + 1))
+        return port
 
 
 @pytest.fixture

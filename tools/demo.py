@@ -38,15 +38,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_port(preferred: int, taken: set[int]) -> int:
-    """`preferred` if free, else any free port (never one in `taken`)."""
-    if preferred and preferred not in taken and _port_free(preferred):
+def _pick_port(preferred: int, taken: set[int], *, with_next: bool = False) -> int:
+    """`preferred` if free, else any free port (never one in `taken`); `with_next`: the next
+    port must be free and not taken too (the consumer's control socket binds port + 1)."""
+
+    def usable(p: int) -> bool:
+        span = (p, p + 1) if with_next else (p,)
+        return all(q not in taken and q <= 65535 and _port_free(q) for q in span)
+
+    if preferred and usable(preferred):
         return preferred
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in taken:
+        if usable(port):
             return port
 
 
@@ -266,9 +272,9 @@ def demo(
     logs, ckpt = workdir / "logs", workdir / "checkpoints"
     check_writable_dir(workdir, "--workdir")
     logs.mkdir(exist_ok=True)
-    port = _pick_port(port, set())
-    metrics_port = _pick_port(metrics_port, {port})
-    taken = {port, metrics_port}
+    port = _pick_port(port, set(), with_next=True)
+    metrics_port = _pick_port(metrics_port, {port, port + 1})
+    taken = {port, port + 1, metrics_port}
     prod_ports = []
     for i in (1, 2):
         prod_ports.append(_pick_port(metrics_port + i if metrics_port else 0, taken))
