@@ -165,6 +165,8 @@ class ProducerRun:
         self.state.runs = [*self.state.runs, self.run][-20:]
         self.base_total = self.state.tokens_sent_total
         self.resume = Progress(self.state.epoch, self.state.tokens_done)
+        self.started_at = self.resume
+        """Where this process began emitting: every row it sends is at or after it."""
         self.voids: list[tuple[int, int, int]] = []
         self.emitted = self.since = self.resume
         self.end: Progress | None = None
@@ -248,8 +250,10 @@ class ProducerRun:
         if not self._wait_sent():
             return "stop"
         control, end = self.control, self.end
-        if control is None or not self._expect_answers():
+        if control is None:
             return self._done(None)
+        if not self._expect_answers():
+            return "stop" if self.stop.is_set() else self._done(None)
         control.flush = True
         last, since = None, time.monotonic()
         while not self.stop.is_set():
@@ -425,12 +429,17 @@ class ProducerRun:
         return True
 
     def _expect_answers(self) -> bool:
-        """Whether a consumer speaks the control channel (give a first answer a moment)."""
+        """Whether a consumer speaks the control channel (give a first answer a moment).
+
+        Once a consumer has answered for this stream (`origins` in the state file), its
+        answer is awaited however long it takes: a consumer restarting after a crash may not
+        be reachable yet, and ending without its word could leave rows it lost unsent."""
         control = self.control
         assert control is not None
+        known = bool(self.state.origins)
         deadline = time.monotonic() + FIRST_ANSWER_GRACE
-        while control.reachable and not control.ever_answered.is_set() \
-                and time.monotonic() < deadline:
+        while not control.ever_answered.is_set() and (
+                known or (control.reachable and time.monotonic() < deadline)):
             if self.stop.wait(0.05):
                 return False
         return control.ever_answered.is_set()
@@ -447,7 +456,12 @@ class ProducerRun:
             self.state.origins[reply["consumer"]] = list(reply["origin"])
             self.state.origins = dict(list(self.state.origins.items())[-63:])
             self._save_state()  # durable before this consumer run depends on it
-        propose = {**self.state.origins, "*": list(self._resume_point())}
+        # Until some consumer has answered, rows sent since the start may still be on their
+        # way (a consumer with a full buffer reads them late): proposing what was sent so
+        # far would put the consumer's origin past them, and lose them if it crashes.
+        answered = self.control is not None and self.control.ever_answered.is_set()
+        star = self._resume_point() if answered else self.started_at
+        propose = {**self.state.origins, "*": list(star)}
         stream = {"corpus": self.cfg.corpus, "split": self.cfg.split, "shard": str(self.shard),
                   "seq_len": self.corpus.seq_len, "first": self.first}
         return where_request(producer=self.producer_id, run=self.run, hooks=self.hooks,
