@@ -108,6 +108,7 @@ class ConsumerRun:
         self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
         self._serve(restored)
         self._last_save = self._last_flush_save = self._last_log = time.monotonic()
+        self._periodic_step = self.stats.steps
         self._saved_version = -1
         self._failed_at = -float("inf")
         self._at_log = (self.stats.steps, self.stats.tokens)
@@ -284,10 +285,8 @@ class ConsumerRun:
             self.snapshot("signal")
         elif now - self._failed_at < RETRY_AFTER_FAILURE_SECONDS:
             pass  # a disk just failed: periodic and producer-asked snapshots wait a little
-        elif (cfg.checkpoint_every and self.stats.steps % cfg.checkpoint_every == 0
-              and self.stats.saved_step != self.stats.steps) or (
-                cfg.checkpoint_every_seconds and now - self._last_save
-                >= cfg.checkpoint_every_seconds):
+        elif self._periodic_due(now):
+            self._periodic_step, self._last_save = self.stats.steps, now  # tried, saved or not
             self.snapshot("periodic")
         elif control is not None and control.flush_requested.is_set() and (
                 now - self._last_flush_save >= FLUSH_SNAPSHOT_SECONDS):
@@ -296,6 +295,16 @@ class ConsumerRun:
             self.snapshot("flush")
         if now - self._last_log >= cfg.log_every:
             self._log_progress(now)
+
+    def _periodic_due(self, now: float) -> bool:
+        """--checkpoint-every steps or --checkpoint-every-seconds have passed since the last
+        periodic try (a skipped one counts: an idle consumer does not retry every loop)."""
+        cfg, steps = self.cfg, self.stats.steps
+        by_steps = bool(cfg.checkpoint_every) and steps % cfg.checkpoint_every == 0 \
+            and steps not in (self._periodic_step, self.stats.saved_step)
+        by_time = bool(cfg.checkpoint_every_seconds) and \
+            now - self._last_save >= cfg.checkpoint_every_seconds
+        return by_steps or by_time
 
     def finish(self) -> None:
         """The final snapshot, tried `final_snapshot_attempts` times."""
