@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,22 @@ def run_cli(args: Sequence[str], timeout: float = 300, **kw) -> subprocess.Compl
     return subprocess.run(
         saestream_cmd(*args), capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+class LoggedProcess:
+    """A real process whose output goes to a log file, killed at `close` if still running."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()

@@ -19,7 +19,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import free_tcp_port, run_cli, saestream_cmd
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
 
 from saestream.common.transport import push_socket
 from saestream.common.wire import encode_chunk
@@ -37,7 +37,7 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-class Consumer:
+class Consumer(LoggedProcess):
     """`saestream consumer` as a subprocess with a free port, metrics port and a log file."""
 
     def __init__(self, tmp_path: Path, *args: str, ckpt: Path | None = None) -> None:
@@ -54,12 +54,7 @@ class Consumer:
             argv += ["--sae", SAE]
         if "--buffer-tokens" not in args:
             argv += SMALL
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=child_env())
-
-    def log(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(argv, self.log_path, child_env())
 
     def metrics(self) -> dict | None:
         try:
@@ -93,13 +88,6 @@ class Consumer:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"consumer did not exit:\n{self.log()}") from None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
-
 
 @pytest.fixture
 def start_consumer(tmp_path: Path):

@@ -4,35 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import saestream_cmd
+from conftest import LoggedProcess, saestream_cmd
 from test_consumer import HOOK, Consumer, child_env
 
 pytestmark = pytest.mark.slow
 
 
-class Producer:
+class Producer(LoggedProcess):
     def __init__(self, tmp_path: Path, consumer: Consumer, pid: str) -> None:
-        self.log_path = tmp_path / f"{pid}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
+        super().__init__(
             saestream_cmd(
                 "producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
                 "--connect", consumer.endpoint, "--producer-id", pid, "--chunk-tokens", "256",
                 "--batch-size", "2", "--seq-len", "64", "--threads", "1", "--seed", "0",
                 "--shard", "0/2" if pid.endswith("a") else "1/2",
             ),
-            stdout=self._log, stderr=subprocess.STDOUT, env=child_env(),
+            tmp_path / f"{pid}.log", child_env(),
         )
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import itertools
 import json
 import re
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -26,7 +25,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import free_tcp_port, saestream_cmd
+from conftest import LoggedProcess, free_tcp_port, saestream_cmd
 from test_consumer import HOOK, Consumer, D, Sender, child_env, chunk_frames
 
 from saestream.common.control import MAX_CONTROL_BYTES
@@ -70,15 +69,13 @@ SENT_RE = re.compile(
 )
 
 
-class FastProducer:
+class FastProducer(LoggedProcess):
     """`saestream producer` on the tiny model and the synthetic corpus, serving /metrics."""
 
     def __init__(self, tmp_path: Path, endpoint: str, i: int, producer_id: str) -> None:
         self.id = producer_id
         self.metrics_port = free_tcp_port()
-        self.log_path = tmp_path / f"{self.id}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
+        super().__init__(
             saestream_cmd(
                 "producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
                 "--connect", endpoint, "--producer-id", self.id, "--shard", f"{i}/{PRODUCERS}",
@@ -86,20 +83,11 @@ class FastProducer:
                 "--threads", "1", "--seed", "0", "--metrics-port", str(self.metrics_port),
                 "--linger", "150",
             ),
-            stdout=self._log, stderr=subprocess.STDOUT, env=child_env(),
+            tmp_path / f"{self.id}.log", child_env(),
         )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
 
     def metrics(self) -> dict | None:
         return scrape(self.metrics_port)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture
