@@ -356,15 +356,12 @@ def test_resume_continues_step_count_and_tokens(start_consumer, sender_for, tmp_
     assert snapshot_dirs(ckpt) == ["step-00000006"]
 
     second = start_consumer("--max-steps", "10", "--resume", ckpt=ckpt)
-    second.wait_for("metrics", lambda: second.metrics() is not None)
-    # Counters continue from the snapshot (which also holds the buffer, so training on the
-    # restored tokens may already have begun by the first scrape).
-    assert "step 6, 1536 tokens" in second.log()
-    assert second.steps() >= 6
-    assert second.value("saestream_trained_tokens_total") >= 6 * 256
+    # The snapshot holds the shuffle buffer too, so the resumed consumer may reach its limit
+    # on the restored tokens alone, before any scrape: read its log, not its /metrics.
     sender_for(second).in_background(200, run="r2")
     assert second.wait_exit() == 0
     assert "resumed from" in second.log()
+    assert "step 6, 1536 tokens" in second.log()  # counters continue from the snapshot
     snap = latest(ckpt)
     assert snap.name == "step-00000010"
     state = json.loads((snap / HOOK / "trainer.json").read_text())
@@ -383,10 +380,9 @@ def test_resume_skips_an_unreadable_snapshot(start_consumer, sender_for, tmp_pat
     (ckpt / "step-00000008" / HOOK / "sae.safetensors").write_bytes(b"truncated")
 
     second = start_consumer("--max-steps", "6", "--resume", ckpt=ckpt)
-    second.wait_for("metrics", lambda: second.metrics() is not None)
-    assert "step 4, 1024 tokens" in second.log() and second.steps() >= 4
-    sender_for(second).in_background(200)
+    sender_for(second).in_background(200)  # it may finish on its restored buffer alone
     assert second.wait_exit() == 0
+    assert "step 4, 1024 tokens" in second.log()
     state = json.loads((latest(ckpt) / HOOK / "trainer.json").read_text())
     assert state["step"] == 6
 

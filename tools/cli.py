@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("saestream.tools.demo:demo", "Start a consumer and two producers on 127.0.0.1."),
     "status": ("saestream.tools.status:status", "One-screen summary from the daemons' /metrics."),
     "keygen": ("saestream.common.keygen:keygen", "Write a ZeroMQ CURVE key pair."),
+    "eval": (
+        "saestream.evaluator.cli:eval_command",
+        "Evaluate a snapshot's SAEs: downstream loss, reconstruction, progressive codes.",
+    ),
 }
 
 

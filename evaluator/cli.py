@@ -1,0 +1,236 @@
+"""`saestream eval SNAPSHOT_OR_CHECKPOINT_DIR`: the paper's cheap metric groups for the SAEs of
+a snapshot (downstream loss, reconstruction, progressive codes), as one table and one JSON
+document per SAE.
+
+Cheap checks (the path, `--sae`, `--metrics`, `--corpus`, where to write) come before the
+language model is loaded, so a typo costs no model load. Every bad input is a `UserError`:
+one line `saestream: error: ...`, exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from saestream import __version__
+from saestream.common.errors import UserError, cli_errors
+
+DEFAULT_CONTEXTS = 64
+"""Contexts evaluated when neither --contexts nor --tokens is given."""
+DEFAULT_OUT = "eval.json"
+PLANNED_GROUPS = ("ablation", "explanations", "probes")
+"""Groups of issue 11 that are not implemented yet: named in the error, not accepted."""
+
+
+def parse_metrics(text: str, groups: tuple[str, ...]) -> list[str]:
+    """`--metrics a,b` -> the groups in report order; `all` = every implemented group."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UserError("--metrics: no group named (use all or " + ", ".join(groups) + ")")
+    chosen: set[str] = set()
+    for name in names:
+        if name == "all":
+            chosen.update(groups)
+        elif name in groups:
+            chosen.add(name)
+        elif name in PLANNED_GROUPS:
+            raise UserError(f"--metrics {name}: not implemented yet (available: all, "
+                            f"{', '.join(groups)})")
+        else:
+            raise UserError(f"--metrics {name!r}: unknown group (use all, {', '.join(groups)})")
+    return [g for g in groups if g in chosen]
+
+
+class ProgressBar:
+    """A one-line bar on stderr, redrawn in place; silent unless stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        filled = int(30 * done / max(total, 1))
+        sys.stderr.write(f"\revaluating [{'#' * filled}{'.' * (30 - filled)}] "
+                         f"{done}/{total} forwards")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--model", default=None,
+              help="Model to run [default: the `model` in the SAEs' cfg.json].")
+@click.option("--hook", default=None,
+              help="Module whose output the SAE reads [default: the `hook` in cfg.json].")
+@click.option("--corpus", default="wiki-sample", show_default=True,
+              help="text:PATH_OR_GLOB, tokens:PATH, wiki-sample or synthetic[:N] (as the "
+                   "producer's).")
+@click.option("--split", default="eval", show_default=True,
+              type=click.Choice(["train", "eval", "all"]),
+              help="Part of the corpus to score (eval: the held-out tenth).")
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per context (the producer's default; 2-D .npy corpora bring "
+                   "their own).")
+@click.option("--contexts", default=None, type=click.IntRange(min=1),
+              help=f"Contexts to evaluate [default: {DEFAULT_CONTEXTS}].")
+@click.option("--tokens", default=None, type=click.IntRange(min=1),
+              help="Evaluate at least N tokens instead: ceil(N / (seq_len - 1)) contexts.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Contexts per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--sae", "sae_name", default=None,
+              help="Evaluate only this SAE of the snapshot [default: all].")
+@click.option("--metrics", default="downstream,reconstruction,progressive", show_default=True,
+              help="Comma-separated groups: downstream, reconstruction, progressive, or all.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help=f"JSON file to write [default: {DEFAULT_OUT} beside each SAE's cfg.json].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the JSON (one document per SAE, one per line) instead of the table.")
+@cli_errors
+def eval_command(
+    path: Path, model: str | None, hook: str | None, corpus: str, split: str, seq_len: int,
+    contexts: int | None, tokens: int | None, batch_size: int, device: str,
+    sae_name: str | None, metrics: str, out: Path | None, as_json: bool,
+) -> None:
+    """Evaluate the SAEs of a snapshot, SAE folder or checkpoint directory (its `latest`)."""
+    import torch
+
+    from saestream.common.devices import resolve_device
+    from saestream.consumer.checkpoint import CheckpointError, load_sae, sae_dirs
+    from saestream.evaluator.data import eval_ids
+    from saestream.evaluator.engine import GROUPS, EvalError, evaluate
+    from saestream.evaluator.report import table, to_json, write_json
+    from saestream.producer.corpus import CorpusError, precheck_corpus
+    from saestream.producer.hooks import HookError, validate_hooks
+    from saestream.producer.models import ModelError, load_model
+
+    started = time.perf_counter()
+    groups = parse_metrics(metrics, GROUPS)
+    if contexts is not None and tokens is not None:
+        raise UserError("give --contexts or --tokens, not both")
+    if contexts is None and tokens is None:
+        contexts = DEFAULT_CONTEXTS
+    try:
+        dirs = sae_dirs(path, sae_name)
+    except CheckpointError as exc:
+        raise UserError(str(exc).replace("no SAE named", "--sae: no SAE named")) from None
+    if out is not None and len(dirs) > 1:
+        raise UserError(f"--out names one file but {path} holds {len(dirs)} SAEs "
+                        f"({', '.join(d.name for d in dirs)}); pick one with --sae, or leave "
+                        f"--out out to write {DEFAULT_OUT} beside each cfg.json")
+    targets = [out] if out is not None else [d / DEFAULT_OUT for d in dirs]
+    for target in targets:
+        _check_writable(target, "--out" if out is not None else "eval.json")
+    try:
+        precheck_corpus(corpus)
+    except CorpusError as exc:
+        raise UserError(str(exc)) from None
+    dev = resolve_device(device)
+    try:
+        loaded = [load_sae(d, dev) for d in dirs]
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    model_name = model or _one_model(loaded)
+    threads = int(os.environ.get("SAESTREAM_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    try:
+        lm = load_model(model_name, device=str(dev))
+        hooks = [hook or str(s.cfg.get("hook")) for s in loaded]
+        try:
+            validate_hooks(lm.model, hooks)
+        except HookError as exc:
+            last = f"{lm.block_prefix}.{lm.n_layers - 1}"
+            hint = "" if hook else " (pass --hook)"
+            raise HookError(f"{exc}{hint}; its blocks are {lm.block_prefix}.0 .. {last}") \
+                from None
+        if lm.max_positions is not None and seq_len > lm.max_positions:
+            raise UserError(f"--seq-len {seq_len}: model {model_name} takes at most "
+                            f"{lm.max_positions} positions")
+        ids = eval_ids(lm, corpus, split=split, seq_len=seq_len, contexts=contexts,
+                       tokens=tokens)
+        results = evaluate(lm.model, ids, list(zip(loaded, hooks, strict=True)), groups,
+                           batch_size=batch_size, progress=ProgressBar())
+    except (ModelError, HookError, CorpusError, EvalError) as exc:
+        raise UserError(str(exc)) from None
+
+    seconds = time.perf_counter() - started
+    docs = []
+    for s, h in zip(loaded, hooks, strict=True):
+        doc = _document(s, h, model_name, corpus, split, ids, groups, str(dev), seconds)
+        doc.update(results[s.name])
+        docs.append(doc)
+    for target, doc in zip(targets, docs, strict=True):
+        write_json(target, doc)
+    if as_json:
+        for doc in docs:
+            click.echo(to_json(doc, indent=None))
+        for target in targets:
+            click.echo(f"wrote {target}", err=True)
+    else:
+        click.echo(table(docs))
+        for target in targets:
+            click.echo(f"wrote {target}")
+
+
+def _one_model(loaded: list) -> str:
+    """The model every SAE's cfg.json names; UserError when it is missing or they differ."""
+    names = {s.cfg.get("model") for s in loaded}
+    if None in names or "" in names:
+        raise UserError("cfg.json names no model (an SAE trained without --model); pass --model")
+    if len(names) > 1:
+        raise UserError(f"the SAEs name different models ({', '.join(sorted(names))}); pick "
+                        "one with --sae, or pass --model")
+    return str(names.pop())
+
+
+def _check_writable(target: Path, flag: str) -> None:
+    """UserError now, before any forward pass, when `target` cannot be written."""
+    if target.is_dir():
+        raise UserError(f"{flag} {target}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {target}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"{flag} {target}: not writable")
+
+
+def _document(sae: Any, hook: str, model: str, corpus: str, split: str, ids: Any,
+              groups: list[str], device: str, seconds: float) -> dict[str, Any]:
+    """The JSON fields that say what was evaluated, on what (the groups are added after)."""
+    from saestream.consumer.checkpoint import SNAPSHOT_RE
+
+    match = SNAPSHOT_RE.match(sae.directory.parent.name)
+    n_ctx, seq = int(ids.shape[0]), int(ids.shape[1])
+    c = sae.sae.cfg
+    return {
+        "sae": sae.name,
+        "path": str(sae.directory),
+        "step": int(match.group(1)) if match else None,
+        "model": model,
+        "hook": hook,
+        "d_in": c.d_in,
+        "n_latents": c.n_latents,
+        "k": c.k,
+        "input_normalization": c.input_normalization,
+        "corpus": corpus,
+        "split": split,
+        "seq_len": seq,
+        "contexts": n_ctx,
+        "tokens": n_ctx * (seq - 1),
+        "metrics": groups,
+        "device": device,
+        "seconds": round(seconds, 3),
+        "saestream_version": __version__,
+    }

@@ -1,0 +1,55 @@
+"""The token ids an evaluation scores: the first contexts of a corpus's split, in order.
+
+The same corpora and the same deterministic train/eval split as the producer
+(`producer/corpus.py`), so `--split eval` (the default) scores text no SAE was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from saestream.producer.corpus import CorpusError, open_corpus
+from saestream.producer.models import LoadedModel
+
+
+def contexts_wanted(seq_len: int, contexts: int | None, tokens: int | None) -> int:
+    """`--contexts N`, or enough contexts for `--tokens N` evaluated positions (each context of
+    T tokens contributes T − 1: position 0 is never spliced)."""
+    if contexts is not None:
+        return contexts
+    assert tokens is not None
+    return math.ceil(tokens / (seq_len - 1))
+
+
+def eval_ids(
+    lm: LoadedModel, corpus: str, *, split: str, seq_len: int, contexts: int | None,
+    tokens: int | None,
+) -> torch.Tensor:
+    """The evaluated contexts as int64 ids [n_contexts, T] (on the CPU).
+
+    T is `seq_len`, except for 2-D `.npy` corpora whose rows bring their own length. Contexts
+    holding an id outside the model's vocabulary are skipped, as the producer skips them.
+    Fewer contexts than asked is fine (the JSON records how many); none is a CorpusError.
+    """
+    corp = open_corpus(
+        corpus, seq_len=seq_len, vocab_size=lm.vocab_size,
+        encode=lm.encode_text if lm.tokenizer is not None else None,
+        separator=lm.separator_id, split=split,
+    )
+    if corp.seq_len < 2:
+        raise CorpusError(f"corpus {corpus}: contexts of {corp.seq_len} token(s); need 2")
+    n = contexts_wanted(corp.seq_len, contexts, tokens)
+    rows: list[np.ndarray] = []
+    for ctx in corp.contexts():
+        if len(rows) == n:
+            break
+        if int(ctx.min()) < 0 or int(ctx.max()) >= lm.vocab_size:
+            continue
+        rows.append(ctx)
+    if not rows:
+        raise CorpusError(f"corpus {corpus}: no context of {corp.seq_len} tokens in the "
+                          f"{split} split")
+    return torch.from_numpy(np.stack(rows).astype(np.int64))

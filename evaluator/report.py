@@ -1,0 +1,77 @@
+"""What `saestream eval` shows and writes: one table for a person, one JSON document per SAE
+for programs (non-finite numbers become `null`, so any JSON reader takes the file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DOWNSTREAM_ROWS = ("ce_clean", "ce_spliced", "delta_ce", "ce_zero", "ce_mean",
+                   "loss_recovered", "kl")
+RECONSTRUCTION_ROWS = ("normalized_mse", "explained_variance", "l0", "dead_fraction")
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN/±inf float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(doc: Mapping[str, Any], indent: int | None = 2) -> str:
+    return json.dumps(finite(doc), indent=indent, sort_keys=False)
+
+
+def write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write `doc` to `path` atomically (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(to_json(doc) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def table(docs: Sequence[Mapping[str, Any]]) -> str:
+    """One table: a row per metric, a column per SAE (progressive rows per k′)."""
+    rows: list[tuple[str, list[Any]]] = [
+        ("hook", [d.get("hook") for d in docs]),
+        ("k / latents", [f"{d.get('k')} / {d.get('n_latents')}" for d in docs]),
+    ]
+    for group, names in (("downstream", DOWNSTREAM_ROWS),
+                         ("reconstruction", RECONSTRUCTION_ROWS)):
+        if any(group in d for d in docs):
+            rows += [(n, [d.get(group, {}).get(n) for d in docs]) for n in names]
+    if any("progressive" in d for d in docs):
+        ks = sorted({e["k"] for d in docs for e in d.get("progressive", [])})
+        for field in ("normalized_mse", "delta_ce"):
+            for k in ks:
+                vals = []
+                for d in docs:
+                    entry = [e for e in d.get("progressive", []) if e["k"] == k]
+                    vals.append(entry[0][field] if entry else None)
+                rows.append((f"k'={k} {field}", vals))
+    header = ["metric", *(str(d["sae"]) for d in docs)]
+    body = [[name, *(_cell(v) for v in vals)] for name, vals in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths, strict=True))) for r in [header, *body]]
+    return "\n".join(line.rstrip() for line in lines)
