@@ -16,10 +16,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from saestream.common.devices import resolve_device
+from saestream.common.devices import DEVICE_HELP, resolve_device
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_dir
 from saestream.common.settings import FiniteFloat, config_option
+from saestream.consumer.config import ConsumerConfig
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
 from saestream.consumer.trainer import TrainerConfig
 
@@ -222,9 +223,7 @@ class ShuffledBatches:
 @config_option(T, "auxk_coef", type=FiniteFloat(0.0))
 @config_option(T, "dead_tokens", type=_POSITIVE)
 @config_option(S, "multi_topk")
-@click.option(
-    "--batch-size", default=4096, show_default=True, type=int, help="Tokens per training step."
-)
+@config_option(ConsumerConfig, "batch_size", type=int)
 @click.option(
     "--tokens",
     default=None,
@@ -240,14 +239,8 @@ class ShuffledBatches:
 @config_option(S, "input_normalization", type=click.Choice(list(INPUT_NORMALIZATIONS)))
 @click.option("--dense", is_flag=True, help="Use the dense reference path (slow; for checks).")
 @config_option(T, "autocast_bf16", "--bf16")
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=int,
-    help="Seed of the initialisation and of the batch order.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@config_option(T, "seed", help="Seed of the initialisation and of the batch order.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
     "--out",
     required=True,
