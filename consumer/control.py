@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -34,10 +35,12 @@ class ControlServer(threading.Thread):
 
     def __init__(
         self, sock: zmq.Socket, ledger: Ledger, metrics: ConsumerMetrics, *, run_id: str,
-        durable: bool, poll_ms: int = 100,
+        durable: bool, hooks: Sequence[str] | None = None, poll_ms: int = 100,
     ) -> None:
         super().__init__(name="control", daemon=True)
         self.sock = sock
+        self.hooks = None if hooks is None else set(hooks)
+        """Hooks this consumer trains (None: any); a producer streaming another is refused."""
         self.ledger = ledger
         self.metrics = metrics
         self.run_id = run_id
@@ -98,6 +101,11 @@ class ControlServer(threading.Thread):
                                "durable": self.durable, "stopping": stopping, "hooks": {},
                                "origin": None, "error": None}
         propose = request["propose"].get(self.run_id, request["propose"]["*"])
+        foreign = [h for h in request["hooks"] if self.hooks is not None and h not in self.hooks]
+        if foreign:  # its chunks would all be rejected: say so rather than wait forever
+            out["error"] = (f"this consumer does not train hook {foreign[0]!r:.100} (its hooks: "
+                            f"{', '.join(sorted(self.hooks or ()))})")
+            return out
         try:
             entry = self.ledger.declare(name, request["stream"], request["hooks"], propose,
                                         now=time.time())

@@ -220,7 +220,8 @@ class ConsumerRun:
             self.control = ControlServer(
                 router_socket(self.ctx, control, curve=cfg.curve,
                               max_connections=cfg.max_connections), self.ledger, m,
-                run_id=self.stats.run_id, durable=cfg.checkpoint_dir is not None)
+                run_id=self.stats.run_id, durable=cfg.checkpoint_dir is not None,
+                hooks=cfg.hooks)
             self.control.committed = committed
         for h in cfg.hooks:
             m.declare_hook(h, cfg.buffer_tokens, lambda h=h: self.buffers.fill(h))
@@ -273,7 +274,8 @@ class ConsumerRun:
             self._record(labels, m)
         self.stats.steps += 1
         self.stats.tokens += batch.x.shape[0]
-        counts = torch.bincount(batch.sources.long())
+        tags = batch.sources.long()
+        counts = torch.bincount(tags[tags >= 0])  # -1: a producer the ledger forgot
         self.ledger.credit_trained(hook, {i: int(c) for i, c in enumerate(counts.tolist()) if c})
 
     def housekeeping(self) -> None:
@@ -438,8 +440,10 @@ def _renumber_sources(buffers: dict[str, Batch], ordinals: dict[int, int]) -> di
     """Buffer tags as the saved ledger will number them (-1 for a forgotten producer)."""
     if not buffers:
         return buffers
-    top = max([*ordinals, 0]) + 1
-    lut = torch.full((top,), -1, dtype=torch.int32)
+    top = max([*ordinals, *(int(b.sources.max()) for b in buffers.values() if b.sources.numel()),
+               0]) + 2
+    lut = torch.full((top,), -1, dtype=torch.int32)  # last slot: rows already tagged -1
     for index, ordinal in ordinals.items():
         lut[index] = ordinal
-    return {h: Batch(b.x, lut[b.sources.long().clamp_(0, top - 1)]) for h, b in buffers.items()}
+    return {h: Batch(b.x, lut[b.sources.long().where(b.sources >= 0, top - 1)])
+            for h, b in buffers.items()}

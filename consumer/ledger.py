@@ -22,6 +22,8 @@ from typing import Any
 
 MAX_POS = 1 << 62
 """End of a void range that closes an epoch: every later position of it is void."""
+KEEP_EPOCHS = 16
+"""Epochs kept in full behind a producer's frontier (older ones are wholly accounted for)."""
 MAX_RANGES = 1024
 """Most disjoint ranges kept per (producer, hook, epoch); a chunk that would open more is
 refused (the producer rewinds to the first hole and fills it)."""
@@ -86,6 +88,10 @@ class HookLedger:
     trained_tokens: int = 0
     duplicate_tokens: int = 0
     """Rows dropped because their positions were already accounted for."""
+    low: tuple[int, int] | None = None
+    """Every position from the producer's origin up to here is accounted for: frontier walks
+    start here, and epochs long behind it are dropped, so an endless stream neither slows
+    the walk nor grows the ledger."""
 
     def covered(self, epoch: int, pos: int) -> int | None:
         for table in (self.data, self.void):
@@ -96,13 +102,28 @@ class HookLedger:
 
     def frontier(self, origin: tuple[int, int]) -> tuple[int, int]:
         """The first position at or after `origin` not accounted for."""
-        epoch, pos = origin
+        epoch, pos = max(origin, self.low) if self.low is not None else origin
         for _ in range(4 * MAX_RANGES + 64):  # bounded walk over data and void ranges
             end = self.covered(epoch, pos)
             if end is None:
                 return epoch, pos
             epoch, pos = (epoch + 1, 0) if end >= MAX_POS else (epoch, end)
         return epoch, pos
+
+    def advance(self, origin: tuple[int, int]) -> None:
+        """Move `low` up to the frontier and forget epochs more than KEEP_EPOCHS behind it."""
+        self.low = self.frontier(origin)
+        old = self.low[0] - KEEP_EPOCHS
+        for table in (self.data, self.void):
+            for e in [e for e in table if e < old]:
+                del table[e]
+
+    def merged(self, epoch: int) -> list[Range]:
+        """Received and void ranges of an epoch as one sorted, disjoint list."""
+        out: list[Range] = []
+        for a, b in sorted(self.data.get(epoch, []) + self.void.get(epoch, [])):
+            _add(out, a, b)
+        return out
 
     def beyond(self, frontier: tuple[int, int]) -> bool:
         """Whether rows past `frontier` were received (a hole: something was lost)."""
@@ -111,17 +132,6 @@ class HookLedger:
             b > p0 if e == e0 else e > e0 for e, rs in self.data.items() for _, b in rs
         )
 
-    def rows_between(self, lo: tuple[int, int], hi: tuple[int, int]) -> int:
-        """Received rows at positions in [lo, hi) (epoch-major order)."""
-        total = 0
-        for e, rs in self.data.items():
-            for a, b in rs:
-                a2 = max(a, lo[1]) if e == lo[0] else a
-                b2 = min(b, hi[1]) if e == hi[0] else b
-                if lo[0] <= e <= hi[0] and b2 > a2:
-                    total += b2 - a2
-        return total
-
     def to_json(self) -> dict[str, Any]:
         return {
             "data": {str(e): rs for e, rs in sorted(self.data.items())},
@@ -129,6 +139,7 @@ class HookLedger:
             "received_tokens": self.received_tokens,
             "trained_tokens": self.trained_tokens,
             "duplicate_tokens": self.duplicate_tokens,
+            "low": None if self.low is None else list(self.low),
         }
 
     @classmethod
@@ -140,6 +151,7 @@ class HookLedger:
             table(d.get("data", {})), table(d.get("void", {})),
             int(d.get("received_tokens", 0)), int(d.get("trained_tokens", 0)),
             int(d.get("duplicate_tokens", 0)),
+            None if d.get("low") is None else (int(d["low"][0]), int(d["low"][1])),
         )
 
 
@@ -204,6 +216,10 @@ class Admission:
     duplicates: int
 
 
+class StreamMismatch(ValueError):
+    """A chunk from another corpus, split or shard than its producer id declared."""
+
+
 class LedgerFull(Exception):
     """A new producer id while `max_producers` live ones are tracked."""
 
@@ -246,14 +262,20 @@ class Ledger:
             p = self._entry(producer, now)
             if not all(k in source for k in ("epoch", "start", "end")):
                 return Admission(p, [(0, n)], None, None, 0)
+            if p.stream is not None and any(
+                    k in source and source[k] != p.stream[k] for k in ("corpus", "split", "shard")):
+                raise StreamMismatch(
+                    f"this id reads {_describe(p.stream)}, the chunk comes from "
+                    f"{_describe(source)}: two producers share an id")
             epoch, start = int(source["epoch"]), int(source["start"])
             hl = p.hooks.setdefault(hook, HookLedger())
             if p.origin is None:
                 p.origin = (epoch, start)
-            taken = sorted(hl.data.get(epoch, []) + hl.void.get(epoch, []))
+            taken = hl.merged(epoch)
             fresh = _subtract(taken, start, start + n)
-            data = hl.data.get(epoch, [])
-            if len(data) >= MAX_RANGES and any(not _touches(data, a, b) for a, b in fresh):
+            if hl.low is not None and p.origin[0] <= epoch < hl.low[0] - KEEP_EPOCHS:
+                fresh = []  # a forgotten epoch: wholly accounted for
+            if len(taken) >= MAX_RANGES and any(not _touches(taken, a, b) for a, b in fresh):
                 raise ValueError(f"more than {MAX_RANGES} holes in its positions")
             parts = [(a - start, b - a) for a, b in fresh]
             dup = n - sum(m for _, m in parts)
@@ -273,6 +295,8 @@ class Ledger:
             hl.received_tokens += rows
             lo = adm.start + first_row
             _add(hl.data.setdefault(adm.epoch, []), lo, lo + rows)
+            if p.origin is not None:
+                hl.advance(p.origin)
 
     def record_message(self, adm: Admission, run: str, seq: int,
                        source: Mapping[str, Any]) -> tuple[str, int | None]:
@@ -322,6 +346,12 @@ class Ledger:
                 )
             if p.stream is None or p.origin is None:
                 self.version += 1
+            if p.stream is None and p.origin is not None and propose < p.origin:
+                # Its rows arrived before its first request: those sent before them may have
+                # reached only a consumer process that died. Account from where it proposes.
+                p.origin = propose
+                for hl in p.hooks.values():
+                    hl.low = None
             p.stream = dict(stream)
             if p.origin is None:
                 p.origin = propose
@@ -335,11 +365,15 @@ class Ledger:
             p = self.producers.get(producer)
             if p is None:
                 return
-            self.version += 1
             for hl in p.hooks.values():
+                before = copy.deepcopy(hl.void)
                 for epoch, a, b in ranges:
-                    if 0 <= a < b:
+                    if 0 <= a < b and (hl.low is None or epoch >= hl.low[0] - KEEP_EPOCHS):
                         _add(hl.void.setdefault(int(epoch), []), int(a), int(b))
+                if hl.void != before:
+                    self.version += 1
+                    if p.origin is not None:
+                        hl.advance(p.origin)
 
     # -- persistence and inspection ---------------------------------------------------------
 

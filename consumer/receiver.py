@@ -22,15 +22,15 @@ import zmq
 from saestream.common.logs import RateLimitedLog, shown
 from saestream.common.wire import DTYPES, Chunk, DecodeLimits, WireError, decode_chunk
 from saestream.consumer.buffer import BufferSet
-from saestream.consumer.ledger import Ledger, LedgerFull
+from saestream.consumer.ledger import Ledger, LedgerFull, StreamMismatch
 from saestream.consumer.metrics import ConsumerMetrics
 
 log = logging.getLogger("saestream.consumer.receiver")
 
-CONSUMER_REJECT_REASONS = ("model", "producers", "positions", "error")
+CONSUMER_REJECT_REASONS = ("model", "producers", "positions", "stream", "error")
 """Reasons the consumer adds to the wire module's: a hook's model changed; a new producer id
 beyond --max-producers; a chunk that would leave too many holes in its producer's positions;
-anything else."""
+a chunk from another corpus/split/shard than its producer id declared; anything else."""
 EXPIRY_CHECK_SECONDS = 5.0
 
 
@@ -121,6 +121,8 @@ class Receiver(threading.Thread):
         except LedgerFull:
             return self._reject("producers", f"producers: {chunk.producer!r:.100} is one more "
                                 f"than --max-producers {self.ledger.max_producers}")
+        except StreamMismatch as exc:
+            return self._reject("stream", f"stream: producer {chunk.producer!r:.100}: {exc}")
         except ValueError as exc:
             return self._reject("positions", f"positions: producer {chunk.producer!r:.100}: "
                                 f"{exc}")

@@ -313,6 +313,7 @@ class ProducerRun:
             for ids in batches:
                 if self.stop.is_set():
                     return self._flush("stop")
+                self._check_refusal()
                 target = self.control.target(self.emitted, self.since) if self.control else None
                 if target is not None:
                     return self._rewind(target)

@@ -565,7 +565,8 @@ def test_k8s_consumer_statefulset_service_pvc_and_producer_deployment() -> None:
     (c,) = pod["containers"]
     assert c["lifecycle"]["preStop"]
     assert "--resume" in c["args"]
-    assert {p["port"] for p in svc["spec"]["ports"]} == {5557, 9101}
+    # data, control (the data port + 1: producers ask there where to continue), metrics
+    assert {p["port"] for p in svc["spec"]["ports"]} == {5557, 5558, 9101}
     assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
     assert isinstance(dep["spec"]["replicas"], int)
     ppod = dep["spec"]["template"]["spec"]

@@ -7,9 +7,21 @@ import json
 import signal
 
 import pytest
+import torch
 from test_consumer import Consumer, Sender, chunk_frames
 
-from saestream.consumer.ledger import MAX_POS, MAX_RANGES, Ledger, LedgerFull
+from saestream.consumer.buffer import Batch
+from saestream.consumer.control import ControlServer
+from saestream.consumer.daemon import _renumber_sources
+from saestream.consumer.ledger import (
+    KEEP_EPOCHS,
+    MAX_POS,
+    MAX_RANGES,
+    Ledger,
+    LedgerFull,
+    StreamMismatch,
+)
+from saestream.consumer.metrics import ConsumerMetrics
 
 HOOK = "h"
 STREAM = {"corpus": "c", "split": "train", "shard": "0/1", "seq_len": 9, "first": 1}
@@ -55,7 +67,74 @@ def test_the_frontier_walks_received_and_void_ranges_across_epochs() -> None:
     hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
     assert hl.frontier((0, 0)) == (1, 16)
     assert not hl.beyond((1, 16))
-    assert hl.rows_between((0, 0), (1, 16)) == 80 + 24 + 16
+
+
+def test_rows_arriving_before_the_first_request_do_not_hide_the_rows_before_them() -> None:
+    """A resumed consumer hears from a producer's data before its control request: the rows
+    sent before that data may have reached only the process that died, so the producer's
+    proposed start, not the first row seen, is where accounting begins."""
+    ledger = Ledger()
+    receive(ledger, "p", 900, 909)
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
+    assert ledger.get("p").origin == (0, 0)  # type: ignore[union-attr]
+    assert hl.frontier((0, 0)) == (0, 0) and hl.beyond((0, 0))  # the producer re-sends
+
+
+def test_a_chunk_from_another_stream_under_a_declared_id_is_refused() -> None:
+    ledger = Ledger()
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    receive(ledger, "p", 0, 10)
+    other = {**src(0, 10), "split": "train", "shard": "1/2"}
+    with pytest.raises(StreamMismatch):
+        ledger.admit("p", HOOK, 10, other, now=0.0)
+
+
+def test_skipped_contexts_do_not_count_as_holes() -> None:
+    ledger = Ledger()
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    for i in range(2 * MAX_RANGES):  # every other context skipped (ids out of vocabulary)
+        receive(ledger, "p", 16 * i, 16 * i + 8)
+        ledger.add_void("p", [(0, 16 * i + 8, 16 * i + 16)])
+    hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
+    assert hl.frontier((0, 0)) == (0, 32 * MAX_RANGES)
+
+
+def test_an_endless_stream_keeps_the_ledger_small_and_the_frontier_exact() -> None:
+    ledger = Ledger()
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    for epoch in range(3000):
+        receive(ledger, "p", 0, 50, epoch=epoch)
+        ledger.add_void("p", [(epoch, 50, MAX_POS)])
+    hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
+    assert hl.frontier((0, 0)) == (3000, 0)
+    assert len(hl.data) <= KEEP_EPOCHS + 1 and len(hl.void) <= KEEP_EPOCHS + 1
+    assert receive(ledger, "p", 0, 50, epoch=5) == []  # a forgotten epoch is accounted for
+    restored = Ledger.from_json(json.loads(json.dumps(ledger.to_json())))
+    assert restored.get("p").hooks[HOOK].frontier((0, 0)) == (3000, 0)  # type: ignore[union-attr]
+
+
+def test_repeating_known_voids_changes_nothing_a_snapshot_records() -> None:
+    ledger = Ledger()
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    ledger.add_void("p", [(0, 8, 16)])
+    version = ledger.version
+    ledger.add_void("p", [(0, 8, 16)])  # every request repeats the producer's recent voids
+    assert ledger.version == version
+
+
+def test_a_producer_of_a_hook_the_consumer_does_not_train_is_told_so() -> None:
+    server = ControlServer(None, Ledger(), ConsumerMetrics(), run_id="r", durable=True,  # type: ignore[arg-type]
+                           hooks=["model.layers.20"])
+    request = {"producer": "p", "run": "x", "hooks": ["model.layers.10"], "stream": STREAM,
+               "propose": {"*": (0, 0)}, "void": [], "flush": False}
+    assert "does not train hook 'model.layers.10'" in server.reply(request)["error"]
+
+
+def test_rows_of_a_forgotten_producer_keep_no_tag_in_a_snapshot() -> None:
+    batch = Batch(torch.zeros(4, 2), torch.tensor([0, 1, 7, -1], dtype=torch.int32))
+    out = _renumber_sources({HOOK: batch}, {0: 1, 1: 0})  # tag 7: forgotten
+    assert out[HOOK].sources.tolist() == [1, 0, -1, -1]
 
 
 def test_a_chunk_that_would_open_too_many_holes_is_refused() -> None:
