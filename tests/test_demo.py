@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,12 @@ def test_demo_runs_two_producers_and_a_consumer_and_leaves_a_checkpoint(tmp_path
     assert "new producer demo-1" in consumer_log
     assert "new producer demo-2" in consumer_log
     assert "final snapshot" in consumer_log
+    # It ends by measuring the final snapshot's downstream loss on held-out contexts.
+    assert re.search(r"^downstream on 8 held-out contexts: CE clean [0-9.]+, spliced [0-9.]+, "
+                     r"delta CE [-+][0-9.]+, loss recovered ", out, re.M), out
+    evaluated = json.loads((work / "eval.json").read_text())
+    assert evaluated["step"] == int(snapshot.name.removeprefix("step-"))
+    assert evaluated["split"] == "eval" and evaluated["contexts"] == 8
 
 
 def test_demo_needs_a_hook_for_an_unknown_model(tmp_path: Path) -> None:

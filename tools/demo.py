@@ -237,6 +237,14 @@ class Progress:
     help="Consumer /metrics port; the producers use the next two (free ones if taken).",
 )
 @click.option("--device", default="auto", show_default=True, help="Device of all three.")
+@click.option(
+    "--eval-contexts",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Held-out contexts on which the final snapshot's downstream loss is measured "
+    "(`saestream eval --metrics downstream`); 0 = skip.",
+)
 @cli_errors
 def demo(
     duration: float,
@@ -251,6 +259,7 @@ def demo(
     port: int,
     metrics_port: int,
     device: str,
+    eval_contexts: int,
 ) -> None:
     """Start a consumer and two producers on 127.0.0.1 and show training live.
 
@@ -433,8 +442,37 @@ def demo(
     click.echo(f"stopped ({stop_reason}); consumer exit code {consumer_rc}")
     latest = ckpt / "latest"
     if latest.is_file():
-        click.echo(f"checkpoint: {ckpt / latest.read_text().strip()}")
+        snapshot = ckpt / latest.read_text().strip()
+        click.echo(f"checkpoint: {snapshot}")
+        if consumer_rc == 0 and eval_contexts and not flags.stop.is_set():
+            _evaluate(snapshot, workdir / "eval.json", model=model, corpus=corpus, hook=hook,
+                      contexts=eval_contexts, device=device, env=env)
     else:
         click.echo(f"no checkpoint written (nothing trained yet); logs in {logs}")
     if consumer_rc != 0:
         raise SystemExit(1)
+
+
+def _evaluate(snapshot: Path, out: Path, *, model: str, corpus: str, hook: str, contexts: int,
+              device: str, env: dict[str, str]) -> None:
+    """`saestream eval --metrics downstream` of the final snapshot on held-out contexts, as
+    a child process like the daemons (it loads the model once more); prints ΔCE."""
+    import json
+
+    argv = [sys.executable, "-m", "saestream", "eval", str(snapshot), "--model", model,
+            "--corpus", corpus, "--hook", hook, "--metrics", "downstream", "--contexts",
+            str(contexts), "--device", device, "--out", str(out)]
+    cores = str(os.cpu_count() or 1)  # the daemons have stopped: every core is free
+    done = subprocess.run(argv, capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": cores, "SAESTREAM_THREADS": cores})
+    if done.returncode != 0:
+        click.echo(f"evaluation failed (exit {done.returncode}): "
+                   f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}", err=True)
+        raise SystemExit(1)
+    d = json.loads(out.read_text())["downstream"]
+    recovered = d["loss_recovered"]
+    click.echo(
+        f"downstream on {contexts} held-out contexts: CE clean {d['ce_clean']:.4f}, spliced "
+        f"{d['ce_spliced']:.4f}, delta CE {d['delta_ce']:+.4f}, loss recovered "
+        f"{'n/a' if recovered is None else f'{recovered:.3f}'} ({out})"
+    )
