@@ -14,14 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-
-def hidden_state(output: object) -> torch.Tensor:
-    """The hidden state in a module's output: the tensor itself, or the first of a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find a hidden-state tensor in a {type(output).__name__} output")
+from saestream.producer.hooks import hidden_state
 
 
 def _with_hidden(output: object, new: torch.Tensor) -> object:

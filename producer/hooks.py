@@ -18,7 +18,7 @@ class _StopForward(Exception):
     """Raised by the last hook to fire; caught around the forward by `HookedModel`."""
 
 
-def _hidden(output: object) -> torch.Tensor:
+def hidden_state(output: object) -> torch.Tensor:
     """The hidden state in a module's output: the tensor itself, or the first of a tuple."""
     if isinstance(output, torch.Tensor):
         return output
@@ -65,7 +65,7 @@ class HookedModel:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
-            self._captured[name] = _hidden(output)
+            self._captured[name] = hidden_state(output)
             if self.early_stop and len(self._captured) == len(self.hooks):
                 raise _StopForward
 
