@@ -366,11 +366,13 @@ class Ledger:
             if p is None:
                 return
             for hl in p.hooks.values():
-                before = copy.deepcopy(hl.void)
+                changed = False
                 for epoch, a, b in ranges:
-                    if 0 <= a < b and (hl.low is None or epoch >= hl.low[0] - KEEP_EPOCHS):
-                        _add(hl.void.setdefault(int(epoch), []), int(a), int(b))
-                if hl.void != before:
+                    if 0 <= a < b and (hl.low is None or epoch >= hl.low[0] - KEEP_EPOCHS) \
+                            and _subtract(hl.void.get(epoch, []), a, b):  # not yet void
+                        _add(hl.void.setdefault(epoch, []), a, b)
+                        changed = True
+                if changed:
                     self.version += 1
                     if p.origin is not None:
                         hl.advance(p.origin)

@@ -63,10 +63,7 @@ def main() -> None:
     line on stderr and exit 2, like every other user error (common/errors.py)."""
     try:
         code = cli.main(prog_name="saestream", standalone_mode=False)
-    except click.UsageError as exc:
-        click.echo(f"saestream: error: {exc.format_message()}", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
+    except click.ClickException as exc:  # usage errors included: their exit code is 2
         click.echo(f"saestream: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
