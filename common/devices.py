@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from saestream.common.errors import UserError
@@ -31,3 +32,13 @@ def resolve_device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"--device {spec!r}: not a device (use {DEVICE_HELP})")
     return device
+
+
+def set_threads(threads: int = 0) -> None:
+    """torch's CPU threads: `threads`, else $SAESTREAM_THREADS, else torch's default (all
+    cores), so several processes on one machine can share its cores."""
+    import torch
+
+    n = threads or int(os.environ.get("SAESTREAM_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)

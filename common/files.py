@@ -21,3 +21,16 @@ def check_writable_dir(path: Path, flag: str) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise UserError(f"{flag} {path}: not writable ({exc.strerror or exc})") from None
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """UserError (`FLAG PATH: reason`) unless `path` can be written (created if missing):
+    checked before the work whose result it would hold."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable")

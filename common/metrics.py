@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from saestream.common.errors import UserError
+
 
 def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> None:
-    """Serve `/metrics` for `registry` on a daemon thread; port 0 disables serving."""
-    if port:
+    """Serve `/metrics` for `registry` on a daemon thread; port 0 disables serving.
+    UserError when the address cannot be bound (a port in use, an unknown address)."""
+    if not port:
+        return
+    try:
         start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise UserError(f"cannot serve /metrics on {addr}:{port}: {exc}") from exc

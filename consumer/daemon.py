@@ -198,11 +198,7 @@ class ConsumerRun:
     def _serve(self, committed: Ledger | None) -> None:
         """/metrics, then the sockets and the threads that serve them."""
         cfg, m = self.cfg, self.metrics
-        try:
-            serve_metrics(m.registry, cfg.metrics_port, cfg.metrics_addr)
-        except OSError as exc:
-            raise UserError(f"cannot serve /metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
-                            f"{exc}") from exc
+        serve_metrics(m.registry, cfg.metrics_port, cfg.metrics_addr)
         limits = DecodeLimits(max_raw_nbytes=cfg.max_chunk_bytes)
         max_message = lz4_bound(cfg.max_chunk_bytes) + limits.max_header_nbytes
         budget = cfg.max_connections * ((cfg.hwm + 1) * max_message

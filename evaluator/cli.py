@@ -1,6 +1,6 @@
-"""`saestream eval SNAPSHOT_OR_CHECKPOINT_DIR`: the paper's cheap metric groups for the SAEs of
-a snapshot (downstream loss, reconstruction, progressive codes), as one table and one JSON
-document per SAE.
+"""`saestream eval SNAPSHOT_OR_CHECKPOINT_DIR`: the paper's metric groups for the SAEs of a
+snapshot (downstream loss, reconstruction, progressive codes by default; ablation sparsity,
+explanations and probe loss on request), as one table and one JSON document per SAE.
 
 Cheap checks (the path, `--sae`, `--metrics`, `--corpus`, where to write) come before the
 language model is loaded, so a typo costs no model load. Every bad input is a `UserError`:
@@ -9,7 +9,6 @@ one line `saestream: error: ...`, exit 2.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,16 +18,15 @@ import click
 
 from saestream import __version__
 from saestream.common.errors import UserError, cli_errors
+from saestream.common.files import check_writable_file
 
 DEFAULT_CONTEXTS = 64
 """Contexts evaluated when neither --contexts nor --tokens is given."""
 DEFAULT_OUT = "eval.json"
-PLANNED_GROUPS = ("ablation", "explanations", "probes")
-"""Groups of issue 11 that are not implemented yet: named in the error, not accepted."""
 
 
 def parse_metrics(text: str, groups: tuple[str, ...]) -> list[str]:
-    """`--metrics a,b` -> the groups in report order; `all` = every implemented group."""
+    """`--metrics a,b` -> the groups in report order; `all` = every group."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise UserError("--metrics: no group named (use all or " + ", ".join(groups) + ")")
@@ -38,9 +36,6 @@ def parse_metrics(text: str, groups: tuple[str, ...]) -> list[str]:
             chosen.update(groups)
         elif name in groups:
             chosen.add(name)
-        elif name in PLANNED_GROUPS:
-            raise UserError(f"--metrics {name}: not implemented yet (available: all, "
-                            f"{', '.join(groups)})")
         else:
             raise UserError(f"--metrics {name!r}: unknown group (use all, {', '.join(groups)})")
     return [g for g in groups if g in chosen]
@@ -91,7 +86,17 @@ class ProgressBar:
 @click.option("--sae", "sae_name", default=None,
               help="Evaluate only this SAE of the snapshot [default: all].")
 @click.option("--metrics", default="downstream,reconstruction,progressive", show_default=True,
-              help="Comma-separated groups: downstream, reconstruction, progressive, or all.")
+              help="Comma-separated groups: downstream, reconstruction, progressive, "
+                   "ablation, explanations, probes, or all.")
+@click.option("--ablation-latents", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Latents sampled for the ablation sparsity.")
+@click.option("--ablation-positions", default=16, show_default=True,
+              type=click.IntRange(min=1),
+              help="Positions (from the ablated one on) whose logits the effect is measured on.")
+@click.option("--explanation-latents", default=64, show_default=True,
+              type=click.IntRange(min=1), help="Latents sampled for explanations.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the samples (latents, baseline channels, wildcard replacements).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help=f"JSON file to write [default: {DEFAULT_OUT} beside each SAE's cfg.json].")
 @click.option("--json", "as_json", is_flag=True,
@@ -100,19 +105,19 @@ class ProgressBar:
 def eval_command(
     path: Path, model: str | None, hook: str | None, corpus: str, split: str, seq_len: int,
     contexts: int | None, tokens: int | None, batch_size: int, device: str,
-    sae_name: str | None, metrics: str, out: Path | None, as_json: bool,
+    sae_name: str | None, metrics: str, ablation_latents: int, ablation_positions: int,
+    explanation_latents: int, seed: int, out: Path | None, as_json: bool,
 ) -> None:
     """Evaluate the SAEs of a snapshot, SAE folder or checkpoint directory (its `latest`)."""
-    import torch
 
-    from saestream.common.devices import resolve_device
+    from saestream.common.devices import resolve_device, set_threads
     from saestream.consumer.checkpoint import CheckpointError, load_sae, sae_dirs
-    from saestream.evaluator.data import eval_ids
-    from saestream.evaluator.engine import GROUPS, EvalError, evaluate
+    from saestream.evaluator.data import eval_ids, load_eval_model
+    from saestream.evaluator.engine import GROUPS, EvalError, GroupSettings, evaluate
     from saestream.evaluator.report import table, to_json, write_json
     from saestream.producer.corpus import CorpusError, precheck_corpus
-    from saestream.producer.hooks import HookError, validate_hooks
-    from saestream.producer.models import ModelError, load_model
+    from saestream.producer.hooks import HookError
+    from saestream.producer.models import ModelError
 
     started = time.perf_counter()
     groups = parse_metrics(metrics, GROUPS)
@@ -130,7 +135,7 @@ def eval_command(
                         f"--out out to write {DEFAULT_OUT} beside each cfg.json")
     targets = [out] if out is not None else [d / DEFAULT_OUT for d in dirs]
     for target in targets:
-        _check_writable(target, "--out" if out is not None else "eval.json")
+        check_writable_file(target, "--out" if out is not None else "eval.json")
     try:
         precheck_corpus(corpus)
     except CorpusError as exc:
@@ -141,27 +146,21 @@ def eval_command(
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
     model_name = model or _one_model(loaded)
-    threads = int(os.environ.get("SAESTREAM_THREADS", "0") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    hooks = [hook or str(s.cfg.get("hook")) for s in loaded]
+    set_threads()
 
     try:
-        lm = load_model(model_name, device=str(dev))
-        hooks = [hook or str(s.cfg.get("hook")) for s in loaded]
-        try:
-            validate_hooks(lm.model, hooks)
-        except HookError as exc:
-            last = f"{lm.block_prefix}.{lm.n_layers - 1}"
-            hint = "" if hook else " (pass --hook)"
-            raise HookError(f"{exc}{hint}; its blocks are {lm.block_prefix}.0 .. {last}") \
-                from None
-        if lm.max_positions is not None and seq_len > lm.max_positions:
-            raise UserError(f"--seq-len {seq_len}: model {model_name} takes at most "
-                            f"{lm.max_positions} positions")
+        lm = load_eval_model(model_name, str(dev), hooks, seq_len=seq_len,
+                             hook_given=hook is not None)
         ids = eval_ids(lm, corpus, split=split, seq_len=seq_len, contexts=contexts,
                        tokens=tokens)
+        settings = GroupSettings(ablation_latents=ablation_latents,
+                                 ablation_positions=ablation_positions,
+                                 explanation_latents=explanation_latents, seed=seed)
+        if "explanations" in groups or "probes" in groups:
+            _add_text_inputs(settings, lm, groups, corpus, ids)
         results = evaluate(lm.model, ids, list(zip(loaded, hooks, strict=True)), groups,
-                           batch_size=batch_size, progress=ProgressBar())
+                           batch_size=batch_size, progress=ProgressBar(), settings=settings)
     except (ModelError, HookError, CorpusError, EvalError) as exc:
         raise UserError(str(exc)) from None
 
@@ -184,6 +183,28 @@ def eval_command(
             click.echo(f"wrote {target}")
 
 
+def _add_text_inputs(settings: Any, lm: Any, groups: list[str], corpus: str, ids: Any) -> None:
+    """What explanations and probes need: the train split's contexts (as many as evaluated)
+    and every token id's text. Raises EvalError (no tokenizer for probes) or CorpusError."""
+    from saestream.evaluator.data import eval_ids
+    from saestream.evaluator.engine import EvalError
+    from saestream.evaluator.probes import ProbeError, token_texts
+
+    settings.prefix_id = lm.separator_id
+    if lm.tokenizer is not None:
+        try:
+            settings.texts = token_texts(lm.tokenizer, lm.vocab_size)
+        except ProbeError as exc:
+            raise EvalError(str(exc)) from None
+        settings.decode = settings.texts.__getitem__
+    elif "probes" in groups:
+        raise EvalError(f"--metrics probes: model {lm.name} has no tokenizer, so its tokens "
+                        "have no text to label")
+    if "explanations" in groups:
+        settings.train_ids = eval_ids(lm, corpus, split="train", seq_len=int(ids.shape[1]),
+                                      contexts=int(ids.shape[0]), tokens=None)
+
+
 def _one_model(loaded: list) -> str:
     """The model every SAE's cfg.json names; UserError when it is missing or they differ."""
     names = {s.cfg.get("model") for s in loaded}
@@ -193,17 +214,6 @@ def _one_model(loaded: list) -> str:
         raise UserError(f"the SAEs name different models ({', '.join(sorted(names))}); pick "
                         "one with --sae, or pass --model")
     return str(names.pop())
-
-
-def _check_writable(target: Path, flag: str) -> None:
-    """UserError now, before any forward pass, when `target` cannot be written."""
-    if target.is_dir():
-        raise UserError(f"{flag} {target}: is a directory")
-    parent = target.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {target}: no directory {parent}")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UserError(f"{flag} {target}: not writable")
 
 
 def _document(sae: Any, hook: str, model: str, corpus: str, split: str, ids: Any,

@@ -12,7 +12,31 @@ import numpy as np
 import torch
 
 from saestream.producer.corpus import CorpusError, open_corpus
-from saestream.producer.models import LoadedModel
+from saestream.producer.hooks import HookError, validate_hooks
+from saestream.producer.models import LoadedModel, ModelError, load_model
+
+
+def load_eval_model(
+    name: str, device: str, hooks: list[str], *, seq_len: int, hook_given: bool
+) -> LoadedModel:
+    """Load model `name` and check that it has every hook (none: no check yet) and takes
+    `seq_len` positions.
+
+    Raises ModelError or HookError with a one-line message (the hook error lists the model's
+    blocks, and suggests --hook when the hooks came from the SAEs' cfg.json).
+    """
+    lm = load_model(name, device=device)
+    try:
+        if hooks:
+            validate_hooks(lm.model, hooks)
+    except HookError as exc:
+        last = f"{lm.block_prefix}.{lm.n_layers - 1}"
+        hint = "" if hook_given else " (pass --hook)"
+        raise HookError(f"{exc}{hint}; its blocks are {lm.block_prefix}.0 .. {last}") from None
+    if lm.max_positions is not None and seq_len > lm.max_positions:
+        raise ModelError(f"--seq-len {seq_len}: model {name} takes at most "
+                         f"{lm.max_positions} positions")
+    return lm
 
 
 def contexts_wanted(seq_len: int, contexts: int | None, tokens: int | None) -> int:

@@ -1,4 +1,9 @@
-"""One evaluation pass: every selected metric group for every SAE, over one set of contexts.
+"""One evaluation: every selected metric group for every SAE, over one set of contexts.
+
+The cheap groups (downstream, reconstruction, progressive) share one pass, below. The costlier
+groups (ablation, explanations, probes: `--metrics all`) each run after it, per SAE, in their
+own modules, since what they need (the top activation of every latent, n-gram forwards, token
+labels) is theirs alone.
 
 Forward passes are the cost, so each is done once and shared. Per batch of contexts: one
 clean forward (logits kept for the KL, hook outputs captured for the SAEs), one zero-ablated
@@ -24,8 +29,10 @@ from saestream.evaluator.reconstruction import Moments, ReconstructionSums, reco
 from saestream.evaluator.splice import capture, splice
 from saestream.producer.hooks import HookedModel
 
-GROUPS = ("downstream", "reconstruction", "progressive")
-"""The metric groups `saestream eval` computes, in report order (`--metrics`)."""
+CHEAP_GROUPS = ("downstream", "reconstruction", "progressive")
+"""The groups computed by default: one shared pass, a few forwards per batch."""
+GROUPS = (*CHEAP_GROUPS, "ablation", "explanations", "probes")
+"""Every metric group `saestream eval` computes, in report order (`--metrics`)."""
 
 
 class EvalError(ValueError):
@@ -51,21 +58,116 @@ Progress = Callable[[int, int], None]
 """Called with (forward passes done, forward passes planned)."""
 
 
+@dataclass
+class GroupSettings:
+    """What the costlier groups need beyond the evaluated contexts."""
+
+    ablation_latents: int = 64
+    """Latents sampled for the ablation sparsity."""
+    ablation_positions: int = 16
+    """Positions whose logits an ablation's effect is measured on."""
+    explanation_latents: int = 64
+    """Latents sampled for explanations."""
+    train_ids: torch.Tensor | None = None
+    """Contexts of the train split the explanations are built on [n, T] (required by them)."""
+    prefix_id: int = 0
+    """Token placed before an n-gram run alone (the model's separator)."""
+    decode: Callable[[int], str] | None = None
+    """Token id -> text, for readable explanations."""
+    texts: list[str] | None = None
+    """Every token id's text, for the probe tasks (required by them)."""
+    seed: int = 0
+    """Seed of every sample (latents, baseline channels, wildcard replacements)."""
+
+
 def evaluate(
     model: nn.Module,
     ids: torch.Tensor,
     saes: Sequence[tuple[LoadedSAE, str]],
-    groups: Sequence[str] = GROUPS,
+    groups: Sequence[str] = CHEAP_GROUPS,
     *,
     batch_size: int = 8,
     progress: Progress | None = None,
+    settings: GroupSettings | None = None,
 ) -> dict[str, dict[str, object]]:
     """Evaluate each (SAE, hook) on the contexts `ids` [n_contexts, T] of `model`.
 
-    Returns, per SAE name, one dict per selected group: `downstream` and `reconstruction`
-    (dicts of fields) and `progressive` (a list of {k, normalized_mse, delta_ce}).
-    Raises EvalError when an SAE's d_in is not the hook's width.
+    Returns, per SAE name, one dict per selected group: `progressive` is a list of
+    {k, normalized_mse, delta_ce}, the others dicts of fields. Raises EvalError when an
+    SAE's d_in is not the hook's width, or a costly group lacks its input in `settings`.
     """
+    settings = settings or GroupSettings()
+    done = 0
+
+    def shifted(d: int, p: int) -> None:
+        if progress is not None:
+            progress(done + d, done + p)
+
+    results: dict[str, dict[str, object]] = {s.name: {} for s, _ in saes}
+    if set(groups) & set(CHEAP_GROUPS):
+        cheap, done = _cheap(model, ids, saes, groups, batch_size, progress)
+        for name, out in cheap.items():
+            results[name].update(out)
+    for group in [g for g in GROUPS if g in groups and g not in CHEAP_GROUPS]:
+        for loaded, hook in saes:
+            counter = _Counted(shifted)
+            results[loaded.name][group] = _costly(group, model, ids, loaded, hook, settings,
+                                                  batch_size, counter)
+            done += counter.done
+    return {name: {g: out[g] for g in GROUPS if g in out} for name, out in results.items()}
+
+
+class _Counted:
+    """A progress callback that remembers how many forwards its group reported."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.done = progress, 0
+
+    def __call__(self, done: int, planned: int) -> None:
+        self.done = done
+        self.progress(done, planned)
+
+
+def _costly(group: str, model: nn.Module, ids: torch.Tensor, loaded: LoadedSAE, hook: str,
+            settings: GroupSettings, batch_size: int, progress: Progress) -> object:
+    """One costly group for one SAE (their modules load only when asked for)."""
+    s = settings
+    if group == "ablation":
+        from saestream.evaluator.ablation import ablation_sparsity
+
+        return ablation_sparsity(model, ids, loaded, hook, latents=s.ablation_latents,
+                                 positions=s.ablation_positions, seed=s.seed,
+                                 batch_size=batch_size, progress=progress)
+    if group == "explanations":
+        from saestream.evaluator.explanations import explanations
+
+        if s.train_ids is None:
+            raise EvalError("explanations need contexts of the train split")
+        try:
+            return explanations(model, s.train_ids, ids, loaded, hook,
+                                latents=s.explanation_latents, seed=s.seed,
+                                batch_size=batch_size, prefix_id=s.prefix_id, decode=s.decode,
+                                progress=progress)
+        except ValueError as exc:  # a width mismatch
+            raise EvalError(str(exc)) from None
+    if group == "probes":
+        from saestream.evaluator.probes import ProbeError, probe_losses
+
+        if s.texts is None:
+            raise EvalError("probes need the tokenizer's text of every token id")
+        try:
+            return probe_losses(model, ids, loaded, hook, s.texts, batch_size=batch_size,
+                                progress=progress)
+        except ProbeError as exc:
+            raise EvalError(str(exc)) from None
+    raise ValueError(f"unknown group {group!r}")
+
+
+def _cheap(
+    model: nn.Module, ids: torch.Tensor, saes: Sequence[tuple[LoadedSAE, str]],
+    groups: Sequence[str], batch_size: int, progress: Progress | None,
+) -> tuple[dict[str, dict[str, object]], int]:
+    """The cheap groups in one shared pass. Returns the results and the forwards run."""
     device = next(model.parameters()).device
     wanted = set(groups)
     full = bool(wanted & {"downstream", "progressive"})
@@ -145,7 +247,7 @@ def evaluate(
             out["progressive"] = job.progressive.result(job.recon.normalized.sst(),
                                                         clean_total, n_pred)
         results[job.loaded.name] = out
-    return results
+    return results, done
 
 
 def _positions(h: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,17 @@ from typing import Any
 DOWNSTREAM_ROWS = ("ce_clean", "ce_spliced", "delta_ce", "ce_zero", "ce_mean",
                    "loss_recovered", "kl")
 RECONSTRUCTION_ROWS = ("normalized_mse", "explained_variance", "l0", "dead_fraction")
+COSTLY_ROWS = {  # group -> (row label, path to the value in the group's dict)
+    "ablation": (("ablation_sparsity", ("mean",)),
+                 ("ablation_sparsity_baseline", ("baseline", "mean")),
+                 ("ablation_latents", ("latents",))),
+    "explanations": (("explanation_precision", ("precision_mean",)),
+                     ("explanation_recall", ("recall_mean",)),
+                     ("explanation_f1_ge_0.5", ("f1_ge_0_5_fraction",)),
+                     ("explained_latents", ("latents",))),
+    "probes": (("probe_loss", ("sae_loss_mean",)),
+               ("probe_loss_baseline", ("baseline_loss_mean",))),
+}
 
 
 def finite(obj: Any) -> Any:
@@ -50,6 +61,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _dig(obj: Any, path: Sequence[str]) -> Any:
+    """obj[path[0]][path[1]]..., None where anything is missing."""
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
 def table(docs: Sequence[Mapping[str, Any]]) -> str:
     """One table: a row per metric, a column per SAE (progressive rows per k′)."""
     rows: list[tuple[str, list[Any]]] = [
@@ -69,6 +89,15 @@ def table(docs: Sequence[Mapping[str, Any]]) -> str:
                     entry = [e for e in d.get("progressive", []) if e["k"] == k]
                     vals.append(entry[0][field] if entry else None)
                 rows.append((f"k'={k} {field}", vals))
+    for group, entries in COSTLY_ROWS.items():
+        if any(group in d for d in docs):
+            rows += [(label, [_dig(d.get(group), path) for d in docs]) for label, path in entries]
+    if any("probes" in d for d in docs):
+        tasks = list(dict.fromkeys(t for d in docs for t in d.get("probes", {}).get("tasks", {})))
+        for task in tasks:
+            for side in ("sae_loss", "baseline_loss"):
+                rows.append((f"probe {task} {side.split('_')[0]}",
+                             [_dig(d.get("probes"), ("tasks", task, side)) for d in docs]))
     header = ["metric", *(str(d["sae"]) for d in docs)]
     body = [[name, *(_cell(v) for v in vals)] for name, vals in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]

@@ -25,6 +25,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from saestream.common.control import MAX_VOID, control_endpoint
+from saestream.common.devices import set_threads
 from saestream.common.errors import UserError
 from saestream.common.logs import RateLimitedLog
 from saestream.common.metrics import serve_metrics
@@ -64,12 +65,6 @@ class RunSummary(NamedTuple):
 
 def default_producer_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def set_threads(threads: int) -> None:
-    n = threads or int(os.environ.get("SAESTREAM_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
 
 
 def run_producer(
@@ -176,12 +171,7 @@ class ProducerRun:
     def _serve(self, registry: CollectorRegistry) -> None:
         cfg = self.cfg
         self.metrics = ProducerMetrics.create(registry)
-        try:
-            serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
-        except OSError as exc:
-            raise UserError(
-                f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {exc}"
-            ) from exc
+        serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
         self.zctx = zmq.Context()
         self.sock = push_socket(self.zctx, list(cfg.connect), hwm=cfg.hwm, curve=cfg.curve,
                                 linger_ms=int(cfg.linger * 1000))

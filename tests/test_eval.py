@@ -11,15 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_cli
+from evalkit import sharpened_tiny, synthetic_ids
 
 from saestream.consumer.checkpoint import load_sae, save_snapshot
 from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import Trainer, TrainerConfig
-from saestream.evaluator.engine import GROUPS, EvalError, evaluate
+from saestream.evaluator.engine import CHEAP_GROUPS as GROUPS
+from saestream.evaluator.engine import GROUPS as ALL_GROUPS
+from saestream.evaluator.engine import EvalError, evaluate
 from saestream.evaluator.progressive import progressive_ks
 from saestream.evaluator.reconstruction import DENSITY_BIN_EDGES
-from saestream.producer.corpus import open_corpus
-from saestream.producer.models import load_model
 
 HOOK = "model.layers.2"
 D = 64  # the tiny model's d_model
@@ -29,21 +30,12 @@ N_CONTEXTS = 6
 
 @pytest.fixture(scope="module")
 def lm():
-    """The tiny model with a sharpened LM head, so the loss depends strongly on the residual
-    stream (a random model's near-uniform predictions barely do) and the ratios are stable."""
-    loaded = load_model("tiny", device="cpu")
-    with torch.no_grad():
-        loaded.model.lm_head.weight.mul_(40.0)
-    return loaded
+    return sharpened_tiny()
 
 
 @pytest.fixture(scope="module")
 def ids(lm) -> torch.Tensor:
-    corpus = open_corpus("synthetic:200", seq_len=T, vocab_size=lm.vocab_size, encode=None,
-                         separator=0, split="eval")
-    rows = [torch.from_numpy(c) for _, c in zip(range(N_CONTEXTS), corpus.contexts(),
-                                                 strict=False)]
-    return torch.stack(rows)
+    return synthetic_ids(lm, N_CONTEXTS, T)
 
 
 def trainer(name: str, n_latents: int, k: int, norm: str = "none", hook: str = HOOK) -> Trainer:
@@ -290,12 +282,28 @@ def test_cli_json_prints_what_it_writes(cli_ckpt, tmp_path) -> None:
     assert printed["metrics"] == ["downstream"]
 
 
+def test_cli_metrics_all_writes_every_group(cli_ckpt, tmp_path) -> None:
+    out = tmp_path / "all.json"
+    res = run_cli(["eval", str(cli_ckpt), "--corpus", "synthetic:400", "--seq-len", "24",
+                   "--contexts", "10", "--device", "cpu", "--metrics", "all", "--out", str(out),
+                   "--ablation-latents", "4", "--explanation-latents", "4"], timeout=300)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert doc["metrics"] == list(ALL_GROUPS)
+    assert set(ALL_GROUPS) <= set(doc)
+    assert doc["ablation"]["latents"] == 4 and 0 < doc["ablation"]["mean"] <= 1
+    assert doc["explanations"]["latents"] == 4
+    assert len(doc["probes"]["tasks"]) >= 8
+    rows = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
+    assert {"ablation_sparsity", "explanation_precision", "probe_loss"} <= rows
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (["--sae", "nope"], "no SAE named 'nope'"),
         (["--metrics", "downstream,bogus"], "--metrics 'bogus'"),
-        (["--metrics", "probes"], "not implemented yet"),
+        (["--metrics", "all", "--ablation-latents", "0"], "--ablation-latents"),
         (["--contexts", "2", "--tokens", "5"], "not both"),
         (["--hook", "model.layers.99", *ARGS], "unknown hook 'model.layers.99'"),
     ],

@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "saestream.evaluator.cli:eval_command",
         "Evaluate a snapshot's SAEs: downstream loss, reconstruction, progressive codes.",
     ),
+    "evaluator": (
+        "saestream.evaluator.daemon_cli:evaluator",
+        "Run the live-evaluation daemon (each new snapshot's downstream loss on /metrics).",
+    ),
 }
 
 
