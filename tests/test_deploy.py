@@ -75,14 +75,17 @@ def load_yaml_docs(path: Path) -> list[dict]:
 
 
 def exported_metric_names() -> set[str]:
-    """Every metric family name the consumer and the producer export (from their code)."""
+    """Every metric family name the consumer, the producer and the evaluator export (from
+    their code)."""
     from prometheus_client import CollectorRegistry
 
     from saestream.consumer.metrics import ConsumerMetrics
+    from saestream.evaluator.metrics import EvaluatorMetrics
     from saestream.producer.metrics import ProducerMetrics
 
     names: set[str] = set()
-    for registry in (ConsumerMetrics().registry, _producer_registry(ProducerMetrics)):
+    for registry in (ConsumerMetrics().registry, _producer_registry(ProducerMetrics),
+                     EvaluatorMetrics().registry):
         assert isinstance(registry, CollectorRegistry)
         for family in registry.collect():
             names.add(family.name)
@@ -179,11 +182,14 @@ def test_prometheus_config_passes_promtool_with_file_sd_targets(tmp_path: Path) 
     assert f"SUCCESS: {len(RULE_FILES)} rule files found" in out, out
 
 
-def test_prometheus_config_scrapes_consumer_and_any_number_of_producers() -> None:
+def test_prometheus_config_scrapes_consumer_evaluator_and_any_number_of_producers() -> None:
     cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     consumer, producer = jobs["saestream-consumer"], jobs["saestream-producer"]
     assert consumer["static_configs"][0]["targets"] == ["consumer:9101"]
+    evaluator = jobs["saestream-evaluator"]["static_configs"][0]
+    assert evaluator["targets"] == ["evaluator:9103"]  # the compose service
+    assert evaluator["labels"] == {"role": "evaluator"}
     assert producer["dns_sd_configs"][0]["names"] == ["producer"]  # compose --scale
     assert producer["dns_sd_configs"][0]["port"] == 9102
     assert producer["file_sd_configs"][0]["files"]  # hosts listed in files, no restart
@@ -243,12 +249,25 @@ def test_alerts_cover_each_required_condition() -> None:
         "saestream_rejected_messages_total": "rejected messages",
         "saestream:buffer_fill:ratio": "buffer starved",
         "saestream_last_checkpoint_timestamp_seconds": "no checkpoint for too long",
+        "saestream_eval_loss_recovered": "loss recovered falling",
     }
     for metric, what in required.items():
         assert any(metric in e for e in exprs.values()), what
     for r in alerting_rules():
         assert r["labels"]["severity"] in {"critical", "warning", "info"}
         assert r["annotations"]["summary"]
+
+
+def test_loss_recovered_alert_needs_a_fall_that_lasts_30_minutes() -> None:
+    """Two adjacent 30-minute windows (so one bad snapshot that the next repairs cannot fire
+    it; promtool's unit tests show both cases), and the annotation says what it means."""
+    (rule,) = [r for r in alerting_rules() if r["alert"] == "SaestreamLossRecoveredFalling"]
+    expr = " ".join(rule["expr"].split())
+    assert "max_over_time(saestream_eval_loss_recovered[30m])" in expr
+    assert "max_over_time(saestream_eval_loss_recovered[30m] offset 30m)" in expr
+    assert rule["labels"]["severity"] == "warning"
+    assert "30 minutes" in rule["annotations"]["summary"]
+    assert "30 minutes" in rule["annotations"]["description"]
 
 
 def test_rules_use_only_metrics_the_daemons_export() -> None:
@@ -274,6 +293,11 @@ REQUIRED_PANELS = {
     "Send-blocked time": "saestream_producer_send_blocked_seconds_total",
     "Rejected messages/s by reason": "saestream_rejected_messages_total",
     "Time since last checkpoint": "saestream_last_checkpoint_timestamp_seconds",
+    "ΔCE by training step": "saestream_eval_delta_ce",
+    "Loss recovered by training step": "saestream_eval_loss_recovered",
+    "KL by training step": "saestream_eval_kl",
+    "Age of the evaluated snapshot": "saestream_eval_snapshot_timestamp_seconds",
+    "Evaluation failures by reason": "saestream_eval_failures_total",
 }
 
 
@@ -306,6 +330,47 @@ def test_dashboard_has_a_panel_for_each_required_view() -> None:
     legends = {t["legendFormat"] for t in panels["Training step time"]["targets"]}
     assert legends == {"p50", "p99"}
     assert "{{producer}}" in panels["Received tokens/s by producer"]["targets"][0]["legendFormat"]
+
+
+def rows(d: dict) -> dict[str, list[dict]]:
+    """Row title -> the panels laid out under it (down to the next row)."""
+    top = sorted(d["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    out: dict[str, list[dict]] = {}
+    current: list[dict] = []
+    for p in top:
+        if p["type"] == "row":
+            current = out.setdefault(p["title"], [])
+            current.extend(p.get("panels", []))  # a collapsed row holds its panels
+        else:
+            current.append(p)
+    return out
+
+
+def test_dashboard_downstream_row_plots_delta_ce_loss_recovered_and_kl_against_step() -> None:
+    """XY charts: x = the evaluated snapshot's step, y = the figure of each selected SAE.
+    The two queries are joined on time (same target, same scrape), and the auto mapping
+    plots every numeric column but x against x. pluginVersion keeps Grafana from running the
+    pre-11 XY-chart option migration on these (already current) options."""
+    panels = {p["title"]: p for p in rows(dashboard())["Downstream"]}
+    for title, metric in (("ΔCE by training step", "saestream_eval_delta_ce"),
+                          ("Loss recovered by training step", "saestream_eval_loss_recovered"),
+                          ("KL by training step", "saestream_eval_kl")):
+        p = panels[title]
+        assert p["type"] == "xychart" and p["pluginVersion"].startswith("11."), title
+        by_legend = {t["legendFormat"]: t["expr"] for t in p["targets"]}
+        x_name = p["options"]["series"][0]["x"]["matcher"]
+        assert p["options"]["mapping"] == "auto"
+        assert x_name == {"id": "byName", "options": "step"}, title
+        assert re.fullmatch(r'max\(saestream_eval_snapshot_step\{hook=~"\$hook", '
+                            r'sae=~"\$sae"\}\)', by_legend["step"]), title
+        (y,) = [e for legend, e in by_legend.items() if legend != "step"]
+        assert y == metric + '{hook=~"$hook", sae=~"$sae"}', title
+        assert p["transformations"] == [
+            {"id": "joinByField", "options": {"byField": "Time", "mode": "outer"}}], title
+    assert panels["Loss recovered by training step"]["fieldConfig"]["defaults"]["unit"] == (
+        "percentunit")
+    # and how current the figures are, and what the evaluator could not score
+    assert {"Age of the evaluated snapshot", "Evaluation failures by reason"} <= set(panels)
 
 
 def test_dashboard_layout_and_queries_are_well_formed() -> None:
@@ -400,7 +465,7 @@ def test_compose_wires_consumer_scalable_producers_prometheus_and_grafana() -> N
     assert res.returncode == 0, res.stderr
     cfg = yaml.safe_load(res.stdout)  # the resolved file, defaults interpolated
     s = cfg["services"]
-    assert set(s) == {"consumer", "producer", "prometheus", "grafana"}
+    assert set(s) == {"consumer", "producer", "evaluator", "prometheus", "grafana"}
     producer, consumer = s["producer"], s["consumer"]
     # --scale producer=N: no fixed name, no host port
     assert "container_name" not in producer and "ports" not in producer
@@ -424,6 +489,52 @@ def test_compose_wires_consumer_scalable_producers_prometheus_and_grafana() -> N
     )
 
 
+def _mounts(service: dict) -> dict[str, dict]:
+    """Target path -> {source, read_only} of a resolved compose service's volumes."""
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            source, target, *mode = v.split(":")
+            v = {"source": source, "target": target, "read_only": mode == ["ro"]}
+        out[v["target"]] = {"source": v["source"], "read_only": bool(v.get("read_only"))}
+    return out
+
+
+def _flag(argv: list[str], name: str) -> str:
+    (value,) = [a.partition("=")[2] for a in argv if a.partition("=")[0] == name]
+    return value
+
+
+def test_compose_evaluator_reads_the_consumer_checkpoint_volume_read_only() -> None:
+    res = run([tool("docker-compose"), "-f", str(COMPOSE), "config"], cwd=DEPLOY)
+    assert res.returncode == 0, res.stderr
+    s = yaml.safe_load(res.stdout)["services"]
+    consumer, evaluator = s["consumer"], s["evaluator"]
+    assert evaluator["image"] == consumer["image"]
+    assert evaluator["command"][0] == "evaluator"
+    cmd = evaluator["command"]
+    assert "--metrics-addr=0.0.0.0" in cmd and "--metrics-port=9103" in cmd
+    # the consumer's checkpoint directory, through the same volume, mounted read-only
+    ckpt = _flag(cmd, "--checkpoint-dir")
+    assert ckpt == _flag(consumer["command"], "--checkpoint-dir")
+    c_mounts, e_mounts = _mounts(consumer), _mounts(evaluator)
+    (c_target,) = [t for t in c_mounts if ckpt.startswith(t + "/")]
+    (e_target,) = [t for t in e_mounts if ckpt.startswith(t + "/")]
+    assert c_target == e_target
+    assert e_mounts[e_target] == {"source": c_mounts[c_target]["source"], "read_only": True}
+    assert not c_mounts[c_target]["read_only"]
+    # the history goes to a writable volume of its own
+    history = _flag(cmd, "--history")
+    (h_target,) = [t for t in e_mounts if history.startswith(t + "/")]
+    assert not e_mounts[h_target]["read_only"]
+    assert e_mounts[h_target]["source"] != c_mounts[c_target]["source"]
+    assert evaluator["stop_signal"] == "SIGTERM"
+    assert any(d == "consumer" for d in evaluator["depends_on"])
+    # the GPU override gives it a GPU like the others
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())["services"]
+    assert set(gpu) == {"consumer", "producer", "evaluator"}
+
+
 def test_dockerfile_passes_hadolint() -> None:
     res = run([tool("hadolint"), "--no-color", str(DEPLOY / "Dockerfile")])
     assert res.returncode == 0, res.stdout + res.stderr
@@ -438,6 +549,20 @@ def test_dockerfile_is_cpu_by_default_with_a_cuda_base_by_build_argument() -> No
     assert 'ENTRYPOINT ["tini", "--", "saestream"]' in text  # signals reach the daemon
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert "**" in ignore and "!common/**" in ignore  # .venv and checkpoints stay out
+
+
+def test_dockerfile_copies_every_package_the_project_installs() -> None:
+    """`pip install .` in the image needs every sub-package pyproject.toml lists: each is
+    let through the build-context filter and copied (the evaluator was neither once)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    listed = re.search(r"^packages = \[(.*?)\]", pyproject, re.M | re.S).group(1)
+    folders = re.findall(r'"saestream\.(\w+)"', listed)
+    assert "evaluator" in folders and "consumer" in folders, folders
+    text = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for folder in folders:
+        assert f"!{folder}/**" in ignore, folder
+        assert re.search(rf"^COPY {folder} \./{folder}$", text, re.M), folder
 
 
 # ================================================================ systemd
@@ -460,7 +585,8 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     work = _units_for_verify(tmp_path)
     res = run(
         [tool("systemd-analyze"), "verify", "./saestream-consumer.service",
-         "./saestream-producer@0.service", "./saestream-producer@3.service"],
+         "./saestream-producer@0.service", "./saestream-producer@3.service",
+         "./saestream-evaluator.service"],
         cwd=work,
     )
     ours = [ln for ln in (res.stdout + res.stderr).splitlines() if "saestream" in ln]
@@ -514,6 +640,36 @@ def test_systemd_producer_template_runs_one_instance_per_gpu_and_shard() -> None
         assert used <= set(env) | own, (unit.name, used - set(env) - own)
 
 
+def test_systemd_evaluator_reads_the_consumer_checkpoints_read_only() -> None:
+    c = unit_settings(SYSTEMD / "saestream-consumer.service")
+    e = unit_settings(SYSTEMD / "saestream-evaluator.service")
+
+    def flag(start: str, name: str) -> str:
+        argv = start.split()
+        return argv[argv.index(name) + 1]
+
+    start = e["ExecStart"][0]
+    assert start.split()[1] == "evaluator"
+    ckpt = flag(start, "--checkpoint-dir")
+    assert ckpt == flag(c["ExecStart"][0], "--checkpoint-dir")
+    # the consumer's state directory, read-only for the evaluator (same user); optional, so
+    # that the evaluator starts before the consumer ever ran
+    state = "/var/lib/" + c["StateDirectory"][0]
+    assert ckpt.startswith(state + "/")
+    assert e["ReadOnlyPaths"] == [f"-{state}"]
+    assert e["ProtectSystem"] == ["strict"]
+    # the history in a state directory of its own, outside the read-only one
+    history = flag(start, "--history")
+    (own,) = e["StateDirectory"]
+    assert own != c["StateDirectory"][0] and history.startswith(f"/var/lib/{own}/")
+    assert "--metrics-port ${SAESTREAM_EVALUATOR_METRICS_PORT}" in start
+    assert e["EnvironmentFile"] == c["EnvironmentFile"]
+    assert "saestream-consumer.service" in e["After"][0].split()
+    assert e["KillSignal"] == ["SIGTERM"]
+    env = _env_file(SYSTEMD / "saestream.env")
+    assert env["SAESTREAM_EVALUATOR_METRICS_PORT"] == "9103"
+
+
 def _env_file(path: Path) -> dict[str, str]:
     out = {}
     for line in path.read_text().splitlines():
@@ -550,6 +706,48 @@ def test_kustomization_lists_every_manifest() -> None:
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kust["resources"]) == on_disk
+
+
+def test_k8s_evaluator_mounts_the_consumer_checkpoint_claim_read_only() -> None:
+    objs = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_docs()}
+    sts = objs[("StatefulSet", "saestream-consumer")]
+    dep = objs[("Deployment", "saestream-evaluator")]
+    pvc = objs[("PersistentVolumeClaim", "saestream-checkpoints")]
+    assert dep["spec"]["replicas"] == 1
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][0] == "evaluator"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
+    ckpt_volume = claims["saestream-checkpoints"]
+    assert ckpt_volume["persistentVolumeClaim"]["readOnly"] is True
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == ckpt_volume["name"]]
+    assert mount["readOnly"] is True
+    # the same path as in the consumer, and --checkpoint-dir under it
+    (sc,) = sts["spec"]["template"]["spec"]["containers"]
+    (c_mount,) = sc["volumeMounts"]
+    assert mount["mountPath"] == c_mount["mountPath"]
+    ckpt = next(a.partition("=")[2] for a in c["args"] if a.startswith("--checkpoint-dir="))
+    assert ckpt == next(a.partition("=")[2] for a in sc["args"]
+                        if a.startswith("--checkpoint-dir="))
+    assert ckpt.startswith(mount["mountPath"] + "/")
+    # the history on a writable volume that is not the checkpoint one
+    history = next(a.partition("=")[2] for a in c["args"] if a.startswith("--history="))
+    (h_mount,) = [m for m in c["volumeMounts"] if history.startswith(m["mountPath"] + "/")]
+    assert not h_mount.get("readOnly") and h_mount["name"] != ckpt_volume["name"]
+    assert "persistentVolumeClaim" in volumes[h_mount["name"]]
+    # ReadWriteOnce = one node: the evaluator must run where the consumer runs
+    if pvc["spec"]["accessModes"] == ["ReadWriteOnce"]:
+        (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    ann = dep["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9103"
+    assert "--metrics-port=9103" in c["args"] and "--metrics-addr=0.0.0.0" in c["args"]
+    config = objs[("ConfigMap", "saestream-config")]["data"]
+    used = set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(c["args"])))
+    assert used <= set(config), used - set(config)
 
 
 def test_k8s_consumer_statefulset_service_pvc_and_producer_deployment() -> None:
@@ -591,7 +789,7 @@ def test_k8s_consumer_statefulset_service_pvc_and_producer_deployment() -> None:
 def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
     """(where, role, argv after the role) for every daemon command in deploy/."""
     compose = yaml.safe_load(COMPOSE.read_text())
-    for role in ("consumer", "producer"):
+    for role in ("consumer", "producer", "evaluator"):
         cmd = compose["services"][role]["command"]
         assert cmd[0] == role
         yield "docker-compose.yml", role, cmd[1:]
@@ -607,11 +805,13 @@ def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
 
 def test_deploy_files_pass_only_flags_the_daemons_accept() -> None:
     from saestream.consumer.cli import consumer
+    from saestream.evaluator.daemon_cli import evaluator
     from saestream.producer.cli import producer
 
     accepted = {
         name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
-        for name, cmd in (("consumer", consumer), ("producer", producer))
+        for name, cmd in (("consumer", consumer), ("producer", producer),
+                          ("evaluator", evaluator))
     }
     seen = set()
     for where, role, argv in _command_lines():
@@ -620,7 +820,7 @@ def test_deploy_files_pass_only_flags_the_daemons_accept() -> None:
                 flag = arg.partition("=")[0]
                 assert flag in accepted[role], f"{where}: {role} has no option {flag}"
         seen.add((where, role))
-    assert len(seen) == 6
+    assert len(seen) == 9  # consumer, producer and evaluator in compose, k8s and systemd
 
 
 # ================================================================ README

@@ -3,13 +3,15 @@
 Debian's Prometheus, started here on 127.0.0.1 with deploy/prometheus/prometheus.yml (its
 jobs, relabelling, file-based discovery and rule files; only the targets and a 1 s scrape
 and evaluation interval changed), scrapes a short real producer → consumer run (tiny model,
-tiny SAE). Every query of the Grafana dashboard and every recording rule must return data
-through Prometheus' HTTP API, every rule must evaluate without error, and `promtool check
-metrics` must find nothing to report in either daemon's /metrics.
+tiny SAE) and the evaluator that scores the consumer's snapshots. Every query of the Grafana
+dashboard and every recording rule must return data through Prometheus' HTTP API, every
+rule must evaluate without error, and `promtool check metrics` must find nothing to report
+in any daemon's /metrics.
 
 And the systemd units' command lines, expanded as systemd expands them from the shipped
-environment file, start a real consumer and producer instance; ExecReload snapshots,
-KillSignal stops with a final snapshot and exit 0, and a restart resumes.
+environment file, start a real consumer, producer instance and evaluator; ExecReload
+snapshots, the evaluator scores that snapshot, KillSignal stops each with exit 0 (the
+consumer after a final snapshot), and a restart resumes.
 """
 
 from __future__ import annotations
@@ -107,10 +109,11 @@ class Prometheus:
         return data["result"]
 
 
-def live_prometheus_config(tmp_path: Path, consumer: str, producer: str) -> Path:
+def live_prometheus_config(tmp_path: Path, consumer: str, producer: str, evaluator: str) -> Path:
     """deploy/prometheus/prometheus.yml as shipped, but for this machine: 1 s intervals, the
-    consumer as its static target, the producer found through file-based discovery (the
-    compose DNS discovery dropped), and the rule files by absolute path."""
+    consumer and the evaluator as their static targets, the producer found through
+    file-based discovery (the compose DNS discovery dropped), and the rule files by absolute
+    path."""
     cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
     cfg["rule_files"] = [str(PROM / f) for f in cfg["rule_files"]]
@@ -119,11 +122,13 @@ def live_prometheus_config(tmp_path: Path, consumer: str, producer: str) -> Path
     (targets / "producers-live.yml").write_text(yaml.safe_dump([{"targets": [producer]}]))
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     jobs["saestream-consumer"]["static_configs"][0]["targets"] = [consumer]
+    jobs["saestream-evaluator"]["static_configs"][0]["targets"] = [evaluator]
     del jobs["saestream-producer"]["dns_sd_configs"]
     for sd in jobs["saestream-producer"]["file_sd_configs"]:
         sd["files"] = [str(targets / f.removeprefix("targets/")) for f in sd["files"]]
         sd["refresh_interval"] = "1s"
-    cfg["scrape_configs"] = [jobs["saestream-consumer"], jobs["saestream-producer"]]
+    cfg["scrape_configs"] = [
+        jobs["saestream-consumer"], jobs["saestream-producer"], jobs["saestream-evaluator"]]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -157,7 +162,7 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
     tmp_path: Path, processes
 ) -> None:
     prometheus_bin, promtool = tool("prometheus"), tool("promtool")
-    zmq_port, c_port, p_port, web_port = (free_tcp_port() for _ in range(4))
+    zmq_port, c_port, p_port, e_port, web_port = (free_tcp_port() for _ in range(5))
 
     consumer = processes("consumer", saestream_cmd(
         "consumer", "--bind", f"tcp://127.0.0.1:{zmq_port}", "--hook", HOOK,
@@ -171,8 +176,18 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
         "--chunk-tokens", "128", "--batch-size", "4", "--seq-len", "64",
         "--metrics-port", str(p_port), "--device", "cpu",
     ))
+    # the evaluator as deploy/ runs it (model and corpus of the producer, the consumer's
+    # checkpoint directory, a history file elsewhere), on a few short contexts
+    (tmp_path / "evaluator").mkdir()
+    evaluator = processes("evaluator", saestream_cmd(
+        "evaluator", "--checkpoint-dir", str(tmp_path / "ck"), "--model", "tiny",
+        "--corpus", "synthetic", "--seq-len", "16", "--contexts", "6", "--device", "cpu",
+        "--poll-seconds", "0.2", "--history", str(tmp_path / "evaluator" / "history.jsonl"),
+        "--metrics-port", str(e_port),
+    ))
 
-    config_path = live_prometheus_config(tmp_path, f"127.0.0.1:{c_port}", f"127.0.0.1:{p_port}")
+    config_path = live_prometheus_config(tmp_path, f"127.0.0.1:{c_port}", f"127.0.0.1:{p_port}",
+                                         f"127.0.0.1:{e_port}")
     check = subprocess.run([promtool, "check", "config", str(config_path)],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -183,21 +198,27 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
         "--storage.tsdb.retention.time=1h", "--log.level=warn",
     ])
     procs = [(n, p, p.log_path) for n, p in
-             (("consumer", consumer), ("producer", producer), ("prometheus", prom_proc))]
+             (("consumer", consumer), ("producer", producer), ("evaluator", evaluator),
+              ("prometheus", prom_proc))]
     prom = Prometheus(f"http://127.0.0.1:{web_port}")
     wait_for("prometheus ready", lambda: http_get(f"{prom.base}/-/ready"), 30, procs)
 
     consumer_url = f"http://127.0.0.1:{c_port}/metrics"
     producer_url = f"http://127.0.0.1:{p_port}/metrics"
+    evaluator_url = f"http://127.0.0.1:{e_port}/metrics"
     wait_for("training steps",
              lambda: metric_value(http_get(consumer_url).decode(),
                                   "saestream_train_steps_total") > 0, DEADLINE, procs)
 
-    # a snapshot on SIGUSR1 (for the checkpoint panel), and one bad message (for rejects)
+    # a snapshot on SIGUSR1 (for the checkpoint panel and the evaluator's Downstream row),
+    # and one bad message (for rejects)
     consumer.send_signal(signal.SIGUSR1)
     wait_for("a checkpoint",
              lambda: metric_value(http_get(consumer_url).decode(),
                                   "saestream_checkpoints_total") >= 1, DEADLINE, procs)
+    wait_for("the evaluated snapshot",
+             lambda: metric_value(http_get(evaluator_url).decode(),
+                                  "saestream_eval_snapshot_step") >= 1, DEADLINE, procs)
     ctx = zmq.Context()
     try:
         push = ctx.socket(zmq.PUSH)
@@ -211,8 +232,8 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
              lambda: metric_value(http_get(consumer_url).decode(),
                                   "saestream_rejected_messages_total") >= 1, DEADLINE, procs)
 
-    # both exposition bodies pass promtool's linter
-    for url in (consumer_url, producer_url):
+    # every exposition body passes promtool's linter
+    for url in (consumer_url, producer_url, evaluator_url):
         body = http_get(url)
         assert b"saestream_" in body
         lint = subprocess.run([promtool, "check", "metrics"], input=body,
@@ -251,12 +272,13 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
     for name, value in real.items():
         assert value in prom.api(f"label/{name}/values"), name
 
-    # both targets up, and every recording and alerting rule evaluates without error
+    # every target up, and every recording and alerting rule evaluates without error
     targets = prom.api("targets")["activeTargets"]
     assert {t["labels"]["job"]: t["health"] for t in targets} == {
-        "saestream-consumer": "up", "saestream-producer": "up"}
+        "saestream-consumer": "up", "saestream-producer": "up", "saestream-evaluator": "up"}
     assert {t["labels"]["job"]: t["labels"]["role"] for t in targets} == {
-        "saestream-consumer": "consumer", "saestream-producer": "producer"}
+        "saestream-consumer": "consumer", "saestream-producer": "producer",
+        "saestream-evaluator": "evaluator"}
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     assert len(rules) == sum(
         len(g["rules"]) for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]
@@ -268,6 +290,11 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
     firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]
               if a["state"] == "firing"}
     assert firing <= {"SaestreamMessagesRejected"}, firing
+
+    # the evaluator only read the checkpoint directory, and wrote its history elsewhere
+    history = (tmp_path / "evaluator" / "history.jsonl").read_text().splitlines()
+    assert history and json.loads(history[0])["saes"][SAE]["hook"] == HOOK
+    assert not [p for p in (tmp_path / "ck").rglob("*") if "history" in p.name]
 
 
 # ---------------------------------------------------------------- systemd command lines
@@ -323,12 +350,16 @@ def test_systemd_units_command_lines_start_stop_reload_and_resume_for_real(
     tmp_path: Path, processes
 ) -> None:
     """The units' ExecStart lines, expanded from the shipped env file (with test-sized
-    overrides) and a per-instance producer file, run a real consumer and producer@0;
-    ExecReload snapshots; SIGTERM (KillSignal) gives a final snapshot and exit 0."""
-    zmq_port, c_port, p_port = (free_tcp_port() for _ in range(3))
+    overrides) and a per-instance producer file, run a real consumer, producer@0 and
+    evaluator; ExecReload snapshots and the evaluator scores that snapshot; SIGTERM
+    (KillSignal) stops the evaluator with exit 0, and the consumer after a final snapshot."""
+    zmq_port, c_port, p_port, e_port = (free_tcp_port() for _ in range(4))
     etc = tmp_path / "etc" / "saestream"
     etc.mkdir(parents=True)
     (tmp_path / "var" / "lib" / "saestream").mkdir(parents=True)
+    evaluator_unit = SYSTEMD / "saestream-evaluator.service"
+    for state in unit_settings(evaluator_unit)["StateDirectory"]:  # systemd creates it
+        (tmp_path / "var" / "lib" / state).mkdir(parents=True)
     overrides = {
         "SAESTREAM_HOOK": HOOK, "SAESTREAM_METRICS_ADDR": "127.0.0.1",
         "SAESTREAM_BIND": f"tcp://127.0.0.1:{zmq_port}", "SAESTREAM_SAE": "name=u,latents=64,k=4",
@@ -338,6 +369,8 @@ def test_systemd_units_command_lines_start_stop_reload_and_resume_for_real(
         "SAESTREAM_MODEL": "tiny", "SAESTREAM_CORPUS": "synthetic",
         "SAESTREAM_CONNECT": f"tcp://127.0.0.1:{zmq_port}", "SAESTREAM_SHARDS": "2",
         "SAESTREAM_PRODUCER_ARGS": "--max-tokens 3072 --seq-len 64 --chunk-tokens 128",
+        "SAESTREAM_EVALUATOR_DEVICE": "cpu", "SAESTREAM_EVALUATOR_METRICS_PORT": str(e_port),
+        "SAESTREAM_EVALUATOR_ARGS": "--seq-len 16 --contexts 6 --poll-seconds 0.2",
     }
     shipped = (SYSTEMD / "saestream.env").read_text()
     (etc / "saestream.env").write_text(
@@ -351,13 +384,16 @@ def test_systemd_units_command_lines_start_stop_reload_and_resume_for_real(
     producer_unit = SYSTEMD / "saestream-producer@.service"
     c_argv = systemd_command(consumer_unit, "ExecStart", "", tmp_path)
     p_argv = systemd_command(producer_unit, "ExecStart", "0", tmp_path)
-    assert c_argv[0] == p_argv[0] == f"{UNIT_PREFIX}/bin/saestream"
+    e_argv = systemd_command(evaluator_unit, "ExecStart", "", tmp_path)
+    assert c_argv[0] == p_argv[0] == e_argv[0] == f"{UNIT_PREFIX}/bin/saestream"
     assert "--shard" in p_argv and p_argv[p_argv.index("--shard") + 1] == "0/2"
     assert p_argv[p_argv.index("--metrics-port") + 1] == str(p_port)
 
     consumer = processes("consumer", saestream_cmd(*c_argv[1:]))
     producer = processes("producer", saestream_cmd(*p_argv[1:]))
-    procs = [("consumer", consumer, consumer.log_path)]
+    evaluator = processes("evaluator", saestream_cmd(*e_argv[1:]))
+    procs = [("consumer", consumer, consumer.log_path),
+             ("evaluator", evaluator, evaluator.log_path)]
     consumer_url = f"http://127.0.0.1:{c_port}/metrics"
     assert producer.wait(timeout=120) == 0, producer.log_path.read_text()[-3000:]
     state_file = tmp_path / "var" / "lib" / "saestream" / "producer-0.state"
@@ -372,6 +408,18 @@ def test_systemd_units_command_lines_start_stop_reload_and_resume_for_real(
     subprocess.run(reload_argv, check=True, timeout=30)
     wait_for("the reload snapshot", lambda: metric_value(
         http_get(consumer_url).decode(), "saestream_checkpoints_total") >= 1, DEADLINE, procs)
+
+    # the evaluator scores it, appends its history line, and stops on its KillSignal
+    evaluator_url = f"http://127.0.0.1:{e_port}/metrics"
+    wait_for("the evaluated reload snapshot", lambda: metric_value(
+        http_get(evaluator_url).decode(), "saestream_eval_snapshot_step") >= 1, DEADLINE, procs)
+    evaluator.send_signal(getattr(signal, unit_settings(evaluator_unit)["KillSignal"][0]))
+    assert evaluator.wait(timeout=30) == 0, evaluator.log_path.read_text()[-3000:]
+    history_path = e_argv[e_argv.index("--history") + 1]
+    assert history_path.startswith(str(tmp_path / "var" / "lib" / "saestream-evaluator"))
+    record = json.loads(Path(history_path).read_text().splitlines()[0])
+    assert record["model"] == "tiny" and "u" in record["saes"]
+    procs = procs[:1]
 
     # systemctl stop: KillSignal, then the daemon has TimeoutStopSec to finish
     steps_before_stop = metric_value(http_get(consumer_url).decode(), "saestream_train_steps_total")
