@@ -27,7 +27,8 @@ from saestream.common.devices import resolve_device
 from saestream.consumer.checkpoint import LoadedSAE
 from saestream.consumer.sae import SAEConfig, SparseAutoencoder
 from saestream.evaluator.data import eval_ids
-from saestream.evaluator.engine import GROUPS, evaluate
+from saestream.evaluator.engine import CHEAP_GROUPS as GROUPS
+from saestream.evaluator.engine import evaluate
 from saestream.evaluator.progressive import progressive_ks
 from saestream.producer.models import load_model
 

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saestream.consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode
+from saestream.consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode, topk_rows
 
 INPUT_NORMALIZATIONS = ("none", "layer_norm", "scalar")
 LAYER_NORM_EPS = 1e-5
-"""Added to the per-token standard deviation of `layer_norm` (as OpenAI's released SAEs)."""
+"""Added to the per-token standard deviation that `layer_norm` divides by. The way back
+multiplies by the standard deviation alone: that is OpenAI's released SAEs' `LN` and
+SAELens' `layer_norm`, so imported and exported SAEs reconstruct exactly as there."""
 
 
 @dataclass
@@ -65,7 +67,8 @@ class NormStats(NamedTuple):
     shift: torch.Tensor | None
     """Subtracted before scaling (shape [batch, 1]), or None."""
     scale: torch.Tensor | float
-    """Divisor applied after the shift (shape [batch, 1], or one float)."""
+    """What `denormalize` multiplies by (shape [batch, 1], or one float): for `layer_norm` the
+    standard deviation without the epsilon `normalize` divided by (see LAYER_NORM_EPS)."""
 
 
 class ForwardOutput(NamedTuple):
@@ -147,8 +150,7 @@ class SparseAutoencoder(nn.Module):
             # The unbiased std from the centred values (needed anyway): on CPU a dozen times
             # faster than torch's one-pass (Welford) `x.std`, the same value up to rounding.
             std = xc.pow(2).sum(dim=-1, keepdim=True).div_(x.shape[-1] - 1).sqrt_()
-            std = std.add_(LAYER_NORM_EPS)
-            return xc / std, NormStats(mu, std)
+            return xc / (std + LAYER_NORM_EPS), NormStats(mu, std)
         if mode == "scalar":
             if self.input_scale is None:
                 raise RuntimeError("scalar input normalisation needs set_input_scale() first")
@@ -170,7 +172,7 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:param x: normalised input [batch, d_in].
         :return: (values [batch, k] with ReLU applied, indices [batch, k]) of the top-k latents."""
-        values, indices = self.encode_pre_act(x).topk(k or self.cfg.k, dim=-1, sorted=True)
+        values, indices = topk_rows(self.encode_pre_act(x), k or self.cfg.k)
         return F.relu(values), indices
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

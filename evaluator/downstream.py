@@ -11,35 +11,55 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 class CleanPredictions:
     """The clean forward's next-token distributions for one batch, computed once and reused by
-    every spliced forward of that batch (for the KL)."""
+    every spliced forward of that batch (for the KL).
+
+    Nothing of vocabulary size is written per spliced forward: with z the logits, lse their
+    log-sum-exp and p the clean probabilities, KL(p ‖ p_s) = (p·z − lse) − (p·z_s − lse_s)
+    per prediction, so a spliced forward costs one log-sum-exp and one dot product with p over
+    its logits (a log-softmax would write and read the whole [batch, T, vocab] again).
+    """
 
     def __init__(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
         """:param logits: [batch, T, vocab] of the unmodified model. :param ids: [batch, T]."""
-        self.targets = ids[:, 1:]
-        self.logprobs = next_token_logprobs(logits)
-        self.probs = self.logprobs.exp()
-        self.ce_sum = ce_sum(self.logprobs, self.targets)
+        z = scored(logits)
+        self.targets = ids[:, 1:].to(z.device)
+        lse = torch.logsumexp(z, dim=-1)
+        self.probs = torch.exp(z - lse.unsqueeze(-1))
+        self._plogp = _dot(self.probs, z) - lse  # Σ_v p log p per prediction
+        self.ce_sum = _ce_sum(z, lse, self.targets)
 
-    def kl_sum(self, logprobs: torch.Tensor) -> float:
-        """Σ over predictions of KL(p_clean ‖ p) for log-probabilities [batch, T−1, vocab]."""
-        return float(torch.sum(self.probs * (self.logprobs - logprobs), dtype=torch.float64))
-
-
-def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """[batch, T, vocab] logits -> float32 log-probabilities of positions 0..T−2,
-    [batch, T−1, vocab] (the last position predicts nothing that is scored)."""
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+    def kl_sum(self, logits: torch.Tensor) -> float:
+        """Σ over predictions of KL(p_clean ‖ p) for another forward's logits [batch, T, vocab]."""
+        z = scored(logits)
+        return float((self._plogp - (_dot(self.probs, z) - torch.logsumexp(z, dim=-1)))
+                     .sum(dtype=torch.float64))
 
 
-def ce_sum(logprobs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Σ of next-token cross-entropies: logprobs [batch, T−1, vocab], targets [batch, T−1]."""
-    picked = logprobs.gather(-1, targets.unsqueeze(-1).to(logprobs.device))
-    return -float(picked.sum(dtype=torch.float64))
+def scored(logits: torch.Tensor) -> torch.Tensor:
+    """[batch, T, vocab] logits -> float32 logits of positions 0..T−2 (the last position
+    predicts nothing that is scored)."""
+    return logits[:, :-1].float()
+
+
+def _dot(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Σ_v p·z per prediction, [batch, T−1], as one batched matmul (no product tensor)."""
+    b, t, v = z.shape
+    return torch.bmm(p.reshape(b * t, 1, v), z.reshape(b * t, v, 1)).view(b, t)
+
+
+def _ce_sum(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> float:
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return float((lse - picked).sum(dtype=torch.float64))
+
+
+def ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Σ of next-token cross-entropies: logits [batch, T, vocab], targets [batch, T−1]."""
+    z = scored(logits)
+    return _ce_sum(z, torch.logsumexp(z, dim=-1), targets.to(z.device))
 
 
 @dataclass

@@ -23,9 +23,8 @@ from torch import nn
 
 from saestream.consumer.checkpoint import LoadedSAE
 from saestream.evaluator.downstream import CleanPredictions, DownstreamSums, ce_sum
-from saestream.evaluator.downstream import next_token_logprobs as logprobs_of
 from saestream.evaluator.progressive import ProgressiveSums, progressive_ks
-from saestream.evaluator.reconstruction import Moments, ReconstructionSums, reconstruct, sse
+from saestream.evaluator.reconstruction import Moments, ReconstructionSums, reconstruct_many, sse
 from saestream.evaluator.splice import capture, splice
 from saestream.producer.hooks import HookedModel
 
@@ -264,7 +263,7 @@ def _spliced_logits(
 
 def _spliced_ce(model: nn.Module, batch: torch.Tensor, hook: str, replacement: Callable) -> float:
     """Σ next-token CE of the batch with `hook`'s positions 1..T−1 replaced."""
-    return ce_sum(logprobs_of(_spliced_logits(model, batch, hook, replacement)), batch[:, 1:])
+    return ce_sum(_spliced_logits(model, batch, hook, replacement), batch[:, 1:])
 
 
 def _evaluate_batch(
@@ -277,26 +276,28 @@ def _evaluate_batch(
         raise EvalError(f"SAE {job.loaded.name} reads d_in {sae.cfg.d_in}, but hook "
                         f"{job.hook} gives {x.shape[1]}")
     shape = (batch.shape[0], batch.shape[1] - 1, x.shape[1])
-    r = reconstruct(sae, x, job.k)
+    ks = job.progressive.ks if job.progressive is not None else [job.k]
+    codes = reconstruct_many(sae, x, sorted({*ks, job.k}))
+    r = codes[job.k]
     if job.recon is not None:
         job.recon.normalized.add(r.normalized_x)
         job.recon.add(x, r)
     ce_k = None
     if clean is not None:
-        lp = logprobs_of(_spliced_logits(model, batch, job.hook, lambda a: r.x_hat.view(shape)))
-        ce_k = ce_sum(lp, clean.targets)
+        logits = _spliced_logits(model, batch, job.hook, lambda a: r.x_hat.view(shape))
+        ce_k = ce_sum(logits, clean.targets)
         if "downstream" in wanted:
             job.downstream.spliced += ce_k
-            job.downstream.kl += clean.kl_sum(lp)
-        del lp
+            job.downstream.kl += clean.kl_sum(logits)
+        del logits
         step()
     if job.progressive is None:
         return
     for k in job.progressive.ks:
+        rk = codes[k]
         if k == job.k:
-            job.progressive.add(k, sse(r.normalized_x, r.normalized_x_hat), ce_k)
+            job.progressive.add(k, sse(rk.normalized_x, rk.normalized_x_hat), ce_k)
             continue
-        rk = reconstruct(sae, x, k)
         ce = _spliced_ce(model, batch, job.hook, lambda a, xh=rk.x_hat: xh.view(shape))
         job.progressive.add(k, sse(rk.normalized_x, rk.normalized_x_hat), ce)
         step()

@@ -36,10 +36,23 @@ class Reconstruction(NamedTuple):
 def reconstruct(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> Reconstruction:
     """Encode raw activations x [n, d_in] with the top `k` latents (any k ≤ n_latents: the
     progressive codes use k′ ≠ the trained k) and decode them."""
+    return reconstruct_many(sae, x, [k])[k]
+
+
+def reconstruct_many(
+    sae: SparseAutoencoder, x: torch.Tensor, ks: list[int]
+) -> dict[int, Reconstruction]:
+    """`reconstruct` at every k of `ks`, sharing the normalisation, the encoder matmul and one
+    sorted top-max(ks): the top k′ are its first k′ columns (ties aside, what a top-k′ of its
+    own would pick)."""
     xn, stats = sae.normalize(x.to(sae.W_dec.dtype))
-    values, indices = sae.encode(xn, k)
-    xn_hat = sae.decode(values, indices)
-    return Reconstruction(xn, xn_hat, sae.denormalize(xn_hat, stats), values, indices)
+    top_values, top_indices = sae.encode(xn, max(ks))  # sorted, ReLU applied
+    out = {}
+    for k in ks:
+        values, indices = top_values[:, :k], top_indices[:, :k]
+        xn_hat = sae.decode(values, indices)
+        out[k] = Reconstruction(xn, xn_hat, sae.denormalize(xn_hat, stats), values, indices)
+    return out
 
 
 class Moments:
