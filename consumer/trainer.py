@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from saestream.consumer.distributed import SINGLE, DataParallel
 from saestream.consumer.geometric_median import geometric_median
 from saestream.consumer.sae import SAEConfig, SparseAutoencoder
 
@@ -122,6 +123,9 @@ class Losses(NamedTuple):
     l0: torch.Tensor
     fired: torch.Tensor
     """int64 ids of the latents among the top k with a positive value (may repeat)."""
+    xn_sums: torch.Tensor
+    """float64 [d_in + 1]: Σ of the normalised rows and Σ of their squared norms (this rank's
+    part of the global batch's sum of squared deviations)."""
 
 
 class Trainer:
@@ -129,7 +133,9 @@ class Trainer:
 
     Attributes: `name`, `hook`, `model`, `sae`, `sae_cfg`, `cfg`, `step` (optimizer steps taken),
     `tokens_seen`, `initialized`, `mse_scale` (the constant the main loss is divided by),
-    `tokens_since_fired` (int64 [n_latents]).
+    `tokens_since_fired` (int64 [n_latents]), `fired_tokens` (int64 [n_latents]: tokens each
+    latent fired on, over `counted_tokens` tokens), `origin` (where given weights came from:
+    see `start_from`; None for a fresh initialisation).
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class Trainer:
         hook: str,
         model: str | None = None,
         device: str | torch.device = "cpu",
+        dp: DataParallel = SINGLE,
     ) -> None:
         sae_cfg.validate()
         cfg.validate()
@@ -150,6 +157,8 @@ class Trainer:
         self.hook = hook
         self.model = model
         self.device = torch.device(device)
+        self.dp = dp
+        """The data-parallel ranks this trainer's steps span (SINGLE: one process)."""
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.sae = SparseAutoencoder(sae_cfg, generator=self.generator).to(self.device)
         self.lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
@@ -164,28 +173,55 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(
             sae_cfg.n_latents, dtype=torch.int64, device=self.device
         )
+        self.fired_tokens = torch.zeros_like(self.tokens_since_fired)
+        self.counted_tokens = 0
+        self.origin: dict[str, Any] | None = None
 
     # -- initialisation ------------------------------------------------------------------------
 
     def initialize(self, sample: torch.Tensor) -> None:
         """From the first sample [n, d_in] of raw activations: the `scalar` input constant,
         b_dec = geometric median, and the main loss's constant (MSE of predicting the sample
-        mean). Does nothing when already initialised."""
+        mean). Does nothing when already initialised. Weights given by `start_from` are kept:
+        then only the loss constant comes from the sample."""
         if self.initialized:
             return
-        x = self._check_input(sample)[:INIT_SAMPLE_ROWS]
+        # Every rank initialises from the same rows: the global batch's first ones.
+        x = self.dp.gather_rows(self._check_input(sample))[:INIT_SAMPLE_ROWS]
         with torch.no_grad():
-            if self.sae_cfg.input_normalization == "scalar":
+            if self.origin is None and self.sae_cfg.input_normalization == "scalar":
                 self.sae.set_input_scale(x)
             xn, _ = self.sae.normalize(x)
-            self.sae.b_dec.copy_(geometric_median(xn))
-            if self.ema is not None:
-                self.ema[list(dict(self.sae.named_parameters())).index("b_dec")].copy_(
-                    self.sae.b_dec
-                )
+            if self.origin is None:
+                self.sae.b_dec.copy_(geometric_median(xn))
+                if self.ema is not None:
+                    self.ema[list(dict(self.sae.named_parameters())).index("b_dec")].copy_(
+                        self.sae.b_dec
+                    )
             mse = float((xn - xn.mean(dim=0)).pow(2).mean())
             self.mse_scale = mse if mse > 0 else 1.0
         self.initialized = True
+
+    def start_from(
+        self, weights: dict[str, torch.Tensor], input_scale: float | None, origin: dict[str, Any]
+    ) -> None:
+        """Begin from given weights (`--init-from`, `saestream import`) instead of a fresh
+        initialisation: the four tensors and the `scalar` constant are taken as they are, the
+        optimiser state and the counters stay fresh, and `origin` (a JSON-safe description of
+        where the weights came from) is recorded in every snapshot's cfg.json. A decoder whose
+        rows are not unit-norm is renormalised by the first training step, like any."""
+        if self.sae_cfg.input_normalization == "scalar" and input_scale is None:
+            raise ValueError("scalar input normalisation needs its input_scale")
+        params = dict(self.sae.named_parameters())
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n])
+            if self.ema is not None:
+                for t, p in zip(self.ema, params.values(), strict=True):
+                    t.copy_(p)
+        if self.sae_cfg.input_normalization == "scalar":
+            self.sae.input_scale = input_scale
+        self.origin = origin
 
     # -- training --------------------------------------------------------------------------------
 
@@ -196,6 +232,10 @@ class Trainer:
     def losses(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> Losses:
         """The SAE's forward on a batch of raw activations and the loss arithmetic.
 
+        Under data parallelism `x` is this rank's part of the global batch; every normaliser
+        spans the global batch (one all-reduce of the token count and the AuxK residual's
+        sums), so the losses here are this rank's shares and sum to the global ones.
+
         :param dead_mask: bool [n_latents] of dead latents for AuxK (None = no AuxK).
         """
         cfg = self.cfg
@@ -204,19 +244,26 @@ class Trainer:
         )
         xn = out.normalized_x
         err = out.normalized_x_hat - xn
-        main = err.pow(2).mean() / self.mse_scale
+        e = -err.detach()
+        stats = torch.cat([e.new_full((1,), e.shape[0]).double(), e.sum(dim=0, dtype=torch.float64),
+                           e.pow(2).sum(dtype=torch.float64).view(1)])
+        self.dp.sum_([stats])
+        n = stats[0]
+        scale = (n * (xn.shape[1] * self.mse_scale)).to(xn.dtype)  # global tokens × d_in × c
+        main = err.pow(2).sum() / scale
         total = main
         zero = xn.new_zeros(())
         multi = zero
         if out.multi_topk_x_hat is not None:
-            multi = (out.multi_topk_x_hat - xn).pow(2).mean() / self.mse_scale
+            multi = (out.multi_topk_x_hat - xn).pow(2).sum() / scale
             total = total + multi / 8
         auxk = zero
         if out.auxk_recon is not None:
             # Dead latents reconstruct the residual; neither side holds b_dec (x − x̂ has it
-            # removed, and the aux reconstruction is decoded without it).
-            e = -err.detach()
-            auxk = (out.auxk_recon - e).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum()
+            # removed, and the aux reconstruction is decoded without it). The normaliser is
+            # the residual's squared deviation from its mean over the global batch.
+            den = (stats[-1] - stats[1:-1].pow(2).sum() / n).to(xn.dtype)
+            auxk = (out.auxk_recon - e).pow(2).sum() / den
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
             total = total + cfg.auxk_coef * auxk
         with torch.no_grad():
@@ -225,11 +272,15 @@ class Trainer:
             active = out.latent_acts > 0
             l0 = active.sum(dim=1).float().mean()
             fired = out.latent_indices[active]
-        return Losses(total, main, auxk, multi, sse, sst, l0, fired)
+            xn_sums = torch.cat([xn.sum(dim=0, dtype=torch.float64),
+                                 xn.pow(2).sum(dtype=torch.float64).view(1)])
+        return Losses(total, main, auxk, multi, sse, sst, l0, fired, xn_sums)
 
     def train_step(self, x: torch.Tensor) -> StepMetrics:
         """One optimiser step on a batch of raw activations [batch, d_in] (any float dtype or
-        device). Initialises from this batch on first use."""
+        device). Initialises from this batch on first use. Under data parallelism `x` is this
+        rank's part of the global batch, and the step, the counters and the returned metrics
+        are the global batch's."""
         x = self._check_input(x)
         if not self.initialized:
             self.initialize(x)
@@ -238,6 +289,7 @@ class Trainer:
         out = self.losses(x, self.dead_mask() if self.cfg.k_aux else None)
         out.total.backward()
         with torch.no_grad():
+            self.dp.sum_grads_(list(sae.parameters()))
             _project_decoder_grad(sae.W_dec)
             if self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
@@ -247,29 +299,32 @@ class Trainer:
                 torch._foreach_lerp_(
                     self.ema, [p.detach() for p in sae.parameters()], 1 - self.cfg.ema_decay
                 )
-            n = x.shape[0]
-            self.tokens_since_fired += n
-            self.tokens_since_fired[out.fired] = 0
-            dead_fraction = self.dead_mask().float().mean()
+            # The global batch's figures: one all-reduce (the identity in one process).
+            fired = torch.bincount(out.fired, minlength=self.sae_cfg.n_latents)
+            head = torch.stack([out.total.detach(), out.auxk.detach(), out.multi_topk.detach(),
+                                out.sse, out.l0 * x.shape[0], out.l0.new_tensor(x.shape[0])])
+            sums = torch.cat([head.double(), out.xn_sums, fired.double()])
+            self.dp.sum_([sums])
+            d = self.sae_cfg.d_in or x.shape[1]
+            n_t = sums[5]
+            sst_t = sums[6 + d] - sums[6:6 + d].pow(2).sum() / n_t
+            fired = sums[7 + d:].round().long() if self.dp.size > 1 else fired
+            self.tokens_since_fired += n_t.long()
+            self.tokens_since_fired[fired > 0] = 0
+            self.fired_tokens += fired
+            dead_fraction = self.dead_mask().double().mean()
+            # One device->host transfer for all the numbers.
+            total, auxk, multi, sse, active, n_f, sst, dead = torch.cat(
+                [sums[:6], sst_t.view(1), dead_fraction.view(1)]).tolist()
+        n = int(n_f)
+        self.counted_tokens += n
         self.step += 1
         self.tokens_seen += n
-        # One device->host transfer for all the numbers.
-        total, l0, auxk, multi, sse, sst, dead = torch.stack(
-            [
-                out.total.detach(),
-                out.l0,
-                out.auxk.detach(),
-                out.multi_topk.detach(),
-                out.sse,
-                out.sst,
-                dead_fraction,
-            ]
-        ).tolist()
         return StepMetrics(
             loss=total,
             normalized_mse=sse / sst if sst > 0 else float("nan"),
             dead_fraction=dead,
-            l0=l0,
+            l0=active / n,
             auxk_loss=auxk,
             multi_topk_loss=multi,
             sse=sse,
@@ -298,6 +353,8 @@ class Trainer:
             "mse_scale": self.mse_scale,
             "input_scale": self.sae.input_scale,
             "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "fired_tokens": self.fired_tokens.cpu(),
+            "counted_tokens": self.counted_tokens,
             "generator": self.generator.get_state(),
         }
         if self.ema is not None:
@@ -322,6 +379,10 @@ class Trainer:
         self.mse_scale = float(state["mse_scale"])
         self.sae.input_scale = None if state["input_scale"] is None else float(state["input_scale"])
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device, torch.int64)
+        # Snapshots from before the firing counters start counting anew.
+        if "fired_tokens" in state:
+            self.fired_tokens = state["fired_tokens"].to(self.device, torch.int64)
+            self.counted_tokens = int(state["counted_tokens"])
         self.generator.set_state(state["generator"])
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:

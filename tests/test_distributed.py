@@ -1,0 +1,111 @@
+"""Data parallelism: trainer ranks on real gloo process groups (one process per rank, TCP on
+127.0.0.1) against one process training on the same global batches. Parameters, Adam state,
+counters and metrics must agree after several steps, with AuxK, Multi-TopK and each input
+normalisation in play."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_tcp_port
+
+from saestream.consumer.distributed import SINGLE, DataParallel, rank_slice
+from saestream.consumer.sae import SAEConfig
+from saestream.consumer.trainer import Trainer, TrainerConfig
+
+D, N, K, BATCH, STEPS = 24, 192, 6, 96, 4
+
+
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(BATCH, D, generator=g) * 3 + 1 for _ in range(STEPS)]
+
+
+def make(norm: str, multi: bool, dp: DataParallel) -> Trainer:
+    # dead_tokens < one batch: latents that miss a step are dead at once, so AuxK runs.
+    return Trainer(SAEConfig(d_in=D, n_latents=N, k=K, multi_topk=multi,
+                             input_normalization=norm),
+                   TrainerConfig(dead_tokens=BATCH // 2, k_aux=32, seed=3),
+                   name="s", hook="h", dp=dp)
+
+
+def run(trainer: Trainer, rank: int, size: int) -> dict:
+    metrics = []
+    for b in batches():
+        m = trainer.train_step(b[rank_slice(BATCH, rank, size)])
+        metrics.append(m._asdict())
+    state = trainer.optimizer.state_dict()["state"]
+    return {
+        "params": {n: p.detach().clone() for n, p in trainer.sae.named_parameters()},
+        "adam": {i: {k: v.clone() for k, v in s.items()} for i, s in state.items()},
+        "since": trainer.tokens_since_fired.clone(), "fired": trainer.fired_tokens.clone(),
+        "metrics": metrics, "scale": trainer.mse_scale, "input_scale": trainer.sae.input_scale,
+        "tokens": trainer.tokens_seen,
+    }
+
+
+def _rank(rank: int, size: int, port: int, case: tuple, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)
+    try:
+        buf = io.BytesIO()  # bytes, not tensors: shared-memory handles die with the process
+        torch.save(run(make(*case, DataParallel()), rank, size), buf)
+        queue.put((rank, buf.getvalue()))
+    finally:
+        dist.destroy_process_group()
+
+
+def data_parallel(case: tuple, size: int) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_tcp_port()
+    procs = [ctx.Process(target=_rank, args=(r, size, port, case, queue)) for r in range(size)]
+    for p in procs:
+        p.start()
+    results = {r: torch.load(io.BytesIO(b), weights_only=False)
+               for r, b in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return [results[r] for r in range(size)]
+
+
+def close(a, b, what: str, tol: float = 2e-5) -> None:
+    assert torch.allclose(a, b, rtol=tol, atol=tol), (what, (a - b).abs().max())
+
+
+@pytest.mark.parametrize(("norm", "multi", "size"), [("layer_norm", False, 2),
+                                                     ("scalar", True, 3),
+                                                     ("none", False, 2)])
+def test_a_data_parallel_step_equals_one_process_on_the_global_batch(norm, multi, size) -> None:
+    torch.set_num_threads(1)
+    want = run(make(norm, multi, SINGLE), 0, 1)
+    got = data_parallel((norm, multi), size)
+    assert sum(m["auxk_loss"] > 0 for m in want["metrics"]) >= 2  # AuxK did run
+    for r, res in enumerate(got):
+        for n, p in want["params"].items():
+            close(res["params"][n], p, f"rank {r} {n}")
+        for i, s in want["adam"].items():
+            for k, v in s.items():
+                close(res["adam"][i][k].float(), v.float(), f"rank {r} adam {i} {k}")
+        assert torch.equal(res["since"], want["since"]) and torch.equal(res["fired"],
+                                                                        want["fired"])
+        assert res["scale"] == pytest.approx(want["scale"], rel=1e-6)
+        assert res["input_scale"] == pytest.approx(want["input_scale"], rel=1e-6) \
+            if want["input_scale"] is not None else res["input_scale"] is None
+        assert res["tokens"] == want["tokens"] == BATCH * STEPS
+        for mg, mw in zip(res["metrics"], want["metrics"], strict=True):
+            for key, value in mw.items():
+                assert mg[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_rank_slices_cover_the_batch_in_order() -> None:
+    for n, size in [(10, 3), (96, 2), (5, 5), (7, 4)]:
+        parts = [rank_slice(n, r, size) for r in range(size)]
+        assert [i for s in parts for i in range(n)[s]] == list(range(n))
+        assert max(s.stop - s.start for s in parts) - min(s.stop - s.start for s in parts) <= 1
