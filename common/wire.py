@@ -239,6 +239,7 @@ def encode_chunk(
     codec: str = DEFAULT_CODEC,
     dtype: str | None = None,
     ts: float | None = None,
+    checksum: int | None = None,
 ) -> list[bytes]:
     """Encode `acts` (shape [n, d], any device) as the two frames `[header, payload]`.
 
@@ -247,6 +248,8 @@ def encode_chunk(
     :param source: provenance (corpus id, token offsets, ...): a map with str keys,
         msgpack-serialisable.
     :param ts: seconds since the epoch; None = now.
+    :param checksum: `zlib.crc32` of the raw bytes when the caller has computed it already
+        (a replayer that verified a recording): saves a pass over the data; not re-checked.
     Raises ValueError (or TypeError) on arguments that would make an invalid message.
     """
     if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
@@ -300,7 +303,7 @@ def encode_chunk(
         "dtype": dtype,
         "codec": codec,
         "raw_nbytes": raw.size,
-        "checksum": zlib.crc32(raw),
+        "checksum": zlib.crc32(raw) if checksum is None else checksum,
         "source": dict(source),
         "ts": ts,
     }

@@ -56,7 +56,8 @@ def snapshot_name(step: int) -> str:
 
 def sae_cfg_json(trainer: Trainer) -> dict[str, Any]:
     """cfg.json: the keys other SAE tools read (sparsify: activation, num_latents, k,
-    multi_topk, normalize_decoder, d_in) plus the input normalisation and provenance."""
+    multi_topk, normalize_decoder, d_in) plus the input normalisation and provenance
+    (`origin`: where given weights came from, `Trainer.start_from`; null otherwise)."""
     c = trainer.sae_cfg
     return {
         "activation": "topk",
@@ -71,6 +72,7 @@ def sae_cfg_json(trainer: Trainer) -> dict[str, Any]:
         "name": trainer.name,
         "hook": trainer.hook,
         "model": trainer.model,
+        "origin": trainer.origin,
         "saestream_version": __version__,
     }
 
@@ -120,6 +122,7 @@ def save_snapshot(
                     "step": trainer.step,
                     "tokens_seen": trainer.tokens_seen,
                     "mse_scale": trainer.mse_scale,
+                    "origin": trainer.origin,
                 },
             )
             torch.save(trainer.state_dict(), d / "trainer.pt")
@@ -212,6 +215,7 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu") -> Trainer
                 )
         state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True)
         trainer.load_state_dict(weights, state)
+        trainer.origin = meta.get("origin")
         return trainer
     except CheckpointError:
         raise

@@ -13,6 +13,7 @@ from saestream.common.errors import UserError, cli_errors
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.config import (
     ConsumerConfig,
+    SAESpec,
     build_sae_specs,
     parse_sae_spec,
     sae_help,
@@ -51,6 +52,9 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "max_producers", type=_POSITIVE)
 @config_option(C, "producer_expiry_seconds", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "final_snapshot_attempts", type=_POSITIVE)
+@config_option(C, "init_from", metavar="SNAPSHOT", type=click.Path(path_type=Path))
+@config_option(C, "record", type=click.Path(file_okay=False, path_type=Path))
+@config_option(C, "record_shard_tokens", type=_POSITIVE)
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="This consumer's CURVE key pair (NAME.key_secret).")
 @click.option("--curve-authorized-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -80,12 +84,25 @@ def consumer(**opts: Any) -> None:
         raise SystemExit(1) from None
 
 
+def _adopt_init(source: Path, specs: list[SAESpec], d_in: int | None) -> list[SAESpec]:
+    """--init-from: each SAE takes the snapshot SAE's latents, k and input normalisation
+    unless its --sae keys set them (consumer/init_from.py)."""
+    from saestream.consumer.init_from import adopt, source_dirs
+
+    dirs = source_dirs(source, [s.name for s in specs])
+    return [dataclasses.replace(s, sae=adopt(dataclasses.replace(s.sae, d_in=d_in),
+                                             dirs[s.name], s.given, f"--sae {s.name}"))
+            for s in specs]
+
+
 def build_config(opts: dict[str, Any]) -> ConsumerConfig:
     """Validate the options as a whole and map them onto `ConsumerConfig`."""
     from saestream.common.devices import resolve_device
     from saestream.common.transport import CurveServerKeys
 
     hooks, specs = build_sae_specs(opts["saes"], opts["hooks"])
+    if opts["init_from"] is not None:
+        specs = _adopt_init(opts["init_from"], specs, opts["d_in"])
     if opts["batch_size"] > opts["buffer_tokens"]:
         raise UserError(
             f"--batch-size {opts['batch_size']} is larger than --buffer-tokens "

@@ -52,6 +52,9 @@ class SAESpec:
     """The SAE; `d_in` stays None until the hook's width is known."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """How it is trained."""
+    given: frozenset[str] = frozenset()
+    """The `SAEConfig`/`TrainerConfig` fields its `--sae` keys set (the rest are defaults,
+    which `--init-from` may replace with the snapshot's)."""
 
     @property
     def latents(self) -> int:
@@ -134,8 +137,20 @@ class ConsumerConfig:
     """Seconds between log lines for one reject reason."""
     final_snapshot_attempts: int = 3
     """Tries of the final snapshot before the consumer gives up and exits 1."""
+    record: Path | None = None
+    """Also append every accepted chunk, in its wire dtype, to a recording: DIR/<hook>/
+    safetensors shards with each chunk's provenance (`saestream train --input DIR/<hook>`,
+    `saestream replay DIR/<hook>` read it)."""
+    record_shard_tokens: int = 1 << 16
+    """Rows per recording shard: the unit written atomically, and the most a SIGKILL loses
+    per hook."""
     seed: int = 0
     """Seed of the buffer's batch sampling."""
+    init_from: Path | None = None
+    """Start each new SAE from a snapshot's weights (ours or `saestream import`ed; the SAE of
+    the same name, else its only one) with fresh optimiser state, instead of a fresh
+    initialisation; its latents, k and input normalisation unless set here. cfg.json records
+    the origin. A resumed run continues from its own snapshot."""
 
     def low_water(self) -> int:
         """Buffered tokens below which training waits."""
@@ -173,7 +188,8 @@ def spec_from_keys(name: str, hook: str, keys: dict[str, Any]) -> SAESpec:
         if key in SAE_KEYS:
             cls, attr = SAE_KEYS[key]
             (sae if cls is SAEConfig else trainer)[attr] = value
-    spec = SAESpec(name, hook, SAEConfig(**sae), TrainerConfig(**trainer))
+    spec = SAESpec(name, hook, SAEConfig(**sae), TrainerConfig(**trainer),
+                   frozenset([*sae, *trainer]))
     if not _NAME_RE.match(name):
         raise UserError(f"--sae name {name!r}: use letters, digits and . _ + - only")
     try:

@@ -34,12 +34,14 @@ from saestream.common.signals import SignalFlags
 from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
 from saestream.common.wire import REJECT_REASONS, DecodeLimits, lz4_bound
 from saestream.consumer import checkpoint as ckpt
+from saestream.consumer import init_from
 from saestream.consumer.buffer import Batch, BufferSet
 from saestream.consumer.config import ConsumerConfig, SAESpec, check_fits
 from saestream.consumer.control import ControlServer
 from saestream.consumer.ledger import Ledger
 from saestream.consumer.metrics import ConsumerMetrics
 from saestream.consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, Receiver
+from saestream.consumer.recorder import Recorder
 from saestream.consumer.trainer import MSEWindow, StepMetrics, Trainer
 
 log = logging.getLogger("saestream.consumer")
@@ -100,10 +102,20 @@ class ConsumerRun:
         self.windows = {s.name: MSEWindow(cfg.metrics_window) for s in cfg.saes}
         self.hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks} if cfg.d_in \
             else {}
+        self.init_sources = init_from.load_sources(
+            cfg.init_from, [s.name for s in cfg.saes], self.device) if cfg.init_from else {}
+        for hook, d in init_from.hook_widths(self.init_sources, {s.name: s.hook for s in cfg.saes},
+                                             cfg.d_in).items():
+            self.hook_info.setdefault(hook, HookInfo(d, None, None))
         self.ledger = Ledger(cfg.max_producers, cfg.producer_expiry_seconds)
         self.buffers = BufferSet(cfg.buffer_tokens, pin_memory=self.device.type == "cuda",
                                  seed=cfg.seed)
         restored = self._open_checkpoint_dir()
+        self.recorder = Recorder(cfg.record, cfg.hooks, cfg.record_shard_tokens, metrics,
+                                 flag="--record") if cfg.record is not None else None
+        if self.recorder is not None:
+            log.info("recording accepted chunks to %s/<hook>/ in shards of %d rows", cfg.record,
+                     cfg.record_shard_tokens)
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
         self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
         self._serve(restored)
@@ -209,7 +221,7 @@ class ConsumerRun:
                            max_message_bytes=max_message, max_connections=cfg.max_connections)
         self.receiver = Receiver(sock, self.buffers, m, self.ledger, hooks=cfg.hooks,
                                  hook_info=self.hook_info, limits=limits,
-                                 log_interval=cfg.reject_log_interval)
+                                 log_interval=cfg.reject_log_interval, recorder=self.recorder)
         self.control: ControlServer | None = None
         control = cfg.control_bind or control_endpoint(cfg.bind)
         if control != "off":
@@ -221,6 +233,8 @@ class ConsumerRun:
             self.control.committed = committed
         for h in cfg.hooks:
             m.declare_hook(h, cfg.buffer_tokens, lambda h=h: self.buffers.fill(h))
+        if self.recorder is not None:
+            self.recorder.start()
         self.receiver.start()
         if self.control is not None:
             self.control.start()
@@ -237,7 +251,7 @@ class ConsumerRun:
     # -- the loop's steps ---------------------------------------------------------------------
 
     def stop_reason(self) -> str:
-        for thread in (self.receiver, self.control):
+        for thread in (self.receiver, self.control, self.recorder):
             if thread is not None and thread.error is not None:
                 raise RuntimeError(f"the {thread.name} thread failed") from thread.error
         cfg, s = self.cfg, self.stats
@@ -330,6 +344,8 @@ class ConsumerRun:
             if self.control is not None:
                 self.control.stop()
             self.ctx.destroy(linger=0)
+        if getattr(self, "recorder", None) is not None:
+            self.recorder.stop()  # after the receiver: what it accepted is written
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -340,6 +356,9 @@ class ConsumerRun:
                  spec.latents, spec.k)
         trainer = Trainer(spec.sae_config(info.d), spec.trainer, name=spec.name,
                           hook=spec.hook, model=info.model, device=self.device)
+        if spec.name in self.init_sources:
+            init_from.start(trainer, self.init_sources[spec.name])
+            log.info("SAE %s starts from %s", spec.name, trainer.origin["path"])
         self.trainers[spec.name] = trainer
         return trainer
 

@@ -53,6 +53,12 @@ class DataParallel:
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
 
+    def finish(self) -> None:
+        """Wait for every rank (e.g. for rank 0's snapshot), then leave the process group."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' row blocks [n_r, d], concatenated in rank order (n_r may differ)."""
         if self.size == 1:

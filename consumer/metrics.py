@@ -172,6 +172,41 @@ class ConsumerMetrics:
             registry=r,
         )
 
+        # -- recording (--record, saestream record; per hook) --
+        self.recorded_tokens = Counter(
+            "saestream_recorded_tokens_total",
+            "Rows (count) of accepted chunks written to complete recording shards.",
+            ["hook"], registry=r,
+        )
+        self.recorded_shards = Counter(
+            "saestream_recorded_shards_total",
+            "Recording shards (count) written, each complete and renamed into place.",
+            ["hook"], registry=r,
+        )
+        self.recorded_bytes = Counter(
+            "saestream_recorded_bytes_total",
+            "Bytes written to complete recording shards (header, index and rows).",
+            ["hook"], registry=r,
+        )
+        self.record_pending_tokens = Gauge(
+            "saestream_record_pending_tokens",
+            "Rows (count) held for the next recording shard, not yet on disk (a SIGKILL "
+            "loses them; SIGTERM writes them).",
+            ["hook"], registry=r,
+        )
+        self.record_dropped_tokens = Counter(
+            "saestream_record_dropped_tokens_total",
+            "Accepted rows (count) missing from the recording: their shard could not be "
+            "written (see saestream_record_failures_total).",
+            ["hook"], registry=r,
+        )
+        self.record_failures = Counter(
+            "saestream_record_failures_total",
+            "Recording shards (count) that could not be written, by reason (no_space, "
+            "read_only, permission, io, other); training and receiving go on.",
+            ["reason"], registry=r,
+        )
+
     def declare_rejects(self, reasons: Iterable[str]) -> None:
         """Export every reject reason from the start (at 0), so dashboards see the series."""
         for reason in reasons:

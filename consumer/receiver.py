@@ -24,6 +24,7 @@ from saestream.common.wire import DTYPES, Chunk, DecodeLimits, WireError, decode
 from saestream.consumer.buffer import BufferSet
 from saestream.consumer.ledger import Ledger, LedgerFull, StreamMismatch
 from saestream.consumer.metrics import ConsumerMetrics
+from saestream.consumer.recorder import Recorder
 
 log = logging.getLogger("saestream.consumer.receiver")
 
@@ -65,6 +66,7 @@ class Receiver(threading.Thread):
         limits: DecodeLimits = DecodeLimits(),  # noqa: B008 (frozen)
         log_interval: float = 10.0,
         poll_ms: int = 100,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__(name="receiver", daemon=True)
         self.sock = sock
@@ -75,6 +77,8 @@ class Receiver(threading.Thread):
         self.hook_info: dict[str, HookInfo] = dict(hook_info or {})
         self.limits = limits
         self.poll_ms = poll_ms
+        self.recorder = recorder
+        """Also gets the kept rows of every admitted chunk (`--record`), before the buffer."""
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.lock = threading.Lock()
@@ -127,6 +131,8 @@ class Receiver(threading.Thread):
             return self._reject("positions", f"positions: producer {chunk.producer!r:.100}: "
                                 f"{exc}")
         self._track(chunk, adm)
+        if self.recorder is not None and adm.parts:
+            self.recorder.add(chunk, adm.parts, self.stop_event.is_set)
         buf = self.buffers.get_or_create(chunk.hook, info.d, DTYPES[info.dtype or chunk.dtype])
         for first, rows in adm.parts:
             def commit(written: int, m: int, first: int = first) -> None:

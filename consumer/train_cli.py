@@ -12,6 +12,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -19,10 +20,17 @@ import numpy as np
 from saestream.common.devices import DEVICE_HELP, resolve_device
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_dir
+from saestream.common.recording import Recording
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.config import ConsumerConfig
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
 from saestream.consumer.trainer import TrainerConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from saestream.consumer.distributed import DataParallel
+    from saestream.consumer.sharding import LatentShard
 
 # safetensors dtype names -> (numpy dtype to map the bytes with, is bfloat16)
 _ST_DTYPES = {
@@ -68,8 +76,13 @@ class Activations:
                 raise UserError(f"{self.label}: NaN or infinite value in row {row}")
 
 
-def open_activations(path: Path, tensor: str | None) -> Activations:
-    """Memory-map `path` (.npy, or one tensor of a .safetensors file). Raises UserError."""
+def open_activations(path: Path, tensor: str | None) -> Activations | Recording:
+    """Memory-map `path` (.npy, one tensor of a .safetensors file, or a recorded hook
+    directory: its shards as one dataset). Raises UserError."""
+    if path.is_dir():
+        if tensor is not None:
+            raise UserError(f"--tensor: {path} is a recording, its tensor is fixed")
+        return Recording(path)
     if not path.is_file():
         raise UserError(f"--input {path}: no such file")
     suffix = path.suffix.lower()
@@ -199,7 +212,8 @@ class ShuffledBatches:
     "input_path",
     required=True,
     type=click.Path(path_type=Path),
-    help="Activations [tokens, d_in]: a .npy file (memory-mapped) or a .safetensors file.",
+    help="Activations [tokens, d_in]: a .npy file (memory-mapped), a .safetensors file, or a "
+    "recorded hook directory DIR/<hook> (`--record`, `saestream record`).",
 )
 @click.option(
     "--tensor",
@@ -208,8 +222,9 @@ class ShuffledBatches:
 )
 @click.option(
     "--hook",
-    required=True,
-    help="Label of the hook the activations come from (recorded in cfg.json).",
+    default=None,
+    help="Label of the hook the activations come from (recorded in cfg.json); required "
+    "unless --input is a recording, which names its own.",
 )
 @click.option(
     "--name", default=None, help="SAE name: the checkpoint's sub-directory (default: the hook)."
@@ -240,7 +255,11 @@ class ShuffledBatches:
 @click.option("--dense", is_flag=True, help="Use the dense reference path (slow; for checks).")
 @config_option(T, "autocast_bf16", "--bf16")
 @config_option(T, "seed", help="Seed of the initialisation and of the batch order.")
+@config_option(ConsumerConfig, "init_from", metavar="SNAPSHOT", type=click.Path(path_type=Path))
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--latent-shards", default=1, show_default=True, type=_POSITIVE,
+              help="Under torchrun: split the latents over this many ranks (it must divide "
+                   "the world size; the rest is data parallel).")
 @click.option(
     "--out",
     required=True,
@@ -258,7 +277,7 @@ class ShuffledBatches:
 def train(
     input_path: Path,
     tensor: str | None,
-    hook: str,
+    hook: str | None,
     name: str | None,
     model: str | None,
     n_latents: int,
@@ -280,11 +299,14 @@ def train(
     device: str,
     out: Path,
     log_interval: float,
+    init_from: Path | None,
+    latent_shards: int,
 ) -> None:
     """Train a TopK SAE on activations stored on disk, then write a checkpoint to --out."""
     import torch
 
     from saestream.consumer.checkpoint import save_snapshot
+    from saestream.consumer.distributed import rank_slice
     from saestream.consumer.trainer import Trainer
 
     if tokens is not None and steps is not None:
@@ -293,6 +315,10 @@ def train(
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     act = open_activations(input_path, tensor)
+    if isinstance(act, Recording):
+        hook, model = hook or act.hook, model or act.model
+    if hook is None:
+        raise UserError("--hook is required (unless --input is a recorded hook directory)")
     n_rows, d_in = act.shape
     sae_cfg = SAEConfig(
         d_in=d_in,
@@ -301,6 +327,9 @@ def train(
         multi_topk=multi_topk,
         input_normalization=input_normalization,
     )
+    source = None
+    if init_from is not None:
+        sae_cfg, source = _init_source(init_from, sae_cfg, name or hook)
     cfg = TrainerConfig(
         lr=lr,
         k_aux=k_aux,
@@ -332,26 +361,46 @@ def train(
     check_memory(sae_cfg, cfg, batch_size, dev)
     check_writable_dir(out, "--out")
 
+    if latent_shards > 1 and dense:
+        raise UserError("--latent-shards needs the sparse path (drop --dense)")
+    if sae_cfg.n_latents % latent_shards:
+        raise UserError(f"--latent-shards {latent_shards} must divide --latents "
+                        f"{sae_cfg.n_latents}")
+    dp, shard, dev = _data_parallel(dev, latent_shards, sae_cfg.n_latents)
     torch.manual_seed(seed)
-    trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev)
+    trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev, dp=dp,
+                      shard=shard)
+    if source is not None:
+        from saestream.consumer.init_from import start
+
+        start(trainer, source)
     batches = ShuffledBatches(n_rows, batch_size, seed)
-    click.echo(
-        f"training {name}: d_in={d_in} latents={n_latents} k={k} on {n_rows} tokens from "
-        f"{act.label}, {total_steps} steps of {batch_size} on {dev}"
+    first = dp.rank == 0 and (shard is None or shard.rank == 0)
+    echo = click.echo if first else (lambda *a, **k: None)
+    ranks = f" × {dp.size} data-parallel ranks" if dp.size > 1 else ""
+    ranks += f" × {shard.size} latent shards" if shard is not None else ""
+    echo(
+        f"training {name}: d_in={d_in} latents={sae_cfg.n_latents} k={sae_cfg.k} on {n_rows} "
+        f"tokens from {act.label}, {total_steps} steps of {batch_size} on {dev}{ranks}"
     )
     start = last = time.perf_counter()
     window: list = []
     for step in range(1, total_steps + 1):
-        m = trainer.train_step(act.rows(batches.next()))
+        index = batches.next()  # the same global batch on every rank; each takes its part
+        m = trainer.train_step(act.rows(index[rank_slice(len(index), dp.rank, dp.size)]))
         window.append(m)
         now = time.perf_counter()
         if now - last >= log_interval or step == total_steps:
-            click.echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window))
+            echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window))
             window, last = [], now
+    whole = trainer.unsharded() if dp.rank == 0 else None  # collective over the shards
+    if whole is None:  # every data-parallel rank holds the same SAE: rank 0 writes it
+        dp.finish()
+        return
     path = save_snapshot(
         out,
         trainer.step,
-        {name: trainer},
+        {name: whole},
         extra={
             "source": "saestream train",
             "input": str(input_path),
@@ -360,10 +409,71 @@ def train(
             "model": model,
             "tokens": trainer.tokens_seen,
             "seed": seed,
+            "init_from": None if init_from is None else str(init_from),
         },
     )
+    dp.finish()
     click.echo(f"checkpoint: {path / name}")
     sys.stdout.flush()
+
+
+def _data_parallel(
+    dev: torch.device, latent_shards: int, n_latents: int
+) -> tuple[DataParallel, LatentShard | None, torch.device]:
+    """Under torchrun: join the process group and train on this rank's device (cuda:LOCAL_RANK
+    when the device is CUDA). The world is a 2-D mesh, data parallel × `latent_shards`:
+    consecutive ranks share a batch and split the latents. Otherwise one process, as asked."""
+    import torch
+    import torch.distributed as dist
+
+    from saestream.consumer.distributed import (
+        SINGLE,
+        DataParallel,
+        init_from_env,
+        launched_by_torchrun,
+        local_rank,
+    )
+    from saestream.consumer.sharding import LatentShard
+
+    if not launched_by_torchrun():
+        if latent_shards > 1:
+            raise UserError(f"--latent-shards {latent_shards} needs that many ranks: start "
+                            "with torchrun --nproc-per-node N")
+        return SINGLE, None, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank())
+        torch.cuda.set_device(dev)
+    world = init_from_env(dev)
+    if world.size % latent_shards:
+        raise UserError(f"--latent-shards {latent_shards} must divide the world size "
+                        f"{world.size}")
+    if latent_shards == 1:
+        return world, None, dev
+    n_dp = world.size // latent_shards
+    mine_dp = mine_shard = None
+    for i in range(n_dp):  # every rank creates every group, in the same order
+        g = dist.new_group(list(range(i * latent_shards, (i + 1) * latent_shards)))
+        if world.rank // latent_shards == i:
+            mine_shard = g
+    for j in range(latent_shards):
+        g = dist.new_group(list(range(j, world.size, latent_shards)))
+        if world.rank % latent_shards == j:
+            mine_dp = g
+    return DataParallel(mine_dp), LatentShard.of_group(n_latents, mine_shard), dev
+
+
+def _init_source(path: Path, sae_cfg: SAEConfig, name: str) -> tuple[SAEConfig, object]:
+    """--init-from: the snapshot SAE's latents, k, Multi-TopK and input normalisation where
+    their flags were left at the default, and its weights (consumer/init_from.py)."""
+    from click.core import ParameterSource
+
+    from saestream.consumer import init_from as init
+
+    ctx = click.get_current_context()
+    given = [f for f in init.ADOPTED
+             if ctx.get_parameter_source(f) not in (ParameterSource.DEFAULT, None)]
+    sae_cfg = init.adopt(sae_cfg, init.source_dirs(path, [name])[name], given, "--input")
+    return sae_cfg, init.load_sources(path, [name])[name]
 
 
 def _progress(step: int, total: int, tokens: int, seconds: float, window: list) -> str:

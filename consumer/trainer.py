@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from saestream.consumer import sharding
 from saestream.consumer.distributed import SINGLE, DataParallel
 from saestream.consumer.geometric_median import geometric_median
 from saestream.consumer.sae import SAEConfig, SparseAutoencoder
+from saestream.consumer.sharding import LatentShard, ShardedSAE
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
@@ -148,6 +150,7 @@ class Trainer:
         model: str | None = None,
         device: str | torch.device = "cpu",
         dp: DataParallel = SINGLE,
+        shard: LatentShard | None = None,
     ) -> None:
         sae_cfg.validate()
         cfg.validate()
@@ -160,7 +163,13 @@ class Trainer:
         self.dp = dp
         """The data-parallel ranks this trainer's steps span (SINGLE: one process)."""
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.sae = SparseAutoencoder(sae_cfg, generator=self.generator).to(self.device)
+        self.shard = shard if shard is not None and shard.size > 1 else None
+        """This rank's latents when they are split over ranks (`--latent-shards`), else None."""
+        self.sae: SparseAutoencoder | ShardedSAE
+        if self.shard is not None:
+            self.sae = ShardedSAE(sae_cfg, self.shard, generator=self.generator).to(self.device)
+        else:
+            self.sae = SparseAutoencoder(sae_cfg, generator=self.generator).to(self.device)
         self.lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.n_latents)
         self.optimizer = _adam(list(self.sae.parameters()), self.lr)
         self.ema: list[torch.Tensor] | None = None
@@ -213,6 +222,7 @@ class Trainer:
         if self.sae_cfg.input_normalization == "scalar" and input_scale is None:
             raise ValueError("scalar input normalisation needs its input_scale")
         params = dict(self.sae.named_parameters())
+        weights = self._local(weights)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(weights[n])
@@ -291,7 +301,9 @@ class Trainer:
         with torch.no_grad():
             self.dp.sum_grads_(list(sae.parameters()))
             _project_decoder_grad(sae.W_dec)
-            if self.cfg.grad_clip is not None:
+            if self.cfg.grad_clip is not None and self.shard is not None:
+                sharding.clip_grad_norm_(sae, self.cfg.grad_clip)  # type: ignore[arg-type]
+            elif self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
@@ -362,9 +374,50 @@ class Trainer:
             state["params"] = {n: p.detach().cpu() for n, p in self.sae.named_parameters()}
         return state
 
+    def unsharded(self, dst: int = 0) -> Trainer | None:
+        """A one-process Trainer holding this sharded trainer's whole state (weights, EMA,
+        Adam moments, counters), on shard rank `dst` (None on the others), to snapshot it in
+        the usual layout. Collective over the shard group; `self` when not sharded."""
+        if self.shard is None:
+            return self
+        shard = self.shard
+        names = [n for n, _ in self.sae.named_parameters()]
+        weights = sharding.gather_tensors(
+            dict(zip(names, (t.detach() for t in (self.ema or self.sae.parameters())),
+                     strict=True)), shard, dst)
+        state = self.state_dict()
+        raw = state.pop("params", None)
+        if raw is not None:
+            state["params"] = sharding.gather_tensors(raw, shard, dst)
+        for i, entry in state["optimizer"]["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = sharding.gather_tensors({names[i]: entry[key]}, shard, dst)
+                if t is not None:
+                    entry[key] = t[names[i]]
+        if weights is None:
+            return None
+        full = Trainer(self.sae_cfg, self.cfg, name=self.name, hook=self.hook, model=self.model,
+                       device=self.device)
+        full.load_state_dict(weights, state)
+        full.origin = self.origin
+        return full
+
+    def _local(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole-SAE tensors -> this rank's rows of them (as they are when not sharded)."""
+        return full if self.shard is None else sharding.shard_tensors(full, self.shard)
+
     def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Inverse of (`export_weights`, `state_dict`)."""
+        """Inverse of (`export_weights`, `state_dict`); on a sharded trainer, whole-SAE
+        tensors are sliced to this rank's latents (resuming on another shard count)."""
         params = dict(self.sae.named_parameters())
+        weights = self._local(weights)
+        if self.shard is not None:
+            names = list(params)
+            for i, entry in state["optimizer"]["state"].items():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    entry[key] = self._local({names[int(i)]: entry[key]})[names[int(i)]]
+            if "params" in state:
+                state["params"] = self._local(state["params"])
         raw = state.get("params", weights) if self.ema is not None else weights
         with torch.no_grad():
             for n, p in params.items():

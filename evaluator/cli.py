@@ -19,6 +19,7 @@ import click
 from saestream import __version__
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_file
+from saestream.evaluator.options import model_text_options, one_model
 
 DEFAULT_CONTEXTS = 64
 """Contexts evaluated when neither --contexts nor --tokens is given."""
@@ -44,8 +45,9 @@ def parse_metrics(text: str, groups: tuple[str, ...]) -> list[str]:
 class ProgressBar:
     """A one-line bar on stderr, redrawn in place; silent unless stderr is a terminal."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "evaluating") -> None:
         self.enabled = sys.stderr.isatty()
+        self.label = label
         self.last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
@@ -54,7 +56,7 @@ class ProgressBar:
             return
         self.last = now
         filled = int(30 * done / max(total, 1))
-        sys.stderr.write(f"\revaluating [{'#' * filled}{'.' * (30 - filled)}] "
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] "
                          f"{done}/{total} forwards")
         if done >= total:
             sys.stderr.write("\n")
@@ -63,19 +65,7 @@ class ProgressBar:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--model", default=None,
-              help="Model to run [default: the `model` in the SAEs' cfg.json].")
-@click.option("--hook", default=None,
-              help="Module whose output the SAE reads [default: the `hook` in cfg.json].")
-@click.option("--corpus", default="wiki-sample", show_default=True,
-              help="text:PATH_OR_GLOB, tokens:PATH, wiki-sample or synthetic[:N] (as the "
-                   "producer's).")
-@click.option("--split", default="eval", show_default=True,
-              type=click.Choice(["train", "eval", "all"]),
-              help="Part of the corpus to score (eval: the held-out tenth).")
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per context (the producer's default; 2-D .npy corpora bring "
-                   "their own).")
+@model_text_options
 @click.option("--contexts", default=None, type=click.IntRange(min=1),
               help=f"Contexts to evaluate [default: {DEFAULT_CONTEXTS}].")
 @click.option("--tokens", default=None, type=click.IntRange(min=1),
@@ -145,7 +135,7 @@ def eval_command(
         loaded = [load_sae(d, dev) for d in dirs]
     except CheckpointError as exc:
         raise UserError(str(exc)) from None
-    model_name = model or _one_model(loaded)
+    model_name = model or one_model(loaded)
     hooks = [hook or str(s.cfg.get("hook")) for s in loaded]
     set_threads()
 
@@ -203,17 +193,6 @@ def _add_text_inputs(settings: Any, lm: Any, groups: list[str], corpus: str, ids
     if "explanations" in groups:
         settings.train_ids = eval_ids(lm, corpus, split="train", seq_len=int(ids.shape[1]),
                                       contexts=int(ids.shape[0]), tokens=None)
-
-
-def _one_model(loaded: list) -> str:
-    """The model every SAE's cfg.json names; UserError when it is missing or they differ."""
-    names = {s.cfg.get("model") for s in loaded}
-    if None in names or "" in names:
-        raise UserError("cfg.json names no model (an SAE trained without --model); pass --model")
-    if len(names) > 1:
-        raise UserError(f"the SAEs name different models ({', '.join(sorted(names))}); pick "
-                        "one with --sae, or pass --model")
-    return str(names.pop())
 
 
 def _document(sae: Any, hook: str, model: str, corpus: str, split: str, ids: Any,

@@ -34,6 +34,9 @@ class EvaluatorConfig:
     """Seconds between looks at the checkpoint directory's `latest`."""
     history: Path | None = None
     """Append one JSON line per evaluated snapshot to this file."""
+    features: Path | None = None
+    """Rebuild the feature browser in this directory for every evaluated snapshot, from the
+    same contexts (`saestream features`' layout: DIR/index.html always opens the newest)."""
     metrics_port: int = DEFAULT_METRICS_PORT
     """Port of the Prometheus /metrics endpoint (0 = off)."""
     metrics_addr: str = "127.0.0.1"

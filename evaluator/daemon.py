@@ -65,6 +65,8 @@ class Session:
     model_name: str
     lm: LoadedModel
     ids: torch.Tensor
+    texts: list[str] | None = None
+    """Every token id's text, for the feature browser (read once, at its first build)."""
 
 
 def open_session(cfg: EvaluatorConfig, model_name: str, hooks: Sequence[str],
@@ -96,8 +98,8 @@ def run_evaluator(cfg: EvaluatorConfig, stop: threading.Event,
             seen = name
             t0 = time.perf_counter()
             try:
-                session, record = evaluate_snapshot(cfg, cfg.checkpoint_dir / name, session,
-                                                    device, stop)
+                session, record, loaded = evaluate_snapshot(cfg, cfg.checkpoint_dir / name,
+                                                            session, device, stop)
             except Stopped:
                 break
             except SnapshotFailure as exc:
@@ -108,6 +110,12 @@ def run_evaluator(cfg: EvaluatorConfig, stop: threading.Event,
                 metrics.seconds.observe(record["seconds"])
                 watcher.publish(record)
                 _log_record(record)
+                if cfg.features is not None:
+                    try:
+                        if not refresh_features(cfg, session, loaded, record, stop):
+                            metrics.failures.labels("features").inc()
+                    except Stopped:
+                        break
                 if cfg.history is not None and not append_history(cfg.history, record):
                     metrics.failures.labels("history").inc()
         stop.wait(cfg.poll_seconds)
@@ -123,9 +131,10 @@ def _device(cfg: EvaluatorConfig) -> torch.device:
 def evaluate_snapshot(
     cfg: EvaluatorConfig, path: Path, session: Session | None, device: torch.device,
     stop: threading.Event,
-) -> tuple[Session, dict[str, Any]]:
-    """Evaluate every SAE of snapshot `path`. Returns the session (opened on first use) and
-    the history record. Raises SnapshotFailure, or Stopped when `stop` is set meanwhile."""
+) -> tuple[Session, dict[str, Any], list[tuple[LoadedSAE, str]]]:
+    """Evaluate every SAE of snapshot `path`. Returns the session (opened on first use), the
+    history record and the SAEs read, with their hooks. Raises SnapshotFailure, or Stopped
+    when `stop` is set meanwhile."""
     extra, loaded = read_snapshot(path, device)
     hooks = [cfg.hook or str(s.cfg.get("hook")) for s in loaded]
     names = {str(s.cfg.get("model") or "") for s in loaded}
@@ -171,7 +180,45 @@ def evaluate_snapshot(
         "saes": {s.name: {"hook": h, **results[s.name]}
                  for s, h in zip(loaded, hooks, strict=True)},
     }
-    return session, record
+    return session, record, list(zip(loaded, hooks, strict=True))
+
+
+def refresh_features(cfg: EvaluatorConfig, session: Session, saes: list[tuple[LoadedSAE, str]],
+                     record: dict[str, Any], stop: threading.Event) -> bool:
+    """Add a build of the feature browser for the snapshot just evaluated, from the same
+    contexts, its figures in the header. Sets `features` in the record (the entry page), or
+    returns False, logged, when it could not be written. Raises Stopped when `stop` is set
+    meanwhile."""
+    from saestream.evaluator.browser import build_browser
+    from saestream.evaluator.features import FeatureError
+    from saestream.evaluator.features_cli import token_texts_of
+
+    def check_stop(done: int, total: int) -> None:
+        if stop.is_set():
+            raise Stopped
+
+    if session.texts is None:
+        session.texts = token_texts_of(session.lm)
+    path = Path(record["snapshot"])
+    about = {"model": session.model_name, "corpus": cfg.corpus, "split": cfg.split,
+             "snapshot": str(path), "step": record["step"]}
+    evaluated = {name: {**r, "tokens": record["tokens"]} for name, r in record["saes"].items()}
+    try:
+        built = build_browser(cfg.features, session.lm, session.ids, saes, label=path.name,
+                              texts=session.texts, about=about, evaluated=evaluated,
+                              batch_size=cfg.batch_size, progress=check_stop)
+    except (Stopped, KeyboardInterrupt):
+        raise
+    except (FeatureError, OSError) as exc:
+        log.warning("feature browser of %s not written: %s", path.name, exc)
+        return False
+    except Exception:  # a daemon outlives one bad build
+        log.exception("feature browser of %s not written", path.name)
+        return False
+    record["features"] = str(built.entry)
+    log.info("feature browser of %s: %s (%d files, %.1f MB)", path.name, built.entry,
+             built.files, built.bytes / 1e6)
+    return True
 
 
 def read_snapshot(path: Path, device: torch.device) -> tuple[dict[str, Any], list[LoadedSAE]]:

@@ -32,6 +32,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "device", help=DEVICE_HELP)
 @config_option(C, "poll_seconds", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "history", type=click.Path(dir_okay=False, path_type=Path))
+@config_option(C, "features", type=click.Path(file_okay=False, path_type=Path))
 @config_option(C, "metrics_port", type=click.IntRange(0, 65535))
 @config_option(C, "metrics_addr")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -56,6 +57,14 @@ def evaluator(**opts: Any) -> None:
     cfg = EvaluatorConfig(**{f.name: opts[f.name] for f in dataclasses.fields(C)})
     if cfg.history is not None:
         check_writable_file(cfg.history, "--history")
+    if cfg.features is not None:
+        from saestream.evaluator.browser import check_out_dir
+        from saestream.evaluator.features import FeatureError
+
+        try:
+            check_out_dir(cfg.features)
+        except FeatureError as exc:
+            raise UserError(str(exc).replace("--out", "--features", 1)) from None
     try:
         precheck_corpus(cfg.corpus)
     except CorpusError as exc:

@@ -12,10 +12,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # One evaluation takes from well under a second (tiny model, GPU) to minutes (CPU, big model).
 EVAL_SECONDS_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
-FAILURE_REASONS = ("missing", "incomplete", "unreadable", "mismatch", "error", "history")
+FAILURE_REASONS = ("missing", "incomplete", "unreadable", "mismatch", "error", "history",
+                   "features")
 """`saestream_eval_failures_total` reasons: the snapshot vanished while read (`--keep`
 pruned it), is not complete, has unreadable files, does not fit the model (another model,
-hook or width), the evaluation itself failed, or the --history line could not be written."""
+hook or width), the evaluation itself failed, the --history line could not be written, or
+the --features browser could not be built."""
 
 
 class EvaluatorMetrics:

@@ -41,6 +41,9 @@ class Outgoing(NamedTuple):
     source: dict
     progress: Progress | None
     """Set on the last message of a token range: everything up to here has been sent."""
+    checksum: int | None = None
+    """crc32 of `acts`' raw bytes when already known (a replayer verified it against its
+    recording): encoding skips its own pass over the data."""
 
 
 class Sender:
@@ -198,6 +201,7 @@ class Sender:
             hook=item.hook,
             source=item.source,
             codec=self.codec,
+            checksum=item.checksum,
         )
         while True:
             try:

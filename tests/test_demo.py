@@ -39,6 +39,12 @@ def test_demo_runs_two_producers_and_a_consumer_and_leaves_a_checkpoint(tmp_path
     evaluated = json.loads((work / "eval.json").read_text())
     assert evaluated["step"] == int(snapshot.name.removeprefix("step-"))
     assert evaluated["split"] == "eval" and evaluated["contexts"] == 8
+    # ... and prints the feature browser it built from that snapshot.
+    entry = (work / "features" / "index.html").resolve()
+    assert f"feature browser: {entry.as_uri()}" in out.splitlines()
+    latest = (work / "features" / "latest").read_text().strip()
+    assert latest.endswith(snapshot.name)
+    assert (entry.parent / latest / "demo" / "index.js").is_file()
 
 
 def test_demo_needs_a_hook_for_an_unknown_model(tmp_path: Path) -> None:

@@ -109,3 +109,59 @@ def test_rank_slices_cover_the_batch_in_order() -> None:
         parts = [rank_slice(n, r, size) for r in range(size)]
         assert [i for s in parts for i in range(n)[s]] == list(range(n))
         assert max(s.stop - s.start for s in parts) - min(s.stop - s.start for s in parts) <= 1
+
+
+@pytest.mark.parametrize(("ranks", "shards"), [(2, 1), (2, 2), (4, 2)])
+def test_saestream_train_under_torchrun_equals_one_process(tmp_path, ranks, shards) -> None:
+    """The command as a user runs it: `torchrun --nproc-per-node N -m saestream train`
+    (data parallel, latent shards, or both as a 2-D mesh) writes the same SAE as
+    `saestream train` on the same file, once, from rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", (g.standard_normal((1024, D)) * 2 + 1).astype(np.float32))
+    args = ["train", "--input", str(tmp_path / "acts.npy"), "--hook", "h", "--name", "s",
+            "--latents", str(N), "--k", str(K), "--batch-size", "128", "--steps", "6",
+            "--dead-tokens", "64", "--k-aux", "32", "--multi-topk", "--grad-clip", "0.5",
+            "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "saestream", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(ranks), "-m", "saestream", *args,
+                           "--latent-shards", str(shards), "--out", str(tmp_path / "many")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert many.returncode == 0, many.stderr + many.stdout
+    assert many.stdout.count("checkpoint: ") == 1
+    if ranks // shards > 1:
+        assert f"{ranks // shards} data-parallel ranks" in many.stdout
+    if shards > 1:
+        assert f"{shards} latent shards" in many.stdout
+    a = load_file(str(next((tmp_path / "one").glob("step-*/s/sae.safetensors"))))
+    b = load_file(str(next((tmp_path / "many").glob("step-*/s/sae.safetensors"))))
+    for name, w in a.items():
+        close(b[name], w, name)
+    assert len(list((tmp_path / "many").glob("step-*"))) == 1
+    ta = torch.load(next((tmp_path / "one").glob("step-*/s/trainer.pt")), weights_only=True)
+    tb = torch.load(next((tmp_path / "many").glob("step-*/s/trainer.pt")), weights_only=True)
+    assert torch.equal(ta["tokens_since_fired"], tb["tokens_since_fired"])
+    for i, entry in ta["optimizer"]["state"].items():
+        close(tb["optimizer"]["state"][i]["exp_avg_sq"], entry["exp_avg_sq"], f"adam {i}")
+
+
+def test_latent_shards_without_torchrun_is_one_line_and_exit_2(tmp_path) -> None:
+    import numpy as np
+    from conftest import run_cli
+
+    np.save(tmp_path / "acts.npy", np.ones((64, D), dtype=np.float32))
+    r = run_cli(["train", "--input", str(tmp_path / "acts.npy"), "--hook", "h", "--latents",
+                 str(N), "--k", str(K), "--latent-shards", "2", "--batch-size", "64",
+                 "--out", str(tmp_path / "o"),
+                 "--device", "cpu"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "torchrun" in r.stderr

@@ -13,7 +13,7 @@ import torch
 from evalkit import sharpened_tiny, synthetic_ids
 
 from saestream.consumer.checkpoint import load_sae, save_snapshot
-from saestream.consumer.sae import LAYER_NORM_EPS, SAEConfig
+from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import Trainer, TrainerConfig
 from saestream.evaluator.ablation import MaxActivations, ablation_sparsity, sparsity
 from saestream.evaluator.engine import EvalError
@@ -233,7 +233,7 @@ def test_delta_matches_a_plain_forward_hook(lm, ids, snapshot, results, name) ->
         j, c, p = e["latent"], e["context"], e["position"]
         xr = x[c * (T - 1) + p - 1]
         if name == "ln":
-            scale = (xr - xr.mean()).pow(2).sum().div(D - 1).sqrt() + LAYER_NORM_EPS
+            scale = (xr - xr.mean()).pow(2).sum().div(D - 1).sqrt()  # back: std, no eps
         else:
             scale = 1 / sae.input_scale
         contrib = e["activation"] * sae.W_dec[j] * scale

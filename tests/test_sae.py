@@ -57,11 +57,12 @@ def test_layer_norm_normalisation_matches_definition_and_maps_back():
     sae = make_sae(input_normalization="layer_norm")
     x = torch.randn(30, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 5 + 3
     xn, stats = sae.normalize(x)
-    ref = (x.numpy() - x.numpy().mean(1, keepdims=True)) / (
-        x.numpy().std(1, ddof=1, keepdims=True) + 1e-5
-    )
+    mu, std = x.numpy().mean(1, keepdims=True), x.numpy().std(1, ddof=1, keepdims=True)
+    ref = (x.numpy() - mu) / (std + 1e-5)
     np.testing.assert_allclose(xn.numpy(), ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(sae.denormalize(xn, stats), x)
+    # The way back multiplies by the std without the epsilon (OpenAI's LN, SAELens' layer_norm)
+    np.testing.assert_allclose(sae.denormalize(xn, stats).numpy(), ref * std + mu, rtol=1e-12)
+    torch.testing.assert_close(sae.denormalize(xn, stats), x, rtol=1e-5, atol=1e-5)
 
 
 def test_scalar_normalisation_constant_gives_mean_squared_norm_d_in():

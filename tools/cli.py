@@ -26,6 +26,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("saestream.tools.demo:demo", "Start a consumer and two producers on 127.0.0.1."),
     "status": ("saestream.tools.status:status", "One-screen summary from the daemons' /metrics."),
     "keygen": ("saestream.common.keygen:keygen", "Write a ZeroMQ CURVE key pair."),
+    "export": (
+        "saestream.consumer.interop_cli:export",
+        "Write a snapshot's SAEs for SAELens or sparsify.",
+    ),
+    "import": (
+        "saestream.consumer.interop_cli:import_command",
+        "Import SAEs from OpenAI's release, SAELens or sparsify as a snapshot.",
+    ),
+    "record": (
+        "saestream.consumer.record_cli:record",
+        "Receive activations and only record them (DIR/<hook>/ shards).",
+    ),
+    "replay": (
+        "saestream.producer.replay_cli:replay",
+        "Stream a recording to consumers, as a producer would.",
+    ),
     "eval": (
         "saestream.evaluator.cli:eval_command",
         "Evaluate a snapshot's SAEs: downstream loss, reconstruction, progressive codes.",
@@ -33,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluator": (
         "saestream.evaluator.daemon_cli:evaluator",
         "Run the live-evaluation daemon (each new snapshot's downstream loss on /metrics).",
+    ),
+    "features": (
+        "saestream.evaluator.features_cli:features",
+        "Write a feature browser (static HTML) of a snapshot's SAEs.",
     ),
 }
 

@@ -245,6 +245,14 @@ class Progress:
     help="Held-out contexts on which the final snapshot's downstream loss is measured "
     "(`saestream eval --metrics downstream`); 0 = skip.",
 )
+@click.option(
+    "--features-tokens",
+    type=click.IntRange(min=0),
+    default=2048,
+    show_default=True,
+    help="Held-out tokens the final snapshot's feature browser is built from "
+    "(`saestream features`, into WORKDIR/features); 0 = skip.",
+)
 @cli_errors
 def demo(
     duration: float,
@@ -260,6 +268,7 @@ def demo(
     metrics_port: int,
     device: str,
     eval_contexts: int,
+    features_tokens: int,
 ) -> None:
     """Start a consumer and two producers on 127.0.0.1 and show training live.
 
@@ -447,10 +456,34 @@ def demo(
         if consumer_rc == 0 and eval_contexts and not flags.stop.is_set():
             _evaluate(snapshot, workdir / "eval.json", model=model, corpus=corpus, hook=hook,
                       contexts=eval_contexts, device=device, env=env)
+        if consumer_rc == 0 and features_tokens and not flags.stop.is_set():
+            _features(snapshot, workdir, model=model, corpus=corpus, hook=hook,
+                      tokens=features_tokens, device=device, env=env,
+                      evaluated=workdir / "eval.json" if eval_contexts else None)
     else:
         click.echo(f"no checkpoint written (nothing trained yet); logs in {logs}")
     if consumer_rc != 0:
         raise SystemExit(1)
+
+
+def _features(snapshot: Path, workdir: Path, *, model: str, corpus: str, hook: str, tokens: int,
+              device: str, env: dict[str, str], evaluated: Path | None) -> None:
+    """`saestream features` of the final snapshot into WORKDIR/features (the ΔCE of its
+    evaluation, `evaluated`, in the header); prints the browser's path."""
+    argv = [sys.executable, "-m", "saestream", "features", str(snapshot), "--out",
+            str(workdir / "features"), "--model", model, "--corpus", corpus, "--hook", hook,
+            "--tokens", str(tokens), "--device", device]
+    if evaluated is not None:
+        argv += ["--eval-json", str(evaluated)]
+    cores = str(os.cpu_count() or 1)
+    done = subprocess.run(argv, capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": cores, "SAESTREAM_THREADS": cores})
+    line = next((x for x in done.stdout.splitlines() if x.startswith("feature browser: ")), None)
+    if done.returncode != 0 or line is None:
+        click.echo(f"feature browser failed (exit {done.returncode}): "
+                   f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}", err=True)
+        raise SystemExit(1)
+    click.echo(line)
 
 
 def _evaluate(snapshot: Path, out: Path, *, model: str, corpus: str, hook: str, contexts: int,

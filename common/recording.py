@@ -1,0 +1,437 @@
+"""Recorded streams: accepted chunks kept on disk, one directory of safetensors shards per hook.
+
+    DIR/.lock                                   held (flock) by the one process recording here
+    DIR/<hook>/shard-<UTC>-<writer>-<NNNNNN>.safetensors
+    DIR/<hook>/.tmp-shard-…                      a shard being written (readers skip it)
+
+A shard holds one tensor, `acts` [rows, d], in the chunks' wire dtype, and in its metadata
+the index of the chunks it holds (`saestream.chunks`, a JSON list: producer, run, seq,
+source, row, n, checksum, ts per chunk). Shard and index are one file, written under a
+temporary name, fsynced and renamed: a shard exists whole, with its index, or not at all, so
+a crash loses at most the rows not yet written and never leaves a half shard behind.
+
+Shard names sort in recording order (start time of the writing process, its id, then a
+counter), and rows within a shard are in arrival order, so a reader that walks the shards
+in name order sees each producer's chunks in the order they were received. Both the
+consumer side (recording, `saestream train --input`) and the producer side (`saestream
+replay`) use this module; it knows files, not sockets.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from saestream.common.errors import UserError
+from saestream.common.files import check_writable_dir
+from saestream.common.wire import (
+    _ITEMSIZE,
+    _UINT,
+    DTYPES,
+    WireError,
+    _all_finite,
+    _check_source,
+)
+
+FORMAT = "saestream-recording-1"
+"""Value of the `saestream.format` metadata key of every shard."""
+TENSOR = "acts"
+SHARD_RE = re.compile(r"^shard-[0-9TZ]+-[0-9a-f]{8}-\d{6,}\.safetensors$")
+TMP_PREFIX = ".tmp-shard-"
+LOCK_NAME = ".lock"
+MAX_SHARD_CHUNKS = 4096
+"""A shard is closed after this many chunks, whatever its rows: keeps its index (the
+safetensors header) well under a megabyte however small the chunks."""
+MAX_HEADER_BYTES = 64 << 20
+_HOOK_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
+_ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_WIRE_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
+_ENTRY_KEYS = ("producer", "run", "seq", "source", "row", "n", "checksum", "ts")
+
+
+class RecordingError(UserError):
+    """A recording that cannot be read (wrong format, missing tensor, wrong shapes, a bad
+    checksum, NaN): a one-line error naming the file, exit 2 at the CLI edge."""
+
+
+def hook_dir_name(hook: str) -> str:
+    """The directory a hook is recorded in: the hook's own name, which must be usable as one
+    (letters, digits, `._+-`; module paths like `model.layers.20` are)."""
+    if not _HOOK_DIR_RE.match(hook) or hook in (".", ".."):
+        raise UserError(f"hook {hook!r:.100} cannot be recorded: its name is not usable as a "
+                        "directory name (letters, digits and . _ + - only)")
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class RecordingLock:
+    """Exclusive use of a recording directory for this process: two writers appending to
+    the same shards' directory would remove each other's temporary files."""
+
+    def __init__(self, root: Path, flag: str) -> None:
+        root = Path(root)
+        check_writable_dir(root, flag)
+        self.root = root
+        self._fh = open(root / LOCK_NAME, "a")  # held until release(): the lock
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise UserError(f"{flag} {root}: another process is recording into it") from None
+        self.stale = remove_stale_temporaries(root)
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete half-written shards an interrupted writer left (only under the lock)."""
+    stale = [p for p in Path(root).glob(f"*/{TMP_PREFIX}*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class Entry(NamedTuple):
+    """One chunk of a shard, as its index records it."""
+
+    producer: str
+    run: str
+    seq: int
+    source: dict[str, Any]
+    row: int
+    """First row of the chunk in the shard."""
+    n: int
+    checksum: int
+    """zlib.crc32 of the chunk's raw bytes (the wire checksum when the whole chunk was kept)."""
+    ts: float
+
+
+class Written(NamedTuple):
+    """A shard now complete on disk."""
+
+    path: Path
+    rows: int
+    nbytes: int
+
+
+class Lost(NamedTuple):
+    """A shard that could not be written: its rows are not in the recording."""
+
+    rows: int
+    error: OSError
+
+
+class ShardWriter:
+    """One hook's shards: accepted chunks are held until `shard_tokens` rows are in hand,
+    then written as one shard (`add` returns it). `flush` writes what is held.
+
+    A chunk whose dtype or model differs from those held first closes the current shard (a
+    shard has one dtype and one model). A write that fails is reported as `Lost` and its rows
+    are dropped: a broken disk must not grow the memory held without bound.
+    """
+
+    def __init__(self, hook_dir: Path, hook: str, shard_tokens: int, writer: str,
+                 started: str) -> None:
+        self.dir, self.hook = Path(hook_dir), hook
+        self.shard_tokens = shard_tokens
+        self.writer, self.started = writer, started
+        self.counter = 0
+        self._words: list[np.ndarray] = []
+        self._entries: list[Entry] = []
+        self._rows = 0
+        self._dtype: str | None = None
+        self._model: str | None = None
+        self._d: int | None = None
+
+    @property
+    def pending_rows(self) -> int:
+        return self._rows
+
+    def add(self, words: np.ndarray, dtype: str, model: str,
+            entry: Entry) -> list[Written | Lost]:
+        """Hold one chunk ([n, d] unsigned words of the wire dtype, C-contiguous)."""
+        written: list[Written | Lost] = []
+        if self._rows and (dtype, model, words.shape[1]) != (self._dtype, self._model, self._d):
+            written += self.flush()
+        self._dtype, self._model, self._d = dtype, model, int(words.shape[1])
+        self._words.append(words)
+        self._entries.append(entry._replace(row=self._rows))
+        self._rows += int(words.shape[0])
+        if self._rows >= self.shard_tokens or len(self._entries) >= MAX_SHARD_CHUNKS:
+            written += self.flush()
+        return written
+
+    def flush(self) -> list[Written | Lost]:
+        """Write the rows held as one shard (nothing when none are held)."""
+        if not self._rows:
+            return []
+        words, entries, rows = self._words, self._entries, self._rows
+        self._words, self._entries, self._rows = [], [], 0
+        self.counter += 1
+        name = f"shard-{self.started}-{self.writer}-{self.counter:06d}.safetensors"
+        assert self._dtype is not None and self._model is not None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            nbytes = write_shard(self.dir / name, words, self._dtype, meta={
+                "saestream.format": FORMAT, "saestream.hook": self.hook,
+                "saestream.model": self._model, "saestream.dtype": self._dtype,
+                "saestream.chunks": json.dumps([e._asdict() for e in entries],
+                                               separators=(",", ":")),
+            })
+        except OSError as exc:
+            return [Lost(rows, exc)]
+        return [Written(self.dir / name, rows, nbytes)]
+
+
+def new_writer_id() -> tuple[str, str]:
+    """(writer id, start stamp): the parts of this process's shard names."""
+    return uuid.uuid4().hex[:8], time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def write_shard(path: Path, words: Sequence[np.ndarray], dtype: str,
+                meta: dict[str, str]) -> int:
+    """Write `words` (row blocks of one width) as the tensor `acts` of a safetensors file,
+    atomically: temporary name, fsync, rename, fsync of the directory. Returns its bytes."""
+    rows = sum(int(w.shape[0]) for w in words)
+    d = int(words[0].shape[1])
+    nbytes = rows * d * _ITEMSIZE[dtype]
+    header = {TENSOR: {"dtype": _ST_DTYPE[dtype], "shape": [rows, d],
+                       "data_offsets": [0, nbytes]}, "__metadata__": meta}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    tmp = path.with_name(TMP_PREFIX + path.name.removeprefix("shard-"))
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(head)))
+            fh.write(head)
+            for w in words:
+                fh.write(memoryview(np.ascontiguousarray(w)).cast("B"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return 8 + len(head) + nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class Shard:
+    """One complete shard: where its rows are in the file, and its index."""
+
+    path: Path
+    hook: str
+    model: str
+    dtype: str
+    rows: int
+    d: int
+    offset: int
+    """Byte offset of the rows in the file."""
+    entries: list[Entry]
+    _map: np.ndarray | None = None
+
+    def words(self) -> np.ndarray:
+        """The rows as unsigned words [rows, d], memory-mapped copy-on-write (writable for
+        torch, never written back)."""
+        if self._map is None:
+            try:
+                self._map = np.memmap(self.path, dtype=_UINT[self.dtype], mode="c",
+                                      offset=self.offset, shape=(self.rows, self.d))
+            except (OSError, ValueError) as exc:
+                raise RecordingError(f"{self.path}: cannot map its rows ({exc})") from None
+        return self._map
+
+    def chunk(self, entry: Entry) -> np.ndarray:
+        return self.words()[entry.row : entry.row + entry.n]
+
+    def check(self, entry: Entry) -> None:
+        """RecordingError unless the chunk's bytes match its checksum and are all finite."""
+        if zlib.crc32(self.chunk(entry)) != entry.checksum:
+            raise RecordingError(f"{self._what(entry)}: checksum mismatch (the file is corrupt)")
+        self.check_values(entry)
+
+    def check_values(self, entry: Entry) -> None:
+        """RecordingError unless the chunk's values are all finite (a fraction of the cost
+        of `check`: no checksum)."""
+        if not _all_finite(self.chunk(entry), self.dtype):
+            raise RecordingError(f"{self._what(entry)}: NaN or infinite value")
+
+    def _what(self, entry: Entry) -> str:
+        return (f"{self.path}: chunk at row {entry.row} (producer {entry.producer!r:.100}, "
+                f"seq {entry.seq})")
+
+
+def _fail(path: Path, why: str) -> RecordingError:
+    return RecordingError(f"{path}: not a saestream recording shard ({why})")
+
+
+def read_shard(path: Path) -> Shard:
+    """Parse and check a shard's header and index (not its rows). Raises RecordingError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise _fail(path, "shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise _fail(path, f"header length {n} exceeds the file ({size} bytes)")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        raise _fail(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) \
+            from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or meta.get("saestream.format") != FORMAT:
+        raise _fail(path, f"no `saestream.format: {FORMAT}` in its metadata")
+    info = header.get(TENSOR)
+    if not isinstance(info, dict):
+        raise RecordingError(f"{path}: no tensor {TENSOR!r} (has {', '.join(sorted(header))})")
+    dtype = _WIRE_DTYPE.get(info.get("dtype"))  # type: ignore[arg-type]
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if dtype is None or dtype != meta.get("saestream.dtype"):
+        raise RecordingError(f"{path}: tensor {TENSOR!r} has dtype {info.get('dtype')!r:.20}, "
+                             f"not the recorded {meta.get('saestream.dtype')!r:.20}")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(type(s) is int and s >= 1 for s in shape)):
+        raise RecordingError(f"{path}: tensor {TENSOR!r} has shape {shape!r:.60}, expected "
+                             "[rows, d]")
+    rows, d = shape
+    nbytes = rows * d * _ITEMSIZE[dtype]
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or offsets[1] - offsets[0] != nbytes or offsets[0] < 0
+            or 8 + n + offsets[1] > size):
+        raise RecordingError(f"{path}: tensor {TENSOR!r} of shape {shape} does not fit its "
+                             f"bytes (file of {size} bytes)")
+    entries = _read_index(path, meta, rows)
+    hook, model = meta.get("saestream.hook"), meta.get("saestream.model")
+    if not isinstance(hook, str) or not hook or not isinstance(model, str) or not model:
+        raise _fail(path, "no hook or model in its metadata")
+    return Shard(path, hook, model, dtype, rows, d, 8 + n + offsets[0], entries)
+
+
+def _read_index(path: Path, meta: dict[str, Any], rows: int) -> list[Entry]:
+    """The chunks' index: entries that tile the rows [0, rows) in order."""
+    try:
+        raw = json.loads(meta.get("saestream.chunks", ""))
+    except (TypeError, ValueError):
+        raise RecordingError(f"{path}: its chunk index is not JSON") from None
+    if not isinstance(raw, list) or not raw:
+        raise RecordingError(f"{path}: its chunk index is empty")
+    entries, row = [], 0
+    for i, e in enumerate(raw):
+        ok = (isinstance(e, dict) and set(e) == set(_ENTRY_KEYS)
+              and all(type(e[k]) is int and e[k] >= 0 for k in ("seq", "row", "n", "checksum"))
+              and isinstance(e["producer"], str) and isinstance(e["run"], str)
+              and isinstance(e["source"], dict) and type(e["ts"]) in (int, float))
+        if not ok:
+            raise RecordingError(f"{path}: chunk index entry {i} is malformed")
+        try:  # it goes back on the wire when replayed: the wire's rules for provenance
+            _check_source(e["source"], e["n"])
+        except WireError as exc:
+            raise RecordingError(f"{path}: chunk index entry {i}: {exc}") from None
+        if e["row"] != row or e["n"] < 1:
+            raise RecordingError(f"{path}: chunk index entry {i} starts at row {e['row']}, "
+                                 f"expected {row}")
+        row += e["n"]
+        entries.append(Entry(**{k: e[k] for k in _ENTRY_KEYS}))
+    if row != rows:
+        raise RecordingError(f"{path}: its chunk index covers {row} rows, the tensor holds "
+                             f"{rows}")
+    return entries
+
+
+class Recording:
+    """A recorded hook directory, read as one dataset: its shards in name (= recording)
+    order, their chunks in arrival order. Checks every header on open, rows on demand."""
+
+    def __init__(self, hook_dir: Path) -> None:
+        hook_dir = Path(hook_dir)
+        if not hook_dir.is_dir():
+            what = "not a directory" if hook_dir.exists() else "no such directory"
+            raise RecordingError(f"{hook_dir}: {what} (give a recorded hook directory, "
+                                 "DIR/<hook>)")
+        paths = sorted(p for p in hook_dir.iterdir() if SHARD_RE.match(p.name))
+        if not paths:
+            others = [p.name for p in hook_dir.iterdir() if not p.name.startswith(".")]
+            hint = f" (it holds {', '.join(sorted(others)[:3])}…)" if others else ""
+            raise RecordingError(f"{hook_dir}: no recorded shards (shard-*.safetensors); give a "
+                                 f"hook's directory of a recording, DIR/<hook>{hint}")
+        self.dir = hook_dir
+        self.shards = [read_shard(p) for p in paths]
+        first = self.shards[0]
+        self.hook, self.model, self.d = first.hook, first.model, first.d
+        for s in self.shards[1:]:
+            if (s.hook, s.d) != (self.hook, self.d):
+                raise RecordingError(f"{s.path}: hook {s.hook} d={s.d}, but {first.path} holds "
+                                     f"hook {self.hook} d={self.d}: one hook per directory")
+            if s.model != self.model:
+                raise RecordingError(f"{s.path}: model {s.model!r:.100}, but {first.path} holds "
+                                     f"{self.model!r:.100}: one model per directory")
+        self.starts = np.cumsum([0] + [s.rows for s in self.shards])
+        self.label = str(hook_dir)
+
+    # -- as a dataset (saestream train --input) ------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.starts[-1]), self.d
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(len(s.entries) for s in self.shards)
+
+    def rows(self, index: np.ndarray):  # -> torch.Tensor [len(index), d], float32
+        """Rows by global index (sorted ascending), as float32."""
+        import torch
+
+        cuts = np.searchsorted(index, self.starts)
+        parts = []
+        for i in np.flatnonzero(np.diff(cuts)):  # the shards this batch touches
+            shard, lo, hi = self.shards[i], cuts[i], cuts[i + 1]
+            block = np.ascontiguousarray(shard.words()[index[lo:hi] - self.starts[i]])
+            signed = torch.from_numpy(block.view(np.int32 if block.itemsize == 4 else np.int16))
+            parts.append(signed.view(DTYPES[shard.dtype]).float())
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+    def check_finite(self) -> None:
+        """One pass over every chunk: its checksum and its finiteness (RecordingError)."""
+        for shard, entry in self.chunks():
+            shard.check(entry)
+
+    # -- as a stream (saestream replay) --------------------------------------------------------
+
+    def chunks(self) -> Iterator[tuple[Shard, Entry]]:
+        for shard in self.shards:
+            for entry in shard.entries:
+                yield shard, entry
+

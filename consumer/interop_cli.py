@@ -1,0 +1,236 @@
+"""`saestream export` and `saestream import`: our snapshots out to SAELens and sparsify, and
+SAEs of OpenAI's release, SAELens and sparsify in as one of our snapshots. The formats and
+their mappings are in `consumer/interop.py`; this is the command line around them: cheap
+checks first, every output written under a temporary name and renamed into place, one line
+per SAE saying what was written and one `note:` per thing folded or left out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from saestream import __version__
+from saestream.common.errors import UserError, cli_errors
+from saestream.common.files import check_writable_dir
+
+if TYPE_CHECKING:  # torch and the formats load only when a command runs
+    from saestream.consumer.interop import PortableSAE
+    from saestream.consumer.trainer import Trainer
+
+EXPORT_FORMATS = ("saelens", "sparsify")
+IMPORT_FORMATS = ("openai", "saelens", "sparsify")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path", metavar="SNAPSHOT_DIR", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS),
+              help="saelens: SAELens 6.x inference folder; sparsify: a sparsify run folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Directory to create (must not exist, or be empty).")
+@click.option("--sae", "sae_name", default=None,
+              help="Export only this SAE of the snapshot [default: all].")
+@click.option("--context-size", type=click.IntRange(min=1), default=None,
+              help="Context length recorded in the metadata [default: the seq_len of the "
+                   "snapshot's producers, when they agree].")
+@click.option("--prepend-bos", is_flag=True,
+              help="Record prepend_bos true (our producers cut contexts from a token stream "
+                   "and prepend nothing).")
+@cli_errors
+def export(path: Path, fmt: str, out: Path, sae_name: str | None, context_size: int | None,
+           prepend_bos: bool) -> None:
+    """Write a snapshot's SAEs (a snapshot, an SAE folder, or a checkpoint directory's
+    `latest`) in SAELens' or sparsify's layout."""
+    from saestream.consumer import interop
+    from saestream.consumer.checkpoint import SNAPSHOT_RE, CheckpointError, sae_dirs
+
+    try:
+        dirs = sae_dirs(path, sae_name)
+    except CheckpointError as exc:
+        raise UserError(str(exc).replace("no SAE named", "--sae: no SAE named")) from None
+    _check_new_dir(out)
+    snapshot = dirs[0].parent
+    match = SNAPSHOT_RE.match(snapshot.name)
+    context = context_size or interop.snapshot_context(snapshot)
+    saes = [interop.fold_scalar(_read(interop.read_ours, d)) for d in dirs]
+
+    def provenance(p: PortableSAE) -> dict[str, Any]:
+        return {"name": p.name, "saestream_version": __version__,
+                "snapshot": str(snapshot.resolve()),
+                "step": int(match.group(1)) if match else None, "origin": p.origin,
+                "folded_input_scale": p.folded_scale}
+
+    tmp = _temp_beside(out)
+    try:
+        if fmt == "saelens":
+            targets = [tmp] if len(saes) == 1 else [tmp / p.name for p in saes]
+            for p, target in zip(saes, targets, strict=True):
+                interop.write_saelens(p, target, context_size=context, prepend_bos=prepend_bos,
+                                      provenance=provenance(p))
+            where = [out] if len(saes) == 1 else [out / p.name for p in saes]
+        else:
+            folders = interop.write_sparsify(saes, tmp, context_size=context, provenance={
+                "saestream_version": __version__, "snapshot": str(snapshot.resolve()),
+                "step": int(match.group(1)) if match else None,
+                "saes": {p.name: provenance(p) for p in saes}})
+            where = [out / f for f in folders]
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for p, target in zip(saes, where, strict=True):
+        click.echo(f"exported {p.name} ({p.describe()}) to {target}")
+        for note in p.notes:
+            click.echo(f"note: {note}")
+        if fmt == "sparsify" and p.input_normalization == "layer_norm":
+            click.echo(f"note: {p.name}: sparsify applies no input normalisation of its own: "
+                       "layer-normalise its inputs ((x - mean) / (unbiased std + 1e-5) per "
+                       "token) and map its outputs back (x_hat * std + mean)")
+        if fmt == "saelens" and interop.firing_frequency(p) is None:
+            click.echo(f"note: {p.name}: no firing counts in the snapshot: "
+                       f"{interop.SAELENS_SPARSITY} not written")
+    if fmt == "saelens":
+        folder = str(where[0]) if len(where) == 1 else f"{out}/<name>"
+        click.echo(f"load with: sae_lens.SAE.load_from_disk({folder!r})")
+    elif len(where) == 1:
+        click.echo(f"load with: sparsify.SparseCoder.load_from_disk({str(where[0])!r})")
+    else:
+        click.echo(f"load with: sparsify.SparseCoder.load_many({str(out)!r}, local=True)")
+
+
+@click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", metavar="SRC", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(IMPORT_FORMATS),
+              help="openai: a torch.save file of OpenAI's release; saelens: a SAELens SAE "
+                   "folder; sparsify: a sparsify SAE or run folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint directory to write (DIR/step-00000000/<name>/, DIR/latest); "
+                   "must hold no run.")
+@click.option("--sae", "sae_name", default=None,
+              help="sparsify run folder: import only the SAE in this sub-folder [default: "
+                   "all].")
+@click.option("--name", default=None,
+              help="Name of the imported SAE (one SAE only) [default: its folder or file "
+                   "name].")
+@click.option("--hook", default=None,
+              help="Hook (module path) the SAE reads, recorded in cfg.json; required for "
+                   "openai files, which do not say [default: the source's].")
+@click.option("--model", default=None,
+              help="Model the SAE was trained on, recorded in cfg.json [default: the "
+                   "source's].")
+@click.option("--tokens-per-step", type=click.IntRange(min=1), default=131072,
+              show_default=True,
+              help="openai: tokens per training step of the run that wrote "
+                   "stats_last_nonzero (it counts steps; ours counts tokens); the default is "
+                   "the batch of OpenAI's reference train.py.")
+@cli_errors
+def import_command(source: Path, fmt: str, out: Path, sae_name: str | None, name: str | None,
+                   hook: str | None, model: str | None, tokens_per_step: int) -> None:
+    """Import SAEs from OpenAI's release, SAELens or sparsify as one of our snapshots, ready
+    for `saestream eval` and `--init-from`."""
+    from saestream.consumer import interop
+    from saestream.consumer.checkpoint import holds_a_run, save_snapshot
+
+    if fmt == "openai":
+        if hook is None:
+            raise UserError("--format openai: the file does not say which hook the SAE reads: "
+                            "give --hook (e.g. transformer.h.8)")
+        saes = [_read(interop.read_openai, source, tokens_per_step=tokens_per_step)]
+    elif fmt == "saelens":
+        if not Path(source).is_dir():
+            raise UserError(f"{source}: not a directory (a SAELens SAE folder)")
+        saes = [_read(interop.read_saelens, source)]
+    else:
+        if not Path(source).is_dir():
+            raise UserError(f"{source}: not a directory (a sparsify SAE or run folder)")
+        saes = _read(interop.read_sparsify, source)
+    if sae_name is not None:
+        picked = [p for p in saes if p.name == sae_name or p.hook == sae_name]
+        if not picked:
+            raise UserError(f"--sae: {source} holds no SAE {sae_name!r} (it holds "
+                            f"{', '.join(p.name for p in saes)})")
+        saes = picked
+    if name is not None and len(saes) > 1:
+        raise UserError(f"--name names one SAE but {source} holds {len(saes)}: pick one with "
+                        "--sae")
+    for p in saes:
+        p.name = name or p.name
+        p.hook = hook or p.hook
+        p.model = model or p.model
+        if not _NAME_RE.match(p.name):
+            raise UserError(f"SAE name {p.name!r} cannot be a snapshot folder: give --name "
+                            "(letters, digits, ._+-)")
+        if p.hook is None:
+            raise UserError(f"{source}: SAE {p.name} names no hook: give --hook")
+    names = [p.name for p in saes]
+    if len(set(names)) < len(names):
+        raise UserError(f"{source}: two SAEs are named alike ({', '.join(names)})")
+    if holds_a_run(out):
+        raise UserError(f"--out {out} already holds a run: choose a new directory")
+    check_writable_dir(out, "--out")
+
+    origin = {"kind": "import", "format": fmt, "path": str(Path(source).resolve())}
+    trainers = {p.name: _trainer(p, origin) for p in saes}
+    path = save_snapshot(out, 0, trainers, extra={
+        "source": "saestream import", "imported": origin, "time": time.time(), "step": 0,
+        "tokens": 0, "saes": {p.name: {"hook": p.hook, "model": p.model, "step": 0, "tokens": 0}
+                              for p in saes},
+    })
+    for p in saes:
+        click.echo(f"imported {p.name} ({p.describe()}) to {path / p.name}")
+        for note in p.notes:
+            click.echo(f"note: {note}")
+    click.echo(f"evaluate with: saestream eval {out}")
+
+
+def _trainer(p: PortableSAE, origin: dict[str, Any]) -> Trainer:
+    """A trainer holding the imported weights (fresh optimiser state) and counters."""
+    import torch
+
+    from saestream.consumer.sae import SAEConfig
+    from saestream.consumer.trainer import Trainer, TrainerConfig
+
+    sae_cfg = SAEConfig(d_in=p.d_in, n_latents=p.n_latents, k=p.k, multi_topk=p.multi_topk,
+                        input_normalization=p.input_normalization)
+    trainer = Trainer(sae_cfg, TrainerConfig(), name=p.name, hook=p.hook, model=p.model)
+    sae_origin = {**origin, "sae": p.name, "origin": p.origin}
+    trainer.start_from(p.weights, p.input_scale, sae_origin)
+    if p.tokens_since_fired is not None:
+        trainer.tokens_since_fired = p.tokens_since_fired.to(torch.int64).clone()
+    return trainer
+
+
+def _read(reader: Any, *args: Any, **kw: Any) -> Any:
+    from saestream.consumer.interop import InteropError
+
+    try:
+        return reader(*args, **kw)
+    except InteropError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_new_dir(out: Path) -> None:
+    """UserError unless `out` is missing or an empty directory, in a writable parent."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty directory")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
+
+
+def _temp_beside(out: Path) -> Path:
+    return Path(out).parent / f".tmp-{Path(out).name}-{uuid.uuid4().hex[:8]}"
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to `out` (an empty `out` is replaced)."""
+    if out.is_dir():
+        out.rmdir()
+    os.rename(tmp, out)

@@ -1,0 +1,182 @@
+"""The recorder thread: one job, appending accepted chunks to a recording's shards.
+
+The receiver hands it every chunk the ledger admitted (the rows it keeps: a re-sent chunk's
+rows that the ledger already accounts for are trimmed before they get here, so they are not
+recorded twice) through a bounded queue; when the disk is slower than the stream, `add`
+blocks and the receiver stops reading, so ZeroMQ's high-water marks push back on the
+producers exactly as a full shuffle buffer does, and the recording stays complete.
+
+A shard that cannot be written (full disk, read-only file system, I/O error) is counted by
+reason and logged, its rows are dropped from the recording, and the next shard is tried
+afresh: recording never stops training. Rows held for a shard not yet full are written on a
+clean stop (SIGTERM) and on `sync`; a SIGKILL loses them (at most --record-shard-tokens per
+hook), never a written shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import zlib
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saestream.common.logs import RateLimitedLog
+from saestream.common.recording import (
+    Entry,
+    Lost,
+    RecordingLock,
+    ShardWriter,
+    Written,
+    hook_dir_name,
+    new_writer_id,
+)
+from saestream.common.wire import _UINT, Chunk
+from saestream.consumer.checkpoint import failure_reason
+from saestream.consumer.metrics import ConsumerMetrics
+
+log = logging.getLogger("saestream.consumer.recorder")
+
+QUEUE_CHUNKS = 32
+"""Chunks waiting for the recorder before the receiver blocks (at most 32 × --max-chunk-bytes
+of memory; a few shards' worth of disk latency)."""
+POLL_SECONDS = 0.1
+
+
+class Recorder(threading.Thread):
+    """Owns the recording directory `root` (its lock) from construction until `stop`.
+
+    :param flag: the flag that named `root`, for errors (`--record`, `--out`).
+    Raises UserError when `root` is not writable or another process records into it.
+    """
+
+    def __init__(self, root: Path, hooks: Collection[str], shard_tokens: int,
+                 metrics: ConsumerMetrics, *, flag: str) -> None:
+        super().__init__(name="recorder", daemon=True)
+        for hook in hooks:
+            hook_dir_name(hook)  # before any work: a hook that cannot be a directory
+        self.lock = RecordingLock(root, flag)
+        for stale in self.lock.stale:
+            log.info("removed %s, left by an interrupted recording", stale)
+        self.root = Path(root)
+        self.metrics = metrics
+        writer, started = new_writer_id()
+        self.writers = {h: ShardWriter(self.root / hook_dir_name(h), h, shard_tokens, writer,
+                                       started) for h in hooks}
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue(QUEUE_CHUNKS)
+        self.error: BaseException | None = None
+        self.written = dict.fromkeys(hooks, 0)
+        """Rows in complete shards, per hook (for progress lines)."""
+        self._rlog = RateLimitedLog(log, 10.0)
+        for h in hooks:
+            for m in (metrics.recorded_tokens, metrics.recorded_shards, metrics.recorded_bytes,
+                      metrics.record_dropped_tokens):
+                m.labels(hook=h)
+            metrics.record_pending_tokens.labels(hook=h).set_function(
+                lambda w=self.writers[h]: w.pending_rows)
+
+    # -- the receiver's side --------------------------------------------------------------------
+
+    def add(self, chunk: Chunk, parts: list[tuple[int, int]],
+            should_stop: Callable[[], bool]) -> None:
+        """Queue the kept rows of an admitted chunk (blocks while the queue is full)."""
+        item = ("chunk", (chunk, parts))
+        while True:
+            if self.error is not None or not self.is_alive():
+                self.metrics.record_dropped_tokens.labels(hook=chunk.hook).inc(
+                    sum(m for _, m in parts))
+                return
+            try:
+                self.queue.put(item, timeout=POLL_SECONDS)
+                return
+            except queue.Full:
+                if should_stop():
+                    return
+
+    def sync(self, done: Callable[[], None]) -> None:
+        """Write every hook's held rows; then call `done` if every write succeeded (so what
+        was queued before this call is on disk)."""
+        self.queue.put(("sync", done))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Write what is queued and held, then end the thread and release the directory."""
+        if self.is_alive():
+            self.queue.put(("stop", None))
+            self.join(timeout)
+        self.lock.release()
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                kind, payload = self.queue.get()
+                if kind == "chunk":
+                    self._record(*payload)
+                elif self._flush_all() and kind == "sync":
+                    payload()
+                if kind == "stop":
+                    return
+        except BaseException as exc:  # a bug, not the disk: the main loop reports it
+            self.error = exc
+            log.exception("recorder thread failed")
+
+    def _record(self, chunk: Chunk, parts: list[tuple[int, int]]) -> None:
+        writer = self.writers[chunk.hook]
+        words = _words(chunk)
+        whole = parts == [(0, chunk.n)]
+        for first, rows in parts:
+            part = words[first : first + rows]
+            source = chunk.source if whole else _moved(chunk.source, first, rows)
+            checksum = chunk.header["checksum"] if whole else zlib.crc32(part)
+            entry = Entry(chunk.producer, chunk.run, chunk.seq, source, 0, rows, checksum,
+                          chunk.ts)
+            self._report(chunk.hook, writer.add(part, chunk.dtype, chunk.model, entry))
+
+    def _flush_all(self) -> bool:
+        """Write every hook's held rows; True when nothing was lost."""
+        ok = True
+        for hook, writer in self.writers.items():
+            ok = self._report(hook, writer.flush()) and ok
+        return ok
+
+    def _report(self, hook: str, results: list[Written | Lost]) -> bool:
+        """Count written and lost shards; a lost one is logged (rate-limited), training goes
+        on. True when none was lost."""
+        m = self.metrics
+        ok = True
+        for r in results:
+            if isinstance(r, Written):
+                self.written[hook] += r.rows
+                m.recorded_tokens.labels(hook=hook).inc(r.rows)
+                m.recorded_shards.labels(hook=hook).inc()
+                m.recorded_bytes.labels(hook=hook).inc(r.nbytes)
+                continue
+            ok = False
+            reason = failure_reason(r.error)
+            m.record_failures.labels(reason=reason).inc()
+            m.record_dropped_tokens.labels(hook=hook).inc(r.rows)
+            self._rlog.warning(f"fail:{reason}", "recording %s: a shard of %d rows could not be "
+                               "written (%s: %s); its rows are not recorded, training goes on",
+                               hook, r.rows, reason, r.error)
+        return ok
+
+
+def _words(chunk: Chunk) -> np.ndarray:
+    """The chunk's values as unsigned words [n, d] (no copy)."""
+    import torch
+
+    signed = chunk.acts.view(torch.int32 if chunk.acts.element_size() == 4 else torch.int16)
+    return signed.numpy().view(_UINT[chunk.dtype])
+
+
+def _moved(source: dict[str, Any], first: int, rows: int) -> dict[str, Any]:
+    """A chunk's `source` for rows [first, first + rows) of it: positions moved along."""
+    if "start" not in source:
+        return dict(source)
+    start = source["start"] + first
+    return {**source, "start": start, "end": start + rows}

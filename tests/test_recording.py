@@ -1,0 +1,541 @@
+"""Recorded streams (issue 13, item 3): `--record`, `saestream record`, `train --input DIR/<hook>`,
+`saestream replay`, with real processes and sockets on 127.0.0.1.
+
+Record → replay → a consumer receives the same activations (checksums, bytes) in the same
+per-producer order; a recording killed with SIGKILL mid-shard leaves only readable shards;
+bad recordings (wrong format, a missing tensor, wrong shapes, NaN, a corrupt byte) are one
+line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
+from prometheus_client import CollectorRegistry
+from test_consumer import HOOK, Consumer, child_env
+from test_guarantee_disk import tmpfs  # noqa: F401 (a fixture)
+
+from saestream.common.recording import (
+    LOCK_NAME,
+    TMP_PREFIX,
+    Entry,
+    Recording,
+    RecordingError,
+    RecordingLock,
+    ShardWriter,
+    new_writer_id,
+    write_shard,
+)
+from saestream.common.transport import push_socket
+from saestream.common.wire import decode_chunk, encode_chunk
+from saestream.producer.config import ProducerConfig
+from saestream.producer.replay import ReplayConfig, run_replay
+from saestream.tools.status import by_name, fetch_samples, value
+
+TIMEOUT = 120.0
+D = 64
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class Sink(LoggedProcess):
+    """`saestream record` as a subprocess with a free port and metrics port."""
+
+    def __init__(self, tmp_path: Path, out: Path, *args: str) -> None:
+        self.port, self.metrics_port = free_tcp_port(), free_tcp_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        super().__init__(saestream_cmd(
+            "record", "--bind", self.endpoint, "--hook", HOOK, "--out", str(out),
+            "--metrics-port", str(self.metrics_port), "--log-every", "1", *args,
+        ), tmp_path / f"sink-{self.port}.log", child_env())
+
+    def value(self, name: str, **labels: str) -> float:
+        try:
+            v = value(by_name(fetch_samples(f"127.0.0.1:{self.metrics_port}", timeout=5)),
+                      name, **labels)
+        except OSError:
+            return 0.0
+        return 0.0 if v is None else v
+
+    def wait_for(self, what: str, pred, timeout: float = TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            assert self.proc.poll() is None, f"sink exited waiting for {what}:\n{self.log()}"
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(TIMEOUT)
+
+
+def producer(tmp_path: Path, endpoint: str, pid: str, shard: str, *extra: str) -> LoggedProcess:
+    return LoggedProcess(saestream_cmd(
+        "producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
+        "--connect", endpoint, "--producer-id", pid, "--shard", shard, "--chunk-tokens", "256",
+        "--batch-size", "2", "--seq-len", "64", "--threads", "1", "--seed", "0", *extra,
+    ), tmp_path / f"{pid}.log", child_env())
+
+
+@pytest.fixture
+def procs() -> Iterator[list[LoggedProcess]]:
+    started: list[LoggedProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+def chunks_of(rec: Recording) -> list[tuple[Entry, np.ndarray]]:
+    return [(e, np.array(s.chunk(e))) for s, e in rec.chunks()]
+
+
+def by_producer(items: list[tuple[str, int, int, bytes]]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for producer_id, *rest in items:
+        out.setdefault(producer_id, []).append(tuple(rest))
+    return out
+
+
+def sink_socket(endpoint: str) -> tuple[zmq.Context, zmq.Socket]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(endpoint)
+    return ctx, sock
+
+
+def receive(sock: zmq.Socket, until: float, count: int | None = None) -> list:
+    got: list = []
+    while time.monotonic() < until and (count is None or len(got) < count):
+        if sock.poll(200):
+            got.append(decode_chunk(sock.recv_multipart()))
+    return got
+
+
+def make_recording(root: Path, chunks: int = 6, n: int = 100, d: int = D,
+                   shard_tokens: int = 250, producers: tuple[str, ...] = ("pa", "pb"),
+                   dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A recording written by the real ShardWriter from chunks as a receiver decodes them."""
+    lock = RecordingLock(root, "--out")
+    writer = ShardWriter(root / HOOK, HOOK, shard_tokens, *new_writer_id())
+    gen = torch.Generator().manual_seed(0)
+    for i in range(chunks):
+        pid = producers[i % len(producers)]
+        seq = i // len(producers)
+        frames = encode_chunk(torch.randn(n, d, generator=gen).to(dtype), producer=pid,
+                              run="r1", seq=seq, model="tiny", hook=HOOK,
+                              source={"corpus": "synthetic", "epoch": 0, "start": seq * n,
+                                      "end": seq * n + n})
+        c = decode_chunk(frames)
+        signed = c.acts.view(torch.int16 if c.acts.element_size() == 2 else torch.int32)
+        words = signed.numpy().view(np.uint16 if c.acts.element_size() == 2 else np.uint32)
+        writer.add(words, c.dtype, c.model,
+                   Entry(pid, "r1", seq, c.source, 0, n, c.header["checksum"], c.ts))
+    writer.flush()
+    lock.release()
+    return root / HOOK
+
+
+# -- record → replay → consumer -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_record_then_replay_gives_a_consumer_the_same_chunks_in_each_producers_order(
+        tmp_path: Path, procs: list) -> None:
+    # 1. two real producers → `saestream record`
+    sink = Sink(tmp_path, tmp_path / "r1", "--record-shard-tokens", "1000")
+    procs.append(sink)
+    for pid, shard in (("prod-a", "0/2"), ("prod-b", "1/2")):
+        procs.append(producer(tmp_path, sink.endpoint, pid, shard, "--max-tokens", "3000"))
+    for p in procs[1:]:
+        assert p.proc.wait(TIMEOUT) == 0, p.log()
+    sink.wait_for("6000 rows", lambda: sink.value("saestream_received_tokens_total") >= 6000)
+    assert sink.stop() == 0, sink.log()
+    recorded = Recording(tmp_path / "r1" / HOOK)
+    assert recorded.shape == (6000, D) and recorded.model == "tiny"
+    assert len(recorded.shards) >= 6  # shards of 1000 rows, the last one written on SIGTERM
+    original = chunks_of(recorded)
+    assert {e.producer for e, _ in original} == {"prod-a", "prod-b"}
+
+    # 2. the recording replayed into a real consumer that records what it accepts
+    c = Consumer(tmp_path, "--record", str(tmp_path / "r2"), "--record-shard-tokens", "700")
+    procs.append(c)
+    replay = run_cli(["replay", str(tmp_path / "r1" / HOOK), "--connect", c.endpoint,
+                      "--producer-id", "rp"], timeout=TIMEOUT, env=child_env())
+    assert replay.returncode == 0, replay.stderr + c.log()
+    assert "replayed 6000 rows in" in replay.stdout
+    assert c.value("saestream_received_tokens_total", producer="rp") == 6000
+    # the same id again: the consumer's ledger holds its stream, nothing is taken twice
+    again_run = run_cli(["replay", str(tmp_path / "r1" / HOOK), "--connect", c.endpoint,
+                         "--producer-id", "rp"], timeout=TIMEOUT, env=child_env())
+    assert again_run.returncode == 0, again_run.stderr
+    assert c.value("saestream_received_tokens_total", producer="rp") == 6000
+    c.signal(signal.SIGTERM)
+    assert c.wait_exit() == 0, c.log()
+    again = chunks_of(Recording(tmp_path / "r2" / HOOK))
+
+    # 3. same bytes, same checksums, same order per recorded producer
+    def key(items, prefix=""):
+        return by_producer([(e.source[prefix + "producer"] if prefix else e.producer,
+                             e.source[prefix + "seq"] if prefix else e.seq, e.checksum,
+                             words.tobytes()) for e, words in items])
+
+    assert key(again, "recorded_") == key(original)
+    assert [e.source["start"] for e, _ in again] == \
+        list(np.cumsum([0] + [e.n for e, _ in original])[:-1])
+    assert all(e.producer == "rp" and e.source["corpus"].startswith("recording:")
+               for e, _ in again)
+
+    # 4. the recording trains as one dataset
+    out = run_cli(["train", "--input", str(tmp_path / "r1" / HOOK), "--latents", "128", "--k",
+                   "8", "--batch-size", "512", "--device", "cpu", "--out",
+                   str(tmp_path / "trained")], timeout=TIMEOUT, env=child_env())
+    assert out.returncode == 0, out.stderr
+    assert f"on 6000 tokens from {tmp_path / 'r1' / HOOK}" in out.stdout
+    cfg = json.loads(next((tmp_path / "trained").glob(f"step-*/{HOOK}/cfg.json")).read_text())
+    assert (cfg["hook"], cfg["model"], cfg["d_in"]) == (HOOK, "tiny", D)
+
+
+@pytest.mark.slow
+def test_a_recording_killed_mid_shard_leaves_only_readable_shards(tmp_path: Path,
+                                                                  procs: list) -> None:
+    out = tmp_path / "rec"
+    sink = Sink(tmp_path, out, "--record-shard-tokens", "512")
+    procs.append(sink)
+    procs.append(producer(tmp_path, sink.endpoint, "endless", "0/1"))
+    sink.wait_for("a few shards", lambda: sink.value("saestream_recorded_shards_total") >= 4)
+    sink.proc.send_signal(signal.SIGUSR1)  # writes the rows held at once
+    sink.wait_for("the signal's sync", lambda: "signal sync: every accepted row" in sink.log())
+    sink.wait_for("rows held for the next shard",
+                  lambda: sink.value("saestream_record_pending_tokens") > 0)
+    os.kill(sink.proc.pid, signal.SIGKILL)
+    sink.proc.wait(30)
+    hook_dir = out / HOOK
+    names = [p.name for p in hook_dir.iterdir()]
+    assert all(n.startswith(("shard-", TMP_PREFIX)) for n in names), names
+    rec = Recording(hook_dir)  # every header and index readable
+    rec.check_finite()  # every chunk's checksum and values
+    assert rec.shape[0] >= 4 * 512 and rec.shape[0] % 256 == 0
+    seqs = [e.seq for _, e in rec.chunks()]
+    assert seqs == list(range(len(seqs)))  # whole shards: no chunk missing in between
+
+    # the next writer of the directory clears what the killed one left half-written
+    (hook_dir / f"{TMP_PREFIX}left-over.safetensors").write_bytes(b"half a shard")
+    lock = RecordingLock(out, "--out")
+    lock.release()
+    assert not list(hook_dir.glob(f"{TMP_PREFIX}*"))
+
+
+@pytest.mark.slow
+def test_the_sink_trims_rows_it_already_holds_and_records_them_once(tmp_path: Path,
+                                                                    procs: list) -> None:
+    sink = Sink(tmp_path, tmp_path / "rec", "--control-bind", "off")
+    procs.append(sink)
+    ctx = zmq.Context()
+    sock = push_socket(ctx, [sink.endpoint], hwm=4)
+    gen = torch.Generator().manual_seed(1)
+    stream = torch.randn(640, D, generator=gen).to(torch.bfloat16)
+    try:
+        for seq, (lo, hi) in enumerate([(0, 256), (256, 512), (128, 384), (384, 640)]):
+            sock.send_multipart(encode_chunk(
+                stream[lo:hi], producer="p", run="r", seq=seq, model="m", hook=HOOK,
+                source={"corpus": "c", "split": "train", "shard": "0/1", "epoch": 0,
+                        "start": lo, "end": hi}))
+        sink.wait_for("the four chunks", lambda: sink.value(
+            "saestream_received_messages_total", producer="p") == 4)
+    finally:
+        sock.close(linger=1000)
+        ctx.term()
+    assert sink.value("saestream_duplicate_tokens_total", producer="p") == 256 + 128
+    assert sink.stop() == 0, sink.log()
+    rec = Recording(tmp_path / "rec" / HOOK)
+    spans = [(e.seq, e.source["start"], e.source["end"]) for _, e in rec.chunks()]
+    assert spans == [(0, 0, 256), (1, 256, 512), (3, 512, 640)]
+    assert torch.equal(rec.rows(np.arange(640)), stream.float())
+    rec.check_finite()  # the trimmed chunk's own checksum
+
+
+# -- replay on its own --------------------------------------------------------------------------
+
+
+def replay_into_socket(rec: Path, *, shard: str = "0/1", loop: bool = False,
+                       seconds: float = 30.0, count: int | None = None,
+                       registry: CollectorRegistry | None = None):
+    port = free_tcp_port()
+    ctx, sock = sink_socket(f"tcp://127.0.0.1:{port}")
+    stop = threading.Event()
+    cfg = ReplayConfig(rec, loop, send=ProducerConfig(
+        connect=[f"tcp://127.0.0.1:{port}"], control_connect=["off"], shard=shard,
+        producer_id=f"replay-{shard}", linger=1.0))
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(run_replay(cfg, stop, registry)))
+    t.start()
+    try:
+        got = receive(sock, time.monotonic() + seconds, count)
+        stop.set()
+        t.join(30)
+        got += receive(sock, time.monotonic() + 1.5)  # what was on its way
+    finally:
+        stop.set()
+        t.join(30)
+        sock.close(linger=0)
+        ctx.term()
+    return got, result[0] if result else None
+
+
+def test_replay_shards_split_a_recording_and_loop_repeats_it(tmp_path: Path) -> None:
+    hook_dir = make_recording(tmp_path / "rec", chunks=7)
+    rec = Recording(hook_dir)
+    all_sums = [e.checksum for _, e in rec.chunks()]
+    parts = [replay_into_socket(hook_dir, shard=s, count=4 - int(s[0]))[0]
+             for s in ("0/2", "1/2")]
+    assert [c.header["checksum"] for c in parts[0]] == all_sums[0::2]
+    assert [c.header["checksum"] for c in parts[1]] == all_sums[1::2]
+    assert [c.source["start"] for c in parts[1]] == [0, 100, 200]  # its own positions
+
+    registry = CollectorRegistry()
+    got, summary = replay_into_socket(hook_dir, loop=True, count=3 * 7, registry=registry)
+    assert summary is not None and summary.passes >= 2
+    epochs = [c.source["epoch"] for c in got]
+    assert epochs == sorted(epochs) and epochs[-1] >= 2
+    for e in range(2):
+        one_pass = [c for c in got if c.source["epoch"] == e]
+        assert [c.header["checksum"] for c in one_pass] == all_sums
+        assert [c.source["recorded_producer"] for c in one_pass] == \
+            [e.producer for _, e in rec.chunks()]
+        assert one_pass[0].source["start"] == 0 and one_pass[-1].source["end"] == 700
+    assert [c.seq for c in got] == list(range(len(got)))
+    assert registry.get_sample_value("saestream_producer_tokens_total", {"hook": HOOK}) \
+        == summary.tokens == sum(c.n for c in got)
+
+
+def test_a_recording_reads_as_one_dataset_across_shards_and_dtypes(tmp_path: Path) -> None:
+    root = tmp_path / "rec"
+    lock = RecordingLock(root, "--out")
+    writer = ShardWriter(root / HOOK, HOOK, 150, *new_writer_id())
+    rows = []
+    for i, dtype in enumerate(["bfloat16", "float32", "float32", "float16"]):
+        x = torch.randn(100, D).to(getattr(torch, dtype))
+        rows.append(x.float())
+        words = x.view(torch.int32 if x.element_size() == 4 else torch.int16).numpy()
+        writer.add(words.view(np.uint32 if x.element_size() == 4 else np.uint16), dtype, "m",
+                   Entry("p", "r", i, {}, 0, 100, _crc(words), 0.0))
+    writer.flush()
+    lock.release()
+    rec = Recording(root / HOOK)
+    assert [s.dtype for s in rec.shards] == ["bfloat16", "float32", "float16"]  # a dtype each
+    assert rec.shape == (400, D)
+    index = np.array([0, 99, 100, 150, 299, 300, 399])
+    assert torch.equal(rec.rows(index), torch.cat(rows)[index])
+    rec.check_finite()
+
+
+def _crc(words: np.ndarray) -> int:
+    import zlib
+
+    return zlib.crc32(np.ascontiguousarray(words))
+
+
+# -- bad input: one line, exit 2 --------------------------------------------------------------
+
+
+def _shard(hook_dir: Path, name: str = "shard-20260101T000000Z-0000abcd-000001.safetensors",
+           *, rows: int = 4, d: int = D, tensor: str = "acts", values: np.ndarray | None = None,
+           index_rows: int | None = None, fmt: str = "saestream-recording-1",
+           dtype: str = "float32") -> Path:
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    x = np.zeros((rows, d), np.float32) + 0.5 if values is None else values
+    words = x.view(np.uint32)
+    entries = [{"producer": "p", "run": "r", "seq": 0, "source": {}, "row": 0,
+                "n": rows if index_rows is None else index_rows, "checksum": _crc(words),
+                "ts": 0.0}]
+    path = hook_dir / name
+    write_shard(path, [words], dtype, meta={
+        "saestream.format": fmt, "saestream.hook": HOOK, "saestream.model": "m",
+        "saestream.dtype": dtype, "saestream.chunks": json.dumps(entries)})
+    if tensor != "acts":  # same length, so offsets stay right
+        path.write_bytes(path.read_bytes().replace(b'"acts"', json.dumps(tensor).encode(), 1))
+    return path
+
+
+def _bad(kind: str, hook_dir: Path) -> None:
+    if kind == "empty directory":
+        hook_dir.mkdir(parents=True)
+    elif kind == "not safetensors":
+        hook_dir.mkdir(parents=True)
+        (hook_dir / "shard-20260101T000000Z-0000abcd-000001.safetensors").write_bytes(
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    elif kind == "not a recording":
+        _shard(hook_dir, fmt="something-else")
+    elif kind == "missing tensor":
+        _shard(hook_dir, tensor="xyzw")
+    elif kind == "wrong shape":
+        _shard(hook_dir, index_rows=3)
+    elif kind == "widths differ":
+        _shard(hook_dir)
+        _shard(hook_dir, "shard-20260101T000000Z-0000abcd-000002.safetensors", d=D + 1)
+    elif kind == "nan":
+        x = np.zeros((4, D), np.float32)
+        x[2, 5] = np.nan
+        _shard(hook_dir, values=x)
+    elif kind == "corrupt byte":
+        path = _shard(hook_dir)
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0x40
+        path.write_bytes(bytes(raw))
+    else:
+        raise AssertionError(kind)
+
+
+BAD = {
+    "empty directory": "no recorded shards",
+    "not safetensors": "not a saestream recording shard",
+    "not a recording": "not a saestream recording shard",
+    "missing tensor": "no tensor 'acts'",
+    "wrong shape": "its chunk index covers 3 rows, the tensor holds 4",
+    "widths differ": "one hook per directory",
+    "nan": "NaN or infinite value",
+    "corrupt byte": "checksum mismatch",
+}
+
+
+def _one_line_exit_2(result, expected: str) -> None:
+    """Exit 2 and one error line, the last (a replayer that found a bad chunk while sending
+    has logged its start before)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("saestream: error: ")]
+    assert errors == lines[-1:], result.stderr
+    assert expected in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_a_bad_recording_is_one_line_and_exit_2_for_train(tmp_path: Path, kind: str) -> None:
+    hook_dir = tmp_path / "rec" / HOOK
+    _bad(kind, hook_dir)
+    with pytest.raises(RecordingError, match=BAD[kind].replace("(", r"\(")):
+        Recording(hook_dir).check_finite()
+    result = run_cli(["train", "--input", str(hook_dir), "--out", str(tmp_path / "ck"),
+                      "--device", "cpu"], timeout=TIMEOUT)
+    _one_line_exit_2(result, BAD[kind])
+
+
+@pytest.mark.parametrize("kind", ["not a recording", "missing tensor", "nan", "corrupt byte"])
+def test_a_bad_recording_is_one_line_and_exit_2_for_replay(tmp_path: Path, kind: str) -> None:
+    hook_dir = tmp_path / "rec" / HOOK
+    _bad(kind, hook_dir)
+    result = run_cli(["replay", str(hook_dir), "--connect", f"tcp://127.0.0.1:{free_tcp_port()}",
+                      "--control-connect", "off", "--linger", "0", "--verify"], timeout=TIMEOUT)
+    _one_line_exit_2(result, BAD[kind])
+
+
+@pytest.mark.slow
+def test_a_corrupt_chunk_is_refused_by_the_consumer_and_stops_the_replayer(
+        tmp_path: Path, procs: list) -> None:
+    """Without --verify the consumer is the check: it rejects the chunk, reports the hole,
+    and the replayer, re-sending from there with every chunk checked, exits 2."""
+    hook_dir = make_recording(tmp_path / "rec", chunks=6)
+    path = Recording(hook_dir).shards[-1].path
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01  # one bit of the last chunk
+    path.write_bytes(bytes(raw))
+    c = Consumer(tmp_path, "--min-fill", "0.01")
+    procs.append(c)
+    result = run_cli(["replay", str(hook_dir), "--connect", c.endpoint, "--linger", "1",
+                      "--producer-id", "rp"], timeout=TIMEOUT, env=child_env())
+    _one_line_exit_2(result, "checksum mismatch")
+    assert c.value("saestream_rejected_messages_total", reason="checksum") == 1
+    assert c.value("saestream_received_tokens_total", producer="rp") == 500  # the good five
+
+
+def test_recording_directories_are_checked_before_any_socket_is_bound(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    port = free_tcp_port()
+    result = run_cli(["record", "--bind", f"tcp://127.0.0.1:{port}", "--hook", HOOK, "--out",
+                      str(a_file), "--metrics-port", "0"], timeout=TIMEOUT)
+    _one_line_exit_2(result, "is a file")
+    held = RecordingLock(tmp_path / "busy", "--record")
+    try:
+        result = run_cli(["consumer", "--bind", f"tcp://127.0.0.1:{port}", "--hook", HOOK,
+                          "--record", str(tmp_path / "busy"), "--checkpoint-dir",
+                          str(tmp_path / "ck"), "--metrics-port", "0"], timeout=TIMEOUT)
+        _one_line_exit_2(result, "another process is recording into it")
+    finally:
+        held.release()
+    assert (tmp_path / "busy" / LOCK_NAME).exists()
+    result = run_cli(["record", "--bind", f"tcp://127.0.0.1:{port}", "--hook", "a/b", "--out",
+                      str(tmp_path / "x"), "--metrics-port", "0"], timeout=TIMEOUT)
+    _one_line_exit_2(result, "not usable as a directory name")
+
+
+# -- a failing disk -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_full_disk_costs_the_recording_shards_never_the_training(tmpfs, tmp_path: Path,  # noqa: F811
+                                                                   procs: list) -> None:
+    mnt = tmpfs("1m")
+    c = Consumer(tmp_path, "--record", str(mnt / "rec"), "--record-shard-tokens", "1024")
+    procs.append(c)
+    ctx = zmq.Context()
+    sock = push_socket(ctx, [c.endpoint], hwm=4)
+    gen = torch.Generator().manual_seed(0)
+    stop = threading.Event()
+
+    def feed() -> None:
+        seq = 0
+        while not stop.is_set():
+            if sock.poll(100, zmq.POLLOUT):
+                sock.send_multipart(encode_chunk(
+                    torch.randn(256, D, generator=gen), producer="p", run="r", seq=seq,
+                    model="m", hook=HOOK, source={}, dtype="float32"))
+                seq += 1
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        c.wait_for("a shard lost to the full disk", lambda: c.value(
+            "saestream_record_failures_total", reason="no_space") >= 1)
+        steps = c.steps()
+        c.wait_for("training going on", lambda: c.steps() >= steps + 10)
+        assert c.value("saestream_record_dropped_tokens_total", hook=HOOK) >= 1024
+    finally:
+        stop.set()
+        t.join(10)
+        sock.close(linger=0)
+        ctx.term()
+    assert c.value("saestream_recorded_shards_total", hook=HOOK) >= 1  # those that fitted
+    assert not list((mnt / "rec" / HOOK).glob(f"{TMP_PREFIX}*"))
+    Recording(mnt / "rec" / HOOK).check_finite()
+    c.signal(signal.SIGTERM)
+    assert c.wait_exit() == 0, c.log()
+
+
+def test_shard_files_are_safetensors_that_other_tools_read(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    hook_dir = make_recording(tmp_path / "rec", chunks=5)
+    rec = Recording(hook_dir)
+    for shard in rec.shards:
+        with safe_open(str(shard.path), "pt") as f:
+            assert list(f.keys()) == ["acts"]
+            acts = f.get_tensor("acts")
+            assert acts.dtype == torch.bfloat16 and acts.shape == (shard.rows, D)
+            index = json.loads(f.metadata()["saestream.chunks"])
+        assert [e["seq"] for e in index] == [e.seq for e in shard.entries]
+        assert struct.unpack("<Q", shard.path.read_bytes()[:8])[0] % 8 == 0
