@@ -34,8 +34,9 @@ _POSITIVE = click.IntRange(min=1)
                "default: replay-HOST-PID.")
 @config_option(P, "codec", type=click.Choice(list(CODECS)), default="raw",
                help="Payload codec: raw, lz4 or lz4-shuffle. Default raw: a replayer encodes "
-               "what it sends, and lz4-shuffle encodes several times slower than a consumer "
-               "decodes, for ~14 % fewer bytes on bf16 (bench_replay in BENCHMARKS.md).")
+               "what it sends, and lz4-shuffle encoding costs it more than twice what "
+               "decoding costs the consumer, for ~14 % fewer bytes on bf16 (bench_replay in "
+               "BENCHMARKS.md).")
 @config_option(P, "queue_size", type=_POSITIVE)
 @config_option(P, "hwm", type=_POSITIVE)
 @config_option(P, "linger", type=FiniteFloat(0.0))
