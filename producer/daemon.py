@@ -428,9 +428,11 @@ class ProducerRun:
         control = self.control
         assert control is not None
         known = bool(self.state.origins)
+        # The grace runs even before the control connection is seen: ZeroMQ connects in the
+        # background, and a short stream can end before it has (its rows then arrive with no
+        # consumer having said it holds them).
         deadline = time.monotonic() + FIRST_ANSWER_GRACE
-        while not control.ever_answered.is_set() and (
-                known or (control.reachable and time.monotonic() < deadline)):
+        while not control.ever_answered.is_set() and (known or time.monotonic() < deadline):
             if self.stop.wait(0.05):
                 return False
         return control.ever_answered.is_set()
