@@ -179,7 +179,7 @@ def _check_adam_steps(shard: LatentShard) -> None:
             _assert_close(gathered[n], opt_full.state[p][moment], 1e-5, f"Adam {moment} {n}")
 
 
-@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize("shards", [2])
 @pytest.mark.timeout(180)
 def test_sharded_sae_matches_one_process_outputs_gradients_and_adam_steps(shards: int) -> None:
     mp.spawn(_check_sharded_sae, args=(shards, free_tcp_port()), nprocs=shards)
