@@ -37,6 +37,9 @@ ASK_SECONDS = 0.5
 HOLE_SECONDS = 5.0
 FRESH_SECONDS = 5.0
 """An answer older than this no longer counts (that consumer may be gone)."""
+FIRST_ANSWER_GRACE = 2.0
+"""Seconds a stream's end waits for a first answer before it takes the consumer for one
+without a control channel."""
 
 
 class ControlClient(threading.Thread):
@@ -102,6 +105,48 @@ class ControlClient(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
         self.join(5.0)
+
+    # -- the end of a stream ------------------------------------------------------------------
+
+    def expect_answers(self, stop: threading.Event, known: bool = False) -> bool:
+        """Whether a consumer speaks the control channel. A first answer gets
+        FIRST_ANSWER_GRACE seconds, also before the connection is seen (ZeroMQ connects in
+        the background, and a short stream can end before it has); with `known` (a consumer
+        answered this stream before) it is awaited however long it takes. False on stop."""
+        deadline = time.monotonic() + FIRST_ANSWER_GRACE
+        while not self.ever_answered.is_set() and (known or time.monotonic() < deadline):
+            if stop.wait(0.05):
+                return False
+        return self.ever_answered.is_set()
+
+    def settle(
+        self, end: Progress | None, since: Progress, stop: threading.Event,
+        check: Callable[[], None],
+    ) -> tuple[str, Progress | None]:
+        """Wait until the consumer holds everything up to `end` (committed, when it keeps
+        snapshots): ("done", held); or until it asks for a rewind, or a hole stays open
+        HOLE_SECONDS (sent, never arrived: a broken connection lost it): ("rewind", where);
+        or ("stop", None). `check` runs every round (it raises on a refusal)."""
+        self.flush = True
+        last, moved = None, time.monotonic()
+        while not stop.is_set():
+            check()
+            reply = self.view()
+            if reply is not None and end is not None:
+                held = self.frontier(reply, "committed" if reply["durable"] else "frontier")
+                if held is not None and held >= end:
+                    return "done", held
+                target = self.target(end, since)
+                accounted = self.frontier(reply)
+                if accounted != last:
+                    last, moved = accounted, time.monotonic()
+                elif accounted is not None and accounted < end and \
+                        time.monotonic() - moved >= HOLE_SECONDS:
+                    target = accounted
+                if target is not None and target < end:
+                    return "rewind", target
+            stop.wait(0.1)
+        return "stop", None
 
     # -- what the answers mean ----------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from saestream.common.transport import push_socket
 from saestream.common.wire import DTYPES, DecodeLimits
 from saestream.producer.chunker import Chunker, Prefetch, batched
 from saestream.producer.config import ProducerConfig
-from saestream.producer.control import HOLE_SECONDS, ControlClient, where_request
+from saestream.producer.control import ControlClient, where_request
 from saestream.producer.corpus import Corpus, CorpusError, Shard, open_corpus
 from saestream.producer.hooks import HookedModel, HookError, validate_hooks
 from saestream.producer.metrics import ProducerMetrics
@@ -49,7 +49,6 @@ MAX_POS = 1 << 62
 """Void from the end of an epoch to here: the consumer's frontier moves to the next epoch."""
 CONSUMER_DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 """A consumer's default --max-chunk-bytes: larger chunks would be rejected."""
-FIRST_ANSWER_GRACE = 2.0
 
 
 class RunSummary(NamedTuple):
@@ -242,28 +241,12 @@ class ProducerRun:
         control, end = self.control, self.end
         if control is None:
             return self._done(None)
-        if not self._expect_answers():
+        if not control.expect_answers(self.stop, known=bool(self.state.origins)):
             return "stop" if self.stop.is_set() else self._done(None)
-        control.flush = True
-        last, since = None, time.monotonic()
-        while not self.stop.is_set():
-            self._check_refusal()
-            reply = control.view()
-            if reply is not None and end is not None:
-                held = control.frontier(reply, "committed" if reply["durable"] else "frontier")
-                if held is not None and held >= end:
-                    return self._done(held)
-                target = control.target(end, self.since)
-                accounted = control.frontier(reply)
-                if accounted != last:
-                    last, since = accounted, time.monotonic()
-                elif accounted is not None and accounted < end and \
-                        time.monotonic() - since >= HOLE_SECONDS:
-                    target = accounted  # sent, never arrived: a broken connection lost it
-                if target is not None and target < end:
-                    return self._rewind(target)
-            self.stop.wait(0.1)
-        return "stop"
+        outcome, where = control.settle(end, self.since, self.stop, self._check_refusal)
+        if outcome == "done":
+            return self._done(where)
+        return self._rewind(where) if outcome == "rewind" else "stop"  # type: ignore[arg-type]
 
     def close(self) -> None:
         if self.stopped and not hasattr(self, "sender"):
@@ -418,24 +401,6 @@ class ProducerRun:
             if self.sender.error is not None:
                 raise RuntimeError("the sending thread failed") from self.sender.error
         return True
-
-    def _expect_answers(self) -> bool:
-        """Whether a consumer speaks the control channel (give a first answer a moment).
-
-        Once a consumer has answered for this stream (`origins` in the state file), its
-        answer is awaited however long it takes: a consumer restarting after a crash may not
-        be reachable yet, and ending without its word could leave rows it lost unsent."""
-        control = self.control
-        assert control is not None
-        known = bool(self.state.origins)
-        # The grace runs even before the control connection is seen: ZeroMQ connects in the
-        # background, and a short stream can end before it has (its rows then arrive with no
-        # consumer having said it holds them).
-        deadline = time.monotonic() + FIRST_ANSWER_GRACE
-        while not control.ever_answered.is_set() and (known or time.monotonic() < deadline):
-            if self.stop.wait(0.05):
-                return False
-        return control.ever_answered.is_set()
 
     def _check_refusal(self) -> None:
         if self.control is not None and self.control.error:

@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from saestream.common.recording import Entry, Recording, Shard
 from saestream.common.transport import push_socket
 from saestream.common.wire import DTYPES, MAX_SOURCE_KEY_LEN, MAX_SOURCE_KEYS
 from saestream.producer.config import ProducerConfig
-from saestream.producer.control import HOLE_SECONDS, ControlClient, where_request
+from saestream.producer.control import ControlClient, where_request
 from saestream.producer.corpus import CorpusError
 from saestream.producer.corpus import Shard as Part
 from saestream.producer.metrics import ProducerMetrics
@@ -53,7 +52,6 @@ log = logging.getLogger("saestream.replay")
 
 MAX_POS = 1 << 62
 """Void from the end of a pass to here: the consumer's frontier moves to the next pass."""
-FIRST_ANSWER_GRACE = 2.0
 RECORDED = "recorded_"
 """Prefix of the recording's provenance in a replayed chunk's `source`."""
 
@@ -208,28 +206,12 @@ class ReplayRun:
         if not self._wait_sent():
             return "stop"
         control, end = self.control, Progress(0, self.total)
-        if control is None or not self._expect_answers():
+        if control is None or not control.expect_answers(self.stop):
             return "stop" if self.stop.is_set() else self._done()
-        control.flush = True
-        last, since = None, time.monotonic()
-        while not self.stop.is_set():
-            self._check_refusal()
-            reply = control.view()
-            if reply is not None:
-                held = control.frontier(reply, "committed" if reply["durable"] else "frontier")
-                if held is not None and held >= end:
-                    return self._done()
-                target = control.target(end, self.since)
-                accounted = control.frontier(reply)
-                if accounted != last:
-                    last, since = accounted, time.monotonic()
-                elif accounted is not None and accounted < end and \
-                        time.monotonic() - since >= HOLE_SECONDS:
-                    target = accounted  # sent, never arrived: a broken connection lost it
-                if target is not None and target < end:
-                    return self._rewind(target)
-            self.stop.wait(0.1)
-        return "stop"
+        outcome, where = control.settle(end, self.since, self.stop, self._check_refusal)
+        if outcome == "done":
+            return self._done()
+        return self._rewind(where) if outcome == "rewind" else "stop"  # type: ignore[arg-type]
 
     def close(self) -> None:
         if not hasattr(self, "sender"):
@@ -295,19 +277,6 @@ class ReplayRun:
             if self.sender.error is not None:
                 raise RuntimeError("the sending thread failed") from self.sender.error
         return True
-
-    def _expect_answers(self) -> bool:
-        """Whether a consumer speaks the control channel. A first answer gets
-        FIRST_ANSWER_GRACE seconds even before a connection is seen: a short recording can
-        be sent before the control connection is up, and ending without the consumer's
-        word could leave rows it lost unsent."""
-        control = self.control
-        assert control is not None
-        deadline = time.monotonic() + FIRST_ANSWER_GRACE
-        while not control.ever_answered.is_set() and time.monotonic() < deadline:
-            if self.stop.wait(0.05):
-                return False
-        return control.ever_answered.is_set()
 
     def _check_refusal(self) -> None:
         if self.control is not None and self.control.error:
