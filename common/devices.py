@@ -42,3 +42,20 @@ def set_threads(threads: int = 0) -> None:
     n = threads or int(os.environ.get("SAESTREAM_THREADS", "0") or 0)
     if n > 0:
         torch.set_num_threads(n)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def codec_threads(requested: int = 0) -> int:
+    """Threads for a daemon's encode or decode pool: `requested`, or for 0 half the CPUs
+    this process may use, between 1 and 4. Half, because on a CPU-only producer the model
+    (and on a consumer the training step) needs the rest; 4 because lz4 + crc32 run at
+    ~0.5 GB/s a thread, and four outpace what one GPU harvests (~1 GB/s) or a 10 GbE link
+    carries."""
+    return requested if requested > 0 else max(1, min(4, available_cpus() // 2))

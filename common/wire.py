@@ -36,8 +36,12 @@ _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Unsigned integer views of each dtype (little-endian), and the exponent-all-ones pattern
 # that marks inf/NaN: a value is non-finite iff (bits & ~sign) >= that pattern.
 _UINT = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<u2"), "float32": np.dtype("<u4")}
+_SINT = {"bfloat16": np.dtype("<i2"), "float16": np.dtype("<i2"), "float32": np.dtype("<i4")}
 _EXP_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000}
-_ABS_MASK = {"bfloat16": 0x7FFF, "float16": 0x7FFF, "float32": 0x7FFFFFFF}
+_SIGN = {"bfloat16": 0x8000, "float16": 0x8000, "float32": 0x80000000}
+# The exponent bits that the most significant byte holds (all of float16's; all but the
+# lowest of bfloat16's and float32's): no such byte with them all set proves every value finite.
+_TOP_EXP = {"bfloat16": 0x7F, "float16": 0x7C, "float32": 0x7F}
 
 MAX_STR_LEN = 1024
 """Longest producer, run, model and hook name (characters)."""
@@ -199,19 +203,44 @@ def shuffle_bytes(raw: np.ndarray, itemsize: int) -> np.ndarray:
     return out
 
 
-def unshuffle_bytes(shuffled: np.ndarray | bytes, itemsize: int) -> np.ndarray:
-    """Inverse of `shuffle_bytes`; returns the elements as little-endian unsigned words."""
+def unshuffle_bytes(shuffled: np.ndarray | bytes | bytearray, itemsize: int) -> np.ndarray:
+    """Inverse of `shuffle_bytes`; returns the elements as little-endian unsigned words.
+
+    Pairs of planes are joined as `high * 256 + low` into 16-bit words (a widening multiply
+    and add run vectorised; strided byte copies or shifts and ors are 1.5-5x slower), and
+    for 4-byte elements the two halves the same way into 32-bit words.
+    """
     planes = np.frombuffer(shuffled, np.uint8)
     m = planes.size // itemsize
     planes = planes.reshape(itemsize, m)
+    if itemsize == 2:
+        return _join(planes[0], planes[1], 8, np.dtype("<u2"))
+    if itemsize == 4:
+        u2 = np.dtype("<u2")
+        low = _join(planes[0], planes[1], 8, u2)
+        return _join(low, _join(planes[2], planes[3], 8, u2), 16, np.dtype("<u4"))
     wdtype = np.dtype(f"<u{itemsize}")
     out = planes[0].astype(wdtype)
-    if itemsize > 1:
-        tmp = np.empty(m, wdtype)
-        for j in range(1, itemsize):
-            np.left_shift(planes[j], 8 * j, out=tmp, dtype=wdtype)
-            np.bitwise_or(out, tmp, out=out)
+    tmp = np.empty(m, wdtype)
+    for j in range(1, itemsize):
+        np.left_shift(planes[j], 8 * j, out=tmp, dtype=wdtype)
+        np.bitwise_or(out, tmp, out=out)
     return out
+
+
+def _join(low: np.ndarray, high: np.ndarray, bits: int, wdtype: np.dtype) -> np.ndarray:
+    """`high << bits | low` as a new array of `wdtype` (twice the width of the inputs)."""
+    out = np.multiply(high, 1 << bits, dtype=wdtype)
+    out += low
+    return out
+
+
+def regroup_bytes(acts: torch.Tensor) -> torch.Tensor:
+    """`shuffle_bytes` of a tensor's little-endian bytes, computed on the tensor's own device
+    (a producer's GPU regroups before the copy to the host, which then only compresses):
+    [n, d] -> uint8 [n·d·itemsize], byte j of element i at j·n·d + i."""
+    flat = acts.detach().contiguous().view(-1)
+    return flat.view(torch.uint8).view(flat.numel(), flat.element_size()).t().contiguous().view(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +269,7 @@ def encode_chunk(
     dtype: str | None = None,
     ts: float | None = None,
     checksum: int | None = None,
+    regrouped: torch.Tensor | np.ndarray | None = None,
 ) -> list[bytes]:
     """Encode `acts` (shape [n, d], any device) as the two frames `[header, payload]`.
 
@@ -250,6 +280,8 @@ def encode_chunk(
     :param ts: seconds since the epoch; None = now.
     :param checksum: `zlib.crc32` of the raw bytes when the caller has computed it already
         (a replayer that verified a recording): saves a pass over the data; not re-checked.
+    :param regrouped: for `lz4-shuffle`, `regroup_bytes(acts)` already computed (on the
+        device the activations came from), as a CPU uint8 tensor or array; not re-checked.
     Raises ValueError (or TypeError) on arguments that would make an invalid message.
     """
     if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
@@ -289,7 +321,12 @@ def encode_chunk(
     elif codec == "lz4":
         payload = lz4.frame.compress(raw, store_size=True)
     else:
-        payload = lz4.frame.compress(shuffle_bytes(raw, itemsize), store_size=True)
+        planes = shuffle_bytes(raw, itemsize) if regrouped is None else regrouped
+        if isinstance(planes, torch.Tensor):
+            planes = planes.numpy()
+        if planes.size != raw.size:
+            raise ValueError(f"regrouped holds {planes.size} bytes, not {raw.size}")
+        payload = lz4.frame.compress(planes, store_size=True)
     header = {
         "v": WIRE_VERSION,
         "kind": KIND,
@@ -465,21 +502,27 @@ def _lz4_decompress(payload: memoryview, raw_nbytes: int) -> bytearray:
 
 
 def _all_finite(words: np.ndarray, dtype: str) -> bool:
-    """No inf/NaN: clear the sign bit, the largest magnitude's exponent must not be all ones.
-
-    Blocked so the temporary stays in cache (~30 GB/s vs <1 GB/s for torch.isfinite on bf16).
+    """No inf/NaN. A value is non-finite iff its bits without the sign are >= the
+    exponent-all-ones pattern E: a positive one is then >= E as a signed integer, a negative
+    one >= sign | E as an unsigned one. So two max reductions decide it exactly, without the
+    temporary of a mask (about twice as fast as masking in cache-sized blocks).
     """
     flat = words.reshape(-1)
-    mask, limit = _ABS_MASK[dtype], _EXP_MASK[dtype]
-    block = 1 << 16
-    tmp = np.empty(min(block, flat.size), flat.dtype)
-    for start in range(0, flat.size, block):
-        part = flat[start : start + block]
-        t = tmp[: part.size]
-        np.bitwise_and(part, mask, out=t)
-        if t.max() >= limit:
-            return False
-    return True
+    if flat.size == 0:
+        return True
+    limit = _EXP_MASK[dtype]
+    return (int(flat.view(_SINT[dtype]).max()) < limit
+            and int(flat.view(_UINT[dtype]).max()) < (_SIGN[dtype] | limit))
+
+
+def _top_plane_finite(top: np.ndarray, dtype: str) -> bool:
+    """True proves every value finite from the plane of most significant bytes alone (half or
+    a quarter of the bytes, read before the words exist); False means "look closer": a byte
+    with every exponent bit it holds set, which for bfloat16 and float32 also includes the
+    finite values of the largest binade (e.g. the largest finite value). The same signed /
+    unsigned max trick as `_all_finite`, on bytes."""
+    limit = _TOP_EXP[dtype]
+    return int(top.view(np.int8).max()) < limit and int(top.max()) < (0x80 | limit)
 
 
 def decode_chunk(
@@ -519,6 +562,7 @@ def decode_chunk(
     dtype, codec, raw_nbytes = header["dtype"], header["codec"], header["raw_nbytes"]
     itemsize = _ITEMSIZE[dtype]
     wdtype = _UINT[dtype]
+    finite = False  # not yet known
     if codec == "raw":
         if payload.nbytes != raw_nbytes:
             raise WireError("size", f"raw payload of {payload.nbytes} bytes, not {raw_nbytes}")
@@ -530,12 +574,19 @@ def decode_chunk(
     elif codec == "lz4":
         words = np.frombuffer(_lz4_decompress(payload, raw_nbytes), wdtype)
     else:
-        words = unshuffle_bytes(_lz4_decompress(payload, raw_nbytes), itemsize)
+        # Finiteness first on the top plane (one byte per value, before it is regrouped):
+        # almost always that settles it, and the words need no pass of their own. Whole
+        # arrays, not cache-sized blocks: crc32 runs at ~6 GB/s from memory or cache alike,
+        # so blocks only add per-call overhead (measured 3-10 % slower).
+        shuffled = _lz4_decompress(payload, raw_nbytes)
+        m = raw_nbytes // itemsize
+        finite = _top_plane_finite(np.frombuffer(shuffled, np.uint8, m, raw_nbytes - m), dtype)
+        words = unshuffle_bytes(shuffled, itemsize)
 
     checksum = zlib.crc32(words)
     if checksum != header["checksum"]:
         raise WireError("checksum", f"crc32 {checksum:#010x} != header {header['checksum']:#010x}")
-    if not _all_finite(words, dtype):
+    if not (finite or _all_finite(words, dtype)):
         raise WireError("nonfinite", "activations contain inf or NaN")
 
     signed = torch.from_numpy(words.view(np.int32 if itemsize == 4 else np.int16))

@@ -329,6 +329,10 @@ def load_buffers(path: Path, extra: Mapping[str, Any]) -> dict[str, Batch]:
     return out
 
 
+FAILURE_REASONS = ("no_space", "read_only", "permission", "io", "other")
+"""The values of `failure_reason`."""
+
+
 def failure_reason(exc: BaseException) -> str:
     """Why a snapshot could not be written, as a metric label."""
     import errno

@@ -12,6 +12,7 @@ import click
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.config import (
+    MAX_DECODE_THREADS,
     ConsumerConfig,
     SAESpec,
     build_sae_specs,
@@ -51,6 +52,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "max_connections", type=_POSITIVE)
 @config_option(C, "max_producers", type=_POSITIVE)
 @config_option(C, "producer_expiry_seconds", type=FiniteFloat(0.0, min_open=True))
+@config_option(C, "decode_threads", type=click.IntRange(0, MAX_DECODE_THREADS))
 @config_option(C, "final_snapshot_attempts", type=_POSITIVE)
 @config_option(C, "init_from", metavar="SNAPSHOT", type=click.Path(path_type=Path))
 @config_option(C, "record", type=click.Path(file_okay=False, path_type=Path))
@@ -63,25 +65,45 @@ _POSITIVE = click.IntRange(min=1)
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @config_option(C, "log_every", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "seed", type=int)
+@config_option(C, "dist_timeout", type=FiniteFloat(0.0, min_open=True))
 @cli_errors
 def consumer(**opts: Any) -> None:
     """Receive activations from producers, shuffle them, and train TopK SAEs online.
 
     Signals: SIGUSR1 writes a snapshot and training continues; SIGTERM/SIGINT write a final
     snapshot and exit 0 (1 if it cannot be written). Metrics are served on --metrics-port.
+    Under torchrun every rank binds its own endpoints and trains its part of each batch
+    (README: "Several processes"); a lost rank ends the others with one line and exit 1.
     """
     from saestream.common.logs import setup_logging
     from saestream.common.signals import SignalFlags
 
     setup_logging(opts["log_level"], "saestream.consumer")
     cfg = build_config(opts)
+    from saestream.common.devices import resolve_device
     from saestream.consumer.daemon import FinalSnapshotError, run_consumer
+    from saestream.consumer.distributed import PeerLost, init_from_env, launched_by_torchrun
 
     try:
-        run_consumer(cfg, SignalFlags().install())
-    except FinalSnapshotError as exc:
+        # Joining the ranks may wait (--dist-timeout): a signal then ends the process, as
+        # nothing is held yet; from here on signals are flags read at step boundaries.
+        dp = init_from_env(resolve_device(cfg.device), cfg.dist_timeout)
+        if launched_by_torchrun():
+            _label_logs(dp.rank)
+        run_consumer(cfg, SignalFlags().install(), dp=dp)
+    except (FinalSnapshotError, PeerLost) as exc:
         click.echo(f"saestream: error: {exc}", err=True)
         raise SystemExit(1) from None
+
+
+def _label_logs(rank: int) -> None:
+    """Under torchrun: every log line names its rank (the ranks share one terminal)."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s",
+            "%Y-%m-%dT%H:%M:%S"))
 
 
 def _adopt_init(source: Path, specs: list[SAESpec], d_in: int | None) -> list[SAESpec]:
@@ -99,6 +121,7 @@ def build_config(opts: dict[str, Any]) -> ConsumerConfig:
     """Validate the options as a whole and map them onto `ConsumerConfig`."""
     from saestream.common.devices import resolve_device
     from saestream.common.transport import CurveServerKeys
+    from saestream.consumer.distributed import rank_endpoints
 
     hooks, specs = build_sae_specs(opts["saes"], opts["hooks"])
     if opts["init_from"] is not None:
@@ -116,6 +139,10 @@ def build_config(opts: dict[str, Any]) -> ConsumerConfig:
     if curve_key is not None and not curve_key.is_file():
         raise UserError(f"--curve-secret-key {curve_key}: no such file")
     resolve_device(opts["device"])
+    from saestream.consumer.distributed import launched_by_torchrun, local_rank, local_world_size
+
+    ranks = local_world_size() if launched_by_torchrun() else 1
+    rank_endpoints(opts["bind"], opts["control_bind"], min(local_rank(), ranks - 1), ranks)
     fields = {f.name for f in dataclasses.fields(ConsumerConfig)} - {"hooks", "saes", "curve"}
     return ConsumerConfig(
         hooks=hooks, saes=specs,

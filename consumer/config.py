@@ -28,6 +28,8 @@ from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import TrainerConfig
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
+MAX_DECODE_THREADS = 64
+"""Most `--decode-threads`: each holds up to two chunks in flight, beyond the receive budget."""
 
 SAE_KEYS: dict[str, tuple[type, str]] = {
     "latents": (SAEConfig, "n_latents"),
@@ -129,6 +131,11 @@ class ConsumerConfig:
     producer_expiry_seconds: float = 600.0
     """A producer not heard from for this long leaves the per-producer metrics and frees its
     slot (its ledger positions are kept)."""
+    decode_threads: int = 0
+    """Threads that decode and validate received chunks in parallel (each producer's chunks
+    still reach the ledger and buffer in order); 1 = on the receiver thread; 0 = half the
+    CPUs this process may use, 1 to 4 (the training step needs the rest, and four decode
+    several GB/s)."""
     curve: CurveServerKeys | None = None
     """CURVE server keys; None = plaintext."""
     log_every: float = 30.0
@@ -146,6 +153,10 @@ class ConsumerConfig:
     per hook."""
     seed: int = 0
     """Seed of the buffer's batch sampling."""
+    dist_timeout: float = 300.0
+    """Under torchrun: seconds a rank waits for the others (joining, and in every
+    collective) before it exits 1 with a one-line error; a rank that dies is noticed at
+    once."""
     init_from: Path | None = None
     """Start each new SAE from a snapshot's weights (ours or `saestream import`ed; the SAE of
     the same name, else its only one) with fresh optimiser state, instead of a fresh

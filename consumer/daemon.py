@@ -11,11 +11,20 @@ positions of every producer's stream they account for, taken as one consistent c
 producer resumes from what the snapshot accounts for, so a token is trained exactly once
 whichever process dies. A snapshot that fails (full disk, I/O error) is counted and logged,
 and training goes on.
+
+Data parallel (under torchrun, `dp.size > 1`): every rank is such a process with its own
+sockets, buffer and ledger, and the ranks train one SAE together (`Trainer(dp=...)`). At each
+step boundary one small collective (`Agreement`) decides for all of them whether to stop,
+whether to snapshot and which hook every rank has a batch of, so a starved rank makes the
+others wait and all ranks snapshot and stop at the same step. Rank 0 writes the snapshots:
+the trainers and counters only (no buffers, no ledger: each rank is its own consumer run to
+the producers, and nothing is promised beyond training state; see ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +47,16 @@ from saestream.consumer import init_from
 from saestream.consumer.buffer import Batch, BufferSet
 from saestream.consumer.config import ConsumerConfig, SAESpec, check_fits
 from saestream.consumer.control import ControlServer
+from saestream.consumer.distributed import (
+    SINGLE,
+    Agreement,
+    DataParallel,
+    local_rank,
+    local_world_size,
+    peers_watched,
+    rank_endpoints,
+    rank_slice,
+)
 from saestream.consumer.ledger import Ledger
 from saestream.consumer.metrics import ConsumerMetrics
 from saestream.consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, Receiver
@@ -49,6 +68,11 @@ log = logging.getLogger("saestream.consumer")
 FLUSH_SNAPSHOT_SECONDS = 2.0
 """Snapshots asked for by producers that finished are written at most this often."""
 RETRY_AFTER_FAILURE_SECONDS = 10.0
+WAIT_SECONDS = 0.2
+"""Longest wait for a batch before the loop goes round (signals, snapshots, the ranks'
+agreement)."""
+SNAPSHOT_REASONS = ("", "flush", "periodic", "signal")
+"""Data parallel: the agreed snapshot is the highest-ranked reason any rank has."""
 
 
 @dataclass
@@ -69,23 +93,35 @@ class FinalSnapshotError(Exception):
 
 
 def run_consumer(
-    cfg: ConsumerConfig, flags: SignalFlags, *, metrics: ConsumerMetrics | None = None
+    cfg: ConsumerConfig, flags: SignalFlags, *, metrics: ConsumerMetrics | None = None,
+    dp: DataParallel = SINGLE,
 ) -> RunStats:
     """Receive and train until stopped (signal, --max-tokens, --max-steps); final snapshot.
 
     Raises UserError for a configuration this machine or directory cannot serve (before
-    any socket is bound), FinalSnapshotError when the final snapshot cannot be written.
+    any socket is bound), FinalSnapshotError when the final snapshot cannot be written,
+    PeerLost (data parallel) when another rank died or went silent for --dist-timeout.
     """
-    run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics())
-    try:
-        while not run.stop_reason():
-            got = run.next_batch()
-            if got is not None:
-                run.train(*got)
-            run.housekeeping()
-        run.finish()
-    finally:
-        run.close()
+    with peers_watched(dp, cfg.dist_timeout):
+        run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics(), dp)
+        try:
+            if dp.size == 1:
+                while not run.stop_reason():
+                    got = run.next_batch()
+                    if got is not None:
+                        run.train(*got)
+                    run.housekeeping()
+            else:
+                while True:
+                    hook = run.agree()  # the ranks' one collective per step boundary
+                    if run.stop_reason():
+                        break
+                    if hook is not None:
+                        run.train(hook, run.take(hook), tokens=run.rank_batch()[0])
+                    run.log_if_due()
+            run.finish()
+        finally:
+            run.close()
     return run.stats
 
 
@@ -93,9 +129,17 @@ class ConsumerRun:
     """One consumer process: set-up in the constructor, then the loop's named steps."""
 
     def __init__(self, cfg: ConsumerConfig, flags: SignalFlags,
-                 metrics: ConsumerMetrics) -> None:
-        self.cfg, self.flags, self.metrics = cfg, flags, metrics
+                 metrics: ConsumerMetrics, dp: DataParallel = SINGLE) -> None:
+        self.cfg, self.flags, self.metrics, self.dp = cfg, flags, metrics, dp
+        self.agreement = Agreement(dp)
+        self._stop_agreed = False
+        if dp.size > 1 and cfg.record is not None:
+            raise UserError("--record is not supported under torchrun yet: record with one "
+                            "process (or `saestream record`)")
         self.device = resolve_device(cfg.device)
+        if dp.size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank())
+            torch.cuda.set_device(self.device)
         check_fits(cfg, str(self.device))
         self.stats = RunStats()
         self.trainers: dict[str, Trainer] = {}
@@ -128,7 +172,32 @@ class ConsumerRun:
     # -- set-up -------------------------------------------------------------------------------
 
     def _open_checkpoint_dir(self) -> Ledger | None:
-        """Check the directory, then resume (returns the committed ledger) or start anew."""
+        """Check the directory, then resume (returns the committed ledger) or start anew.
+        Data parallel: rank 0 does that alone (it writes), then every rank learns the run id
+        and the snapshot it resumed (or its error) and loads the same trainers."""
+        if self.dp.size == 1:
+            return self._open_here()
+        outcome: tuple[str, str, str | None]
+        if self.dp.rank == 0:
+            self._resumed_from: Path | None = None
+            try:
+                self._open_here()
+                outcome = ("ok", self.stats.run_id or uuid.uuid4().hex[:12],
+                           str(self._resumed_from) if self._resumed_from else None)
+            except UserError as exc:
+                self.agreement.broadcast(("error", str(exc), None))
+                raise
+        outcome = self.agreement.broadcast(outcome if self.dp.rank == 0 else None)  # type: ignore[assignment]
+        if outcome[0] == "error":
+            raise UserError(outcome[1])
+        self.stats.run_id = outcome[1]
+        if self.dp.rank != 0 and outcome[2] is not None:
+            path = Path(outcome[2])
+            trainers, extra = ckpt.load_snapshot(path, self.device)
+            self._adopt(path, trainers, extra, {})
+        return None  # ranks' ledgers are not in the snapshots: nothing is `committed`
+
+    def _open_here(self) -> Ledger | None:
         cfg, root = self.cfg, self.cfg.checkpoint_dir
         if root is None:
             return None
@@ -189,14 +258,18 @@ class ConsumerRun:
             if hook in cfg.hooks:
                 self.hook_info[hook] = HookInfo(saved["d_in"], saved.get("dtype"),
                                                 saved.get("model"))
-        self.ledger = Ledger.from_json(extra.get("producers", {}), cfg.max_producers,
-                                       cfg.producer_expiry_seconds)
+        if self.dp.rank == 0:  # a one-process snapshot's ledger and buffers: rank 0's
+            self.ledger = Ledger.from_json(extra.get("producers", {}), cfg.max_producers,
+                                           cfg.producer_expiry_seconds)
+        self._resumed_from = path
         for hook, batch in buffered.items():
             info = self.hook_info[hook]
             if batch.x.shape[0] > cfg.buffer_tokens:
                 raise UserError(f"snapshot {path} buffers {batch.x.shape[0]} tokens of {hook}: "
                                 f"--buffer-tokens must be at least that")
             self.buffers.get_or_create(hook, info.d, batch.x.dtype).restore(batch)
+        for tr in trainers.values():
+            tr.dp = self.dp
         self.trainers = trainers
         self.stats.steps, self.stats.tokens = int(extra.get("step", 0)), int(extra["tokens"])
         self.stats.run_id = ckpt.run_of(extra) or ""
@@ -209,27 +282,33 @@ class ConsumerRun:
 
     def _serve(self, committed: Ledger | None) -> None:
         """/metrics, then the sockets and the threads that serve them."""
-        cfg, m = self.cfg, self.metrics
-        serve_metrics(m.registry, cfg.metrics_port, cfg.metrics_addr)
+        cfg, m, dp = self.cfg, self.metrics, self.dp
+        here, ranks = (local_rank(), local_world_size()) if dp.size > 1 else (0, 1)
+        bind, control = rank_endpoints(cfg.bind, cfg.control_bind, here, ranks)
+        control = control or control_endpoint(bind)
+        metrics_port = cfg.metrics_port + here if cfg.metrics_port else 0
+        serve_metrics(m.served(dp.rank if dp.size > 1 else None), metrics_port, cfg.metrics_addr)
         limits = DecodeLimits(max_raw_nbytes=cfg.max_chunk_bytes)
         max_message = lz4_bound(cfg.max_chunk_bytes) + limits.max_header_nbytes
         budget = cfg.max_connections * ((cfg.hwm + 1) * max_message
                                         + (CONTROL_HWM + 1) * MAX_CONTROL_BYTES)
         m.receive_budget_bytes.set(budget)
         self.ctx = zmq.Context()
-        sock = pull_socket(self.ctx, cfg.bind, hwm=cfg.hwm, curve=cfg.curve,
+        sock = pull_socket(self.ctx, bind, hwm=cfg.hwm, curve=cfg.curve,
                            max_message_bytes=max_message, max_connections=cfg.max_connections)
         self.receiver = Receiver(sock, self.buffers, m, self.ledger, hooks=cfg.hooks,
                                  hook_info=self.hook_info, limits=limits,
-                                 log_interval=cfg.reject_log_interval, recorder=self.recorder)
+                                 log_interval=cfg.reject_log_interval, recorder=self.recorder,
+                                 decode_threads=cfg.decode_threads, dealt=dp.size > 1)
         self.control: ControlServer | None = None
-        control = cfg.control_bind or control_endpoint(cfg.bind)
         if control != "off":
+            # Data parallel: each rank is a consumer run of its own to the producers (its own
+            # ledger), and its positions are never in a snapshot (not durable).
             self.control = ControlServer(
                 router_socket(self.ctx, control, curve=cfg.curve,
                               max_connections=cfg.max_connections), self.ledger, m,
-                run_id=self.stats.run_id, durable=cfg.checkpoint_dir is not None,
-                hooks=cfg.hooks)
+                run_id=self.stats.run_id if dp.size == 1 else f"{self.stats.run_id}-r{dp.rank}",
+                durable=cfg.checkpoint_dir is not None and dp.size == 1, hooks=cfg.hooks)
             self.control.committed = committed
         for h in cfg.hooks:
             m.declare_hook(h, cfg.buffer_tokens, lambda h=h: self.buffers.fill(h))
@@ -242,11 +321,19 @@ class ConsumerRun:
             "consumer run %s on %s (control %s), hooks %s, SAEs %s, device %s, metrics on "
             "%s:%s; receive memory bound %.0f MiB (%d connections x ((%d queued + 1) x %.1f MiB "
             "of data + (%d + 1) x %.2f MiB of control))",
-            self.stats.run_id, cfg.bind, control, ",".join(cfg.hooks),
+            self.stats.run_id, bind, control, ",".join(cfg.hooks),
             ",".join(s.name for s in cfg.saes), self.device, cfg.metrics_addr,
-            cfg.metrics_port or "off", budget / 2**20, cfg.max_connections, cfg.hwm,
+            metrics_port or "off", budget / 2**20, cfg.max_connections, cfg.hwm,
             max_message / 2**20, CONTROL_HWM, MAX_CONTROL_BYTES / 2**20,
         )
+        if dp.size > 1:
+            log.info(
+                "data parallel: rank %d of %d (local %d of %d) binds data %s, control %s, "
+                "metrics port %s; a global batch of %d tokens per step, this rank's part from "
+                "its own buffer; producers --connect every rank's data endpoint (local rank r: "
+                "--bind port + r) and may --control-connect every control endpoint (--bind "
+                "port + local ranks + 1 + r)", dp.rank, dp.size, here,
+                ranks, bind, control, metrics_port or "off", cfg.batch_size)
 
     # -- the loop's steps ---------------------------------------------------------------------
 
@@ -256,12 +343,12 @@ class ConsumerRun:
                 raise RuntimeError(f"the {thread.name} thread failed") from thread.error
         cfg, s = self.cfg, self.stats
         if not s.stop_reason:
-            if self.flags.stop.is_set():
+            if self._stop_agreed if self.dp.size > 1 else self.flags.stop.is_set():
                 s.stop_reason = "signal"
             elif cfg.max_steps is not None and s.steps >= cfg.max_steps:
                 s.stop_reason = "max-steps"
-            elif cfg.max_tokens is not None and s.tokens >= cfg.max_tokens:
-                s.stop_reason = "max-tokens"
+            elif cfg.max_tokens is not None and cfg.max_tokens - s.tokens < self.dp.size:
+                s.stop_reason = "max-tokens"  # data parallel: < 1 token per rank is left out
         return s.stop_reason
 
     def next_batch(self) -> tuple[str, Batch] | None:
@@ -273,8 +360,84 @@ class ConsumerRun:
             size, low = min(size, left), min(low, left)
         return self.buffers.take_any(size, low, timeout=0.2)
 
-    def train(self, hook: str, batch: Batch) -> None:
-        """Every SAE of the hook trains on the same batch."""
+    # -- data parallel: the step boundary as one decision of all ranks ----------------------
+
+    def rank_batch(self) -> tuple[int, int, int]:
+        """(global batch, this rank's part, this rank's low-water mark): --batch-size tokens
+        a step over all ranks (cut before --max-tokens), split by `rank_slice`."""
+        cfg, rank, share = self.cfg, self.dp.rank, self.dp.size
+        size, low = cfg.batch_size, math.ceil(cfg.min_fill * cfg.buffer_tokens)
+        if cfg.max_tokens is not None:
+            left = cfg.max_tokens - self.stats.tokens
+            size, low = min(size, left), min(low, _part(left, rank, share))
+        part = _part(size, rank, share)
+        return size, part, max(part, low)
+
+    def agree(self) -> str | None:
+        """Wait up to WAIT_SECONDS for a batch here, then one all-reduce MAX of [stop,
+        snapshot reason, lacks a batch of each hook] over the ranks: stop if any rank was
+        signalled, snapshot (written by rank 0) if any asked, and return the hook every rank
+        has a batch of (in turn, when several), or None: every rank waits for the slowest."""
+        for thread in (self.receiver, self.control):
+            if thread is not None and thread.error is not None:
+                raise RuntimeError(f"the {thread.name} thread failed") from thread.error
+        _, part, low = self.rank_batch()
+        hooks = self.cfg.hooks
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            ready = {h for h, b in self.buffers.items() if b.ready(part, low)}
+            if ready or time.monotonic() >= deadline or self.flags.stop.is_set():
+                break
+            time.sleep(0.01)
+        now, control = time.monotonic(), self.control
+        want = 0
+        if self.flags.snapshot.is_set():
+            want = 3
+        elif self.dp.rank == 0 and now - self._failed_at >= RETRY_AFTER_FAILURE_SECONDS \
+                and self._periodic_due(now):
+            want = 2  # rank 0's clock decides (it writes, and knows its disk's failures)
+        elif control is not None and control.flush_requested.is_set() and (
+                now - self._last_flush_save >= FLUSH_SNAPSHOT_SECONDS):
+            want = 1
+        got = self.agreement.max([int(self.flags.stop.is_set()), want,
+                                  *(int(h not in ready) for h in hooks)])
+        if got[0]:
+            self._stop_agreed = True
+            return None
+        reason = SNAPSHOT_REASONS[got[1]]
+        if reason == "signal":
+            self.flags.snapshot.clear()
+        elif reason == "periodic":
+            self._periodic_step, self._last_save = self.stats.steps, now
+        elif reason == "flush" and control is not None:
+            control.flush_requested.clear()
+            self._last_flush_save = now
+        if reason:
+            self.snapshot(reason)
+        common = [h for h, lacking in zip(hooks, got[2:], strict=True) if not lacking]
+        if not common and ready:
+            time.sleep(0.05)  # ready here, not everywhere: do not spin on the collective
+        turn = self.stats.steps % len(hooks)
+        return min(common, key=lambda h: (hooks.index(h) - turn) % len(hooks), default=None)
+
+    def take(self, hook: str) -> Batch:
+        """This rank's part of the agreed step (there: only this thread takes)."""
+        _, part, low = self.rank_batch()
+        batch = dict(self.buffers.items())[hook].take(part, low, timeout=0)
+        if batch is None:
+            raise RuntimeError(f"the buffer of {hook} lost its batch after the agreement")
+        return batch
+
+    def log_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= self.cfg.log_every:
+            self._log_progress(now)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self, hook: str, batch: Batch, tokens: int | None = None) -> None:
+        """Every SAE of the hook trains on the same batch (data parallel: `batch` is this
+        rank's part of a global batch of `tokens`)."""
         x = batch.x.to(self.device, non_blocking=True)
         for spec in (s for s in self.cfg.saes if s.hook == hook):
             trainer = self.trainers.get(spec.name) or self._new_trainer(spec)
@@ -283,7 +446,7 @@ class ConsumerRun:
                 m = trainer.train_step(x)
             self._record(labels, m)
         self.stats.steps += 1
-        self.stats.tokens += batch.x.shape[0]
+        self.stats.tokens += batch.x.shape[0] if tokens is None else tokens
         tags = batch.sources.long()
         counts = torch.bincount(tags[tags >= 0])  # -1: a producer the ledger forgot
         self.ledger.credit_trained(hook, {i: int(c) for i, c in enumerate(counts.tolist()) if c})
@@ -319,13 +482,20 @@ class ConsumerRun:
         return by_steps or by_time
 
     def finish(self) -> None:
-        """The final snapshot, tried `final_snapshot_attempts` times."""
+        """The final snapshot, tried `final_snapshot_attempts` times (data parallel: by rank
+        0, and every rank learns whether it succeeded, then the ranks leave together)."""
+        failed = 1
         for attempt in range(1, self.cfg.final_snapshot_attempts + 1):
             if self.snapshot("final") is not False:
+                failed = 0
                 break
             if attempt < self.cfg.final_snapshot_attempts:
                 time.sleep(1.0)
-        else:
+        if self.dp.size > 1:
+            failed = self.agreement.max([failed])[0]
+            if failed and self.dp.rank != 0:
+                raise FinalSnapshotError("rank 0 could not write the final snapshot")
+        if failed:
             root = self.cfg.checkpoint_dir
             named = ckpt.latest_name(root) if root is not None else None
             last = self.stats.snapshots[-1] if self.stats.snapshots else (
@@ -337,6 +507,8 @@ class ConsumerRun:
         log.info("stopped (%s) after %d steps, %d tokens; %d snapshots written",
                  self.stats.stop_reason, self.stats.steps, self.stats.tokens,
                  len(self.stats.snapshots))
+        if self.dp.size > 1:
+            self.dp.finish()  # every rank here: leave the process group together
 
     def close(self) -> None:
         if hasattr(self, "receiver"):
@@ -355,7 +527,7 @@ class ConsumerRun:
         log.info("SAE %s on %s: d_in=%d latents=%d k=%d", spec.name, spec.hook, info.d,
                  spec.latents, spec.k)
         trainer = Trainer(spec.sae_config(info.d), spec.trainer, name=spec.name,
-                          hook=spec.hook, model=info.model, device=self.device)
+                          hook=spec.hook, model=info.model, device=self.device, dp=self.dp)
         if spec.name in self.init_sources:
             init_from.start(trainer, self.init_sources[spec.name])
             log.info("SAE %s starts from %s", spec.name, trainer.origin["path"])
@@ -382,16 +554,25 @@ class ConsumerRun:
         if cfg.checkpoint_dir is None:
             log.info("%s snapshot skipped: no --checkpoint-dir", reason)
             return None
-        (ledger_json, committed), buffers = self.buffers.freeze(self._ledger_cut)
-        if s.snapshots and (s.saved_step, self._saved_version) == (s.steps, committed.version):
+        committed: Ledger | None = None
+        buffers: dict[str, Batch] | None = None
+        if self.dp.size == 1:
+            (ledger_json, committed), buffers = self.buffers.freeze(self._ledger_cut)
+            version = committed.version
+        elif self.dp.rank == 0:  # the trainers are the same on every rank; no buffers, ledger
+            ledger_json, version = {}, 0
+        else:
+            return None
+        if s.snapshots and (s.saved_step, self._saved_version) == (s.steps, version):
             log.info("%s snapshot: step %d already saved in %s", reason, s.steps,
                      s.snapshots[-1])
             return None
-        if not self.trainers and not any(b.x.shape[0] for b in buffers.values()):
+        if not self.trainers and not any(b.x.shape[0] for b in (buffers or {}).values()):
             log.info("%s snapshot skipped: nothing trained yet", reason)
             return None
         t0 = time.perf_counter()
-        buffers = _renumber_sources(buffers, committed.ordinals())
+        if buffers is not None and committed is not None:
+            buffers = _renumber_sources(buffers, committed.ordinals())
         try:
             path = ckpt.save_snapshot(cfg.checkpoint_dir, s.steps, self.trainers,
                                       self._extra(reason, ledger_json), buffers=buffers)
@@ -404,9 +585,9 @@ class ConsumerRun:
                       "training goes on", reason, s.steps, why, exc)
             return False
         s.saved_step, self._last_save = s.steps, time.monotonic()
-        self._saved_version = committed.version
+        self._saved_version = version
         s.snapshots.append(path)
-        if self.control is not None:
+        if self.control is not None and committed is not None:
             self.control.committed = committed
         self.metrics.checkpoints.inc()
         self.metrics.last_checkpoint.set_to_current_time()
@@ -432,6 +613,7 @@ class ConsumerRun:
             "saes": {n: {"hook": t.hook, "model": t.model, "step": t.step,
                          "tokens": t.tokens_seen} for n, t in self.trainers.items()},
             "producers": producers,
+            **({"data_parallel": {"world_size": self.dp.size}} if self.dp.size > 1 else {}),
         }
 
     def _log_progress(self, now: float) -> None:
@@ -449,6 +631,12 @@ class ConsumerRun:
                      s.steps, s.tokens, (s.tokens - tokens0) / elapsed,
                      (s.steps - steps0) / elapsed, nmse, fill)
         self._last_log, self._at_log = now, (s.steps, s.tokens)
+
+
+def _part(n: int, rank: int, size: int) -> int:
+    """Rows of `n` that rank `rank` of `size` takes (`rank_slice`)."""
+    part = rank_slice(n, rank, size)
+    return part.stop - part.start
 
 
 def _renumber_sources(buffers: dict[str, Batch], ordinals: dict[int, int]) -> dict[str, Batch]:

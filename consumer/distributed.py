@@ -7,15 +7,28 @@ the gradients and the handful of batch statistics whose normalisers span the glo
 (token count, the AuxK denominator, the metrics' sums, the fired-latent counts), and
 gathers the first batch once for the initialisation. `SINGLE` is the one-process case:
 every operation is the identity, so the trainer has one code path.
+
+Faults: the process group is joined with `--dist-timeout`; a collective whose peer died
+(connection closed) or stayed silent that long raises, and `peers_watched` turns that into
+`PeerLost`, which the commands print as one line before exiting 1 (never a hang).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
 
+import click
 import torch
 import torch.distributed as dist
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class DataParallel:
@@ -84,18 +97,132 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(device: torch.device) -> DataParallel:
+def init_from_env(device: torch.device, timeout: float | None = None) -> DataParallel:
     """Join the process group torchrun described in the environment (NCCL for CUDA devices,
-    gloo otherwise) and return the data-parallel view of it; SINGLE outside torchrun."""
+    gloo otherwise) and return the data-parallel view of it; SINGLE outside torchrun.
+    `timeout` (seconds) bounds the rendezvous and every collective (PeerLost past it)."""
     if not launched_by_torchrun():
         return SINGLE
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kw: dict[str, Any] = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        try:
+            kw.update(_attempt_store(timeout))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+        except RuntimeError as exc:  # the store timed out: a rank never came
+            raise PeerLost(f"rank {os.environ.get('RANK', '?')} could not join the "
+                           f"{os.environ.get('WORLD_SIZE')} ranks: {_reason(exc)}") from None
     return DataParallel()
+
+
+def _attempt_store(timeout: float | None) -> dict[str, Any]:
+    """torchrun's agent store outlives a restart (`--max-restarts`), and the process group's
+    keys in it are not per attempt: a restarted rank would read its dead predecessor's
+    address. So under torchrun, the group's keys live under the attempt's own prefix."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in env:
+        return {}
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout or 1800))
+    store = dist.PrefixStore(f"saestream/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                             base)
+    return {"store": store, "rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"])}
 
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; the world size if unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+class PeerLost(Exception):
+    """A collective failed: another rank died, or stayed silent beyond --dist-timeout. The
+    message is one line, for the command to print before exiting 1."""
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a failed collective (gloo and NCCL raise RuntimeErrors that name
+    themselves) rather than a bug of ours."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out"))
+
+
+def _reason(exc: BaseException) -> str:
+    """The gist of a c10d/gloo error: its first line, without the source-file prefix."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
+
+
+@contextmanager
+def peers_watched(dp: DataParallel, timeout: float) -> Iterator[None]:
+    """Turn a failed collective inside the block into PeerLost (one line naming the rank,
+    the cause and --dist-timeout); other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if dp.size == 1 or not is_peer_failure(exc):
+            raise
+        raise PeerLost(f"rank {dp.rank} of {dp.size}: another rank is gone (it died, or was "
+                       f"silent for --dist-timeout {timeout:g} s): {_reason(exc)}") from None
+
+
+def peer_errors(func: F) -> F:
+    """Wrap a command body run by torchrun ranks: PeerLost, or a collective that failed
+    because a rank died or hung (its `dist_timeout` keyword names the limit), becomes one
+    line on stderr and exit 1: never a traceback, never a hang."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PeerLost as exc:
+            message = str(exc)
+        except RuntimeError as exc:
+            if not (dist.is_available() and dist.is_initialized() and is_peer_failure(exc)):
+                raise
+            timeout = kwargs.get("dist_timeout")
+            message = (f"rank {dist.get_rank()} of {dist.get_world_size()}: another rank is "
+                       f"gone (it died, or was silent for --dist-timeout {timeout:g} s): "
+                       f"{_reason(exc)}")
+        click.echo(f"saestream: error: {message}", err=True)
+        sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Agreement:
+    """The ranks' one small collective per step boundary: an all-reduce MAX of a few
+    integers (stop, snapshot, which hooks lack a batch), so every rank takes the same
+    decision at the same step. On gloo, also when the trainers' collectives run on NCCL,
+    so a lost peer raises here instead of waiting for NCCL's watchdog."""
+
+    def __init__(self, dp: DataParallel) -> None:
+        self.size = dp.size
+        self.group = dp.group
+        if self.size > 1 and dist.get_backend(dp.group) != "gloo":
+            self.group = dist.new_group(backend="gloo")  # every rank, in the same order
+
+    def max(self, values: Sequence[int]) -> list[int]:
+        """The element-wise maximum of `values` over the ranks (identity in one process)."""
+        if self.size == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return [int(v) for v in t.tolist()]
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
 
 def rank_slice(n: int, rank: int, size: int) -> slice:
@@ -104,3 +231,47 @@ def rank_slice(n: int, rank: int, size: int) -> slice:
     base, extra = divmod(n, size)
     lo = rank * base + min(rank, extra)
     return slice(lo, lo + base + (1 if rank < extra else 0))
+
+
+def rank_endpoints(bind: str, control_bind: str | None, rank: int, ranks: int
+                   ) -> tuple[str, str | None]:
+    """The data and control endpoints local rank `rank` of `ranks` binds (None: the data
+    endpoint's own control endpoint, port + 1). One process: `bind` and `control_bind` as
+    given. Several: a comma-separated list gives one endpoint per local rank; a single TCP
+    `--bind` port P gives rank r the data port P + r (the contract: producers connect to
+    P, P + 1, ...) and the control port P + W + 1 + r for W local ranks (after every data
+    port, and past P + W, which is the last rank's data port + 1: no producer's default
+    control endpoint reaches another rank's control socket); ipc/inproc paths get `-r<r>`
+    appended (control: the data path + `.control`). UserError for a list of the wrong
+    length."""
+    from saestream.common.errors import UserError
+
+    def pick(value: str, flag: str) -> str | None:
+        parts = [p.strip() for p in value.split(",")]
+        if len(parts) == 1:
+            return None
+        if len(parts) != ranks:
+            raise UserError(f"{flag} lists {len(parts)} endpoints: give one per local rank "
+                            f"({ranks}), or one endpoint"
+                            + ("" if ranks > 1 else " (a list needs torchrun)"))
+        return parts[rank]
+
+    data = pick(bind, "--bind")
+    if data is None and ranks > 1:
+        scheme, _, rest = bind.partition("://")
+        host, colon, port = rest.rpartition(":")
+        if scheme == "tcp" and colon and port.isdigit():
+            data = f"tcp://{host}:{int(port) + rank}"
+            if control_bind is None:
+                control_bind = f"tcp://{host}:{int(port) + ranks + 1 + rank}"
+                return data, control_bind
+        else:
+            data = f"{bind}-r{rank}"
+    control = control_bind
+    if control_bind is not None and control_bind != "off":
+        control = pick(control_bind, "--control-bind")
+        if control is None and ranks > 1:
+            raise UserError("--control-bind under torchrun: give one endpoint per local rank "
+                            "(comma-separated), `off`, or leave it out (each --bind + 1)")
+        control = control or control_bind
+    return data or bind, control

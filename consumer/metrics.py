@@ -3,14 +3,18 @@
 Names follow the Prometheus conventions: `saestream_` prefix, base units (seconds, bytes),
 `_total` for counters. Labels: `hook` and `sae` on training metrics, `producer` on what is
 received per producer, `reason` on rejects. The registry is created by the caller (no
-global state), so tests can run several consumers in one process.
+global state), so tests can run several consumers in one process. Under torchrun every rank
+serves `served(rank)`: the same series plus a `rank` label on everything but the training
+metrics, which are the global batch's figures, the same on every rank (one process keeps
+its label sets, so its dashboards and queries do not change).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 # Step times of a TopK SAE range from ~1 ms (tiny, GPU) to seconds (wide, CPU).
 STEP_SECONDS_BUCKETS = (
@@ -200,12 +204,31 @@ class ConsumerMetrics:
             "written (see saestream_record_failures_total).",
             ["hook"], registry=r,
         )
+        self.record_skipped_tokens = Counter(
+            "saestream_record_skipped_tokens_total",
+            "Accepted rows (count) not written again: a shard of the recording already holds "
+            "their stream positions (re-sent after a crash of the recording process).",
+            ["hook"], registry=r,
+        )
         self.record_failures = Counter(
             "saestream_record_failures_total",
             "Recording shards (count) that could not be written, by reason (no_space, "
             "read_only, permission, io, other); training and receiving go on.",
             ["reason"], registry=r,
         )
+
+    def served(self, rank: int | None) -> CollectorRegistry:
+        """What /metrics serves: the registry itself in one process; under torchrun a view
+        of it with `rank` on every series but the (global) training metrics."""
+        if rank is None:
+            return self.registry
+        training = {f.name for m in (self.normalized_mse, self.dead_latent_fraction, self.l0,
+                                     self.auxk_loss, self.loss, self.trained_tokens,
+                                     self.train_steps, self.train_step_seconds)
+                    for f in m.describe()}
+        view = CollectorRegistry(auto_describe=False)
+        view.register(_RankLabelled(self.registry, str(rank), training))  # type: ignore[arg-type]
+        return view
 
     def declare_rejects(self, reasons: Iterable[str]) -> None:
         """Export every reject reason from the start (at 0), so dashboards see the series."""
@@ -230,3 +253,17 @@ class ConsumerMetrics:
                 metric.remove(producer)
             except KeyError:
                 pass
+
+
+class _RankLabelled:
+    """A collector re-serving `source` with `rank` added to every family not in `keep`."""
+
+    def __init__(self, source: CollectorRegistry, rank: str, keep: set[str]) -> None:
+        self.source, self.rank, self.keep = source, rank, keep
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():  # fresh objects on every scrape
+            if family.name not in self.keep:
+                family.samples = [s._replace(labels={**s.labels, "rank": self.rank})
+                                  for s in family.samples]
+            yield family

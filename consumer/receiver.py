@@ -6,6 +6,13 @@ reason. The ledger decides which rows are new (a re-sent chunk's rows already ac
 are trimmed) and bounds how many producers are tracked. When the hook's buffer is full the
 thread blocks in `put` and stops reading the socket, so ZeroMQ's high-water marks push back
 on the producers and nothing is dropped.
+
+Decoding and validation (lz4, crc32, numpy: they release the GIL) can run on a pool of
+`decode_threads` threads. The receiver thread still reads the socket and settles every message
+itself, in the order it was received: ZeroMQ's PULL keeps each peer's messages in order, so
+per producer the ledger, the sequence tracking and the buffer see exactly what inline decoding
+gives them. At most `2 × decode_threads` messages are in flight, so a full buffer still stops
+the socket reads.
 """
 
 from __future__ import annotations
@@ -13,12 +20,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
+from saestream.common.devices import codec_threads
 from saestream.common.logs import RateLimitedLog, shown
 from saestream.common.wire import DTYPES, Chunk, DecodeLimits, WireError, decode_chunk
 from saestream.consumer.buffer import BufferSet
@@ -33,6 +44,12 @@ CONSUMER_REJECT_REASONS = ("model", "producers", "positions", "stream", "error")
 beyond --max-producers; a chunk that would leave too many holes in its producer's positions;
 a chunk from another corpus/split/shard than its producer id declared; anything else."""
 EXPIRY_CHECK_SECONDS = 5.0
+IN_FLIGHT_PER_THREAD = 2
+"""Messages decoding or decoded but not yet settled, per decode thread: enough to keep every
+thread busy while the receiver settles the oldest; bounded, so backpressure still holds."""
+IN_FLIGHT_POLL_MS = 1
+"""While messages are in flight, how long the receiver waits for another before it looks
+whether the oldest is decoded (a bound on the latency decoding on the pool adds)."""
 
 
 @dataclass
@@ -52,6 +69,11 @@ class Receiver(threading.Thread):
     :param hooks: hooks to accept; others are rejected (`hook`).
     :param hook_info: hooks whose width (and model) are already known, e.g. from `--d-in` or a
         checkpoint; the rest are learned from their first valid message.
+    :param decode_threads: threads that decode and validate (1 = inline, on this thread;
+        0 = `codec_threads()`'s default for this machine).
+    :param dealt: producers deal their chunks among this receiver and others (the ranks of a
+        data-parallel consumer): a gap in a producer's `seq` is the other ranks' share, not
+        a loss, so it is neither counted nor logged.
     """
 
     def __init__(
@@ -67,8 +89,12 @@ class Receiver(threading.Thread):
         log_interval: float = 10.0,
         poll_ms: int = 100,
         recorder: Recorder | None = None,
+        dealt: bool = False,
+        decode_threads: int = 1,
     ) -> None:
         super().__init__(name="receiver", daemon=True)
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
         self.sock = sock
         self.buffers = buffers
         self.metrics = metrics
@@ -78,7 +104,10 @@ class Receiver(threading.Thread):
         self.limits = limits
         self.poll_ms = poll_ms
         self.recorder = recorder
+        self.dealt = dealt
         """Also gets the kept rows of every admitted chunk (`--record`), before the buffer."""
+        self.decode_threads = codec_threads(decode_threads)
+        self.max_in_flight = IN_FLIGHT_PER_THREAD * self.decode_threads
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.lock = threading.Lock()
@@ -91,16 +120,40 @@ class Receiver(threading.Thread):
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        pool: ThreadPoolExecutor | None = None
+        if self.decode_threads > 1:
+            pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+            log.info("decoding on %d threads", self.decode_threads)
+        pending: deque[Future[Chunk]] = deque()
         try:
             while not self.stop_event.is_set():
-                if poller.poll(self.poll_ms):
+                if pool is not None:
+                    self._pump(poller, pool, pending)
+                elif poller.poll(self.poll_ms):
                     self.handle(self.sock.recv_multipart(copy=False))
                 self._expire()
         except BaseException as exc:  # a bug, not a peer: the training loop reports it
             self.error = exc
             log.exception("receiver thread failed")
         finally:
+            # Messages in flight at a stop are dropped unsettled, like those still queued in
+            # ZeroMQ: the ledger never counted them, so producers re-send them.
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             self.sock.close(linger=0)
+
+    def _pump(self, poller: zmq.Poller, pool: ThreadPoolExecutor,
+              pending: deque[Future[Chunk]]) -> None:
+        """Read one message onto the pool while fewer than `max_in_flight` are in flight,
+        then settle the decoded ones at the head of `pending`, oldest first."""
+        if len(pending) < self.max_in_flight:
+            if poller.poll(IN_FLIGHT_POLL_MS if pending else self.poll_ms):
+                frames = self.sock.recv_multipart(copy=False)
+                pending.append(pool.submit(self._decode, frames, self._expect_d()))
+        elif not pending[0].done():  # full: only settling the oldest makes room
+            wait_futures([pending[0]], timeout=self.poll_ms / 1000)
+        while pending and pending[0].done():
+            self._settle(pending.popleft().result)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
@@ -111,8 +164,13 @@ class Receiver(threading.Thread):
 
     def handle(self, frames: list[Any]) -> bool:
         """Validate one message and buffer its new rows; True if accepted."""
+        return self._settle(lambda: self._decode(frames, self._expect_d()))
+
+    def _settle(self, decoded: Callable[[], Chunk]) -> bool:
+        """Admit the chunk `decoded` returns and buffer its new rows, or count the reject it
+        raises; on the receiver thread, in arrival order. True if accepted."""
         try:
-            chunk = self._decode(frames)
+            chunk = decoded()
         except WireError as exc:
             return self._reject(exc.reason, str(exc))
         except Exception as exc:  # never let a peer's bytes stop the daemon
@@ -142,10 +200,14 @@ class Receiver(threading.Thread):
                     should_stop=self.stop_event.is_set, on_commit=commit)
         return True
 
-    def _decode(self, frames: list[Any]) -> Chunk:
-        # With every hook's width known, decode_chunk checks it before decompressing.
+    def _expect_d(self) -> dict[str, int] | None:
+        """Every hook's width once all are known (then decode_chunk checks it before
+        decompressing); taken on the receiver thread, which alone changes `hook_info`."""
         known = {h: i.d for h, i in self.hook_info.items()}
-        expect_d = known if set(known) >= self.hooks else None
+        return known if set(known) >= self.hooks else None
+
+    def _decode(self, frames: list[Any], expect_d: dict[str, int] | None) -> Chunk:
+        """Decode and validate; safe on any thread (reads only immutable settings)."""
         return decode_chunk(frames, limits=self.limits, expect_hook=self.hooks, expect_d=expect_d)
 
     def _hook_info(self, chunk: Chunk) -> HookInfo | str:
@@ -180,7 +242,7 @@ class Receiver(threading.Thread):
         elif status == "restart":
             m.producer_restarts.labels(producer=name).inc()
             log.info("producer %s restarted: run %s", shown(name), shown(chunk.run))
-        elif status == "gap":
+        elif status == "gap" and not self.dealt:
             m.sequence_gaps.labels(producer=name).inc()
             self._rlog.warning(f"gap:{name}", "producer %s run %s: seq %d after %d",
                                shown(name), shown(chunk.run), chunk.seq, prev)

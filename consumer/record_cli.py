@@ -10,7 +10,7 @@ import click
 
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.settings import FiniteFloat, config_option
-from saestream.consumer.config import ConsumerConfig
+from saestream.consumer.config import MAX_DECODE_THREADS, ConsumerConfig
 
 C = ConsumerConfig
 _POSITIVE = click.IntRange(min=1)
@@ -33,6 +33,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "max_connections", type=_POSITIVE)
 @config_option(C, "max_producers", type=_POSITIVE)
 @config_option(C, "producer_expiry_seconds", type=FiniteFloat(0.0, min_open=True))
+@config_option(C, "decode_threads", type=click.IntRange(0, MAX_DECODE_THREADS))
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="This sink's CURVE key pair (NAME.key_secret).")
 @click.option("--curve-authorized-dir", type=click.Path(file_okay=False, path_type=Path),

@@ -93,7 +93,8 @@ class RecordSink:
         hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks} if cfg.d_in else {}
         self.receiver = Receiver(sock, Discard(), metrics, self.ledger,  # type: ignore[arg-type]
                                  hooks=cfg.hooks, hook_info=hook_info, limits=limits,
-                                 log_interval=cfg.reject_log_interval, recorder=self.recorder)
+                                 log_interval=cfg.reject_log_interval, recorder=self.recorder,
+                                 decode_threads=cfg.decode_threads)
         self.control: ControlServer | None = None
         control = cfg.control_bind or control_endpoint(cfg.bind)
         if control != "off":

@@ -6,6 +6,12 @@ recorded twice) through a bounded queue; when the disk is slower than the stream
 blocks and the receiver stops reading, so ZeroMQ's high-water marks push back on the
 producers exactly as a full shuffle buffer does, and the recording stays complete.
 
+Rows are also trimmed against the recording itself: at start the recorder reads the index of
+every shard already in the directory, and rows whose stream positions a shard holds are not
+written again (`saestream_record_skipped_tokens_total`). So a consumer or sink that crashed
+after writing a shard, whose producers then re-send what its last snapshot did not hold,
+records each position once (chunks without positions cannot be matched and are kept).
+
 A shard that cannot be written (full disk, read-only file system, I/O error) is counted by
 reason and logged, its rows are dropped from the recording, and the next shard is tried
 afresh: recording never stops training. Rows held for a shard not yet full are written on a
@@ -25,18 +31,21 @@ from typing import Any
 
 import numpy as np
 
-from saestream.common.logs import RateLimitedLog
+from saestream.common.logs import RateLimitedLog, shown
 from saestream.common.recording import (
+    SHARD_RE,
     Entry,
     Lost,
+    RecordingError,
     RecordingLock,
     ShardWriter,
     Written,
     hook_dir_name,
     new_writer_id,
+    read_shard,
 )
 from saestream.common.wire import _UINT, Chunk
-from saestream.consumer.checkpoint import failure_reason
+from saestream.consumer.checkpoint import FAILURE_REASONS, failure_reason
 from saestream.consumer.metrics import ConsumerMetrics
 
 log = logging.getLogger("saestream.consumer.recorder")
@@ -72,9 +81,13 @@ class Recorder(threading.Thread):
         self.written = dict.fromkeys(hooks, 0)
         """Rows in complete shards, per hook (for progress lines)."""
         self._rlog = RateLimitedLog(log, 10.0)
+        self.held = {h: self._read_held(self.root / hook_dir_name(h)) for h in hooks}
+        for reason in FAILURE_REASONS:  # every series exported from the start, at 0
+            metrics.record_failures.labels(reason=reason)
+        """Per hook, the stream positions the recording's shards already hold."""
         for h in hooks:
             for m in (metrics.recorded_tokens, metrics.recorded_shards, metrics.recorded_bytes,
-                      metrics.record_dropped_tokens):
+                      metrics.record_dropped_tokens, metrics.record_skipped_tokens):
                 m.labels(hook=h)
             metrics.record_pending_tokens.labels(hook=h).set_function(
                 lambda w=self.writers[h]: w.pending_rows)
@@ -125,11 +138,36 @@ class Recorder(threading.Thread):
             self.error = exc
             log.exception("recorder thread failed")
 
+    def _read_held(self, hook_dir: Path) -> HeldPositions:
+        held = HeldPositions()
+        if not hook_dir.is_dir():
+            return held
+        for path in sorted(p for p in hook_dir.iterdir() if SHARD_RE.match(p.name)):
+            try:
+                entries = read_shard(path).entries
+            except (RecordingError, OSError) as exc:
+                log.warning("%s: unreadable (%s); its rows are not matched against", path, exc)
+                continue
+            for e in entries:
+                held.add(e.producer, e.source, 0, e.n)
+        return held
+
     def _record(self, chunk: Chunk, parts: list[tuple[int, int]]) -> None:
         writer = self.writers[chunk.hook]
         words = _words(chunk)
-        whole = parts == [(0, chunk.n)]
-        for first, rows in parts:
+        held = self.held[chunk.hook]
+        kept = [new for first, rows in parts
+                for new in held.missing(chunk.producer, chunk.source, first, rows)]
+        skipped = sum(m for _, m in parts) - sum(m for _, m in kept)
+        if skipped:
+            self.metrics.record_skipped_tokens.labels(hook=chunk.hook).inc(skipped)
+            self._rlog.warning(f"skip:{chunk.producer}", "recording %s: %d rows of producer %s "
+                               "are in the recording already, not written again", chunk.hook,
+                               skipped, shown(chunk.producer))
+        for first, rows in kept:
+            held.add(chunk.producer, chunk.source, first, rows)
+        whole = kept == [(0, chunk.n)]
+        for first, rows in kept:
             part = words[first : first + rows]
             source = chunk.source if whole else _moved(chunk.source, first, rows)
             checksum = chunk.header["checksum"] if whole else zlib.crc32(part)
@@ -180,3 +218,53 @@ def _moved(source: dict[str, Any], first: int, rows: int) -> dict[str, Any]:
         return dict(source)
     start = source["start"] + first
     return {**source, "start": start, "end": start + rows}
+
+
+class HeldPositions:
+    """Which positions of each producer's stream (epoch, [start, end)) a recording holds, as
+    sorted, merged ranges: small however long the recording (one range per gap)."""
+
+    def __init__(self) -> None:
+        self.ranges: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+
+    @staticmethod
+    def _key(producer: str, source: dict[str, Any]) -> tuple[Any, ...] | None:
+        if "start" not in source:
+            return None
+        return (producer, source.get("corpus"), source.get("split"), source.get("shard"),
+                source["epoch"])
+
+    def add(self, producer: str, source: dict[str, Any], first: int, rows: int) -> None:
+        """Rows [first, first + rows) of a chunk with this `source` are recorded."""
+        key = self._key(producer, source)
+        if key is None or rows <= 0:
+            return
+        lo = source["start"] + first
+        spans = self.ranges.setdefault(key, [])
+        merged = [(lo, lo + rows)]
+        for a, b in spans:
+            if b < merged[0][0] or a > merged[0][1]:
+                merged.append((a, b))
+            else:
+                merged[0] = (min(a, merged[0][0]), max(b, merged[0][1]))
+        spans[:] = sorted(merged)
+
+    def missing(self, producer: str, source: dict[str, Any], first: int,
+                rows: int) -> list[tuple[int, int]]:
+        """The parts (first, rows) of rows [first, first + rows) not recorded yet."""
+        key = self._key(producer, source)
+        if key is None or key not in self.ranges:
+            return [(first, rows)] if rows > 0 else []
+        start = source["start"]
+        lo, hi = start + first, start + first + rows
+        out = []
+        for a, b in self.ranges[key]:
+            if b <= lo or a >= hi:
+                continue
+            if a > lo:
+                out.append((lo - start, a - lo))
+            lo = max(lo, b)
+        if lo < hi:
+            out.append((lo - start, hi - lo))
+        return out
+

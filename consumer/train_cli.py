@@ -23,6 +23,7 @@ from saestream.common.files import check_writable_dir
 from saestream.common.recording import Recording
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.config import ConsumerConfig
+from saestream.consumer.distributed import peer_errors
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
 from saestream.consumer.trainer import TrainerConfig
 
@@ -260,6 +261,7 @@ class ShuffledBatches:
 @click.option("--latent-shards", default=1, show_default=True, type=_POSITIVE,
               help="Under torchrun: split the latents over this many ranks (it must divide "
                    "the world size; the rest is data parallel).")
+@config_option(ConsumerConfig, "dist_timeout", type=FiniteFloat(0.0, min_open=True))
 @click.option(
     "--out",
     required=True,
@@ -274,6 +276,7 @@ class ShuffledBatches:
     help="Seconds between progress lines.",
 )
 @cli_errors
+@peer_errors
 def train(
     input_path: Path,
     tensor: str | None,
@@ -301,6 +304,7 @@ def train(
     log_interval: float,
     init_from: Path | None,
     latent_shards: int,
+    dist_timeout: float,
 ) -> None:
     """Train a TopK SAE on activations stored on disk, then write a checkpoint to --out."""
     import torch
@@ -366,7 +370,7 @@ def train(
     if sae_cfg.n_latents % latent_shards:
         raise UserError(f"--latent-shards {latent_shards} must divide --latents "
                         f"{sae_cfg.n_latents}")
-    dp, shard, dev = _data_parallel(dev, latent_shards, sae_cfg.n_latents)
+    dp, shard, dev = _data_parallel(dev, latent_shards, sae_cfg.n_latents, dist_timeout)
     torch.manual_seed(seed)
     trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev, dp=dp,
                       shard=shard)
@@ -418,11 +422,13 @@ def train(
 
 
 def _data_parallel(
-    dev: torch.device, latent_shards: int, n_latents: int
+    dev: torch.device, latent_shards: int, n_latents: int, timeout: float | None = None
 ) -> tuple[DataParallel, LatentShard | None, torch.device]:
     """Under torchrun: join the process group and train on this rank's device (cuda:LOCAL_RANK
     when the device is CUDA). The world is a 2-D mesh, data parallel × `latent_shards`:
     consecutive ranks share a batch and split the latents. Otherwise one process, as asked."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -443,7 +449,8 @@ def _data_parallel(
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank())
         torch.cuda.set_device(dev)
-    world = init_from_env(dev)
+    world = init_from_env(dev, timeout)
+    kw = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
     if world.size % latent_shards:
         raise UserError(f"--latent-shards {latent_shards} must divide the world size "
                         f"{world.size}")
@@ -452,11 +459,11 @@ def _data_parallel(
     n_dp = world.size // latent_shards
     mine_dp = mine_shard = None
     for i in range(n_dp):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(i * latent_shards, (i + 1) * latent_shards)))
+        g = dist.new_group(list(range(i * latent_shards, (i + 1) * latent_shards)), **kw)
         if world.rank // latent_shards == i:
             mine_shard = g
     for j in range(latent_shards):
-        g = dist.new_group(list(range(j, world.size, latent_shards)))
+        g = dist.new_group(list(range(j, world.size, latent_shards)), **kw)
         if world.rank % latent_shards == j:
             mine_dp = g
     return DataParallel(mine_dp), LatentShard.of_group(n_latents, mine_shard), dev

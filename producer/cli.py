@@ -47,6 +47,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "token_dtype", type=click.Choice(["uint16", "uint32"]))
 @config_option(P, "threads", type=click.IntRange(min=0))
 @config_option(P, "queue_size", type=_POSITIVE)
+@config_option(P, "encode_threads", type=click.IntRange(min=0))
 @config_option(P, "hwm", type=_POSITIVE)
 @config_option(P, "linger", type=FiniteFloat(0.0))
 @click.option("--log-level", default="INFO", show_default=True,

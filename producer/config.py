@@ -84,6 +84,9 @@ class ProducerConfig:
     """torch CPU threads; 0 = $SAESTREAM_THREADS or torch's default."""
     queue_size: int = 8
     """Chunks queued for the sending thread before the model loop blocks."""
+    encode_threads: int = 0
+    """Threads encoding chunks (lz4 and crc32 release the GIL); messages still go out in
+    sequence order. 0 = half the CPUs this process may use, 1 to 4."""
     hwm: int = DEFAULT_HWM
     """ZeroMQ send high-water mark (messages per consumer)."""
     linger: float = 5.0

@@ -38,8 +38,15 @@ HOLE_SECONDS = 5.0
 FRESH_SECONDS = 5.0
 """An answer older than this no longer counts (that consumer may be gone)."""
 FIRST_ANSWER_GRACE = 2.0
-"""Seconds a stream's end waits for a first answer before it takes the consumer for one
-without a control channel."""
+"""Seconds a stream's end waits, once a control connection exists, for a first answer
+before it takes the consumer for one without a control channel."""
+CONNECT_GRACE = 0.5
+"""Seconds a stream's end waits for a control connection at all (ZeroMQ connects in the
+background; on a reachable host the handshake takes milliseconds) before it takes the
+endpoints for ones where no consumer listens."""
+RETRY_SECONDS = 0.05
+"""How often a request is tried while no control connection exists (sends to an unconnected
+DEALER fail at once: IMMEDIATE), so `reachable` turns true within this of the handshake."""
 
 
 class ControlClient(threading.Thread):
@@ -83,7 +90,7 @@ class ControlClient(threading.Thread):
                             self.reachable = True
                         except zmq.Again:  # not connected yet: ask again later
                             pass
-                    next_ask = now + ASK_SECONDS
+                    next_ask = now + (ASK_SECONDS if self.reachable else RETRY_SECONDS)
                 for sock, _ in poller.poll(50):
                     self._read(self.socks.index(sock), sock.recv())
         finally:
@@ -109,12 +116,22 @@ class ControlClient(threading.Thread):
     # -- the end of a stream ------------------------------------------------------------------
 
     def expect_answers(self, stop: threading.Event, known: bool = False) -> bool:
-        """Whether a consumer speaks the control channel. A first answer gets
-        FIRST_ANSWER_GRACE seconds, also before the connection is seen (ZeroMQ connects in
-        the background, and a short stream can end before it has); with `known` (a consumer
-        answered this stream before) it is awaited however long it takes. False on stop."""
-        deadline = time.monotonic() + FIRST_ANSWER_GRACE
-        while not self.ever_answered.is_set() and (known or time.monotonic() < deadline):
+        """Whether a consumer speaks the control channel: a first answer gets
+        FIRST_ANSWER_GRACE seconds from when a control connection exists, and a connection
+        CONNECT_GRACE seconds (a short stream can end before ZeroMQ has connected); with
+        `known` (a consumer answered this stream before) it is awaited however long it
+        takes. False on stop."""
+        connect_by = time.monotonic() + CONNECT_GRACE
+        answer_by: float | None = None
+        while not self.ever_answered.is_set() and not known:
+            now = time.monotonic()
+            if self.reachable and answer_by is None:
+                answer_by = now + FIRST_ANSWER_GRACE
+            if now >= (answer_by if answer_by is not None else connect_by):
+                break
+            if stop.wait(0.05):
+                return False
+        while known and not self.ever_answered.is_set():
             if stop.wait(0.05):
                 return False
         return self.ever_answered.is_set()

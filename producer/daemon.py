@@ -39,6 +39,7 @@ from saestream.producer.hooks import HookedModel, HookError, validate_hooks
 from saestream.producer.metrics import ProducerMetrics
 from saestream.producer.models import Interrupted, LoadedModel, load_model
 from saestream.producer.sender import Outgoing, Progress, Sender
+from saestream.producer.staging import to_host
 from saestream.producer.state import ProducerState, check_state, read_state, write_state
 
 __all__ = ["ProducerConfig", "RunSummary", "run_producer"]
@@ -177,6 +178,7 @@ class ProducerRun:
         self.sender = Sender(
             self.sock, producer=self.producer_id, run=self.run, model=self.lm.name,
             codec=cfg.codec, metrics=self.metrics, queue_size=cfg.queue_size,
+            encode_threads=cfg.encode_threads,
             first_hook=self.hooks[0], progress=self.resume,
         ).start()
         endpoints = list(cfg.control_connect) or [control_endpoint(e) for e in cfg.connect]
@@ -298,7 +300,7 @@ class ProducerRun:
                     self._budget_reached(epoch)
                     return self._flush("end")
                 for item in self.chunker.take(epoch):
-                    if not self.sender.put(item, self.stop, cfg.linger):
+                    if not self._put(item):
                         return "stop"
                 self._periodic_save()
                 if stop_at is not None and pos >= stop_at:
@@ -334,16 +336,23 @@ class ProducerRun:
         if len(ids):
             with self.metrics.forward_seconds.time():
                 acts = self.hooked(torch.from_numpy(ids).to(lm.device))
-                host = {h: a[:, self.first:].to(DTYPES[self.cfg.wire_dtype]).cpu()
+                # On CUDA the rows stay on the device until a chunk is cut (`_put`).
+                host = {h: a[:, self.first:].to(DTYPES[self.cfg.wire_dtype])
                         for h, a in acts.items()}
+                if lm.device.type != "cuda":
+                    host = {h: a.cpu() for h, a in host.items()}
             self.left = self.chunker.add_batch(host, starts.tolist(), done, self.left, stop_at)
             self.emitted = Progress(epoch, self.chunker.last_end)
         return len(ids)
 
+    def _put(self, item: Outgoing) -> bool:
+        """Queue a chunk for sending (its copy to the host started first, on CUDA)."""
+        return self.sender.put(to_host(item, self.cfg.codec), self.stop, self.cfg.linger)
+
     def _flush(self, outcome: str) -> str:
         """Send the partial chunk in hand; `outcome`, or "stop" if the linger ran out."""
         for item in self.chunker.take(self.emitted.epoch, final=True):
-            if not self.sender.put(item, self.stop, self.cfg.linger):
+            if not self._put(item):
                 return "stop"
         return outcome
 

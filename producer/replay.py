@@ -148,6 +148,7 @@ class ReplayRun:
         self.sender = Sender(
             self.sock, producer=self.producer_id, run=self.run, model=self.rec.model,
             codec=send.codec, metrics=self.metrics, queue_size=send.queue_size,
+            encode_threads=send.encode_threads,
             first_hook=self.rec.hook, progress=self.resume,
         ).start()
         endpoints = list(send.control_connect) or [control_endpoint(e) for e in send.connect]

@@ -38,6 +38,7 @@ _POSITIVE = click.IntRange(min=1)
                "decoding costs the consumer, for ~14 % fewer bytes on bf16 (bench_replay in "
                "BENCHMARKS.md).")
 @config_option(P, "queue_size", type=_POSITIVE)
+@config_option(P, "encode_threads", type=click.IntRange(min=0))
 @config_option(P, "hwm", type=_POSITIVE)
 @config_option(P, "linger", type=FiniteFloat(0.0))
 @config_option(P, "metrics_port", type=click.IntRange(0, 65535))

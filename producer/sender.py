@@ -3,6 +3,11 @@
 The model loop only waits when the queue is full (backpressure from the consumers reaching
 back through ZeroMQ's high-water mark); nothing is ever dropped, and `seq` counts the
 messages actually handed to ZeroMQ, from 0, without gaps.
+
+With `encode_threads` > 1 the sending thread hands each chunk to a pool as it takes it from
+the queue (numbering it there) and sends the encoded chunks strictly in that order, so a
+consumer sees the same sequence as from one thread; at most two chunks per encoding thread
+are in flight, so the queue still fills, and backpressure still reaches the model loop.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ import logging
 import queue
 import threading
 import time
-from typing import NamedTuple
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import torch
 import zmq
 
+from saestream.common.devices import codec_threads
 from saestream.common.wire import encode_chunk
 from saestream.producer.metrics import ProducerMetrics
 
@@ -44,6 +52,12 @@ class Outgoing(NamedTuple):
     checksum: int | None = None
     """crc32 of `acts`' raw bytes when already known (a replayer verified it against its
     recording): encoding skips its own pass over the data."""
+    regrouped: torch.Tensor | None = None
+    """`lz4-shuffle`'s regrouped bytes of `acts`, made on the device (`producer/staging.py`):
+    encoding only compresses them."""
+    ready: Any = None
+    """A CUDA event that `acts` and `regrouped` (pinned host buffers filled by asynchronous
+    copies) are complete once it has passed; None for ordinary tensors."""
 
 
 class Sender:
@@ -61,13 +75,18 @@ class Sender:
         queue_size: int,
         first_hook: str,
         progress: Progress,
+        encode_threads: int = 1,
     ) -> None:
         self.sock = sock
+        self.encode_threads = codec_threads(encode_threads)
         self.producer, self.run, self.model, self.codec = producer, run, model, codec
         self.metrics = metrics
         self.queue: queue.Queue[Outgoing | None] = queue.Queue(maxsize=max(1, queue_size))
         self.seq = 0
         """Messages sent so far this run (= the next message's seq)."""
+        self._next_seq = 0
+        """The seq the next chunk taken from the queue gets (ahead of `seq` by the chunks
+        being encoded)."""
         self.tokens_sent = 0
         """Rows sent for `first_hook` this run (every hook gets the same rows)."""
         self.progress = progress
@@ -170,39 +189,79 @@ class Sender:
             return self._pending == 0
 
     def _run(self) -> None:
+        pool = None
+        if self.encode_threads > 1:
+            pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
+        window = 2 * self.encode_threads if pool is not None else 1  # 1: as one thread did
+        # Taken from the queue, in order: (generation, item, its encoding or None).
+        inflight: deque[tuple[int, Outgoing, Future[list[bytes]] | None]] = deque()
         try:
             while not self._abort.is_set():
-                try:
-                    entry = self.queue.get(timeout=POLL_MS / 1000)
-                except queue.Empty:
-                    continue
-                generation, item = entry if entry is not None else (None, None)
-                if item is None:
-                    return
-                if generation == self._generation:
-                    if item.hook is not None and not self._send(item):
-                        return
-                with self._lock:
-                    self._pending -= 1
-                    if item.progress is not None and generation == self._generation:
-                        self.progress = item.progress
+                if len(inflight) < window:
+                    try:  # block only when nothing is in flight
+                        entry = (self.queue.get(timeout=POLL_MS / 1000) if not inflight
+                                 else self.queue.get_nowait())
+                    except queue.Empty:
+                        entry = None
+                    if entry is not None:
+                        generation, item = entry
+                        if item is None:  # drain: send what is in flight, then stop
+                            while inflight and not self._abort.is_set():
+                                self._finish(*inflight.popleft())
+                            return
+                        inflight.append((generation, item, self._submit(pool, generation, item)))
+                        continue
+                if inflight:
+                    self._finish(*inflight.popleft())
         except BaseException as exc:
             self.error = exc
             log.exception("sending thread failed")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
-    def _send(self, item: Outgoing) -> bool:
+    def _submit(self, pool: ThreadPoolExecutor | None, generation: int,
+                item: Outgoing) -> Future[list[bytes]] | None:
+        """Number `item` and start encoding it; None if there is nothing to send (a progress
+        marker, or a chunk queued before a rewind)."""
+        if item.hook is None or generation != self._generation:
+            return None
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        if pool is not None:
+            return pool.submit(self._encode, item, seq)
+        done: Future[list[bytes]] = Future()
+        done.set_result(self._encode(item, seq))
+        return done
+
+    def _finish(self, generation: int, item: Outgoing, encoded: Future[list[bytes]] | None) -> None:
+        """Send one chunk taken from the queue (in queue order) and account for it."""
+        if encoded is not None and not self._send(item, encoded.result()):
+            self._abort.set()
+            return
+        with self._lock:
+            self._pending -= 1
+            if item.progress is not None and generation == self._generation:
+                self.progress = item.progress
+
+    def _encode(self, item: Outgoing, seq: int) -> list[bytes]:
         assert item.hook is not None and item.acts is not None
-        frames = encode_chunk(
+        if item.ready is not None:
+            item.ready.synchronize()  # the device-to-host copies have landed
+        return encode_chunk(
             item.acts,
             producer=self.producer,
             run=self.run,
-            seq=self.seq,
+            seq=seq,
             model=self.model,
             hook=item.hook,
             source=item.source,
             codec=self.codec,
             checksum=item.checksum,
+            regrouped=item.regrouped,
         )
+
+    def _send(self, item: Outgoing, frames: list[bytes]) -> bool:
+        assert item.hook is not None and item.acts is not None
         while True:
             try:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)

@@ -30,8 +30,10 @@ RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "saestream.json"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+COMPOSE_DP = DEPLOY / "docker-compose.dp.yml"
 SYSTEMD = DEPLOY / "systemd"
 K8S = DEPLOY / "k8s"
+K8S_DP = DEPLOY / "k8s-data-parallel"
 UNIT_PREFIX = "/opt/saestream/.venv"
 
 # Grafana variables -> what the live test and promtool substitute for them.
@@ -170,10 +172,14 @@ def alerting_rules() -> list[dict]:
 def test_prometheus_config_passes_promtool_with_file_sd_targets(tmp_path: Path) -> None:
     work = tmp_path / "prometheus"
     shutil.copytree(PROM, work)
-    # the example becomes a live file_sd file, so promtool checks it too
+    # the examples become live file_sd files, so promtool checks them too
     shutil.copy(work / "targets" / "producers.example.yml", work / "targets" / "producers-a.yml")
+    shutil.copy(work / "targets" / "consumers.example.yml", work / "targets" / "consumers-a.yml")
     (work / "targets" / "producers-b.json").write_text(
         json.dumps([{"targets": ["10.1.2.3:9110"], "labels": {"site": "b"}}])
+    )
+    (work / "targets" / "consumers-b.json").write_text(
+        json.dumps([{"targets": ["10.1.2.3:9121"], "labels": {"training_copy": "true"}}])
     )
     res = run([tool("promtool"), "check", "config", "prometheus.yml"], cwd=work)
     out = res.stdout + res.stderr
@@ -572,7 +578,8 @@ def _units_for_verify(tmp_path: Path) -> Path:
     """The units with their install prefix pointing at this checkout's venv."""
     prefix = tmp_path / "opt" / "saestream" / ".venv" / "bin"
     prefix.mkdir(parents=True)
-    (prefix / "saestream").symlink_to(Path(sys.executable).parent / "saestream")
+    for script in ("saestream", "torchrun"):
+        (prefix / script).symlink_to(Path(sys.executable).parent / script)
     for unit in SYSTEMD.glob("*.service"):
         text = unit.read_text().replace(UNIT_PREFIX, str(tmp_path / "opt" / "saestream" / ".venv"))
         (tmp_path / unit.name).write_text(text)
@@ -586,7 +593,7 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     res = run(
         [tool("systemd-analyze"), "verify", "./saestream-consumer.service",
          "./saestream-producer@0.service", "./saestream-producer@3.service",
-         "./saestream-evaluator.service"],
+         "./saestream-evaluator.service", "./saestream-consumer-dp.service"],
         cwd=work,
     )
     ours = [ln for ln in (res.stdout + res.stderr).splitlines() if "saestream" in ln]
@@ -688,6 +695,13 @@ def k8s_docs() -> list[tuple[Path, dict]]:
     return [(K8S / f, d) for f in kust["resources"] for d in load_yaml_docs(K8S / f)]
 
 
+def k8s_dp_docs() -> list[tuple[Path, dict]]:
+    """The data-parallel overlay's own manifests (its base is deploy/k8s)."""
+    kust = yaml.safe_load((K8S_DP / "kustomization.yaml").read_text())
+    return [(K8S_DP / f, d) for f in kust["resources"] if f.endswith(".yaml")
+            for d in load_yaml_docs(K8S_DP / f)]
+
+
 def test_k8s_manifests_pass_kubernetes_schema_validation() -> None:
     files = sorted({str(p) for p, _ in k8s_docs()})
     res = run([tool("kubernetes-validate"), "--strict", *files])
@@ -786,6 +800,13 @@ def test_k8s_consumer_statefulset_service_pvc_and_producer_deployment() -> None:
 # ================================================================ flags
 
 
+def _after_torchrun(argv: list[str]) -> list[str]:
+    """torchrun's arguments -> the saestream command they start (`-m saestream ROLE ...`)."""
+    i = argv.index("-m")
+    assert argv[i + 1] == "saestream", argv
+    return argv[i + 2:]
+
+
 def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
     """(where, role, argv after the role) for every daemon command in deploy/."""
     compose = yaml.safe_load(COMPOSE.read_text())
@@ -793,13 +814,22 @@ def _command_lines() -> Iterator[tuple[str, str, list[str]]]:
         cmd = compose["services"][role]["command"]
         assert cmd[0] == role
         yield "docker-compose.yml", role, cmd[1:]
-    for _, d in k8s_docs():
+    # docker-compose.dp.yml starts the base file's consumer command under torchrun
+    cmd = yaml.safe_load(COMPOSE_DP.read_text())["services"]["producer"]["command"]
+    assert cmd[0] == "producer"
+    yield "docker-compose.dp.yml", "producer", cmd[1:]
+    for _, d in k8s_docs() + k8s_dp_docs():
         if d["kind"] in ("StatefulSet", "Deployment"):
             for c in d["spec"]["template"]["spec"]["containers"]:
-                yield f"k8s {d['metadata']['name']}", c["args"][0], c["args"][1:]
+                argv = c["args"]
+                if c.get("command") == ["tini", "--", "torchrun"]:
+                    argv = _after_torchrun(argv)
+                yield f"k8s {d['metadata']['name']}", argv[0], argv[1:]
     for unit in SYSTEMD.glob("*.service"):
         argv = unit_settings(unit)["ExecStart"][0].split()
-        assert argv[0] == f"{UNIT_PREFIX}/bin/saestream"
+        if argv[0] == f"{UNIT_PREFIX}/bin/torchrun":
+            argv = ["saestream", *_after_torchrun(argv)]
+        assert argv[0] in (f"{UNIT_PREFIX}/bin/saestream", "saestream")
         yield unit.name, argv[1], argv[2:]
 
 
@@ -820,7 +850,9 @@ def test_deploy_files_pass_only_flags_the_daemons_accept() -> None:
                 flag = arg.partition("=")[0]
                 assert flag in accepted[role], f"{where}: {role} has no option {flag}"
         seen.add((where, role))
-    assert len(seen) == 9  # consumer, producer and evaluator in compose, k8s and systemd
+    # consumer, producer and evaluator in compose, k8s and systemd; the data-parallel
+    # consumer in k8s and systemd, and compose's producers connecting to its ranks
+    assert len(seen) == 12
 
 
 # ================================================================ README
@@ -871,3 +903,367 @@ def test_readme_operations_commands_use_only_real_subcommands_and_flags() -> Non
                 assert arg.partition("=")[0] in opts, f"{line}: no option {arg}"
         checked += 1
     assert checked >= 5
+
+
+# ================================================================ data-parallel consumer
+# deploy/docker-compose.dp.yml, deploy/systemd/saestream-consumer-dp.service and the
+# deploy/k8s-data-parallel overlay: torchrun ranks, each binding the endpoints
+# consumer/distributed.py's `rank_endpoints` gives it and serving /metrics on --metrics-port
+# + its local rank; producers connect to every rank's data and control endpoints; Prometheus
+# scrapes every rank and keeps the (global) training figures of rank 0 only.
+
+
+def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
+    """Prometheus's relabelling of one label set (replace, keep, drop, labeldrop, with its
+    defaults): the result, or None when dropped."""
+    out = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        regex = re.compile(rule.get("regex", "(.*)"))
+        if action == "labeldrop":
+            out = {k: v for k, v in out.items() if not regex.fullmatch(k)}
+            continue
+        value = rule.get("separator", ";").join(out.get(n, "") for n in
+                                                rule.get("source_labels", []))
+        match = regex.fullmatch(value)
+        if action in ("keep", "drop"):
+            if (match is None) == (action == "keep"):
+                return None
+            continue
+        assert action == "replace", action
+        if match is not None:
+            template = re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", rule.get("replacement", "$1"))
+            new = match.expand(template)
+            if new:
+                out[rule["target_label"]] = new
+            else:
+                out.pop(rule["target_label"], None)
+    return out
+
+
+def consumer_rank_series() -> tuple[set[str], set[str]]:
+    """(names of every series a consumer rank serves, those without a `rank` label: the
+    global batch's training figures, the same on every rank)."""
+    from prometheus_client import Counter, Gauge, Histogram
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from saestream.consumer.metrics import ConsumerMetrics
+
+    m = ConsumerMetrics()
+    for metric in vars(m).values():
+        if isinstance(metric, MetricWrapperBase):
+            child = metric.labels(*["x"] * len(metric._labelnames)) if metric._labelnames \
+                else metric
+            if isinstance(metric, Counter):
+                child.inc()
+            elif isinstance(metric, Gauge):
+                child.set(1)
+            elif isinstance(metric, Histogram):
+                child.observe(1)
+    samples = [s for f in m.served(1).collect() for s in f.samples]
+    return {s.name for s in samples}, {s.name for s in samples if "rank" not in s.labels}
+
+
+def scraped(job: dict, target: dict[str, str]) -> set[str] | None:
+    """The series names Prometheus keeps from a consumer rank at `target` (its discovered
+    labels) under `job`, None when the target is dropped; checks no helper label is left."""
+    labels = relabel({"job": job["job_name"], **target}, job.get("relabel_configs", []))
+    if labels is None:
+        return None
+    labels = {k: v for k, v in labels.items() if not k.startswith("__")}
+    assert labels["role"] == "consumer", labels
+    names, _ = consumer_rank_series()
+    kept = set()
+    for name in names:
+        series = relabel({**labels, "__name__": name}, job.get("metric_relabel_configs", []))
+        if series is not None:
+            assert "training_copy" not in series, series
+            kept.add(name)
+    return kept
+
+
+def test_prometheus_keeps_training_figures_from_consumer_rank_0_only() -> None:
+    names, training = consumer_rank_series()
+    assert {"saestream_trained_tokens_total", "saestream_normalized_mse"} <= training < names
+    job = {j["job_name"]: j for j in
+           yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"]}[
+        "saestream-consumer"]
+    # compose: rank 0 is the static target; rank r >= 1 is the name consumer-metrics-<port>
+    assert scraped(job, {"__address__": "consumer:9101", "role": "consumer"}) == names
+    for r in range(1, 8):
+        port = 9101 + r
+        target = {"__address__": "172.18.0.5:9101", "__meta_dns_name": f"consumer-metrics-{port}"}
+        assert relabel(target, job["relabel_configs"])["__address__"] == f"172.18.0.5:{port}"
+        assert scraped(job, target) == names - training
+    (dns,) = job["dns_sd_configs"]
+    assert dns["names"] == [f"consumer-metrics-{9101 + r}" for r in range(1, 8)]
+    # hosts: the example's rank 0 keeps them, its other ranks carry training_copy
+    example = yaml.safe_load((PROM / "targets" / "consumers.example.yml").read_text())
+    kept = [scraped(job, {"__address__": t, **g.get("labels", {})})
+            for g in example for t in g["targets"]]
+    assert kept == [names] + [names - training] * (len(kept) - 1) and len(kept) >= 2
+
+
+def test_k8s_scrape_job_finds_every_rank_port_and_keeps_training_figures_once() -> None:
+    cfg = yaml.safe_load((K8S_DP / "prometheus-scrape.yml").read_text())
+    (job,) = cfg["scrape_configs"]
+    assert job["job_name"] == "saestream-consumer"  # SaestreamConsumerDown covers the ranks
+    (sd,) = job["kubernetes_sd_configs"]
+    assert sd == {"role": "pod", "namespaces": {"names": ["saestream"]}}
+    names, training = consumer_rank_series()
+    sts = next(d for _, d in k8s_dp_docs() if d["kind"] == "StatefulSet")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    ports = [p["name"] for p in c["ports"]]
+    for pod in range(sts["spec"]["replicas"]):
+        for port in ports:
+            target = {
+                "__address__": f"10.0.{pod}.7:1",
+                "__meta_kubernetes_pod_name": f"saestream-consumer-dp-{pod}",
+                "__meta_kubernetes_pod_label_app_kubernetes_io_name": "saestream-consumer-dp",
+                "__meta_kubernetes_pod_label_apps_kubernetes_io_pod_index": str(pod),
+                "__meta_kubernetes_pod_container_port_name": port,
+            }
+            want = (None if not port.startswith("metrics-")
+                    else names if (pod, port) == (0, "metrics-0") else names - training)
+            assert scraped(job, target) == want, (pod, port)
+    other = {"__meta_kubernetes_pod_label_app_kubernetes_io_name": "saestream-producer",
+             "__meta_kubernetes_pod_container_port_name": "metrics-0"}
+    assert relabel(other, job["relabel_configs"]) is None
+
+
+def test_k8s_scrape_job_passes_promtool_but_for_its_kubernetes_discovery(tmp_path: Path) -> None:
+    """Debian's promtool is built without Kubernetes discovery: the job is checked with a
+    static target in its place (every relabelling rule and regex still parsed)."""
+    cfg = yaml.safe_load((K8S_DP / "prometheus-scrape.yml").read_text())
+    for job in cfg["scrape_configs"]:
+        del job["kubernetes_sd_configs"]
+        job["static_configs"] = [{"targets": ["saestream-consumer-dp-0:9101"]}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run([tool("promtool"), "check", "config", str(path)])
+    assert res.returncode == 0 and "WARNING" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def _flag_value(argv: list[str], name: str) -> str:
+    (value,) = [a.partition("=")[2] for a in argv if a.partition("=")[0] == name]
+    return value
+
+
+def _rank_layout(ranks: int, bind: str = "tcp://0.0.0.0:5557", metrics: int = 9101
+                 ) -> dict[str, int]:
+    """Port name -> port of local ranks 0 .. ranks - 1 under torchrun, as the consumer
+    binds them (`rank_endpoints`) for one TCP --bind: zmq-r, control-r, metrics-r."""
+    from saestream.consumer.distributed import rank_endpoints
+
+    out = {}
+    for r in range(ranks):
+        data, control = rank_endpoints(bind, None, r, ranks)
+        assert control is not None
+        out |= {f"zmq-{r}": int(data.rpartition(":")[2]),
+                f"control-{r}": int(control.rpartition(":")[2]), f"metrics-{r}": metrics + r}
+    return out
+
+
+def _endpoints(argv: list[str], flag: str) -> list[str]:
+    return [a.partition("=")[2] for a in argv if a.partition("=")[0] == flag]
+
+
+def test_k8s_data_parallel_manifests_pass_kubernetes_schema_validation() -> None:
+    files = sorted({str(p) for p, _ in k8s_dp_docs()})
+    res = run([tool("kubernetes-validate"), "--strict", *files])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("passed for resource") == len(k8s_dp_docs()), res.stdout
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """`kubectl kustomize DIR` (kustomize built into kubectl; no cluster needed)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:  # `make deploy-tools` does not install it
+        pytest.skip("kubectl not installed (its built-in kustomize renders the overlay)")
+    res = run([kubectl, "kustomize", str(directory)])
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d is not None]
+
+
+def test_k8s_data_parallel_overlay_renders_and_validates(tmp_path: Path) -> None:
+    docs = kustomize(K8S_DP)
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all(docs))
+    res = run([tool("kubernetes-validate"), "--strict", str(rendered)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("passed for resource") == len(docs), res.stdout
+    base = {(d["kind"], d["metadata"]["name"]) for _, d in k8s_docs()}
+    here = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    gone = {("StatefulSet", "saestream-consumer"), ("Service", "saestream-consumer")}
+    assert here == (base - gone) | {("StatefulSet", "saestream-consumer-dp"),
+                                    ("Service", "saestream-consumer-dp")}
+
+
+def test_k8s_data_parallel_consumer_ranks_rendezvous_ports_and_producers_agree() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(K8S_DP)}
+    sts = docs[("StatefulSet", "saestream-consumer-dp")]
+    svc = docs[("Service", "saestream-consumer-dp")]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    pod = sts["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["tini", "--", "torchrun"]
+    args, nodes = c["args"], sts["spec"]["replicas"]
+    per_pod = int(_flag_value(args, "--nproc-per-node"))
+    assert int(_flag_value(args, "--nnodes")) == nodes
+    gpus = {c["resources"][k]["nvidia.com/gpu"] for k in ("requests", "limits")}
+    assert gpus == {str(per_pod)}
+    # static rendezvous at pod 0 (global rank 0, which writes the snapshots, is there)
+    assert _flag_value(args, "--node-rank") == "$(POD_INDEX)"
+    (env,) = [e for e in c["env"] if e["name"] == "POD_INDEX"]
+    assert env["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['apps.kubernetes.io/pod-index']")
+    assert _flag_value(args, "--master-addr") == (
+        f"{sts['metadata']['name']}-0.{svc['metadata']['name']}")
+    master = int(_flag_value(args, "--master-port"))
+    assert int(_flag_value(args, "--shutdown-timeout")) < pod["terminationGracePeriodSeconds"]
+    consumer = _after_torchrun(args)
+    assert consumer[0] == "consumer" and "--resume" in consumer
+    assert _flag_value(consumer, "--bind") == "tcp://0.0.0.0:5557"
+    assert _flag_value(consumer, "--metrics-port") == "9101"
+    # every local rank's ports, in the container and in the Service
+    want = _rank_layout(per_pod) | {"rendezvous": master}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == want
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == want
+    # the producers connect to every rank of every pod, data and control
+    (pc,) = docs[("Deployment", "saestream-producer")]["spec"]["template"]["spec"]["containers"]
+    hosts = [f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}" for i in range(nodes)]
+    for flag, kind in (("--connect", "zmq"), ("--control-connect", "control")):
+        assert sorted(_endpoints(pc["args"], flag)) == sorted(
+            f"tcp://{h}:{want[f'{kind}-{r}']}" for h in hosts for r in range(per_pod)), flag
+    # snapshots: SIGUSR1 to the ranks (torchrun's children), never to torchrun itself
+    assert "pkill -USR1 -P \"$(pgrep -P 1)\"" in c["lifecycle"]["preStop"]["exec"]["command"][2]
+    ann = sts["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "false"  # prometheus-scrape.yml's job instead
+    # every rank reads the snapshot it resumes from: one ReadWriteMany claim, and the
+    # evaluator reads it from any node
+    pvc = docs[("PersistentVolumeClaim", "saestream-checkpoints")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    (claim,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claim["persistentVolumeClaim"]["claimName"] == "saestream-checkpoints"
+    evaluator = docs[("Deployment", "saestream-evaluator")]["spec"]["template"]["spec"]
+    assert "affinity" not in evaluator
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "saestream-checkpoints"
+               for v in evaluator["volumes"])
+    config = docs[("ConfigMap", "saestream-config")]["data"]
+    used = set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(args)))
+    assert used <= set(config) | {e["name"] for e in c["env"]}
+
+
+def test_compose_data_parallel_consumer_ranks_gpus_ports_and_producers_agree() -> None:
+    res = run([tool("docker-compose"), "-f", str(COMPOSE), "-f", str(COMPOSE_DP), "config"],
+              cwd=DEPLOY)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+    s = yaml.safe_load(res.stdout)["services"]
+    base = yaml.safe_load(run([tool("docker-compose"), "-f", str(COMPOSE), "config"],
+                              cwd=DEPLOY).stdout)["services"]
+    consumer, producer = s["consumer"], s["producer"]
+    entry = consumer["entrypoint"]
+    assert entry[:3] == ["tini", "--", "torchrun"] and "--standalone" in entry
+    assert entry[-2:] == ["-m", "saestream"] and consumer["command"] == base["consumer"]["command"]
+    ranks = int(_flag_value(entry, "--nproc-per-node"))
+    assert ranks >= 2
+    grace = {"5m": 300, "300s": 300}[consumer["stop_grace_period"]]
+    assert int(_flag_value(entry, "--shutdown-timeout")) < grace
+    (gpus,) = consumer["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus["device_ids"] == [str(r) for r in range(ranks)]  # rank r on cuda:r
+    layout = _rank_layout(ranks)
+    assert sorted(consumer["expose"], key=int) == sorted(str(p) for p in layout.values())
+    aliases = consumer["networks"]["default"]["aliases"]
+    assert aliases == [f"consumer-metrics-{9101 + r}" for r in range(1, ranks)]
+    prom = {j["job_name"]: j for j in
+            yaml.safe_load((PROM / "prometheus.yml").read_text())["scrape_configs"]}
+    assert set(aliases) <= set(prom["saestream-consumer"]["dns_sd_configs"][0]["names"])
+    # the producers: the base command, connecting to every rank's data and control endpoints
+    for flag, kind in (("--connect", "zmq"), ("--control-connect", "control")):
+        assert _endpoints(producer["command"], flag) == [
+            f"tcp://consumer:{layout[f'{kind}-{r}']}" for r in range(ranks)], flag
+
+    def others(cmd: list[str]) -> list[str]:
+        return [a for a in cmd if not a.startswith(("--connect=", "--control-connect="))]
+
+    assert others(producer["command"]) == others(base["producer"]["command"])
+    # it replaces docker-compose.gpu.yml: the producers and the evaluator get their GPU too
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())["services"]
+    dp = yaml.safe_load(COMPOSE_DP.read_text())["services"]
+    for name in ("producer", "evaluator"):
+        assert dp[name]["deploy"] == gpu[name]["deploy"], name
+    assert "exec consumer sh -c 'pkill -USR1 -P \"$(pgrep -P 1)\"'" in COMPOSE_DP.read_text()
+    res = run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+               str(COMPOSE_DP)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_systemd_data_parallel_consumer_signals_its_ranks_and_clears_other_ports() -> None:
+    s = unit_settings(SYSTEMD / "saestream-consumer-dp.service")
+    argv = s["ExecStart"][0].split()
+    assert argv[0] == f"{UNIT_PREFIX}/bin/torchrun" and "--standalone" in argv
+    assert argv[argv.index("--nproc-per-node") + 1] == "${SAESTREAM_CONSUMER_RANKS}"
+    minutes = int(re.fullmatch(r"(\d+)min", s["TimeoutStopSec"][0]).group(1))
+    assert int(argv[argv.index("--shutdown-timeout") + 1]) < 60 * minutes
+    consumer = _after_torchrun(argv)
+    assert consumer[0] == "consumer" and "--resume" in consumer
+    assert s["Conflicts"] == ["saestream-consumer.service"]
+    # SIGUSR1 and SIGTERM go to the ranks (torchrun's children): SIGUSR1 would end torchrun
+    assert s["ExecReload"] == ["/usr/bin/pkill -USR1 --parent $MAINPID"]
+    assert "pkill -TERM --parent" in s["ExecStop"][0] and "kill -0" in s["ExecStop"][0]
+    assert s["KillMode"] == ["mixed"] and s["Restart"] == ["on-failure"]
+    # rank r's /metrics on SAESTREAM_CONSUMER_DP_METRICS_PORT + r: clear of the one-process
+    # consumer, the evaluator and the producers' 911I for up to 8 ranks on one host
+    env = _env_file(SYSTEMD / "saestream.env")
+    assert "--metrics-port ${SAESTREAM_CONSUMER_DP_METRICS_PORT}" in s["ExecStart"][0]
+    base = int(env["SAESTREAM_CONSUMER_DP_METRICS_PORT"])
+    taken = {int(env["SAESTREAM_CONSUMER_METRICS_PORT"]),
+             int(env["SAESTREAM_EVALUATOR_METRICS_PORT"]), *range(9110, 9120)}
+    assert not set(range(base, base + 8)) & taken
+    ranks = int(env["SAESTREAM_CONSUMER_RANKS"])
+    assert ranks >= 2
+    # the producers' settings the env file shows connect to every rank's endpoints
+    (example,) = re.findall(r"^#\s+SAESTREAM_PRODUCER_ARGS=(.*)$",
+                            (SYSTEMD / "saestream.env").read_text(), re.M)
+    argv = [f"--connect={env['SAESTREAM_CONNECT']}"] + [
+        f"{f}={v}" for f, v in zip(example.split()[::2], example.split()[1::2], strict=True)]
+    port = env["SAESTREAM_BIND"].rpartition(":")[2]
+    layout = _rank_layout(ranks, f"tcp://0.0.0.0:{port}")
+    for flag, kind in (("--connect", "zmq"), ("--control-connect", "control")):
+        assert _endpoints(argv, flag) == [
+            f"tcp://127.0.0.1:{layout[f'{kind}-{r}']}" for r in range(ranks)], flag
+
+
+def test_readme_torchrun_commands_use_real_torchrun_and_saestream_flags() -> None:
+    """The operations section's `torchrun ... -m saestream CMD ...` lines: torchrun's own
+    parser takes them, and CMD and its flags are saestream's."""
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from saestream.tools.cli import cli
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- section:operations:begin -->")[1].split(
+        "<!-- section:operations:end -->"
+    )[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = [ln for ln in "\n".join(blocks).replace("\\\n", " ").splitlines()
+             if ln.startswith("torchrun ")]
+    for line in lines:
+        args = get_args_parser().parse_args(shlex.split(line.split("#")[0])[1:])
+        assert args.module and args.training_script == "saestream", line
+        name, *rest = args.training_script_args
+        cmd = cli.get_command(None, name)  # type: ignore[arg-type]
+        assert cmd is not None, line
+        opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for arg in rest:
+            if arg.startswith("--"):
+                assert arg.partition("=")[0] in opts, f"{line}: no option {arg}"
+    assert {"train", "consumer"} <= {
+        get_args_parser().parse_args(shlex.split(ln)[1:]).training_script_args[0]
+        for ln in lines}
+

@@ -169,6 +169,7 @@ def test_prometheus_gets_data_for_every_dashboard_query_and_recording_rule(
         "--sae", f"name={SAE},latents=128,k=8", "--buffer-tokens", "1024",
         "--batch-size", "128", "--checkpoint-dir", str(tmp_path / "ck"),
         "--metrics-port", str(c_port), "--device", "cpu", "--log-every", "5",
+        "--record", str(tmp_path / "rec"), "--record-shard-tokens", "256",  # the Recording row
     ))
     producer = processes("producer", saestream_cmd(
         "producer", "--model", "tiny", "--hook", HOOK, "--corpus", "synthetic",

@@ -14,7 +14,7 @@ import zmq
 from conftest import free_tcp_port
 from prometheus_client import CollectorRegistry
 
-from saestream.common.wire import decode_chunk
+from saestream.common.wire import decode_chunk, encode_chunk
 from saestream.producer.corpus import (
     ArrayCorpus,
     CorpusError,
@@ -548,3 +548,45 @@ def test_a_state_file_of_another_split_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="split"):
         check_state(read_state(path), ProducerState("synthetic", "0/1", 128, False,
                                                     split="eval"), path)
+
+
+def test_encoding_pool_sends_in_queue_order_with_the_bytes_of_one_thread() -> None:
+    """Chunks of different sizes (so encodings finish out of order) go out numbered 0, 1, ...
+    in the order they were queued, each payload byte-identical to a one-thread encoding."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    registry = CollectorRegistry()
+    sender = Sender(push, producer="p", run="r", model="tiny", codec="lz4-shuffle",
+                    metrics=ProducerMetrics.create(registry), queue_size=4, first_hook="h",
+                    progress=Progress(0, 0), encode_threads=3).start()
+    assert sender.encode_threads == 3
+    gen = torch.Generator().manual_seed(0)
+    items, start = [], 0
+    for i in range(24):
+        n = [400, 3, 97][i % 3]
+        acts = torch.randn(n, 64, generator=gen).to(torch.bfloat16)
+        items.append(Outgoing("h", acts, {"first": start}, Progress(0, start + n)))
+        start += n
+    stop = threading.Event()
+    for item in items[:12]:
+        assert sender.put(item, stop, 1.0)
+    assert sender.put(Outgoing(None, None, {}, Progress(1, 0)), stop, 1.0)  # a marker between
+    for item in items[12:]:
+        assert sender.put(item, stop, 1.0)
+    assert sender.drain(stop, 1.0)
+    got = [pull.recv_multipart() for _ in items]
+    assert sender.seq == len(items) and sender.progress == items[-1].progress
+    for seq, (frames, item) in enumerate(zip(got, items, strict=True)):
+        chunk = decode_chunk(frames)
+        assert chunk.seq == seq and chunk.source == item.source
+        assert torch.equal(chunk.acts, item.acts)
+        one = encode_chunk(item.acts, producer="p", run="r", seq=seq, model="tiny", hook="h",
+                           source=item.source, codec="lz4-shuffle")
+        assert frames[1] == one[1]
+    assert registry.get_sample_value("saestream_producer_messages_total", {"hook": "h"}) == 24
+    push.close(linger=0)
+    pull.close(linger=0)
+    ctx.term()

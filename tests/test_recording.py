@@ -539,3 +539,41 @@ def test_shard_files_are_safetensors_that_other_tools_read(tmp_path: Path) -> No
             index = json.loads(f.metadata()["saestream.chunks"])
         assert [e["seq"] for e in index] == [e.seq for e in shard.entries]
         assert struct.unpack("<Q", shard.path.read_bytes()[:8])[0] % 8 == 0
+
+
+def test_a_restarted_recorder_does_not_record_positions_its_shards_hold(tmp_path: Path) -> None:
+    """After a crash the producers re-send what the last snapshot did not hold; rows already
+    in a written shard are skipped (counted), the rest of such a chunk is recorded."""
+    from saestream.consumer.metrics import ConsumerMetrics
+    from saestream.consumer.recorder import Recorder
+
+    stream = torch.randn(700, D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+
+    def chunk(seq: int, lo: int, hi: int, producer: str = "p"):
+        return decode_chunk(encode_chunk(
+            stream[lo:hi], producer=producer, run=f"r{seq}", seq=seq, model="m", hook=HOOK,
+            source={"corpus": "c", "split": "train", "shard": "0/1", "epoch": 0,
+                    "start": lo, "end": hi}))
+
+    def session(chunks: list) -> ConsumerMetrics:
+        metrics = ConsumerMetrics()
+        rec = Recorder(tmp_path / "rec", [HOOK], 200, metrics, flag="--record")
+        rec.start()
+        for c in chunks:
+            rec.add(c, [(0, c.n)], lambda: False)
+        rec.stop()
+        return metrics
+
+    session([chunk(0, 0, 300), chunk(1, 300, 400)])
+    # the second session: a re-send overlapping both chunks, new rows, another producer
+    m = session([chunk(0, 250, 500), chunk(1, 500, 700), chunk(0, 0, 100, producer="q")])
+    skipped = m.record_skipped_tokens.labels(hook=HOOK)._value.get()
+    assert skipped == 150
+    rec = Recording(tmp_path / "rec" / HOOK)
+    spans = sorted((e.producer, e.source["start"], e.source["end"]) for _, e in rec.chunks())
+    assert spans == [("p", 0, 300), ("p", 300, 400), ("p", 400, 500), ("p", 500, 700),
+                     ("q", 0, 100)]
+    rec.check_finite()  # the trimmed chunk got its own checksum
+    by_start = {e.source["start"]: s.chunk(e) for s, e in rec.chunks() if e.producer == "p"}
+    got = np.concatenate([by_start[k] for k in sorted(by_start)])
+    assert np.array_equal(got, stream.view(torch.int16).numpy().view(np.uint16))

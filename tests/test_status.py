@@ -87,3 +87,24 @@ def test_exit_code_is_1_when_every_endpoint_is_unreachable() -> None:
     result = run_cli(["status", str(free_tcp_port()), str(free_tcp_port())], timeout=60)
     assert result.returncode == 1
     assert result.stdout.count("unreachable") == 2
+
+
+def test_recording_shows_in_a_consumer_and_a_record_sink_summary() -> None:
+    reg = consumer_registry()
+    m = ConsumerMetrics()  # as a `saestream record` sink has it: no trainer, no buffer
+    m.received_tokens.labels(producer="gpu-2").inc(4096)
+    m.recorded_tokens.labels(hook="model.layers.4").inc(4096)
+    m.recorded_shards.labels(hook="model.layers.4").inc(2)
+    m.recorded_bytes.labels(hook="model.layers.4").inc(5 << 20)
+    m.record_pending_tokens.labels(hook="model.layers.4").set(100)
+    m.record_failures.labels(reason="no_space").inc()
+    for registry, kind in ((reg, "consumer"), (m.registry, "recorder")):
+        port = free_tcp_port()
+        serve_metrics(registry, port)
+        lines = summarize(str(port), fetch_samples(str(port)))
+        assert lines[0].endswith(kind)
+    text = "\n".join(lines)
+    assert "producer gpu-2: 4.10k tokens" in text
+    assert ("recording model.layers.4: 4.10k tokens in 2 shards, 5.24MB, pending 100, "
+            "dropped 0") in text
+    assert "recording failures: no_space 1" in text and "checkpoints" not in text

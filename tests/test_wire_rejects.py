@@ -272,6 +272,53 @@ def test_largest_finite_values_and_subnormals_are_accepted(dtype: str) -> None:
     assert torch.equal(decode_chunk(good(dtype=dtype, acts=acts)).acts, acts)
 
 
+_VIEWS = {"bfloat16": (np.int16, torch.bfloat16), "float16": (np.int16, torch.float16),
+          "float32": (np.int32, torch.float32)}
+NONFINITE_BITS = {  # inf, -inf, quiet NaN, signalling NaN, NaN with every bit set
+    "bfloat16": [0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFFF],
+    "float16": [0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF],
+    "float32": [0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFFFFFFFF],
+}
+ALMOST_BITS = {  # finite, one step from the patterns above (the top binade, ± the largest)
+    "bfloat16": [0x7F7F, 0xFF7F, 0x7F00, 0xFF00, 0x7F01, 0x7EFF, 0x7E80],
+    "float16": [0x7BFF, 0xFBFF, 0x7800, 0xF800, 0x7B00, 0x3C00],
+    "float32": [0x7F7FFFFF, 0xFF7FFFFF, 0x7F000000, 0xFF000000, 0x7F7F0000, 0x7EFFFFFF],
+}
+
+
+def with_bits(dtype: str, at: list[int], bits: list[int], n: int = 300, d: int = 7
+              ) -> torch.Tensor:
+    """Random finite [n, d] activations of `dtype` whose flat elements `at` hold `bits`."""
+    signed, tdtype = _VIEWS[dtype]
+    acts = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(tdtype)
+    words = acts.view(torch.int32 if signed is np.int32 else torch.int16).numpy().reshape(-1)
+    words[at] = np.array(bits, dtype=signed.__name__.replace("int", "uint")).view(signed)
+    return acts
+
+
+@pytest.mark.parametrize("codec", ["raw", "lz4", "lz4-shuffle"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_reject_nonfinite_bit_patterns_anywhere(codec: str, dtype: str, where: str) -> None:
+    n, d = 300, 7
+    at = {"first": 0, "middle": n * d // 2 + 1, "last": n * d - 1}[where]
+    for bits in NONFINITE_BITS[dtype]:
+        acts = with_bits(dtype, [at], [bits], n, d)
+        assert reason(good(codec=codec, dtype=dtype, acts=acts)) == "nonfinite", hex(bits)
+
+
+@pytest.mark.parametrize("codec", ["raw", "lz4", "lz4-shuffle"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_almost_nonfinite_bit_patterns_are_accepted(codec: str, dtype: str) -> None:
+    n, d = 300, 7
+    bits = ALMOST_BITS[dtype]
+    cases = [([at], [b]) for b in bits for at in (0, n * d // 2 + 1, n * d - 1)]
+    cases.append((list(range(n * d)), [bits[i % len(bits)] for i in range(n * d)]))  # all
+    for at, values in cases:
+        acts = with_bits(dtype, at, values, n, d)
+        assert torch.equal(decode_chunk(good(codec=codec, dtype=dtype, acts=acts)).acts, acts)
+
+
 # --- hook and dim ---------------------------------------------------------------------------
 
 

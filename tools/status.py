@@ -119,6 +119,22 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
         cap = value(s, "saestream_buffer_capacity_tokens", hook=hook) or 0
         pct = f" ({100 * x.value / cap:.0f}%)" if cap else ""
         lines.append(f"  buffer {hook}: {int(x.value):,}/{int(cap):,} tokens{pct}")
+    n_ck = value(s, "saestream_checkpoints_total") or 0
+    last = value(s, "saestream_last_checkpoint_timestamp_seconds")
+    checkpoints = f"  checkpoints: {_num(n_ck)} written, last {_ago(last, now)}"
+    return [*lines, *summarize_intake(s, now), checkpoints]
+
+
+def _by_reason(s: dict[str, list[Sample]], name: str) -> str:
+    """`reason n, ...` for the non-zero series of a counter labelled by reason ("" if none)."""
+    return ", ".join(f"{x.labels.get('reason', '')} {_num(x.value)}"
+                     for x in s.get(name, []) if x.value)
+
+
+def summarize_intake(s: dict[str, list[Sample]], now: float) -> list[str]:
+    """What a consumer or a recording sink (`saestream record`) took in: producers, rejects,
+    recording."""
+    lines = []
     for x in s.get("saestream_received_tokens_total", []):
         p = x.labels.get("producer", "")
         lines.append(
@@ -130,15 +146,19 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
         )
     if not s.get("saestream_received_tokens_total"):
         lines.append("  no producer has sent anything yet")
-    rejected = [(x.labels.get("reason", ""), x.value)
-                for x in s.get("saestream_rejected_messages_total", []) if x.value]
-    if rejected:
-        lines.append("  rejected: " + ", ".join(f"{r} {_num(v)}" for r, v in rejected))
-    else:
-        lines.append("  rejected: none")
-    n_ck = value(s, "saestream_checkpoints_total") or 0
-    last = value(s, "saestream_last_checkpoint_timestamp_seconds")
-    lines.append(f"  checkpoints: {_num(n_ck)} written, last {_ago(last, now)}")
+    lines.append("  rejected: " + (_by_reason(s, "saestream_rejected_messages_total") or "none"))
+    for x in s.get("saestream_recorded_tokens_total", []):
+        hook = x.labels.get("hook", "")
+        lines.append(
+            f"  recording {hook}: {_num(x.value)} tokens in "
+            f"{_num(value(s, 'saestream_recorded_shards_total', hook=hook))} shards, "
+            f"{_bytes(value(s, 'saestream_recorded_bytes_total', hook=hook))}, pending "
+            f"{_num(value(s, 'saestream_record_pending_tokens', hook=hook))}, dropped "
+            f"{_num(value(s, 'saestream_record_dropped_tokens_total', hook=hook) or 0)}"
+        )
+    failed = _by_reason(s, "saestream_record_failures_total")
+    if failed:
+        lines.append("  recording failures: " + failed)
     return lines
 
 
@@ -192,6 +212,8 @@ def summarize(url: str, samples: list[Sample], now: float | None = None) -> list
     s = by_name(samples)
     if "saestream_train_steps_total" in s or "saestream_buffer_tokens" in s:
         return [f"{metrics_url(url)}  consumer", *summarize_consumer(s, now)]
+    if "saestream_recorded_tokens_total" in s or "saestream_received_tokens_total" in s:
+        return [f"{metrics_url(url)}  recorder", *summarize_intake(s, now)]
     if "saestream_producer_tokens_total" in s:
         return [f"{metrics_url(url)}  producer", *summarize_producer(s)]
     return [f"{metrics_url(url)}  daemon", *summarize_other(samples)]

@@ -1,0 +1,201 @@
+"""`saestream consumer` as 2 data-parallel ranks (gloo on CPU, real processes): two real
+producers deal their chunks among the ranks; a signal to either rank snapshots or stops both
+at the same step; the snapshot resumes in one process; a killed rank ends the other with one
+line and exit 1 within --dist-timeout.
+
+The ranks are started with torchrun's environment variables set by hand (RANK, LOCAL_RANK,
+WORLD_SIZE, ...), not by torchrun: its agent would restart or stop the survivors itself, and
+the tests signal each rank's own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import conftest
+import pytest
+from conftest import LoggedProcess, free_tcp_port, saestream_cmd
+from test_consumer import HOOK, SAE, SMALL, Consumer, child_env
+
+from saestream.tools.status import by_name, fetch_samples, value
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 90.0
+DIST_TIMEOUT = "20"
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive TCP ports on 127.0.0.1, free a moment ago and not handed
+    out before in this session (rank r of 2 binds data base + r, control base + 3 + r)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        ports = set(range(base, base + n))
+        if base + n > 65535 or ports & conftest._handed_out:
+            continue
+        try:
+            for port in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        conftest._handed_out.update(ports)
+        return base
+
+
+class Rank(LoggedProcess):
+    """One rank of a 2-rank `saestream consumer`."""
+
+    def __init__(self, tmp_path: Path, rank: int, base: int, metrics: int, master: int,
+                 ckpt: Path) -> None:
+        self.rank = rank
+        self.metrics_port = metrics + rank
+        env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
+        super().__init__(saestream_cmd(
+            "consumer", "--bind", f"tcp://127.0.0.1:{base}", "--metrics-port", str(metrics),
+            "--checkpoint-dir", str(ckpt), "--hook", HOOK, "--sae", SAE, *SMALL,
+            "--log-every", "1", "--metrics-window", "10", "--device", "cpu",
+            "--dist-timeout", DIST_TIMEOUT,
+        ), tmp_path / f"rank{rank}.log", env)
+
+    def value(self, name: str, **labels: str) -> float:
+        try:
+            samples = by_name(fetch_samples(f"127.0.0.1:{self.metrics_port}", timeout=5))
+        except OSError:
+            return 0.0
+        return value(samples, name, **labels) or 0.0
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"rank {self.rank} did not exit:\n{self.log()}") from None
+
+
+def wait_for(what: str, pred, procs: list[LoggedProcess], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        for p in procs:
+            assert p.proc.poll() is None, f"{p.log_path.name} exited during {what}:\n{p.log()}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(p.log() for p in procs))
+
+
+def snapshot_extra(ckpt: Path) -> dict:
+    latest = (ckpt / "latest").read_text().strip()
+    return json.loads((ckpt / latest / "extra.json").read_text())
+
+
+@pytest.fixture
+def started():
+    procs: list[LoggedProcess] = []
+    yield procs
+    for p in procs:
+        p.close()
+
+
+def test_two_ranks_fed_by_two_producers_snapshot_stop_together_and_resume_in_one_process(
+        tmp_path: Path, started: list) -> None:
+    base, metrics, master = free_ports(5), free_ports(2), free_tcp_port()
+    ckpt = tmp_path / "ckpt"
+    ranks = [Rank(tmp_path, r, base, metrics, master, ckpt) for r in (0, 1)]
+    started.extend(ranks)
+    # The producers connect to both ranks' data endpoints (the --bind port + local rank) and
+    # to both control endpoints (the --bind port + 2 + 1 + local rank).
+    producers = [LoggedProcess(
+        saestream_cmd("producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
+                      "--connect", f"tcp://127.0.0.1:{base}",
+                      "--connect", f"tcp://127.0.0.1:{base + 1}", "--producer-id", pid,
+                      "--control-connect", f"tcp://127.0.0.1:{base + 3}",
+                      "--control-connect", f"tcp://127.0.0.1:{base + 4}",
+                      "--chunk-tokens", "256", "--batch-size", "2", "--seq-len", "64",
+                      "--threads", "1", "--seed", "0", "--shard", shard),
+        tmp_path / f"{pid}.log", child_env()) for pid, shard in (("prod-a", "0/2"),
+                                                                ("prod-b", "1/2"))]
+    started.extend(producers)
+    everyone = [*ranks, *producers]
+
+    # Chunks are dealt among the ranks: both receive, and both train the same steps.
+    wait_for("both ranks to receive and train", lambda: all(
+        r.value("saestream_received_tokens_total", rank=str(r.rank)) > 0
+        and r.value("saestream_train_steps_total") >= 3 for r in ranks), everyone)
+    assert "rank 1 of 2 (local 1 of 2) binds data " \
+        f"tcp://127.0.0.1:{base + 1}, control tcp://127.0.0.1:{base + 4}" in ranks[1].log()
+
+    for r in ranks:  # each sees a share of every producer's seq numbers: no gap is a loss
+        samples = by_name(fetch_samples(f"127.0.0.1:{r.metrics_port}", timeout=5))
+        gaps = [x.value for x in samples.get("saestream_sequence_gaps_total", [])]
+        assert len(gaps) == 2 and not any(gaps), gaps
+        assert not re.search(r"run \S+: seq \d+ after \d+", r.log())  # no gap warnings
+    ranks[1].proc.send_signal(signal.SIGUSR1)  # a snapshot, written by rank 0
+    wait_for("the signalled snapshot", lambda: (ckpt / "latest").exists(), everyone)
+    extra = snapshot_extra(ckpt)
+    assert extra["reason"] == "signal" and extra["data_parallel"] == {"world_size": 2}
+    assert extra["producers"] == {} and "buffers" not in extra
+
+    ranks[0].proc.send_signal(signal.SIGTERM)  # stops both, at the same step
+    assert [r.wait_exit() for r in ranks] == [0, 0], ranks[1].log()
+    final = snapshot_extra(ckpt)
+    assert final["reason"] == "final" and final["step"] >= extra["step"]
+    stopped = [re.findall(r"stopped \(signal\) after (\d+) steps, (\d+) tokens", r.log())
+               for r in ranks]
+    assert stopped[0] == stopped[1] == [(str(final["step"]), str(final["tokens"]))]
+
+    # One process resumes the snapshot on rank 0's endpoint; the producers reconnect to it.
+    one = Consumer(tmp_path, "--resume", "--bind", f"tcp://127.0.0.1:{base}", ckpt=ckpt)
+    started.append(one)
+    one.wait_for("training after the resume", lambda: one.steps() >= final["step"] + 3)
+    assert f"step {final['step']}" in one.log()
+    one.signal(signal.SIGTERM)
+    assert one.wait_exit() == 0
+
+
+def test_a_killed_rank_ends_the_other_with_one_line_and_exit_1(tmp_path: Path,
+                                                               started: list) -> None:
+    base, metrics, master = free_ports(5), free_ports(2), free_tcp_port()
+    ranks = [Rank(tmp_path, r, base, metrics, master, tmp_path / "ckpt") for r in (0, 1)]
+    started.extend(ranks)
+    # Without data the ranks still agree at every boundary (5 a second), waiting together.
+    wait_for("both ranks up", lambda: all(
+        "data parallel: rank" in r.log() for r in ranks), ranks)
+    time.sleep(0.5)
+    os.kill(ranks[1].proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert ranks[0].wait_exit(float(DIST_TIMEOUT) + 10) == 1
+    assert time.monotonic() - t0 < float(DIST_TIMEOUT)
+    log = ranks[0].log()
+    errors = [line for line in log.splitlines() if line.startswith("saestream: error:")]
+    assert len(errors) == 1 and "Traceback" not in log, log
+    assert "rank 0 of 2: another rank is gone" in errors[0]
+    assert f"--dist-timeout {DIST_TIMEOUT} s" in errors[0]
+
+
+def test_rank_endpoints_follow_the_bind_port_plus_the_local_rank() -> None:
+    from saestream.common.errors import UserError
+    from saestream.consumer.distributed import rank_endpoints
+
+    assert rank_endpoints("tcp://*:5557", None, 0, 1) == ("tcp://*:5557", None)
+    got = [rank_endpoints("tcp://*:5557", None, r, 4) for r in range(4)]
+    assert [d for d, _ in got] == [f"tcp://*:{5557 + r}" for r in range(4)]
+    # control after every data port and past 5561, the last data port + 1 (what a producer
+    # derives for it): no default control endpoint reaches another rank's control socket
+    assert [c for _, c in got] == [f"tcp://*:{5562 + r}" for r in range(4)]
+    assert rank_endpoints("tcp://*:5557", "off", 2, 4) == ("tcp://*:5559", "off")
+    assert rank_endpoints("tcp://a:1,tcp://b:2", "tcp://a:9,tcp://b:8", 1, 2) == (
+        "tcp://b:2", "tcp://b:8")
+    assert rank_endpoints("ipc:///tmp/s", None, 1, 2) == ("ipc:///tmp/s-r1", None)
+    with pytest.raises(UserError, match="one per local rank"):
+        rank_endpoints("tcp://a:1,tcp://b:2,tcp://c:3", None, 0, 2)
+
