@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saestream.consumer.sparse_ops import encoder_matmul, sparse_decode, topk_encode, topk_rows
+from saestream.consumer.sparse_ops import (
+    DecodeTerm,
+    LatentPattern,
+    decode,
+    encoder_matmul,
+    topk_encode,
+    topk_rows,
+)
 
 INPUT_NORMALIZATIONS = ("none", "layer_norm", "scalar")
 LAYER_NORM_EPS = 1e-5
@@ -225,16 +232,31 @@ class SparseAutoencoder(nn.Module):
     def _sparse(
         self, xn: torch.Tensor, k: int, k_top: int, dead: torch.Tensor | None, k_aux: int
     ) -> _Decoded:
-        """The fast path: one dense matmul, then only the kept latents are touched."""
+        """The fast path: one dense matmul, then only the kept latents are touched. The
+        CSR pattern of the kept ids is built once, for both backward passes that need it."""
+        pattern = LatentPattern()
         pre_top, idx, pre_aux, idx_aux = topk_encode(
-            xn, self.encoder.weight, self.encoder.bias, self.b_dec, k_top, dead, k_aux
+            xn,
+            self.encoder.weight,
+            self.encoder.bias,
+            self.b_dec,
+            k_top,
+            dead,
+            k_aux,
+            pattern,
+            aux_relu=True,  # the AuxK values pass through the ReLU below
         )
         vals = F.relu(pre_top.float())
-        x_hat = sparse_decode(vals[:, :k], idx[:, :k], self.W_dec) + self.b_dec
-        x_hat_4k = sparse_decode(vals, idx, self.W_dec) + self.b_dec if k_top > k else None
-        aux = None
+        # One decoder node for all reconstructions: one W_dec gradient.
+        terms = [DecodeTerm(vals[:, :k], idx[:, :k], pattern=pattern if k_top == k else None)]
+        if k_top > k:
+            terms.append(DecodeTerm(vals, idx, pattern=pattern))
         if k_aux:
-            aux = sparse_decode(F.relu(pre_aux.float()), idx_aux, self.W_dec, support=dead)
+            terms.append(DecodeTerm(F.relu(pre_aux.float()), idx_aux, support=dead))
+        outs = decode(self.W_dec, terms)
+        x_hat = outs[0] + self.b_dec
+        x_hat_4k = outs[1] + self.b_dec if k_top > k else None
+        aux = outs[-1] if k_aux else None
         return _Decoded(vals, idx, x_hat, x_hat_4k, aux)
 
     def _dense(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from saestream.consumer import sharding
 from saestream.consumer.distributed import SINGLE, DataParallel
@@ -124,7 +125,8 @@ class Losses(NamedTuple):
     sst: torch.Tensor
     l0: torch.Tensor
     fired: torch.Tensor
-    """int64 ids of the latents among the top k with a positive value (may repeat)."""
+    """int64 [n_latents]: on how many of this rank's tokens each latent was among the top k
+    with a positive value."""
     xn_sums: torch.Tensor
     """float64 [d_in + 1]: Σ of the normalised rows and Σ of their squared norms (this rank's
     part of the global batch's sum of squared deviations)."""
@@ -252,20 +254,25 @@ class Trainer:
         out = self.sae(
             x, dead_mask, k_aux=cfg.k_aux, dense=not cfg.sparse, autocast_bf16=cfg.autocast_bf16
         )
-        xn = out.normalized_x
-        err = out.normalized_x_hat - xn
-        e = -err.detach()
-        stats = torch.cat([e.new_full((1,), e.shape[0]).double(), e.sum(dim=0, dtype=torch.float64),
-                           e.pow(2).sum(dtype=torch.float64).view(1)])
+        xn, x_hat = out.normalized_x, out.normalized_x_hat
+        # Fused squared-error losses (mse_loss: one kernel each way, no [batch, d] residual
+        # kept for autograd); the statistics from detached float64 copies, once each.
+        with torch.no_grad():
+            e = xn - x_hat  # the residual AuxK reconstructs
+            e64, xn64 = e.double(), xn.double()
+            sse = _sq_norm(e64)
+            stats = torch.cat([e64.new_full((1,), e.shape[0]), e64.sum(dim=0), sse.view(1)])
+            xn_sums = torch.cat([xn64.sum(dim=0), _sq_norm(xn64).view(1)])
+            sst = xn_sums[-1] - xn_sums[:-1].pow(2).sum() / xn.shape[0]
         self.dp.sum_([stats])
         n = stats[0]
         scale = (n * (xn.shape[1] * self.mse_scale)).to(xn.dtype)  # global tokens × d_in × c
-        main = err.pow(2).sum() / scale
+        main = F.mse_loss(x_hat, xn, reduction="sum") / scale
         total = main
         zero = xn.new_zeros(())
         multi = zero
         if out.multi_topk_x_hat is not None:
-            multi = (out.multi_topk_x_hat - xn).pow(2).sum() / scale
+            multi = F.mse_loss(out.multi_topk_x_hat, xn, reduction="sum") / scale
             total = total + multi / 8
         auxk = zero
         if out.auxk_recon is not None:
@@ -273,17 +280,16 @@ class Trainer:
             # removed, and the aux reconstruction is decoded without it). The normaliser is
             # the residual's squared deviation from its mean over the global batch.
             den = (stats[-1] - stats[1:-1].pow(2).sum() / n).to(xn.dtype)
-            auxk = (out.auxk_recon - e).pow(2).sum() / den
+            auxk = F.mse_loss(out.auxk_recon, e, reduction="sum") / den
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
             total = total + cfg.auxk_coef * auxk
         with torch.no_grad():
-            sse = err.pow(2).sum()
-            sst = (xn - xn.mean(dim=0)).pow(2).sum()
             active = out.latent_acts > 0
-            l0 = active.sum(dim=1).float().mean()
-            fired = out.latent_indices[active]
-            xn_sums = torch.cat([xn.sum(dim=0, dtype=torch.float64),
-                                 xn.pow(2).sum(dtype=torch.float64).view(1)])
+            l0 = active.sum().float() / active.shape[0]
+            # Per-latent counts; ids of inactive slots go to a trash bin past the end.
+            n_latents = self.sae_cfg.n_latents
+            kept = out.latent_indices.masked_fill(~active, n_latents).view(-1)
+            fired = torch.bincount(kept, minlength=n_latents + 1)[:n_latents]
         return Losses(total, main, auxk, multi, sse, sst, l0, fired, xn_sums)
 
     def train_step(self, x: torch.Tensor) -> StepMetrics:
@@ -312,7 +318,7 @@ class Trainer:
                     self.ema, [p.detach() for p in sae.parameters()], 1 - self.cfg.ema_decay
                 )
             # The global batch's figures: one all-reduce (the identity in one process).
-            fired = torch.bincount(out.fired, minlength=self.sae_cfg.n_latents)
+            fired = out.fired
             head = torch.stack([out.total.detach(), out.auxk.detach(), out.multi_topk.detach(),
                                 out.sse, out.l0 * x.shape[0], out.l0.new_tensor(x.shape[0])])
             sums = torch.cat([head.double(), out.xn_sums, fired.double()])
@@ -322,7 +328,7 @@ class Trainer:
             sst_t = sums[6 + d] - sums[6:6 + d].pow(2).sum() / n_t
             fired = sums[7 + d:].round().long() if self.dp.size > 1 else fired
             self.tokens_since_fired += n_t.long()
-            self.tokens_since_fired[fired > 0] = 0
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
             self.fired_tokens += fired
             dead_fraction = self.dead_mask().double().mean()
             # One device->host transfer for all the numbers.
@@ -389,11 +395,16 @@ class Trainer:
         raw = state.pop("params", None)
         if raw is not None:
             state["params"] = sharding.gather_tensors(raw, shard, dst)
-        for i, entry in state["optimizer"]["state"].items():
+        optim = state["optimizer"]
+        moments = {}
+        for i, live in optim["state"].items():
+            entry = dict(live)  # state_dict() shares these dicts with the live optimiser
             for key in ("exp_avg", "exp_avg_sq"):
-                t = sharding.gather_tensors({names[i]: entry[key]}, shard, dst)
+                t = sharding.gather_tensors({names[i]: live[key]}, shard, dst)
                 if t is not None:
                     entry[key] = t[names[i]]
+            moments[i] = entry
+        state["optimizer"] = {**optim, "state": moments}
         if weights is None:
             return None
         full = Trainer(self.sae_cfg, self.cfg, name=self.name, hook=self.hook, model=self.model,
@@ -448,12 +459,29 @@ class Trainer:
         return x.to(self.device, torch.float32)
 
 
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Σ t², as one dot product (no squared copy of `t`)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 def _project_decoder_grad(W_dec: torch.Tensor) -> None:
-    """Remove, per latent, the gradient component parallel to its (unit-norm) decoder row."""
+    """Remove, per latent, the gradient component parallel to its (unit-norm) decoder row.
+
+    On CPU the row dot products run over blocks of about 2^18 elements: one product of the
+    whole [n_latents, d] matrices would allocate a temporary as large as W_dec, a pass over
+    memory more (and fresh pages from the OS each step once it passes glibc's mmap
+    threshold); a block's temporary stays in cache."""
     g = W_dec.grad
     if g is None:
         return
-    parallel = torch.linalg.vecdot(g, W_dec, dim=1)
+    if g.is_cuda:
+        parallel = torch.linalg.vecdot(g, W_dec, dim=1)
+    else:
+        parallel = g.new_empty(g.shape[0])
+        rows = max(1, 2**18 // max(1, g.shape[1]))
+        for s in range(0, g.shape[0], rows):
+            torch.sum(g[s : s + rows] * W_dec[s : s + rows], dim=1, out=parallel[s : s + rows])
     g.addcmul_(parallel[:, None], W_dec, value=-1.0)
 
 

@@ -137,3 +137,152 @@ def test_geometric_median_when_a_data_point_is_the_median():
     gm = geometric_median(points)
     assert torch.isfinite(gm).all()
     torch.testing.assert_close(gm, torch.tensor([1.0, 1.0], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+# -- the sparse path's kernels (consumer/sparse_ops.py) ---------------------------------------
+
+
+def _topk_cases() -> dict[str, tuple[torch.Tensor, int]]:
+    """Inputs for `topk_rows` that stress its threshold, compaction and fallback."""
+    g = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    special = randn(12, 4096)
+    special[0, 5] = float("nan")  # NaN rows take torch's top-k (NaN ranks first)
+    special[1] = float("-inf")
+    special[2, :100] = float("inf")
+    special[3, ::2] = float("-inf")
+    special[4] = float("-inf")
+    special[4, 7] = 1.0  # fewer than k finite values
+    special[5] = 3.0  # every element tied: every group is a candidate
+    special[6, 1000:1100] = 2.5  # a plateau across the k-th value
+    special[7] = -randn(4096).abs()
+    special[7, 3], special[7, 9] = -0.0, 0.0
+    special[8] = randn(4096) * 1e38
+    tail = randn(8, 4100)  # n % 8: four columns in no group
+    tail[:, 4096:] += 10.0
+    return {
+        "gaussian": (randn(64, 4096), 32),
+        "ties": ((randn(64, 4096) * 4).round() / 4, 32),
+        "special": (special, 32),
+        "n % 8 != 0": (randn(16, 4100), 32),
+        "tail holds the top": (tail, 32),
+        "n = 16 k, the smallest fast width": (randn(32, 512), 32),
+        "n < 16 k (torch's top-k)": (randn(32, 500), 32),
+        "multi-topk 4k": (randn(32, 4096), 128),
+        "k = 1": (randn(32, 4096), 1),
+        "empty batch": (randn(0, 4096), 32),
+        "column biases": (randn(64, 4096) + 3 * randn(4096).clamp(min=0), 32),
+    }
+
+
+@pytest.mark.parametrize("case", list(_topk_cases()))
+def test_topk_rows_returns_torch_topk_values(case: str) -> None:
+    from saestream.consumer.sparse_ops import topk_rows
+
+    pre, k = _topk_cases()[case]
+    values, indices = topk_rows(pre, k)
+    ref = pre.topk(k, dim=1, sorted=True).values
+    assert values.shape == indices.shape == (pre.shape[0], k)
+    assert indices.dtype == torch.int64
+    torch.testing.assert_close(values, ref, rtol=0, atol=0, equal_nan=True)  # exact, sorted
+    torch.testing.assert_close(pre.gather(1, indices), values, rtol=0, atol=0, equal_nan=True)
+    assert all(len(set(row)) == k for row in indices.tolist())  # distinct latents per row
+
+
+def _decode_inputs() -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor]:
+    from saestream.consumer.sparse_ops import DecodeTerm
+
+    W = torch.randn(96, 8, requires_grad=True)
+    ids = torch.randn(20, 96).topk(6, dim=1).indices
+    dead = torch.arange(80, 96)
+    all_dead = torch.arange(16).expand(20, 16)  # AuxK keeping every dead latent
+    some_dead = torch.randn(20, 16).topk(12, dim=1).indices
+    vals = [torch.randn(20, w, requires_grad=True) for w in (6, 3, 16, 12, 2)]
+    terms = [
+        DecodeTerm(vals[0], ids),
+        DecodeTerm(vals[1], ids[:, :3]),
+        DecodeTerm(vals[2], all_dead, support=dead),  # dense over the support
+        DecodeTerm(vals[3], some_dead, support=dead),  # dense over it, with a scatter
+        DecodeTerm(vals[4], some_dead[:, :2], support=dead),  # sparse: 2 of 16 per row
+    ]
+    return W, terms, torch.stack([t.sum() for t in vals]), dead
+
+
+def test_decode_of_several_terms_matches_dense_products() -> None:
+    from saestream.consumer.sparse_ops import decode
+
+    W, terms, _, dead = _decode_inputs()
+    outs = decode(W, terms)
+    weights = torch.randn(len(outs), 20, 8)
+    (sum((o * w).sum() for o, w in zip(outs, weights, strict=True))).backward()
+    got = [W.grad.clone()] + [t.values.grad.clone() for t in terms]
+    W.grad = None
+    for t in terms:
+        t.values.grad = None
+    ref_outs = []
+    for t in terms:
+        ids = t.indices if t.support is None else dead[t.indices]
+        z = torch.zeros(20, 96).scatter(1, ids, t.values)
+        ref_outs.append(z @ W)
+    for o, r in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(o, r)
+    (sum((o * w).sum() for o, w in zip(ref_outs, weights, strict=True))).backward()
+    want = [W.grad] + [t.values.grad for t in terms]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_latent_pattern_serves_both_backward_passes(monkeypatch) -> None:
+    """The kept ids are sorted into a CSR pattern once per step, not once per backward."""
+    import saestream.consumer.sparse_ops as ops
+
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(ops.torch, "argsort", lambda *a, **kw: sorts.append(1) or argsort(*a, **kw))
+    for multi_topk, expected in ((False, 1), (True, 2)):  # with 4k: top k and top 4k
+        sae = make_sae(n_latents=256, k=4, multi_topk=multi_topk)
+        out = sae(torch.randn(32, 16), torch.arange(256) >= 240, k_aux=8)
+        sorts.clear()
+        loss = out.normalized_x_hat.square().sum() + out.auxk_recon.square().sum()
+        if out.multi_topk_x_hat is not None:
+            loss = loss + out.multi_topk_x_hat.square().sum()
+        loss.backward()
+        assert len(sorts) == expected
+
+
+def test_pre_activation_buffer_is_reused_across_batch_sizes() -> None:
+    """TopKEncode's CPU buffer outlives a step; a smaller batch views part of it, a larger one
+    replaces it: the results stay those of a fresh matmul."""
+    from saestream.consumer.sparse_ops import topk_encode
+
+    W, b = torch.randn(512, 16), torch.randn(512)
+    for batch in (40, 7, 90, 40):
+        x = torch.randn(batch, 16)
+        values, *_ = topk_encode(x, W, b, torch.zeros(16), 5)
+        torch.testing.assert_close(values, (x @ W.t() + b).topk(5, dim=1).values)
+
+
+@pytest.mark.parametrize("shift", [-3.0, 0.0, 3.0])  # few, some, all rows over k_aux positives
+def test_auxk_after_relu_keeps_every_dead_latent_with_the_same_values_and_gradients(shift):
+    """With `aux_relu`, TopKEncode skips the AuxK top-k where AuxK is dense over the dead
+    latents: a row's values outside its top k_aux become 0, which the ReLU then ignores."""
+    from saestream.consumer.sparse_ops import topk_encode
+
+    dead = torch.arange(54, 64)
+    x, weights = torch.randn(40, 16), torch.randn(40, 10)
+    results = []
+    for aux_relu in (False, True):
+        W = torch.randn(64, 16, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        b = torch.zeros(64)
+        b[dead] = shift
+        _, _, aux, local = topk_encode(x, W, b, torch.zeros(16), 4, dead, 6, aux_relu=aux_relu)
+        assert local.shape[1] == (10 if aux_relu else 6)
+        Z = torch.zeros(40, 10).scatter(1, local, aux.relu())  # dense over the dead latents
+        (Z * weights).sum().backward()
+        results.append((Z.detach(), W.grad))
+    (Z_ref, g_ref), (Z_new, g_new) = results
+    torch.testing.assert_close(Z_new, Z_ref, rtol=0, atol=0)
+    torch.testing.assert_close(g_new, g_ref)

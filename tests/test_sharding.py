@@ -27,7 +27,7 @@ from saestream.consumer.sharding import (
     seeded_normal_rows,
     shard_parameters,
 )
-from saestream.consumer.trainer import ADAM_BETAS, ADAM_EPS
+from saestream.consumer.trainer import ADAM_BETAS, ADAM_EPS, Trainer, TrainerConfig
 
 CFG = SAEConfig(d_in=32, n_latents=256, k=8, multi_topk=True, input_normalization="layer_norm")
 K_AUX = 16
@@ -94,6 +94,7 @@ def _check_sharded_sae(rank: int, size: int, port: int) -> None:
     try:
         _check_forward_and_gradients(shard)
         _check_adam_steps(shard)
+        _check_repeated_snapshots(shard)
     finally:
         dist.destroy_process_group()
 
@@ -177,6 +178,25 @@ def _check_adam_steps(shard: LatentShard) -> None:
         assert gathered is not None
         for n, p in full.named_parameters():
             _assert_close(gathered[n], opt_full.state[p][moment], 1e-5, f"Adam {moment} {n}")
+
+
+def _check_repeated_snapshots(shard: LatentShard) -> None:
+    """Gathering the whole state for a snapshot leaves the live, sharded optimiser as it was,
+    however often it is done (a sharded consumer snapshots periodically)."""
+    t = Trainer(CFG, TrainerConfig(k_aux=K_AUX, dead_tokens=64), name="s", hook="h",
+                shard=shard)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        t.train_step(3 * torch.randn(64, CFG.d_in, generator=g))
+        whole = t.unsharded()
+        for p in t.sae.parameters():  # the live moments: still this rank's rows
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert t.optimizer.state[p][moment].shape == p.shape
+        if shard.rank == 0:
+            assert whole is not None
+            for p in whole.sae.parameters():
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    assert whole.optimizer.state[p][moment].shape == p.shape
 
 
 @pytest.mark.parametrize("shards", [2])
