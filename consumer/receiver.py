@@ -104,8 +104,8 @@ class Receiver(threading.Thread):
         self.limits = limits
         self.poll_ms = poll_ms
         self.recorder = recorder
-        self.dealt = dealt
         """Also gets the kept rows of every admitted chunk (`--record`), before the buffer."""
+        self.dealt = dealt
         self.decode_threads = codec_threads(decode_threads)
         self.max_in_flight = IN_FLIGHT_PER_THREAD * self.decode_threads
         self.stop_event = threading.Event()
