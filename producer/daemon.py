@@ -238,7 +238,7 @@ class ProducerRun:
 
     def settle(self) -> str:
         """Wait until the consumer holds everything up to the end: "done", "rewind", "stop"."""
-        if not self._wait_sent():
+        if not self.sender.wait_sent(self.stop):
             return "stop"
         control, end = self.control, self.end
         if control is None:
@@ -401,15 +401,6 @@ class ProducerRun:
         return end or Progress(epoch, done)
 
     # -- waiting and bookkeeping ----------------------------------------------------------------
-
-    def _wait_sent(self) -> bool:
-        """Until everything queued is handed to ZeroMQ (False on stop)."""
-        while not self.sender.idle():
-            if self.stop.wait(0.05):
-                return False
-            if self.sender.error is not None:
-                raise RuntimeError("the sending thread failed") from self.sender.error
-        return True
 
     def _check_refusal(self) -> None:
         if self.control is not None and self.control.error:

@@ -204,7 +204,7 @@ class ReplayRun:
 
     def settle(self) -> str:
         """Wait until the consumer holds the pass: "done", "rewind" or "stop"."""
-        if not self._wait_sent():
+        if not self.sender.wait_sent(self.stop):
             return "stop"
         control, end = self.control, Progress(0, self.total)
         if control is None or not control.expect_answers(self.stop):
@@ -270,14 +270,6 @@ class ReplayRun:
                  "chunks dropped)", target.tokens_done, target.epoch + 1, direction, dropped)
         self.resume = self.emitted = target
         return "rewind"
-
-    def _wait_sent(self) -> bool:
-        while not self.sender.idle():
-            if self.stop.wait(0.05):
-                return False
-            if self.sender.error is not None:
-                raise RuntimeError("the sending thread failed") from self.sender.error
-        return True
 
     def _check_refusal(self) -> None:
         if self.control is not None and self.control.error:

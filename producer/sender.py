@@ -98,6 +98,8 @@ class Sender:
         self._generation = 0
         """Bumped by `rewind`: progress of chunks queued before it no longer counts."""
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        """Notified whenever `_pending` drops to 0."""
         self._abort = threading.Event()
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
@@ -140,7 +142,7 @@ class Sender:
                     raise RuntimeError(f"the sending thread stopped: {self.error!r}")
                 if self._past_linger(stop, linger):
                     with self._lock:
-                        self._pending -= 1
+                        self._release()
                     return False
                 try:
                     self.queue.put(item, timeout=POLL_MS / 1000)
@@ -180,8 +182,26 @@ class Sender:
                     self.queue.put_nowait(entry)
                     break
                 dropped += 1
-                self._pending -= 1
+                self._release()
         return dropped
+
+    def _release(self) -> None:
+        """One queue entry fully handled (the caller holds `_lock`)."""
+        self._pending -= 1
+        if self._pending == 0:
+            self._settled.notify_all()
+
+    def wait_sent(self, stop: threading.Event) -> bool:
+        """Until everything queued is handed to ZeroMQ, woken the moment it is (False on
+        `stop`; raises if the sending thread failed)."""
+        while True:
+            with self._settled:
+                if self._settled.wait_for(lambda: self._pending == 0, POLL_MS / 1000):
+                    return True
+            if stop.is_set():
+                return False
+            if self.error is not None:
+                raise RuntimeError("the sending thread failed") from self.error
 
     def idle(self) -> bool:
         """Everything put so far has been handed to ZeroMQ (or dropped by a rewind)."""
@@ -239,7 +259,7 @@ class Sender:
             self._abort.set()
             return
         with self._lock:
-            self._pending -= 1
+            self._release()
             if item.progress is not None and generation == self._generation:
                 self.progress = item.progress
 
