@@ -123,15 +123,12 @@ class ControlClient(threading.Thread):
         takes. False on stop."""
         connect_by = time.monotonic() + CONNECT_GRACE
         answer_by: float | None = None
-        while not self.ever_answered.is_set() and not known:
+        while not self.ever_answered.is_set():
             now = time.monotonic()
             if self.reachable and answer_by is None:
                 answer_by = now + FIRST_ANSWER_GRACE
-            if now >= (answer_by if answer_by is not None else connect_by):
+            if not known and now >= (answer_by if answer_by is not None else connect_by):
                 break
-            if stop.wait(0.05):
-                return False
-        while known and not self.ever_answered.is_set():
             if stop.wait(0.05):
                 return False
         return self.ever_answered.is_set()

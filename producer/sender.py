@@ -192,8 +192,8 @@ class Sender:
             self._settled.notify_all()
 
     def wait_sent(self, stop: threading.Event) -> bool:
-        """Until everything queued is handed to ZeroMQ, woken the moment it is (False on
-        `stop`; raises if the sending thread failed)."""
+        """Until everything put so far is handed to ZeroMQ (or dropped by a rewind), woken
+        the moment it is (False on `stop`; raises if the sending thread failed)."""
         while True:
             with self._settled:
                 if self._settled.wait_for(lambda: self._pending == 0, POLL_MS / 1000):
@@ -202,11 +202,6 @@ class Sender:
                 return False
             if self.error is not None:
                 raise RuntimeError("the sending thread failed") from self.error
-
-    def idle(self) -> bool:
-        """Everything put so far has been handed to ZeroMQ (or dropped by a rewind)."""
-        with self._lock:
-            return self._pending == 0
 
     def _run(self) -> None:
         pool = None
