@@ -66,6 +66,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "log_every", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "seed", type=int)
 @config_option(C, "dist_timeout", type=FiniteFloat(0.0, min_open=True))
+@config_option(C, "latent_shards", type=_POSITIVE)
 @cli_errors
 def consumer(**opts: Any) -> None:
     """Receive activations from producers, shuffle them, and train TopK SAEs online.
@@ -82,15 +83,15 @@ def consumer(**opts: Any) -> None:
     cfg = build_config(opts)
     from saestream.common.devices import resolve_device
     from saestream.consumer.daemon import FinalSnapshotError, run_consumer
-    from saestream.consumer.distributed import PeerLost, init_from_env, launched_by_torchrun
+    from saestream.consumer.distributed import PeerLost, launched_by_torchrun, mesh_from_env
 
     try:
         # Joining the ranks may wait (--dist-timeout): a signal then ends the process, as
         # nothing is held yet; from here on signals are flags read at step boundaries.
-        dp = init_from_env(resolve_device(cfg.device), cfg.dist_timeout)
+        mesh, _ = mesh_from_env(resolve_device(cfg.device), cfg.latent_shards, cfg.dist_timeout)
         if launched_by_torchrun():
-            _label_logs(dp.rank)
-        run_consumer(cfg, SignalFlags().install(), dp=dp)
+            _label_logs(mesh.world.rank)
+        run_consumer(cfg, SignalFlags().install(), mesh=mesh)
     except (FinalSnapshotError, PeerLost) as exc:
         click.echo(f"saestream: error: {exc}", err=True)
         raise SystemExit(1) from None
@@ -139,6 +140,14 @@ def build_config(opts: dict[str, Any]) -> ConsumerConfig:
     if curve_key is not None and not curve_key.is_file():
         raise UserError(f"--curve-secret-key {curve_key}: no such file")
     resolve_device(opts["device"])
+    shards = opts["latent_shards"]
+    for spec in specs if shards > 1 else ():
+        if spec.latents % shards:
+            raise UserError(f"--latent-shards {shards} must divide the latents of SAE "
+                            f"{spec.name} ({spec.latents})")
+        if not spec.trainer.sparse:
+            raise UserError(f"--latent-shards needs the sparse path: SAE {spec.name} sets "
+                            "sparse=false")
     from saestream.consumer.distributed import launched_by_torchrun, local_rank, local_world_size
 
     ranks = local_world_size() if launched_by_torchrun() else 1

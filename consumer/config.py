@@ -157,6 +157,10 @@ class ConsumerConfig:
     """Under torchrun: seconds a rank waits for the others (joining, and in every
     collective) before it exits 1 with a one-line error; a rank that dies is noticed at
     once."""
+    latent_shards: int = 1
+    """Under torchrun: split each SAE's latents over this many consecutive ranks, which
+    train on the same rows (their parts of the global batch, gathered); it divides the world
+    size and every SAE's latents, and the rest is data parallel."""
     init_from: Path | None = None
     """Start each new SAE from a snapshot's weights (ours or `saestream import`ed; the SAE of
     the same name, else its only one) with fresh optimiser state, instead of a fresh

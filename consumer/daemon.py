@@ -12,13 +12,16 @@ producer resumes from what the snapshot accounts for, so a token is trained exac
 whichever process dies. A snapshot that fails (full disk, I/O error) is counted and logged,
 and training goes on.
 
-Data parallel (under torchrun, `dp.size > 1`): every rank is such a process with its own
+Data parallel (under torchrun, `world.size > 1`): every rank is such a process with its own
 sockets, buffer and ledger, and the ranks train one SAE together (`Trainer(dp=...)`). At each
 step boundary one small collective (`Agreement`) decides for all of them whether to stop,
 whether to snapshot and which hook every rank has a batch of, so a starved rank makes the
 others wait and all ranks snapshot and stop at the same step. Rank 0 writes the snapshots:
 the trainers and counters only (no buffers, no ledger: each rank is its own consumer run to
 the producers, and nothing is promised beyond training state; see ARCHITECTURE.md).
+With `--latent-shards R`, R consecutive ranks split each SAE's latents: each takes its part
+of the global batch from its own buffer as before, the R parts are gathered so the R ranks
+train on the same rows, and rank 0 gathers the shards to write a snapshot.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ from saestream.consumer.config import ConsumerConfig, SAESpec, check_fits
 from saestream.consumer.control import ControlServer
 from saestream.consumer.distributed import (
     SINGLE,
+    SINGLE_MESH,
     Agreement,
     DataParallel,
+    Mesh,
     local_rank,
     local_world_size,
     peers_watched,
@@ -94,7 +99,7 @@ class FinalSnapshotError(Exception):
 
 def run_consumer(
     cfg: ConsumerConfig, flags: SignalFlags, *, metrics: ConsumerMetrics | None = None,
-    dp: DataParallel = SINGLE,
+    mesh: Mesh = SINGLE_MESH,
 ) -> RunStats:
     """Receive and train until stopped (signal, --max-tokens, --max-steps); final snapshot.
 
@@ -102,10 +107,10 @@ def run_consumer(
     any socket is bound), FinalSnapshotError when the final snapshot cannot be written,
     PeerLost (data parallel) when another rank died or went silent for --dist-timeout.
     """
-    with peers_watched(dp, cfg.dist_timeout):
-        run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics(), dp)
+    with peers_watched(mesh.world, cfg.dist_timeout):
+        run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics(), mesh)
         try:
-            if dp.size == 1:
+            if mesh.world.size == 1:
                 while not run.stop_reason():
                     got = run.next_batch()
                     if got is not None:
@@ -129,15 +134,19 @@ class ConsumerRun:
     """One consumer process: set-up in the constructor, then the loop's named steps."""
 
     def __init__(self, cfg: ConsumerConfig, flags: SignalFlags,
-                 metrics: ConsumerMetrics, dp: DataParallel = SINGLE) -> None:
-        self.cfg, self.flags, self.metrics, self.dp = cfg, flags, metrics, dp
-        self.agreement = Agreement(dp)
+                 metrics: ConsumerMetrics, mesh: Mesh = SINGLE_MESH) -> None:
+        self.cfg, self.flags, self.metrics, self.mesh = cfg, flags, metrics, mesh
+        self.world = mesh.world
+        """Every rank: the step-boundary agreement, the split of a global batch's rows."""
+        self.shard_peers = DataParallel(mesh.shard_group) if mesh.shard_size > 1 else SINGLE
+        """The ranks that share this rank's batch and split the latents."""
+        self.agreement = Agreement(mesh.world)
         self._stop_agreed = False
-        if dp.size > 1 and cfg.record is not None:
+        if self.world.size > 1 and cfg.record is not None:
             raise UserError("--record is not supported under torchrun yet: record with one "
                             "process (or `saestream record`)")
         self.device = resolve_device(cfg.device)
-        if dp.size > 1 and self.device.type == "cuda":
+        if self.world.size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank())
             torch.cuda.set_device(self.device)
         check_fits(cfg, str(self.device))
@@ -175,10 +184,10 @@ class ConsumerRun:
         """Check the directory, then resume (returns the committed ledger) or start anew.
         Data parallel: rank 0 does that alone (it writes), then every rank learns the run id
         and the snapshot it resumed (or its error) and loads the same trainers."""
-        if self.dp.size == 1:
+        if self.world.size == 1:
             return self._open_here()
         outcome: tuple[str, str, str | None]
-        if self.dp.rank == 0:
+        if self.world.rank == 0:
             self._resumed_from: Path | None = None
             try:
                 self._open_here()
@@ -187,11 +196,11 @@ class ConsumerRun:
             except UserError as exc:
                 self.agreement.broadcast(("error", str(exc), None))
                 raise
-        outcome = self.agreement.broadcast(outcome if self.dp.rank == 0 else None)  # type: ignore[assignment]
+        outcome = self.agreement.broadcast(outcome if self.world.rank == 0 else None)  # type: ignore[assignment]
         if outcome[0] == "error":
             raise UserError(outcome[1])
         self.stats.run_id = outcome[1]
-        if self.dp.rank != 0 and outcome[2] is not None:
+        if self.world.rank != 0 and outcome[2] is not None:
             path = Path(outcome[2])
             trainers, extra = ckpt.load_snapshot(path, self.device)
             self._adopt(path, trainers, extra, {})
@@ -258,7 +267,7 @@ class ConsumerRun:
             if hook in cfg.hooks:
                 self.hook_info[hook] = HookInfo(saved["d_in"], saved.get("dtype"),
                                                 saved.get("model"))
-        if self.dp.rank == 0:  # a one-process snapshot's ledger and buffers: rank 0's
+        if self.world.rank == 0:  # a one-process snapshot's ledger and buffers: rank 0's
             self.ledger = Ledger.from_json(extra.get("producers", {}), cfg.max_producers,
                                            cfg.producer_expiry_seconds)
         self._resumed_from = path
@@ -268,9 +277,7 @@ class ConsumerRun:
                 raise UserError(f"snapshot {path} buffers {batch.x.shape[0]} tokens of {hook}: "
                                 f"--buffer-tokens must be at least that")
             self.buffers.get_or_create(hook, info.d, batch.x.dtype).restore(batch)
-        for tr in trainers.values():
-            tr.dp = self.dp
-        self.trainers = trainers
+        self.trainers = {name: self._placed(tr) for name, tr in trainers.items()}
         self.stats.steps, self.stats.tokens = int(extra.get("step", 0)), int(extra["tokens"])
         self.stats.run_id = ckpt.run_of(extra) or ""
         for name, tr in trainers.items():
@@ -282,7 +289,7 @@ class ConsumerRun:
 
     def _serve(self, committed: Ledger | None) -> None:
         """/metrics, then the sockets and the threads that serve them."""
-        cfg, m, dp = self.cfg, self.metrics, self.dp
+        cfg, m, dp = self.cfg, self.metrics, self.world
         here, ranks = (local_rank(), local_world_size()) if dp.size > 1 else (0, 1)
         bind, control = rank_endpoints(cfg.bind, cfg.control_bind, here, ranks)
         control = control or control_endpoint(bind)
@@ -334,6 +341,13 @@ class ConsumerRun:
                 "--bind port + r) and may --control-connect every control endpoint (--bind "
                 "port + local ranks + 1 + r)", dp.rank, dp.size, here,
                 ranks, bind, control, metrics_port or "off", cfg.batch_size)
+        if self.mesh.shard_size > 1:
+            log.info("%d data-parallel ranks × %d latent shards: ranks %d-%d share their parts of "
+                     "each batch (gathered) and each holds 1/%d of every SAE's latents",
+                     self.mesh.dp.size, self.mesh.shard_size,
+                     dp.rank - self.mesh.shard_rank,
+                     dp.rank - self.mesh.shard_rank + self.mesh.shard_size - 1,
+                     self.mesh.shard_size)
 
     # -- the loop's steps ---------------------------------------------------------------------
 
@@ -343,11 +357,11 @@ class ConsumerRun:
                 raise RuntimeError(f"the {thread.name} thread failed") from thread.error
         cfg, s = self.cfg, self.stats
         if not s.stop_reason:
-            if self._stop_agreed if self.dp.size > 1 else self.flags.stop.is_set():
+            if self._stop_agreed if self.world.size > 1 else self.flags.stop.is_set():
                 s.stop_reason = "signal"
             elif cfg.max_steps is not None and s.steps >= cfg.max_steps:
                 s.stop_reason = "max-steps"
-            elif cfg.max_tokens is not None and cfg.max_tokens - s.tokens < self.dp.size:
+            elif cfg.max_tokens is not None and cfg.max_tokens - s.tokens < self.world.size:
                 s.stop_reason = "max-tokens"  # data parallel: < 1 token per rank is left out
         return s.stop_reason
 
@@ -365,7 +379,7 @@ class ConsumerRun:
     def rank_batch(self) -> tuple[int, int, int]:
         """(global batch, this rank's part, this rank's low-water mark): --batch-size tokens
         a step over all ranks (cut before --max-tokens), split by `rank_slice`."""
-        cfg, rank, share = self.cfg, self.dp.rank, self.dp.size
+        cfg, rank, share = self.cfg, self.world.rank, self.world.size
         size, low = cfg.batch_size, math.ceil(cfg.min_fill * cfg.buffer_tokens)
         if cfg.max_tokens is not None:
             left = cfg.max_tokens - self.stats.tokens
@@ -393,7 +407,7 @@ class ConsumerRun:
         want = 0
         if self.flags.snapshot.is_set():
             want = 3
-        elif self.dp.rank == 0 and now - self._failed_at >= RETRY_AFTER_FAILURE_SECONDS \
+        elif self.world.rank == 0 and now - self._failed_at >= RETRY_AFTER_FAILURE_SECONDS \
                 and self._periodic_due(now):
             want = 2  # rank 0's clock decides (it writes, and knows its disk's failures)
         elif control is not None and control.flush_requested.is_set() and (
@@ -438,7 +452,7 @@ class ConsumerRun:
     def train(self, hook: str, batch: Batch, tokens: int | None = None) -> None:
         """Every SAE of the hook trains on the same batch (data parallel: `batch` is this
         rank's part of a global batch of `tokens`)."""
-        x = batch.x.to(self.device, non_blocking=True)
+        x = self.shard_peers.gather_rows(batch.x.to(self.device, non_blocking=True))
         for spec in (s for s in self.cfg.saes if s.hook == hook):
             trainer = self.trainers.get(spec.name) or self._new_trainer(spec)
             labels = {"hook": hook, "sae": spec.name}
@@ -485,15 +499,19 @@ class ConsumerRun:
         """The final snapshot, tried `final_snapshot_attempts` times (data parallel: by rank
         0, and every rank learns whether it succeeded, then the ranks leave together)."""
         failed = 1
-        for attempt in range(1, self.cfg.final_snapshot_attempts + 1):
-            if self.snapshot("final") is not False:
-                failed = 0
-                break
-            if attempt < self.cfg.final_snapshot_attempts:
-                time.sleep(1.0)
-        if self.dp.size > 1:
+        if self.mesh.shard_size > 1:  # gathered once, written up to the attempts
+            failed = int(self._snapshot_shards("final", self.cfg.final_snapshot_attempts)
+                         is False)
+        else:
+            for attempt in range(1, self.cfg.final_snapshot_attempts + 1):
+                if self.snapshot("final") is not False:
+                    failed = 0
+                    break
+                if attempt < self.cfg.final_snapshot_attempts:
+                    time.sleep(1.0)
+        if self.world.size > 1:
             failed = self.agreement.max([failed])[0]
-            if failed and self.dp.rank != 0:
+            if failed and self.world.rank != 0:
                 raise FinalSnapshotError("rank 0 could not write the final snapshot")
         if failed:
             root = self.cfg.checkpoint_dir
@@ -507,8 +525,8 @@ class ConsumerRun:
         log.info("stopped (%s) after %d steps, %d tokens; %d snapshots written",
                  self.stats.stop_reason, self.stats.steps, self.stats.tokens,
                  len(self.stats.snapshots))
-        if self.dp.size > 1:
-            self.dp.finish()  # every rank here: leave the process group together
+        if self.world.size > 1:
+            self.world.finish()  # every rank here: leave the process group together
 
     def close(self) -> None:
         if hasattr(self, "receiver"):
@@ -527,12 +545,31 @@ class ConsumerRun:
         log.info("SAE %s on %s: d_in=%d latents=%d k=%d", spec.name, spec.hook, info.d,
                  spec.latents, spec.k)
         trainer = Trainer(spec.sae_config(info.d), spec.trainer, name=spec.name,
-                          hook=spec.hook, model=info.model, device=self.device, dp=self.dp)
+                          hook=spec.hook, model=info.model, device=self.device, dp=self.mesh.dp,
+                          shard=self.mesh.shard(spec.latents))
         if spec.name in self.init_sources:
             init_from.start(trainer, self.init_sources[spec.name])
             log.info("SAE %s starts from %s", spec.name, trainer.origin["path"])
         self.trainers[spec.name] = trainer
         return trainer
+
+    def _placed(self, whole: Trainer) -> Trainer:
+        """A trainer loaded from a snapshot, on this rank's part of the mesh: its
+        data-parallel group, and with latent shards this rank's slice of every tensor (any
+        snapshot resumes on any shard count)."""
+        shard = self.mesh.shard(whole.sae_cfg.n_latents) \
+            if whole.sae_cfg.n_latents % self.mesh.shard_size == 0 else None
+        if self.mesh.shard_size > 1 and shard is None:
+            raise UserError(f"SAE {whole.name} has {whole.sae_cfg.n_latents} latents: "
+                            f"--latent-shards {self.mesh.shard_size} must divide them")
+        if shard is None:
+            whole.dp = self.mesh.dp
+            return whole
+        part = Trainer(whole.sae_cfg, whole.cfg, name=whole.name, hook=whole.hook,
+                       model=whole.model, device=self.device, dp=self.mesh.dp, shard=shard)
+        part.load_state_dict(whole.export_weights(), whole.state_dict())
+        part.origin = whole.origin
+        return part
 
     def _record(self, labels: dict[str, str], m: StepMetrics) -> None:
         """Export one step's StepMetrics; normalized MSE over the window of recent steps."""
@@ -554,12 +591,14 @@ class ConsumerRun:
         if cfg.checkpoint_dir is None:
             log.info("%s snapshot skipped: no --checkpoint-dir", reason)
             return None
+        if self.mesh.shard_size > 1:
+            return self._snapshot_shards(reason)
         committed: Ledger | None = None
         buffers: dict[str, Batch] | None = None
-        if self.dp.size == 1:
+        if self.world.size == 1:
             (ledger_json, committed), buffers = self.buffers.freeze(self._ledger_cut)
             version = committed.version
-        elif self.dp.rank == 0:  # the trainers are the same on every rank; no buffers, ledger
+        elif self.world.rank == 0:  # the trainers are the same on every rank; no buffers, ledger
             ledger_json, version = {}, 0
         else:
             return None
@@ -570,11 +609,43 @@ class ConsumerRun:
         if not self.trainers and not any(b.x.shape[0] for b in (buffers or {}).values()):
             log.info("%s snapshot skipped: nothing trained yet", reason)
             return None
+        return self._write(reason, self.trainers, ledger_json, version, committed, buffers)
+
+    def _snapshot_shards(self, reason: str, attempts: int = 1) -> Path | bool | None:
+        """Latent shards (a collective: every rank calls it at the same step): rank 0
+        decides whether to write and every rank learns it; the ranks of shard group 0 gather
+        each SAE whole on rank 0, which writes it (tries `attempts` times, 1 s apart)."""
+        s = self.stats
+        go = None
+        if self.world.rank == 0:
+            go = not (s.snapshots and s.saved_step == s.steps) and bool(self.trainers)
+            if not go:
+                log.info("%s snapshot skipped: %s", reason, f"step {s.steps} already saved"
+                         if self.trainers else "nothing trained yet")
+        if not self.agreement.broadcast(go):
+            return None
+        if self.mesh.dp.rank != 0:  # the other shard groups hold the same SAE
+            return None
+        whole = {name: tr.unsharded() for name, tr in self.trainers.items()}
+        if self.world.rank != 0:
+            return None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(1.0)
+            written = self._write(reason, whole, {}, 0, None, None)  # type: ignore[arg-type]
+            if written is not False:
+                break
+        return written
+
+    def _write(self, reason: str, trainers: dict[str, Trainer], ledger_json: dict[str, Any],
+               version: int, committed: Ledger | None, buffers: dict[str, Batch] | None
+               ) -> Path | bool:
+        cfg, s = self.cfg, self.stats
         t0 = time.perf_counter()
         if buffers is not None and committed is not None:
             buffers = _renumber_sources(buffers, committed.ordinals())
         try:
-            path = ckpt.save_snapshot(cfg.checkpoint_dir, s.steps, self.trainers,
+            path = ckpt.save_snapshot(cfg.checkpoint_dir, s.steps, trainers,
                                       self._extra(reason, ledger_json), buffers=buffers)
         except Exception as exc:  # a full or failing disk must not end the training
             why = ckpt.failure_reason(exc)
@@ -613,7 +684,7 @@ class ConsumerRun:
             "saes": {n: {"hook": t.hook, "model": t.model, "step": t.step,
                          "tokens": t.tokens_seen} for n, t in self.trainers.items()},
             "producers": producers,
-            **({"data_parallel": {"world_size": self.dp.size}} if self.dp.size > 1 else {}),
+            **({"data_parallel": {"world_size": self.world.size}} if self.world.size > 1 else {}),
         }
 
     def _log_progress(self, now: float) -> None:

@@ -21,12 +21,15 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import click
 import torch
 import torch.distributed as dist
+
+from saestream.consumer.sharding import LatentShard
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,6 +115,71 @@ def init_from_env(device: torch.device, timeout: float | None = None) -> DataPar
             raise PeerLost(f"rank {os.environ.get('RANK', '?')} could not join the "
                            f"{os.environ.get('WORLD_SIZE')} ranks: {_reason(exc)}") from None
     return DataParallel()
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The ranks as a 2-D mesh, data parallel × latent shards: consecutive ranks
+    (`shard_size` of them) share a batch and split the latents; ranks with the same shard
+    index form a data-parallel group."""
+
+    world: DataParallel
+    """Every rank (the step-boundary agreement, the split of a global batch's rows)."""
+    dp: DataParallel
+    """The data-parallel group: the ranks holding the same latents (gradients summed)."""
+    shard_group: dist.ProcessGroup | None = None
+    """The ranks sharing one batch and splitting the latents; None when not sharded."""
+    shard_size: int = 1
+    """Latent shards R (1: not sharded)."""
+
+    @property
+    def shard_rank(self) -> int:
+        return self.world.rank % self.shard_size
+
+    def shard(self, n_latents: int) -> LatentShard | None:
+        """This rank's latents of an SAE with `n_latents` (None when not sharded)."""
+        if self.shard_size == 1:
+            return None
+        return LatentShard.of_group(n_latents, self.shard_group)
+
+
+SINGLE_MESH = Mesh(SINGLE, SINGLE)
+"""One process."""
+
+
+def mesh_from_env(device: torch.device, latent_shards: int = 1,
+                  timeout: float | None = None) -> tuple[Mesh, torch.device]:
+    """Under torchrun: join the process group (`init_from_env`) and lay the ranks out as a
+    data-parallel × `latent_shards` mesh; the device becomes cuda:LOCAL_RANK when it is
+    CUDA. Outside torchrun: one process, as asked. UserError for a shard count the world
+    cannot hold."""
+    from saestream.common.errors import UserError
+
+    if not launched_by_torchrun():
+        if latent_shards > 1:
+            raise UserError(f"--latent-shards {latent_shards} needs that many ranks: start "
+                            "with torchrun --nproc-per-node N")
+        return SINGLE_MESH, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    world = init_from_env(device, timeout)
+    if world.size % latent_shards:
+        raise UserError(f"--latent-shards {latent_shards} must divide the world size "
+                        f"{world.size}")
+    if latent_shards == 1:
+        return Mesh(world, world), device
+    kw = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+    mine_dp = mine_shard = None
+    for i in range(world.size // latent_shards):  # every rank creates every group, in order
+        g = dist.new_group(list(range(i * latent_shards, (i + 1) * latent_shards)), **kw)
+        if world.rank // latent_shards == i:
+            mine_shard = g
+    for j in range(latent_shards):
+        g = dist.new_group(list(range(j, world.size, latent_shards)), **kw)
+        if world.rank % latent_shards == j:
+            mine_dp = g
+    return Mesh(world, DataParallel(mine_dp), mine_shard, latent_shards), device
 
 
 def _attempt_store(timeout: float | None) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -26,12 +25,6 @@ from saestream.consumer.config import ConsumerConfig
 from saestream.consumer.distributed import peer_errors
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
 from saestream.consumer.trainer import TrainerConfig
-
-if TYPE_CHECKING:
-    import torch
-
-    from saestream.consumer.distributed import DataParallel
-    from saestream.consumer.sharding import LatentShard
 
 # safetensors dtype names -> (numpy dtype to map the bytes with, is bfloat16)
 _ST_DTYPES = {
@@ -310,7 +303,7 @@ def train(
     import torch
 
     from saestream.consumer.checkpoint import save_snapshot
-    from saestream.consumer.distributed import rank_slice
+    from saestream.consumer.distributed import mesh_from_env, rank_slice
     from saestream.consumer.trainer import Trainer
 
     if tokens is not None and steps is not None:
@@ -370,7 +363,8 @@ def train(
     if sae_cfg.n_latents % latent_shards:
         raise UserError(f"--latent-shards {latent_shards} must divide --latents "
                         f"{sae_cfg.n_latents}")
-    dp, shard, dev = _data_parallel(dev, latent_shards, sae_cfg.n_latents, dist_timeout)
+    mesh, dev = mesh_from_env(dev, latent_shards, dist_timeout)
+    dp, shard = mesh.dp, mesh.shard(sae_cfg.n_latents)
     torch.manual_seed(seed)
     trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev, dp=dp,
                       shard=shard)
@@ -419,54 +413,6 @@ def train(
     dp.finish()
     click.echo(f"checkpoint: {path / name}")
     sys.stdout.flush()
-
-
-def _data_parallel(
-    dev: torch.device, latent_shards: int, n_latents: int, timeout: float | None = None
-) -> tuple[DataParallel, LatentShard | None, torch.device]:
-    """Under torchrun: join the process group and train on this rank's device (cuda:LOCAL_RANK
-    when the device is CUDA). The world is a 2-D mesh, data parallel × `latent_shards`:
-    consecutive ranks share a batch and split the latents. Otherwise one process, as asked."""
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    from saestream.consumer.distributed import (
-        SINGLE,
-        DataParallel,
-        init_from_env,
-        launched_by_torchrun,
-        local_rank,
-    )
-    from saestream.consumer.sharding import LatentShard
-
-    if not launched_by_torchrun():
-        if latent_shards > 1:
-            raise UserError(f"--latent-shards {latent_shards} needs that many ranks: start "
-                            "with torchrun --nproc-per-node N")
-        return SINGLE, None, dev
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank())
-        torch.cuda.set_device(dev)
-    world = init_from_env(dev, timeout)
-    kw = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
-    if world.size % latent_shards:
-        raise UserError(f"--latent-shards {latent_shards} must divide the world size "
-                        f"{world.size}")
-    if latent_shards == 1:
-        return world, None, dev
-    n_dp = world.size // latent_shards
-    mine_dp = mine_shard = None
-    for i in range(n_dp):  # every rank creates every group, in the same order
-        g = dist.new_group(list(range(i * latent_shards, (i + 1) * latent_shards)), **kw)
-        if world.rank // latent_shards == i:
-            mine_shard = g
-    for j in range(latent_shards):
-        g = dist.new_group(list(range(j, world.size, latent_shards)), **kw)
-        if world.rank % latent_shards == j:
-            mine_dp = g
-    return DataParallel(mine_dp), LatentShard.of_group(n_latents, mine_shard), dev
 
 
 def _init_source(path: Path, sae_cfg: SAEConfig, name: str) -> tuple[SAEConfig, object]:

@@ -56,7 +56,7 @@ class Rank(LoggedProcess):
     """One rank of a 2-rank `saestream consumer`."""
 
     def __init__(self, tmp_path: Path, rank: int, base: int, metrics: int, master: int,
-                 ckpt: Path) -> None:
+                 ckpt: Path, *extra: str, log: str = "") -> None:
         self.rank = rank
         self.metrics_port = metrics + rank
         env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
@@ -65,8 +65,8 @@ class Rank(LoggedProcess):
             "consumer", "--bind", f"tcp://127.0.0.1:{base}", "--metrics-port", str(metrics),
             "--checkpoint-dir", str(ckpt), "--hook", HOOK, "--sae", SAE, *SMALL,
             "--log-every", "1", "--metrics-window", "10", "--device", "cpu",
-            "--dist-timeout", DIST_TIMEOUT,
-        ), tmp_path / f"rank{rank}.log", env)
+            "--dist-timeout", DIST_TIMEOUT, *extra,
+        ), tmp_path / f"rank{rank}{log}.log", env)
 
     def value(self, name: str, **labels: str) -> float:
         try:
@@ -158,6 +158,62 @@ def test_two_ranks_fed_by_two_producers_snapshot_stop_together_and_resume_in_one
     started.append(one)
     one.wait_for("training after the resume", lambda: one.steps() >= final["step"] + 3)
     assert f"step {final['step']}" in one.log()
+    one.signal(signal.SIGTERM)
+    assert one.wait_exit() == 0
+
+
+def test_latent_shards_split_the_sae_over_two_ranks_and_resume_on_another_shard_count(
+        tmp_path: Path, started: list) -> None:
+    """--latent-shards 2: each rank holds half the latents, and the two ranks' parts of a
+    batch are gathered so both train on the same rows; rank 0 gathers the SAE whole for
+    the snapshot, which a sharded run resumes (re-sliced) and one process resumes too."""
+    from safetensors.torch import load_file
+
+    base, metrics, master = free_ports(5), free_ports(2), free_tcp_port()
+    ckpt = tmp_path / "ckpt"
+    ranks = [Rank(tmp_path, r, base, metrics, master, ckpt, "--latent-shards", "2")
+             for r in (0, 1)]
+    started.extend(ranks)
+    producer = LoggedProcess(
+        saestream_cmd("producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
+                      "--connect", f"tcp://127.0.0.1:{base}",
+                      "--connect", f"tcp://127.0.0.1:{base + 1}", "--producer-id", "prod",
+                      "--control-connect", "off", "--chunk-tokens", "256", "--batch-size",
+                      "2", "--seq-len", "64", "--threads", "1", "--seed", "0"),
+        tmp_path / "prod.log", child_env())
+    started.append(producer)
+    everyone = [*ranks, producer]
+    wait_for("both ranks to train", lambda: all(
+        r.value("saestream_train_steps_total") >= 5 for r in ranks), everyone)
+    for r in ranks:
+        nmse = r.value("saestream_normalized_mse", hook=HOOK, sae=HOOK)
+        assert 0 < nmse < 2, (r.rank, nmse)
+    assert "1 data-parallel ranks × 2 latent shards: ranks 0-1" in ranks[1].log()
+    ranks[1].proc.send_signal(signal.SIGTERM)
+    assert [r.wait_exit() for r in ranks] == [0, 0], ranks[0].log() + ranks[1].log()
+    final = snapshot_extra(ckpt)
+    assert final["reason"] == "final"
+    stopped = [re.findall(r"stopped \(signal\) after (\d+) steps", r.log()) for r in ranks]
+    assert stopped[0] == stopped[1] == [str(final["step"])]
+    snap = ckpt / (ckpt / "latest").read_text().strip() / HOOK
+    weights = load_file(str(snap / "sae.safetensors"))
+    assert weights["W_dec"].shape[0] == weights["encoder.weight"].shape[0] == 256  # whole
+
+    # The same two ranks resume it sharded (each takes its slice), and train on.
+    master2 = free_tcp_port()
+    again = [Rank(tmp_path, r, base, metrics, master2, ckpt, "--latent-shards", "2",
+                  "--resume", "--max-steps", str(final["step"] + 3), log="-again")
+             for r in (0, 1)]
+    started.extend(again)
+    assert [r.wait_exit() for r in again] == [0, 0], again[0].log() + again[1].log()
+    assert f"step {final['step']}" in again[0].log()
+    after = snapshot_extra(ckpt)
+    assert after["step"] == final["step"] + 3 and after["stop_reason"] == "max-steps"
+
+    # ... and one process resumes that (no shards).
+    one = Consumer(tmp_path, "--resume", "--bind", f"tcp://127.0.0.1:{base}", ckpt=ckpt)
+    started.append(one)
+    one.wait_for("training after the resume", lambda: one.steps() >= after["step"] + 2)
     one.signal(signal.SIGTERM)
     assert one.wait_exit() == 0
 
