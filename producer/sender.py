@@ -31,6 +31,10 @@ log = logging.getLogger("saestream.producer")
 
 POLL_MS = 100
 
+Encoded = list[bytes] | Future[list[bytes]] | None
+"""A chunk's frames (encoded inline), their future (encoded by the pool) or None (nothing to
+send)."""
+
 
 class Progress(NamedTuple):
     """A point in the shard's token stream: epoch, tokens of that epoch sent."""
@@ -102,6 +106,7 @@ class Sender:
         """Notified whenever `_pending` drops to 0."""
         self._abort = threading.Event()
         self._deadline: float | None = None
+        self._children: dict[str, tuple[Any, Any, Any, Any, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
         metrics.queue_depth.set_function(self.queue.qsize)
 
@@ -208,8 +213,8 @@ class Sender:
         if self.encode_threads > 1:
             pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="encode")
         window = 2 * self.encode_threads if pool is not None else 1  # 1: as one thread did
-        # Taken from the queue, in order: (generation, item, its encoding or None).
-        inflight: deque[tuple[int, Outgoing, Future[list[bytes]] | None]] = deque()
+        # Taken from the queue, in order: (generation, item, its `Encoded`).
+        inflight: deque[tuple[int, Outgoing, Encoded]] = deque()
         try:
             while not self._abort.is_set():
                 if len(inflight) < window:
@@ -236,21 +241,23 @@ class Sender:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, pool: ThreadPoolExecutor | None, generation: int,
-                item: Outgoing) -> Future[list[bytes]] | None:
+                item: Outgoing) -> Encoded:
         """Number `item` and start encoding it; None if there is nothing to send (a progress
-        marker, or a chunk queued before a rewind)."""
+        marker, or a chunk queued before a rewind). Without a pool the frames themselves:
+        a Future per chunk would only add lock and condition traffic on this thread, which
+        holds the GIL against the model loop."""
         if item.hook is None or generation != self._generation:
             return None
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         if pool is not None:
             return pool.submit(self._encode, item, seq)
-        done: Future[list[bytes]] = Future()
-        done.set_result(self._encode(item, seq))
-        return done
+        return self._encode(item, seq)
 
-    def _finish(self, generation: int, item: Outgoing, encoded: Future[list[bytes]] | None) -> None:
+    def _finish(self, generation: int, item: Outgoing, encoded: Encoded) -> None:
         """Send one chunk taken from the queue (in queue order) and account for it."""
-        if encoded is not None and not self._send(item, encoded.result()):
+        if isinstance(encoded, Future):
+            encoded = encoded.result()
+        if encoded is not None and not self._send(item, encoded):
             self._abort.set()
             return
         with self._lock:
@@ -290,12 +297,24 @@ class Sender:
         n = int(item.acts.shape[0])
         raw = n * int(item.acts.shape[1]) * item.acts.element_size()
         wire = sum(len(f) for f in frames)
-        m = self.metrics
-        m.tokens.labels(hook=item.hook).inc(n)
-        m.messages.labels(hook=item.hook).inc()
-        m.raw_bytes.labels(hook=item.hook).inc(raw)
-        m.wire_bytes.labels(hook=item.hook).inc(wire)
-        m.compression_ratio.labels(hook=item.hook).set(raw / wire if wire else 0.0)
+        tokens, messages, raw_bytes, wire_bytes, ratio = self._hook_metrics(item.hook)
+        tokens.inc(n)
+        messages.inc()
+        raw_bytes.inc(raw)
+        wire_bytes.inc(wire)
+        ratio.set(raw / wire if wire else 0.0)
         if item.hook == self._first_hook:
             self.tokens_sent += n
         return True
+
+    def _hook_metrics(self, hook: str) -> tuple[Any, Any, Any, Any, Any]:
+        """The per-hook metric children, looked up once: `labels()` takes a lock and builds
+        a key every call (~3x the cost of the increments themselves)."""
+        children = self._children.get(hook)
+        if children is None:
+            m = self.metrics
+            children = self._children[hook] = (
+                m.tokens.labels(hook=hook), m.messages.labels(hook=hook),
+                m.raw_bytes.labels(hook=hook), m.wire_bytes.labels(hook=hook),
+                m.compression_ratio.labels(hook=hook))
+        return children
