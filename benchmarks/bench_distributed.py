@@ -241,8 +241,12 @@ counted):
 {snap_header}
 {snap}
 
-Beyond that a snapshot needs per-rank shard files (not implemented; README, "Several
-processes: data parallel under `torchrun`")."""
+Beyond that, snapshots are per-rank shard files: with `--snapshot-shards auto` (the default)
+rank 0 writes them instead of gathering when the gathered copy (`gather_bytes`: {dev}·n·d on
+a GPU, {host}·n·d on a CPU host) would need more than half of its device's free memory;
+every rank of the first shard group writes its own rows, and `--resume` reads them on any
+shard count (`consumer/shard_files.py`; README, "Several processes: data parallel under
+`torchrun`")."""
 
 
 # ------------------------------------------------------------------ the ranks

@@ -8,6 +8,9 @@
     DIR/step-00001234/buffers/<i>.safetensors  the consumer's shuffle buffers (rows, sources)
     DIR/latest                                 text: the newest snapshot's directory name
 
+A latent-sharded SAE too large to gather on one rank is written as per-rank shard files
+instead of sae.safetensors (`consumer/shard_files.py`; trainer.json says `shards`).
+
 Each snapshot is written under `DIR/.tmp-…`, fsynced and renamed into place; `latest` is
 replaced atomically afterwards, so a reader never sees half a checkpoint. A consumer's
 `extra.json` names its run (`run_id`), its SAEs (`saes`) and buffers (`buffers`): a
@@ -25,7 +28,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,8 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saestream import __version__
+from saestream.common.errors import UserError
 from saestream.consumer.buffer import Batch
 from saestream.consumer.sae import LAYER_NORM_EPS, SAEConfig, SparseAutoencoder
+from saestream.consumer.shard_files import MOMENTS, RowReader, shard_file, strip_state
+from saestream.consumer.sharding import LatentShard
 from saestream.consumer.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("saestream.checkpoint")
@@ -77,22 +83,35 @@ def sae_cfg_json(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def begin_snapshot(root: Path, step: int, names: list[str] = ()) -> Path:  # type: ignore[assignment]
+    """The temporary directory a snapshot of `step` is written into (with an empty folder
+    per SAE name), for ranks to put their shard files in before `save_snapshot(staged=)`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{snapshot_name(step)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for name in names:
+        _check_name(name)
+        (tmp / name).mkdir()
+    return tmp
+
+
 def save_snapshot(
     root: Path, step: int, trainers: Mapping[str, Trainer], extra: dict | None = None,
-    *, buffers: Mapping[str, Batch] | None = None,
+    *, buffers: Mapping[str, Batch] | None = None, staged: Path | None = None,
 ) -> Path:
     """Write `root/step-XXXXXXXX/` for every trainer (keyed by SAE name) and point
     `root/latest` at it. Returns the snapshot's path. A snapshot of the same step is replaced.
 
     :param buffers: shuffle-buffer contents per hook; written under `buffers/` and listed in
         `extra.json` (`buffers`: hook -> file).
+    :param staged: the `begin_snapshot` directory, where the ranks of a sharded trainer
+        (`trainer.shard` set) have written their shard files: its folder gets the rest.
     Raises OSError (or safetensors' error) with nothing left behind but the previous state.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / snapshot_name(step)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = staged if staged is not None else begin_snapshot(root, step)
     extra = dict(extra or {})
     try:
         if buffers is not None:
@@ -108,8 +127,10 @@ def save_snapshot(
         for name, trainer in trainers.items():
             _check_name(name)
             d = tmp / name
-            d.mkdir()
-            save_file(trainer.export_weights(), str(d / "sae.safetensors"))
+            d.mkdir(exist_ok=True)
+            shards = trainer.shard.size if trainer.shard is not None else 1
+            if shards == 1:
+                save_file(trainer.export_weights(), str(d / "sae.safetensors"))
             _write_json(d / "cfg.json", sae_cfg_json(trainer))
             _write_json(
                 d / "trainer.json",
@@ -123,9 +144,11 @@ def save_snapshot(
                     "tokens_seen": trainer.tokens_seen,
                     "mse_scale": trainer.mse_scale,
                     "origin": trainer.origin,
+                    **({"shards": shards} if shards > 1 else {}),
                 },
             )
-            torch.save(trainer.state_dict(), d / "trainer.pt")
+            state = trainer.state_dict()
+            torch.save(state if shards == 1 else strip_state(state), d / "trainer.pt")
             for f in d.iterdir():
                 _fsync(f)
             _fsync(d)
@@ -180,44 +203,56 @@ def sae_names(path: Path, extra: Mapping[str, Any]) -> list[str]:
 
 
 def load_snapshot(
-    path: Path, device: str | torch.device = "cpu"
+    path: Path, device: str | torch.device = "cpu",
+    shard: Callable[[int], LatentShard | None] | None = None,
 ) -> tuple[dict[str, Trainer], dict]:
-    """Read one snapshot: ({name: Trainer}, extra). Raises CheckpointError."""
+    """Read one snapshot: ({name: Trainer}, extra); with `shard`, this rank's slices
+    (`load_trainer`). Raises CheckpointError."""
     path = Path(path)
     try:
         extra_file = path / "extra.json"
         extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
         names = sae_names(path, extra)
-        return {n: load_trainer(path / n, device) for n in names}, extra
+        return {n: load_trainer(path / n, device, shard) for n in names}, extra
     except CheckpointError:
         raise
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
-def load_trainer(directory: Path, device: str | torch.device = "cpu") -> Trainer:
-    """Read one `<snapshot>/<name>/` directory back into a Trainer. Raises CheckpointError."""
+def load_trainer(directory: Path, device: str | torch.device = "cpu",
+                 shard: Callable[[int], LatentShard | None] | None = None) -> Trainer:
+    """Read one `<snapshot>/<name>/` directory back into a Trainer: a whole one, or, with
+    `shard` (n_latents -> this rank's LatentShard), this rank's slice of it, reading only
+    its rows from either layout (any saved shard count). Raises CheckpointError; UserError
+    when `shard` refuses the SAE's latent count."""
     d = Path(directory)
     try:
         meta = json.loads((d / "trainer.json").read_text())
         sae_cfg = SAEConfig(**meta["sae"])
         cfg = TrainerConfig(**meta["trainer"])
-        trainer = Trainer(
-            sae_cfg, cfg, name=meta["name"], hook=meta["hook"], model=meta["model"], device=device
-        )
-        weights = load_file(str(d / "sae.safetensors"))
-        if set(weights) != set(WEIGHT_NAMES):
-            raise CheckpointError(f"{d}: sae.safetensors holds {sorted(weights)}")
-        for n, p in trainer.sae.named_parameters():
-            if tuple(weights[n].shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"{d}: {n} has shape {tuple(weights[n].shape)}, expected {tuple(p.shape)}"
-                )
-        state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True)
-        trainer.load_state_dict(weights, state)
+        mine = shard(sae_cfg.n_latents) if shard is not None else None
+        trainer = Trainer(sae_cfg, cfg, name=meta["name"], hook=meta["hook"],
+                          model=meta["model"], device=device, shard=mine)
+        shards = int(meta.get("shards", 1))
+        if shards == 1 and not (d / "sae.safetensors").is_file():
+            raise CheckpointError(f"{d}: no sae.safetensors")
+        state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
+        reader = RowReader(d, sae_cfg, shards, state)
+        lo, hi = (mine.lo, mine.hi) if mine is not None else (0, sae_cfg.n_latents)
+        names = [n for n, _ in trainer.sae.named_parameters()]
+        weights = {n: reader.rows("weights", n, lo, hi) for n in names}
+        if cfg.ema_decay is not None:  # the raw weights (the EMA ones are `weights`)
+            state["params"] = {n: reader.rows("params", n, lo, hi) for n in names}
+        moments = state["optimizer"]["state"]
+        for i, entry in moments.items():
+            for key in MOMENTS:
+                if shards > 1 or key in entry:
+                    entry[key] = reader.rows(key, names[int(i)], lo, hi)
+        trainer.load_state_dict(weights, state, local=True)
         trainer.origin = meta.get("origin")
         return trainer
-    except CheckpointError:
+    except (CheckpointError, UserError):
         raise
     except Exception as exc:  # corrupt files surface as many exception types
         raise CheckpointError(f"{d}: {type(exc).__name__}: {exc}") from exc
@@ -235,7 +270,13 @@ def check_complete(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: extra.json is not an object")
     names = sae_names(path, extra)
     for name in names:
-        missing = [f for f in SAE_FILES if not (path / name / f).is_file()]
+        wanted = list(SAE_FILES)
+        if not (path / name / "sae.safetensors").is_file():  # per-rank shard files?
+            shards = _saved_shards(path / name)
+            if shards > 1:
+                wanted = [f for f in wanted if f != "sae.safetensors"]
+                wanted += [shard_file(r, shards) for r in range(shards)]
+        missing = [f for f in wanted if not (path / name / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: SAE {name} lacks {', '.join(missing)}")
     for hook, rel in (extra.get("buffers") or {}).items():
@@ -447,7 +488,12 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
             input_normalization=str(cfg.get("input_normalization", "none")),
         )
         sae = SparseAutoencoder(sae_cfg, device="meta")  # shapes only; filled below
-        weights = load_file(str(d / "sae.safetensors"))
+        shards = 1 if (d / "sae.safetensors").is_file() else _saved_shards(d)
+        if shards > 1:  # per-rank shard files: read every row
+            reader = RowReader(d, sae_cfg, shards)
+            weights = {n: reader.rows("weights", n, 0, sae_cfg.n_latents) for n in WEIGHT_NAMES}
+        else:
+            weights = load_file(str(d / "sae.safetensors"))
         if set(weights) != set(WEIGHT_NAMES):
             raise CheckpointError(f"{d}: sae.safetensors holds {sorted(weights)}")
         for n, p in sae.named_parameters():
@@ -478,6 +524,14 @@ def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def _saved_shards(directory: Path) -> int:
+    """How many per-rank shard files an SAE folder's trainer.json names (1: none)."""
+    try:
+        return int(json.loads((directory / "trainer.json").read_text()).get("shards", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def _check_name(name: str) -> None:

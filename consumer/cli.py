@@ -19,6 +19,7 @@ from saestream.consumer.config import (
     parse_sae_spec,
     sae_help,
 )
+from saestream.consumer.shard_files import LAYOUTS
 
 __all__ = ["build_config", "build_sae_specs", "consumer", "parse_sae_spec"]
 
@@ -67,6 +68,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "seed", type=int)
 @config_option(C, "dist_timeout", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "latent_shards", type=_POSITIVE)
+@config_option(C, "snapshot_shards", type=click.Choice(LAYOUTS))
 @cli_errors
 def consumer(**opts: Any) -> None:
     """Receive activations from producers, shuffle them, and train TopK SAEs online.

@@ -161,6 +161,12 @@ class ConsumerConfig:
     """Under torchrun: split each SAE's latents over this many consecutive ranks, which
     train on the same rows (their parts of the global batch, gathered); it divides the world
     size and every SAE's latents, and the rest is data parallel."""
+    snapshot_shards: str = "auto"
+    """With --latent-shards: `gather` writes each SAE whole from rank 0 (sparsify's layout),
+    `per-rank` has every rank of the first shard group write its own rows (only saestream
+    reads them: `--resume` on any shard count, eval/export reading them whole), `auto`
+    gathers when that fits half of rank 0's free memory (~32 bytes per latent × d_in) and
+    writes per-rank files otherwise."""
     init_from: Path | None = None
     """Start each new SAE from a snapshot's weights (ours or `saestream import`ed; the SAE of
     the same name, else its only one) with fresh optimiser state, instead of a fresh
@@ -293,13 +299,15 @@ def machine_memory_bytes(device: str) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def sae_train_bytes(spec: SAESpec, d_in: int, batch_size: int) -> int:
-    """A lower bound of what training one SAE allocates: weights, gradients, Adam's two
-    moments (and the EMA copy), and the dense [batch, latents] pre-activations."""
+def sae_train_bytes(spec: SAESpec, d_in: int, batch_size: int, shards: int = 1) -> int:
+    """A lower bound of what training one SAE allocates on one rank: weights, gradients,
+    Adam's two moments (and the EMA copy), and the dense [batch, latents] pre-activations,
+    over the rank's 1/`shards` of the latents; the dead-latent counters are whole."""
     n = spec.sae.n_latents
-    params = 2 * n * d_in + n + d_in
+    local = n // shards
+    params = 2 * local * d_in + local + d_in
     copies = 4 + (1 if spec.trainer.ema_decay is not None else 0)
-    return 4 * (copies * params + 2 * batch_size * n) + 8 * n
+    return 4 * (copies * params + 2 * batch_size * local) + 8 * n
 
 
 def check_fits(cfg: ConsumerConfig, device: str, d_in: int | None = None) -> None:
@@ -314,11 +322,13 @@ def check_fits(cfg: ConsumerConfig, device: str, d_in: int | None = None) -> Non
             f"{_gb(buffers)} (d_in {d}), this machine has {_gb(total)}"
         )
     on_device = machine_memory_bytes(device)
-    need = sum(sae_train_bytes(s, d, cfg.batch_size) for s in cfg.saes)
+    need = sum(sae_train_bytes(s, d, cfg.batch_size, cfg.latent_shards) for s in cfg.saes)
     if need + (buffers if not device.startswith("cuda") else 0) > on_device:
         raise UserError(
             f"--sae: training {len(cfg.saes)} SAE(s) needs at least {_gb(need)} at d_in {d} "
-            f"and batch {cfg.batch_size}; {device} has {_gb(on_device)}"
+            f"and batch {cfg.batch_size}"
+            + (f" per rank of {cfg.latent_shards} latent shards" if cfg.latent_shards > 1
+               else "") + f"; {device} has {_gb(on_device)}"
         )
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ from saestream.consumer.ledger import Ledger
 from saestream.consumer.metrics import ConsumerMetrics
 from saestream.consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, Receiver
 from saestream.consumer.recorder import Recorder
+from saestream.consumer.shard_files import gather_fits, write_shard
+from saestream.consumer.sharding import LatentShard
 from saestream.consumer.trainer import MSEWindow, StepMetrics, Trainer
 
 log = logging.getLogger("saestream.consumer")
@@ -142,6 +145,7 @@ class ConsumerRun:
         """The ranks that share this rank's batch and split the latents."""
         self.agreement = Agreement(mesh.world)
         self._stop_agreed = False
+        self._said_per_rank = False
         if self.world.size > 1 and cfg.record is not None:
             raise UserError("--record is not supported under torchrun yet: record with one "
                             "process (or `saestream record`)")
@@ -202,7 +206,7 @@ class ConsumerRun:
         self.stats.run_id = outcome[1]
         if self.world.rank != 0 and outcome[2] is not None:
             path = Path(outcome[2])
-            trainers, extra = ckpt.load_snapshot(path, self.device)
+            trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
             self._adopt(path, trainers, extra, {})
         return None  # ranks' ledgers are not in the snapshots: nothing is `committed`
 
@@ -240,7 +244,7 @@ class ConsumerRun:
             return self.ledger.copy()
         for path, _ in ckpt.resumable(root, run_id):  # never another run's
             try:
-                trainers, extra = ckpt.load_snapshot(path, self.device)
+                trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
                 buffered = ckpt.load_buffers(path, extra)
             except ckpt.CheckpointError as exc:
                 log.warning("skipping unreadable snapshot %s: %s", path, exc)
@@ -277,7 +281,9 @@ class ConsumerRun:
                 raise UserError(f"snapshot {path} buffers {batch.x.shape[0]} tokens of {hook}: "
                                 f"--buffer-tokens must be at least that")
             self.buffers.get_or_create(hook, info.d, batch.x.dtype).restore(batch)
-        self.trainers = {name: self._placed(tr) for name, tr in trainers.items()}
+        for tr in trainers.values():
+            tr.dp = self.mesh.dp
+        self.trainers = trainers
         self.stats.steps, self.stats.tokens = int(extra.get("step", 0)), int(extra["tokens"])
         self.stats.run_id = ckpt.run_of(extra) or ""
         for name, tr in trainers.items():
@@ -546,30 +552,20 @@ class ConsumerRun:
                  spec.latents, spec.k)
         trainer = Trainer(spec.sae_config(info.d), spec.trainer, name=spec.name,
                           hook=spec.hook, model=info.model, device=self.device, dp=self.mesh.dp,
-                          shard=self.mesh.shard(spec.latents))
+                          shard=self._shard_of(spec.latents))
         if spec.name in self.init_sources:
             init_from.start(trainer, self.init_sources[spec.name])
             log.info("SAE %s starts from %s", spec.name, trainer.origin["path"])
         self.trainers[spec.name] = trainer
         return trainer
 
-    def _placed(self, whole: Trainer) -> Trainer:
-        """A trainer loaded from a snapshot, on this rank's part of the mesh: its
-        data-parallel group, and with latent shards this rank's slice of every tensor (any
-        snapshot resumes on any shard count)."""
-        shard = self.mesh.shard(whole.sae_cfg.n_latents) \
-            if whole.sae_cfg.n_latents % self.mesh.shard_size == 0 else None
-        if self.mesh.shard_size > 1 and shard is None:
-            raise UserError(f"SAE {whole.name} has {whole.sae_cfg.n_latents} latents: "
+    def _shard_of(self, n_latents: int) -> LatentShard | None:
+        """This rank's latents of an SAE of `n_latents` (None when not sharded): what a
+        resumed snapshot is sliced to, whatever shard count wrote it."""
+        if n_latents % self.mesh.shard_size:
+            raise UserError(f"an SAE of the snapshot has {n_latents} latents: "
                             f"--latent-shards {self.mesh.shard_size} must divide them")
-        if shard is None:
-            whole.dp = self.mesh.dp
-            return whole
-        part = Trainer(whole.sae_cfg, whole.cfg, name=whole.name, hook=whole.hook,
-                       model=whole.model, device=self.device, dp=self.mesh.dp, shard=shard)
-        part.load_state_dict(whole.export_weights(), whole.state_dict())
-        part.origin = whole.origin
-        return part
+        return self.mesh.shard(n_latents)
 
     def _record(self, labels: dict[str, str], m: StepMetrics) -> None:
         """Export one step's StepMetrics; normalized MSE over the window of recent steps."""
@@ -612,48 +608,100 @@ class ConsumerRun:
         return self._write(reason, self.trainers, ledger_json, version, committed, buffers)
 
     def _snapshot_shards(self, reason: str, attempts: int = 1) -> Path | bool | None:
-        """Latent shards (a collective: every rank calls it at the same step): rank 0
-        decides whether to write and every rank learns it; the ranks of shard group 0 gather
-        each SAE whole on rank 0, which writes it (tries `attempts` times, 1 s apart)."""
-        s = self.stats
-        go = None
-        if self.world.rank == 0:
-            go = not (s.snapshots and s.saved_step == s.steps) and bool(self.trainers)
-            if not go:
-                log.info("%s snapshot skipped: %s", reason, f"step {s.steps} already saved"
-                         if self.trainers else "nothing trained yet")
-        if not self.agreement.broadcast(go):
+        """Latent shards (a collective: every rank calls it at the same step). Rank 0 decides
+        whether to write and how (`_shard_plan`) and every rank learns it. `gather`: the
+        ranks of shard group 0 gather each SAE whole on rank 0, which writes it (tries
+        `attempts` times, 1 s apart, gathering once). `per-rank`: each try, every rank of
+        shard group 0 writes its rows into rank 0's temporary snapshot, and rank 0 finishes
+        it or, when any rank failed, removes it."""
+        plan = self.agreement.broadcast(self._shard_plan(reason) if self.world.rank == 0
+                                        else None)
+        if plan is None:
             return None
-        if self.mesh.dp.rank != 0:  # the other shard groups hold the same SAE
-            return None
-        whole = {name: tr.unsharded() for name, tr in self.trainers.items()}
-        if self.world.rank != 0:
-            return None
+        written: Path | bool | None = None
+        if plan == "gather":
+            if self.mesh.dp.rank != 0:  # the other shard groups hold the same SAE
+                return None
+            whole = {name: tr.unsharded() for name, tr in self.trainers.items()}
+            for attempt in range(attempts if self.world.rank == 0 else 0):
+                if attempt:
+                    time.sleep(1.0)
+                written = self._write(reason, whole, {}, 0, None, None)  # type: ignore[arg-type]
+                if written is not False:
+                    break
+            return written
         for attempt in range(attempts):
             if attempt:
                 time.sleep(1.0)
-            written = self._write(reason, whole, {}, 0, None, None)  # type: ignore[arg-type]
-            if written is not False:
+            written = self._write_per_rank(reason)
+            if self.agreement.broadcast(written is not False):
                 break
         return written
 
+    def _shard_plan(self, reason: str) -> str | None:
+        """Rank 0: None (nothing to write), `gather` or `per-rank` (--snapshot-shards;
+        `auto`: per-rank when gathering would not fit half of this device's free memory)."""
+        s = self.stats
+        if (s.snapshots and s.saved_step == s.steps) or not self.trainers:
+            log.info("%s snapshot skipped: %s", reason, f"step {s.steps} already saved"
+                     if self.trainers else "nothing trained yet")
+            return None
+        if self.cfg.snapshot_shards != "auto":
+            return self.cfg.snapshot_shards
+        fits, need, free = gather_fits(
+            [(t.sae_cfg, t.cfg.ema_decay is not None) for t in self.trainers.values()],
+            self.device)
+        if not fits and not self._said_per_rank:
+            self._said_per_rank = True
+            log.warning("gathering the sharded SAEs on rank 0 would need %.1f GiB of %s, which "
+                        "has %.1f GiB free: snapshots are per-rank shard files (saestream "
+                        "--resume reads them on any shard count; sparsify cannot)",
+                        need / 2**30, self.device, free / 2**30)
+        return "gather" if fits else "per-rank"
+
+    def _write_per_rank(self, reason: str) -> Path | bool | None:
+        """One try of a per-rank snapshot (collective); rank 0 returns the outcome."""
+        root, s = self.cfg.checkpoint_dir, self.stats
+        assert root is not None
+        staged: Path | None = None
+        error: BaseException | None = None
+        if self.world.rank == 0:
+            try:
+                staged = ckpt.begin_snapshot(root, s.steps, list(self.trainers))
+            except OSError as exc:
+                error = exc
+        where = self.agreement.broadcast(None if staged is None else str(staged))
+        failed = int(where is None)
+        if where is not None and self.mesh.dp.rank == 0:
+            try:
+                for name, tr in self.trainers.items():
+                    write_shard(Path(where) / name, tr)
+            except Exception as exc:  # a full or failing disk must not end the training
+                failed, error = 1, exc
+                log.error("writing this rank's shard of the %s snapshot failed: %s", reason, exc)
+        failed = self.agreement.max([failed])[0]
+        if self.world.rank != 0:
+            return None
+        if failed:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            self._failed(reason, error or OSError("another rank could not write its shard file"))
+            return False
+        return self._write(reason, self.trainers, {}, 0, None, None, staged=staged)
+
     def _write(self, reason: str, trainers: dict[str, Trainer], ledger_json: dict[str, Any],
-               version: int, committed: Ledger | None, buffers: dict[str, Batch] | None
-               ) -> Path | bool:
+               version: int, committed: Ledger | None, buffers: dict[str, Batch] | None,
+               staged: Path | None = None) -> Path | bool:
         cfg, s = self.cfg, self.stats
         t0 = time.perf_counter()
         if buffers is not None and committed is not None:
             buffers = _renumber_sources(buffers, committed.ordinals())
         try:
             path = ckpt.save_snapshot(cfg.checkpoint_dir, s.steps, trainers,
-                                      self._extra(reason, ledger_json), buffers=buffers)
+                                      self._extra(reason, ledger_json), buffers=buffers,
+                                      staged=staged)
         except Exception as exc:  # a full or failing disk must not end the training
-            why = ckpt.failure_reason(exc)
-            self._failed_at = time.monotonic()
-            self.metrics.checkpoint_failures.labels(reason=why).inc()
-            s.failed_snapshots += 1
-            log.error("%s snapshot at step %d failed (%s: %s); the previous snapshot stays, "
-                      "training goes on", reason, s.steps, why, exc)
+            self._failed(reason, exc)
             return False
         s.saved_step, self._last_save = s.steps, time.monotonic()
         self._saved_version = version
@@ -666,6 +714,15 @@ class ConsumerRun:
             ckpt.prune_snapshots(cfg.checkpoint_dir, cfg.keep, s.run_id)
         log.info("%s snapshot %s (%.2fs)", reason, path, time.perf_counter() - t0)
         return path
+
+    def _failed(self, reason: str, exc: BaseException) -> None:
+        """A snapshot that could not be written: counted and logged; training goes on."""
+        why = ckpt.failure_reason(exc)
+        self._failed_at = time.monotonic()
+        self.metrics.checkpoint_failures.labels(reason=why).inc()
+        self.stats.failed_snapshots += 1
+        log.error("%s snapshot at step %d failed (%s: %s); the previous snapshot stays, "
+                  "training goes on", reason, self.stats.steps, why, exc)
 
     def _ledger_cut(self) -> tuple[dict[str, Any], Ledger]:
         """Under the buffers' lock: the ledger as JSON and a copy for the control channel's

@@ -12,6 +12,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -24,7 +25,12 @@ from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.config import ConsumerConfig
 from saestream.consumer.distributed import peer_errors
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
+from saestream.consumer.shard_files import LAYOUTS
 from saestream.consumer.trainer import TrainerConfig
+
+if TYPE_CHECKING:
+    from saestream.consumer.distributed import Mesh
+    from saestream.consumer.trainer import Trainer
 
 # safetensors dtype names -> (numpy dtype to map the bytes with, is bfloat16)
 _ST_DTYPES = {
@@ -159,12 +165,15 @@ def _check_tensor_entry(key: str, info: object, data_bytes: int) -> None:
         raise ValueError(f"malformed header entry for tensor {key!r}")
 
 
-def check_memory(sae_cfg: SAEConfig, cfg: TrainerConfig, batch_size: int, device: object) -> None:
-    """UserError when training this SAE cannot fit the device's memory (host RAM on CPU)."""
+def check_memory(sae_cfg: SAEConfig, cfg: TrainerConfig, batch_size: int, device: object,
+                 shards: int = 1) -> None:
+    """UserError when training this SAE (one rank's 1/`shards` of its latents) cannot fit
+    the device's memory (host RAM on CPU)."""
     from saestream.consumer.config import SAESpec, machine_memory_bytes, sae_train_bytes
 
     assert sae_cfg.d_in is not None
-    need = sae_train_bytes(SAESpec("sae", "hook", sae_cfg, cfg), sae_cfg.d_in, batch_size)
+    need = sae_train_bytes(SAESpec("sae", "hook", sae_cfg, cfg), sae_cfg.d_in, batch_size,
+                           shards)
     have = machine_memory_bytes(str(device))
     if need > have:
         raise UserError(
@@ -255,6 +264,7 @@ class ShuffledBatches:
               help="Under torchrun: split the latents over this many ranks (it must divide "
                    "the world size; the rest is data parallel).")
 @config_option(ConsumerConfig, "dist_timeout", type=FiniteFloat(0.0, min_open=True))
+@config_option(ConsumerConfig, "snapshot_shards", type=click.Choice(LAYOUTS))
 @click.option(
     "--out",
     required=True,
@@ -295,6 +305,7 @@ def train(
     device: str,
     out: Path,
     log_interval: float,
+    snapshot_shards: str,
     init_from: Path | None,
     latent_shards: int,
     dist_timeout: float,
@@ -355,7 +366,7 @@ def train(
         )
         batch_size = n_rows
     total_steps = steps if steps is not None else math.ceil((tokens or n_rows) / batch_size)
-    check_memory(sae_cfg, cfg, batch_size, dev)
+    check_memory(sae_cfg, cfg, batch_size, dev, latent_shards)
     check_writable_dir(out, "--out")
 
     if latent_shards > 1 and dense:
@@ -391,15 +402,7 @@ def train(
         if now - last >= log_interval or step == total_steps:
             echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window))
             window, last = [], now
-    whole = trainer.unsharded() if dp.rank == 0 else None  # collective over the shards
-    if whole is None:  # every data-parallel rank holds the same SAE: rank 0 writes it
-        dp.finish()
-        return
-    path = save_snapshot(
-        out,
-        trainer.step,
-        {name: whole},
-        extra={
+    extra = {
             "source": "saestream train",
             "input": str(input_path),
             "tensor": tensor,
@@ -408,11 +411,66 @@ def train(
             "tokens": trainer.tokens_seen,
             "seed": seed,
             "init_from": None if init_from is None else str(init_from),
-        },
-    )
+    }
+    if shard is not None and _layout(snapshot_shards, trainer, mesh) == "per-rank":
+        path = _save_per_rank(out, trainer, extra, mesh)
+    else:
+        whole = trainer.unsharded() if dp.rank == 0 else None  # collective over the shards
+        # every data-parallel rank holds the same SAE: rank 0 writes it
+        path = save_snapshot(out, trainer.step, {name: whole}, extra=extra) \
+            if whole is not None else None
     dp.finish()
-    click.echo(f"checkpoint: {path / name}")
-    sys.stdout.flush()
+    if path is not None:
+        click.echo(f"checkpoint: {path / name}")
+        sys.stdout.flush()
+
+
+def _layout(asked: str, trainer: Trainer, mesh: Mesh) -> str:
+    """--snapshot-shards as rank 0 decides it (`auto`: per-rank files when gathering the SAE
+    would not fit half of rank 0's free memory), on every rank."""
+    from saestream.consumer.distributed import Agreement
+    from saestream.consumer.shard_files import gather_fits
+
+    agree = Agreement(mesh.world)
+    if asked != "auto":
+        return asked
+    layout = None
+    if mesh.world.rank == 0:
+        fits, need, free = gather_fits([(trainer.sae_cfg, trainer.cfg.ema_decay is not None)],
+                                       trainer.device)
+        layout = "gather" if fits else "per-rank"
+        if not fits:
+            click.echo(f"note: gathering the SAE would need {need / 2**30:,.1f} GiB on rank 0 "
+                       f"({free / 2**30:,.1f} GiB free): writing per-rank shard files "
+                       "(saestream reads them; sparsify cannot)", err=True)
+    return str(agree.broadcast(layout))
+
+
+def _save_per_rank(out: Path, trainer: Trainer, extra: dict, mesh: Mesh) -> Path | None:
+    """Every rank of shard group 0 writes its rows into rank 0's temporary snapshot, which
+    rank 0 then completes (consumer/shard_files.py). Returns the path on rank 0."""
+    import shutil
+
+    from saestream.consumer.checkpoint import begin_snapshot, save_snapshot
+    from saestream.consumer.distributed import Agreement
+    from saestream.consumer.shard_files import write_shard
+
+    agree = Agreement(mesh.world)
+    staged = begin_snapshot(out, trainer.step, [trainer.name]) if mesh.world.rank == 0 else None
+    where = str(agree.broadcast(None if staged is None else str(staged)))
+    failed = ""
+    if mesh.dp.rank == 0:
+        try:
+            write_shard(Path(where) / trainer.name, trainer)
+        except OSError as exc:
+            failed = f"rank {mesh.world.rank} could not write its shard file: {exc}"
+    if agree.max([int(bool(failed))])[0]:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise UserError(failed or "another rank could not write its shard file")
+    if staged is None:
+        return None
+    return save_snapshot(out, trainer.step, {trainer.name: trainer}, extra=extra, staged=staged)
 
 
 def _init_source(path: Path, sae_cfg: SAEConfig, name: str) -> tuple[SAEConfig, object]:

@@ -417,12 +417,15 @@ class Trainer:
         """Whole-SAE tensors -> this rank's rows of them (as they are when not sharded)."""
         return full if self.shard is None else sharding.shard_tensors(full, self.shard)
 
-    def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                        *, local: bool = False) -> None:
         """Inverse of (`export_weights`, `state_dict`); on a sharded trainer, whole-SAE
-        tensors are sliced to this rank's latents (resuming on another shard count)."""
+        tensors are sliced to this rank's latents (resuming on another shard count), unless
+        `local` says they are this rank's rows already (read so from a snapshot's files)."""
         params = dict(self.sae.named_parameters())
-        weights = self._local(weights)
-        if self.shard is not None:
+        if not local:
+            weights = self._local(weights)
+        if self.shard is not None and not local:
             names = list(params)
             for i, entry in state["optimizer"]["state"].items():
                 for key in ("exp_avg", "exp_avg_sq"):

@@ -98,6 +98,18 @@ def snapshot_extra(ckpt: Path) -> dict:
     return json.loads((ckpt / latest / "extra.json").read_text())
 
 
+def dealing_producer(tmp_path: Path, base: int) -> LoggedProcess:
+    """A tiny-model producer whose chunks ZeroMQ deals between two ranks' data endpoints
+    (no control channel: several ranks never confirm one stream)."""
+    return LoggedProcess(
+        saestream_cmd("producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
+                      "--connect", f"tcp://127.0.0.1:{base}",
+                      "--connect", f"tcp://127.0.0.1:{base + 1}", "--producer-id", "prod",
+                      "--control-connect", "off", "--chunk-tokens", "256", "--batch-size",
+                      "2", "--seq-len", "64", "--threads", "1", "--seed", "0"),
+        tmp_path / "prod.log", child_env())
+
+
 @pytest.fixture
 def started():
     procs: list[LoggedProcess] = []
@@ -165,22 +177,20 @@ def test_two_ranks_fed_by_two_producers_snapshot_stop_together_and_resume_in_one
 def test_latent_shards_split_the_sae_over_two_ranks_and_resume_on_another_shard_count(
         tmp_path: Path, started: list) -> None:
     """--latent-shards 2: each rank holds half the latents, and the two ranks' parts of a
-    batch are gathered so both train on the same rows; rank 0 gathers the SAE whole for
-    the snapshot, which a sharded run resumes (re-sliced) and one process resumes too."""
+    batch are gathered so both train on the same rows. The first run writes per-rank shard
+    files (--snapshot-shards per-rank), which a sharded run resumes (each rank reading its
+    rows) and snapshots gathered whole on rank 0 (the default here), which one process
+    resumes."""
     from safetensors.torch import load_file
+
+    from saestream.consumer.checkpoint import load_trainer
 
     base, metrics, master = free_ports(5), free_ports(2), free_tcp_port()
     ckpt = tmp_path / "ckpt"
-    ranks = [Rank(tmp_path, r, base, metrics, master, ckpt, "--latent-shards", "2")
-             for r in (0, 1)]
+    ranks = [Rank(tmp_path, r, base, metrics, master, ckpt, "--latent-shards", "2",
+                  "--snapshot-shards", "per-rank") for r in (0, 1)]
     started.extend(ranks)
-    producer = LoggedProcess(
-        saestream_cmd("producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
-                      "--connect", f"tcp://127.0.0.1:{base}",
-                      "--connect", f"tcp://127.0.0.1:{base + 1}", "--producer-id", "prod",
-                      "--control-connect", "off", "--chunk-tokens", "256", "--batch-size",
-                      "2", "--seq-len", "64", "--threads", "1", "--seed", "0"),
-        tmp_path / "prod.log", child_env())
+    producer = dealing_producer(tmp_path, base)
     started.append(producer)
     everyone = [*ranks, producer]
     wait_for("both ranks to train", lambda: all(
@@ -196,8 +206,9 @@ def test_latent_shards_split_the_sae_over_two_ranks_and_resume_on_another_shard_
     stopped = [re.findall(r"stopped \(signal\) after (\d+) steps", r.log()) for r in ranks]
     assert stopped[0] == stopped[1] == [str(final["step"])]
     snap = ckpt / (ckpt / "latest").read_text().strip() / HOOK
-    weights = load_file(str(snap / "sae.safetensors"))
-    assert weights["W_dec"].shape[0] == weights["encoder.weight"].shape[0] == 256  # whole
+    assert sorted(p.name for p in snap.glob("shard-*")) == [
+        "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    assert load_trainer(snap).sae.W_dec.shape[0] == 256  # the rows of both, read whole
 
     # The same two ranks resume it sharded (each takes its slice), and train on.
     master2 = free_tcp_port()
@@ -209,6 +220,8 @@ def test_latent_shards_split_the_sae_over_two_ranks_and_resume_on_another_shard_
     assert f"step {final['step']}" in again[0].log()
     after = snapshot_extra(ckpt)
     assert after["step"] == final["step"] + 3 and after["stop_reason"] == "max-steps"
+    weights = load_file(str(ckpt / f"step-{after['step']:08d}" / HOOK / "sae.safetensors"))
+    assert weights["W_dec"].shape[0] == weights["encoder.weight"].shape[0] == 256  # gathered
 
     # ... and one process resumes that (no shards).
     one = Consumer(tmp_path, "--resume", "--bind", f"tcp://127.0.0.1:{base}", ckpt=ckpt)
@@ -255,3 +268,55 @@ def test_rank_endpoints_follow_the_bind_port_plus_the_local_rank() -> None:
     with pytest.raises(UserError, match="one per local rank"):
         rank_endpoints("tcp://a:1,tcp://b:2,tcp://c:3", None, 0, 2)
 
+
+
+def test_per_rank_snapshots_on_a_full_disk_are_counted_and_both_ranks_train_on(
+        tmp_path: Path, started: list) -> None:
+    """A per-rank snapshot is a collective: when the shard files cannot be written (a real
+    full tmpfs), rank 0 counts the failure and leaves nothing behind, both ranks train on,
+    the next snapshot after the repair is complete, and a final snapshot that keeps failing
+    ends both ranks with exit 1 after --final-snapshot-attempts tries (never a hang)."""
+    from test_guarantee_disk import fill, leftovers, tmpfs_at
+
+    from saestream.consumer.checkpoint import check_complete
+
+    with tmpfs_at(tmp_path / "mnt") as mnt:
+        ckpt = mnt / "ckpt"
+        base, metrics, master = free_ports(5), free_ports(2), free_tcp_port()
+        ranks = [Rank(tmp_path, r, base, metrics, master, ckpt, "--latent-shards", "2",
+                      "--snapshot-shards", "per-rank", "--final-snapshot-attempts", "2")
+                 for r in (0, 1)]
+        started.extend(ranks)
+        producer = dealing_producer(tmp_path, base)
+        started.append(producer)
+        everyone = [*ranks, producer]
+        r0 = ranks[0]
+        wait_for("training", lambda: r0.value("saestream_train_steps_total") >= 3, everyone)
+        ranks[1].proc.send_signal(signal.SIGUSR1)
+        wait_for("a first snapshot", lambda: r0.value("saestream_checkpoints_total") == 1,
+                 everyone)
+
+        fill(mnt)
+        ranks[1].proc.send_signal(signal.SIGUSR1)
+        wait_for("the failure counted", lambda: r0.value(
+            "saestream_checkpoint_failures_total", reason="no_space") == 1, everyone)
+        steps = r0.value("saestream_train_steps_total")
+        wait_for("training after the failure", lambda: all(
+            r.value("saestream_train_steps_total") >= steps + 3 for r in ranks), everyone)
+        assert leftovers(ckpt) == []
+        assert "the previous snapshot stays, training goes on" in r0.log()
+
+        (mnt / "fill").unlink()
+        ranks[0].proc.send_signal(signal.SIGUSR1)
+        wait_for("a snapshot after the repair",
+                 lambda: r0.value("saestream_checkpoints_total") == 2, everyone)
+        check_complete(ckpt / (ckpt / "latest").read_text().strip())
+        assert leftovers(ckpt) == []
+
+        fill(mnt)
+        ranks[1].proc.send_signal(signal.SIGTERM)
+        assert [r.wait_exit() for r in ranks] == [1, 1], r0.log() + ranks[1].log()
+        assert r0.log().count("final snapshot at step") == 2, r0.log()
+        assert "rank 0 could not write the final snapshot" in ranks[1].log()
+        assert leftovers(ckpt) == []
+        producer.close()

@@ -165,3 +165,104 @@ def test_latent_shards_without_torchrun_is_one_line_and_exit_2(tmp_path) -> None
                  "--out", str(tmp_path / "o"),
                  "--device", "cpu"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "torchrun" in r.stderr
+
+
+def test_per_rank_shard_files_resume_on_any_shard_count_and_read_whole(tmp_path) -> None:
+    """`--snapshot-shards per-rank` (what `auto` picks when rank 0 cannot hold the gathered
+    SAE): each shard rank writes its own rows; the snapshot is complete, reads back whole
+    (eval, export) equal to one process's SAE, and loads as any rank of any shard count,
+    each reading only its rows; a missing shard file makes it incomplete."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from saestream.consumer import checkpoint as ckpt
+    from saestream.consumer.sharding import LatentShard
+
+    g = np.random.default_rng(0)
+    np.save(tmp_path / "acts.npy", (g.standard_normal((512, D)) * 2 + 1).astype(np.float32))
+    args = ["train", "--input", str(tmp_path / "acts.npy"), "--hook", "h", "--name", "s",
+            "--latents", str(N), "--k", str(K), "--batch-size", "128", "--steps", "4",
+            "--dead-tokens", "64", "--k-aux", "32", "--ema-decay", "0.9", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "saestream", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "saestream", *args,
+                           "--latent-shards", "2", "--snapshot-shards", "per-rank",
+                           "--out", str(tmp_path / "many")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert many.returncode == 0, many.stderr + many.stdout
+    snap = next((tmp_path / "many").glob("step-*"))
+    folder = snap / "s"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors",
+        "trainer.json", "trainer.pt"]
+    assert json.loads((folder / "trainer.json").read_text())["shards"] == 2
+    ckpt.check_complete(snap)
+
+    ref = ckpt.load_trainer(next((tmp_path / "one").glob("step-*/s")))
+    whole = ckpt.load_trainer(folder)  # every shard file, one process
+    ref_w, got_w = ref.export_weights(), whole.export_weights()
+    for name, w in ref_w.items():
+        close(got_w[name], w, name)
+    assert torch.equal(whole.tokens_since_fired, ref.tokens_since_fired)
+    assert ckpt.load_sae(folder).sae.W_dec.shape == (N, D)
+    from conftest import run_cli
+
+    r = run_cli(["export", str(snap), "--format", "sparsify", "--out", str(tmp_path / "x")])
+    assert r.returncode == 0, r.stderr  # read whole, written in sparsify's layout
+    exported = load_file(str(tmp_path / "x" / "h" / "sae.safetensors"))  # named by hook
+    close(exported["W_dec"], got_w["W_dec"], "exported W_dec")
+    raw = dict(whole.sae.named_parameters())
+    ref_moments = ref.optimizer.state_dict()["state"]
+    for size in (2, 4, 3):  # the saved count, one that splits each file, one that straddles
+        for rank in range(size):
+            part = LatentShard(rank, size, N)
+            t = ckpt.load_trainer(folder, shard=lambda n, part=part: part)
+            lo, hi = part.lo, part.hi
+            for name, p in t.sae.named_parameters():
+                rows = slice(None) if name == "b_dec" else slice(lo, hi)
+                assert torch.equal(p.detach(), raw[name].detach()[rows]), (size, rank, name)
+                assert torch.equal(t.export_weights()[name], got_w[name][rows])
+            names = [n for n, _ in t.sae.named_parameters()]
+            for i, entry in t.optimizer.state_dict()["state"].items():
+                rows = slice(None) if names[i] == "b_dec" else slice(lo, hi)
+                close(entry["exp_avg"], ref_moments[i]["exp_avg"][rows], f"{size}/{rank} {i}")
+
+    (folder / "shard-00001-of-00002.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="shard-00001-of-00002"):
+        ckpt.check_complete(snap)
+    assert load_file(str(next((tmp_path / "one").glob("step-*/s/sae.safetensors"))))
+
+
+def test_auto_writes_per_rank_files_exactly_when_gathering_would_not_fit() -> None:
+    from saestream.consumer.shard_files import (
+        GATHER_HEADROOM,
+        free_bytes,
+        gather_bytes,
+        gather_fits,
+    )
+
+    cpu = torch.device("cpu")
+    small = SAEConfig(d_in=D, n_latents=N, k=K)
+    huge = SAEConfig(d_in=4096, n_latents=1 << 24, k=32)  # 16M latents: ~4 TiB to gather
+    params = 2 * (1 << 24) * 4096 + (1 << 24) + 4096
+    assert gather_bytes(huge, ema=False) == 16 * params  # 32 bytes per latent × d_in
+    assert gather_bytes(huge, ema=False, host=True) == 20 * params  # 40 on a CPU host
+    assert gather_bytes(huge, ema=True) > gather_bytes(huge, ema=False)
+    assert gather_fits([(small, False)], cpu)[0]
+    fits, need, free = gather_fits([(small, False), (huge, True)], cpu)
+    assert not fits and need == gather_bytes(huge, ema=True, host=True) > GATHER_HEADROOM * free
+    assert 0 < free_bytes(cpu) <= os_total_memory()
+
+
+def os_total_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
