@@ -320,3 +320,68 @@ def test_per_rank_snapshots_on_a_full_disk_are_counted_and_both_ranks_train_on(
         assert "rank 0 could not write the final snapshot" in ranks[1].log()
         assert leftovers(ckpt) == []
         producer.close()
+
+
+def _ranks_of(parent: int) -> dict[int, int]:
+    """{RANK: pid} of a torchrun agent's worker processes (its children)."""
+    found = {}
+    for child in Path(f"/proc/{parent}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = int(pid)
+    return found
+
+
+def test_torchrun_max_restarts_brings_a_killed_rank_back_from_the_last_snapshot(
+        tmp_path: Path, started: list) -> None:
+    """The job as an operator runs it: `torchrun --max-restarts 1 ... consumer --resume`.
+    SIGKILL of one rank makes torchrun restart both, and they resume from the last periodic
+    snapshot and train on; SIGTERM to the ranks then ends the job with exit 0."""
+    import sys
+
+    base, metrics = free_ports(5), free_ports(2)
+    ckpt = tmp_path / "ckpt"
+    log_path = tmp_path / "torchrun.log"
+    with open(log_path, "w") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", "--max-restarts", "1", "--monitor-interval", "0.5", "-m", "saestream",
+             "consumer", "--bind", f"tcp://127.0.0.1:{base}", "--metrics-port", str(metrics),
+             "--checkpoint-dir", str(ckpt), "--resume", "--checkpoint-every-seconds", "1",
+             "--hook", HOOK, "--sae", SAE, *SMALL, "--log-every", "1", "--device", "cpu",
+             "--dist-timeout", DIST_TIMEOUT],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    try:
+        started.append(dealing_producer(tmp_path, base))
+        text = log_path.read_text
+
+        def until(what: str, pred, timeout: float = TIMEOUT) -> None:
+            deadline = time.monotonic() + timeout
+            while not pred():
+                assert job.poll() is None, f"torchrun exited during {what}:\n{text()}"
+                assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{text()}"
+                time.sleep(0.2)
+
+        until("a periodic snapshot", lambda: (ckpt / "latest").exists())
+        first = _ranks_of(job.pid)
+        assert sorted(first) == [0, 1], first
+        os.kill(first[1], signal.SIGKILL)
+        until("the restarted ranks to resume", lambda: "resumed from" in text())
+        resumed = int(re.search(r"resumed from \S+ \(run \S+\): step (\d+)", text()).group(1))
+        until("a snapshot after the restart", lambda: snapshot_extra(ckpt)["step"] > resumed)
+        again = _ranks_of(job.pid)
+        assert sorted(again) == [0, 1] and not set(again.values()) & set(first.values())
+        for pid in again.values():
+            os.kill(pid, signal.SIGTERM)
+        assert job.wait(TIMEOUT) == 0, text()
+        assert snapshot_extra(ckpt)["reason"] == "final"
+        assert text().count("stopped (signal) after") == 2
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(10)
