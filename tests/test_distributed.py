@@ -153,6 +153,21 @@ def test_saestream_train_under_torchrun_equals_one_process(tmp_path, ranks, shar
     assert torch.equal(ta["tokens_since_fired"], tb["tokens_since_fired"])
     for i, entry in ta["optimizer"]["state"].items():
         close(tb["optimizer"]["state"][i]["exp_avg_sq"], entry["exp_avg_sq"], f"adam {i}")
+    if shards > 1:  # the sharded run's snapshot folder, as it is, in sparsify
+        from test_interop import peer
+
+        from saestream.consumer.checkpoint import load_sae
+
+        sparsify = peer("sparsify")
+        folder = next((tmp_path / "many").glob("step-*/s"))
+        coder = sparsify.SparseCoder.load_from_disk(str(folder), device="cpu")
+        sae = load_sae(folder).sae
+        x = torch.randn(50, D, generator=torch.Generator().manual_seed(5)) * 2 + 1
+        with torch.no_grad():
+            xn, stats = sae.normalize(x)  # layer_norm is ours: sparsify normalises nothing
+            enc = coder.encode(xn)
+            y = sae.denormalize(coder.decode(enc.top_acts, enc.top_indices), stats)
+            close(y, sae(x).x_hat, "sparsify's reconstruction", tol=1e-4)
 
 
 def test_latent_shards_without_torchrun_is_one_line_and_exit_2(tmp_path) -> None:
