@@ -234,7 +234,7 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
         mine = shard(sae_cfg.n_latents) if shard is not None else None
         trainer = Trainer(sae_cfg, cfg, name=meta["name"], hook=meta["hook"],
                           model=meta["model"], device=device, shard=mine)
-        shards = int(meta.get("shards", 1))
+        shards = _saved_shards(d)
         if shards == 1 and not (d / "sae.safetensors").is_file():
             raise CheckpointError(f"{d}: no sae.safetensors")
         state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
@@ -526,12 +526,22 @@ def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]
     return doomed
 
 
+MAX_SHARD_FILES = 1 << 16
+
+
 def _saved_shards(directory: Path) -> int:
-    """How many per-rank shard files an SAE folder's trainer.json names (1: none)."""
+    """How many per-rank shard files an SAE folder's trainer.json names (1: none, or no
+    readable trainer.json: the file checks report that). CheckpointError for a count that
+    is no count."""
     try:
-        return int(json.loads((directory / "trainer.json").read_text()).get("shards", 1))
+        value = json.loads((directory / "trainer.json").read_text()).get("shards", 1)
     except (OSError, ValueError, TypeError, AttributeError):
         return 1
+    if not isinstance(value, int) or isinstance(value, bool) or \
+            not 1 <= value <= MAX_SHARD_FILES:
+        raise CheckpointError(f"{directory}/trainer.json: shards {value!r} is not a count of "
+                              f"shard files (1 to {MAX_SHARD_FILES})")
+    return value
 
 
 def _check_name(name: str) -> None:

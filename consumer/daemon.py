@@ -206,7 +206,11 @@ class ConsumerRun:
         self.stats.run_id = outcome[1]
         if self.world.rank != 0 and outcome[2] is not None:
             path = Path(outcome[2])
-            trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
+            try:
+                trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
+            except ckpt.CheckpointError as exc:  # rank 0 read its part; this one cannot
+                raise UserError(f"rank {self.world.rank} cannot read its part of the snapshot "
+                                f"rank 0 resumed: {exc}") from None
             self._adopt(path, trainers, extra, {})
         return None  # ranks' ledgers are not in the snapshots: nothing is `committed`
 
@@ -614,6 +618,9 @@ class ConsumerRun:
         `attempts` times, 1 s apart, gathering once). `per-rank`: each try, every rank of
         shard group 0 writes its rows into rank 0's temporary snapshot, and rank 0 finishes
         it or, when any rank failed, removes it."""
+        if self.cfg.checkpoint_dir is None:  # the same on every rank
+            log.info("%s snapshot skipped: no --checkpoint-dir", reason)
+            return None
         plan = self.agreement.broadcast(self._shard_plan(reason) if self.world.rank == 0
                                         else None)
         if plan is None:
@@ -671,21 +678,24 @@ class ConsumerRun:
             except OSError as exc:
                 error = exc
         where = self.agreement.broadcast(None if staged is None else str(staged))
-        failed = int(where is None)
         if where is not None and self.mesh.dp.rank == 0:
             try:
                 for name, tr in self.trainers.items():
                     write_shard(Path(where) / name, tr)
             except Exception as exc:  # a full or failing disk must not end the training
-                failed, error = 1, exc
+                error = exc
                 log.error("writing this rank's shard of the %s snapshot failed: %s", reason, exc)
-        failed = self.agreement.max([failed])[0]
+        # 0: written; else the reason, coded so that the maximum is the most specific one
+        reasons = ckpt.FAILURE_REASONS
+        code = 0 if error is None else len(reasons) - reasons.index(ckpt.failure_reason(error))
+        code = self.agreement.max([code])[0]
         if self.world.rank != 0:
             return None
-        if failed:
+        if code:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
-            self._failed(reason, error or OSError("another rank could not write its shard file"))
+            self._failed(reason, error or OSError("another rank could not write its shard file"),
+                         reasons[len(reasons) - code])
             return False
         return self._write(reason, self.trainers, {}, 0, None, None, staged=staged)
 
@@ -715,9 +725,10 @@ class ConsumerRun:
         log.info("%s snapshot %s (%.2fs)", reason, path, time.perf_counter() - t0)
         return path
 
-    def _failed(self, reason: str, exc: BaseException) -> None:
-        """A snapshot that could not be written: counted and logged; training goes on."""
-        why = ckpt.failure_reason(exc)
+    def _failed(self, reason: str, exc: BaseException, why: str | None = None) -> None:
+        """A snapshot that could not be written: counted (by `why`, else the reason `exc`
+        gives) and logged; training goes on."""
+        why = why or ckpt.failure_reason(exc)
         self._failed_at = time.monotonic()
         self.metrics.checkpoint_failures.labels(reason=why).inc()
         self.stats.failed_snapshots += 1

@@ -139,6 +139,23 @@ class RowReader:
                        if not (self.dir / shard_file(r, shards)).is_file()]
             if missing:
                 raise ValueError(f"missing shard file(s) {', '.join(missing)}")
+            for r in range(shards):  # every header, not only this reader's rows: a resume
+                self._check_header(r)  # picks a snapshot every rank can read
+
+    def _check_header(self, r: int) -> None:
+        """Shard file `r` names itself rank r of `shards` and holds the weights' shapes."""
+        path = self.dir / shard_file(r, self.shards)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if (meta.get("rank"), meta.get("shards")) != (str(r), str(self.shards)):
+                raise ValueError(f"{path.name} says it is rank {meta.get('rank')} of "
+                                 f"{meta.get('shards')}")
+            for param in PARAM_ORDER:
+                whole = self.whole_shape(param)
+                want = (self.per_file, *whole[1:]) if param in SHARDED_PARAMS else whole
+                key = f"weights.{param}"
+                if key not in f.keys() or tuple(f.get_slice(key).get_shape()) != want:
+                    raise ValueError(f"{path.name} lacks {key} of shape {want}")
 
     def whole_shape(self, param: str) -> tuple[int, ...]:
         n, d = self.cfg.n_latents, self.cfg.d_in

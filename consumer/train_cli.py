@@ -456,21 +456,29 @@ def _save_per_rank(out: Path, trainer: Trainer, extra: dict, mesh: Mesh) -> Path
     from saestream.consumer.shard_files import write_shard
 
     agree = Agreement(mesh.world)
-    staged = begin_snapshot(out, trainer.step, [trainer.name]) if mesh.world.rank == 0 else None
-    where = str(agree.broadcast(None if staged is None else str(staged)))
-    failed = ""
-    if mesh.dp.rank == 0:
+    staged, failed = None, ""
+    if mesh.world.rank == 0:
         try:
-            write_shard(Path(where) / trainer.name, trainer)
+            staged = begin_snapshot(out, trainer.step, [trainer.name])
         except OSError as exc:
+            failed = f"rank 0 could not create the snapshot directory in {out}: {exc}"
+    where = agree.broadcast(None if staged is None else str(staged))
+    if where is not None and mesh.dp.rank == 0:
+        try:
+            write_shard(Path(str(where)) / trainer.name, trainer)
+        except Exception as exc:  # safetensors' own error on a full disk is no OSError
             failed = f"rank {mesh.world.rank} could not write its shard file: {exc}"
-    if agree.max([int(bool(failed))])[0]:
+    if agree.max([int(bool(failed) or where is None)])[0]:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         raise UserError(failed or "another rank could not write its shard file")
     if staged is None:
         return None
-    return save_snapshot(out, trainer.step, {trainer.name: trainer}, extra=extra, staged=staged)
+    try:
+        return save_snapshot(out, trainer.step, {trainer.name: trainer}, extra=extra,
+                             staged=staged)
+    except Exception as exc:  # it removed the staged directory
+        raise UserError(f"writing the snapshot in {out} failed: {exc}") from None
 
 
 def _init_source(path: Path, sae_cfg: SAEConfig, name: str) -> tuple[SAEConfig, object]:

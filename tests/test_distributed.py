@@ -250,9 +250,26 @@ def test_per_rank_shard_files_resume_on_any_shard_count_and_read_whole(tmp_path)
                 rows = slice(None) if names[i] == "b_dec" else slice(lo, hi)
                 close(entry["exp_avg"], ref_moments[i]["exp_avg"][rows], f"{size}/{rank} {i}")
 
-    (folder / "shard-00001-of-00002.safetensors").unlink()
+    # A damaged file of another rank is seen by rank 0's load (every header is checked), so
+    # a resume moves on to an older snapshot instead of one that some rank cannot read.
+    other = folder / "shard-00001-of-00002.safetensors"
+    intact = other.read_bytes()
+    other.write_bytes(b"\x08" + intact[1:])
+    with pytest.raises(ckpt.CheckpointError, match=r"shard-00001-of-00002|header"):
+        ckpt.load_trainer(folder, shard=lambda n: LatentShard(0, 2, N))
+    other.write_bytes(intact[: len(intact) // 2])  # truncated
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_trainer(folder, shard=lambda n: LatentShard(0, 2, N))
+    other.unlink()
     with pytest.raises(ckpt.CheckpointError, match="shard-00001-of-00002"):
         ckpt.check_complete(snap)
+    for bad in ("0", "-1", "1e400", "100000000", '"2"', "true"):  # a hostile count
+        meta = json.loads((folder / "trainer.json").read_text())
+        (folder / "trainer.json").write_text(json.dumps(meta)[:-1] + f', "shards": {bad}}}')
+        for read in (lambda: ckpt.check_complete(snap), lambda: ckpt.load_trainer(folder),
+                     lambda: ckpt.load_sae(folder)):
+            with pytest.raises(ckpt.CheckpointError, match="not a count of shard files"):
+                read()
     assert load_file(str(next((tmp_path / "one").glob("step-*/s/sae.safetensors"))))
 
 
