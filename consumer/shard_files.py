@@ -64,9 +64,11 @@ def gather_bytes(cfg: SAEConfig, ema: bool, host: bool = False) -> int:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Memory free for new allocations on `device` (host: MemAvailable)."""
+    """Memory free for new allocations on `device` (host: MemAvailable; CUDA: free on the
+    device plus what torch's caching allocator holds unused)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
     try:
         with open("/proc/meminfo") as f:
             for line in f:
