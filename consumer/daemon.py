@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ from saestream.consumer.ledger import Ledger
 from saestream.consumer.metrics import ConsumerMetrics
 from saestream.consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, Receiver
 from saestream.consumer.recorder import Recorder
-from saestream.consumer.shard_files import gather_fits, write_shard
+from saestream.consumer.shard_files import choose_layout, stage_per_rank
 from saestream.consumer.sharding import LatentShard
 from saestream.consumer.trainer import MSEWindow, StepMetrics, Trainer
 
@@ -653,49 +652,26 @@ class ConsumerRun:
             log.info("%s snapshot skipped: %s", reason, f"step {s.steps} already saved"
                      if self.trainers else "nothing trained yet")
             return None
-        if self.cfg.snapshot_shards != "auto":
-            return self.cfg.snapshot_shards
-        fits, need, free = gather_fits(
-            [(t.sae_cfg, t.cfg.ema_decay is not None) for t in self.trainers.values()],
-            self.device)
-        if not fits and not self._said_per_rank:
+        layout, why = choose_layout(self.cfg.snapshot_shards, self.trainers.values(),
+                                    self.device)
+        if why is not None and not self._said_per_rank:
             self._said_per_rank = True
-            log.warning("gathering the sharded SAEs on rank 0 would need %.1f GiB of %s, which "
-                        "has %.1f GiB free: snapshots are per-rank shard files (saestream "
-                        "--resume reads them on any shard count; sparsify cannot)",
-                        need / 2**30, self.device, free / 2**30)
-        return "gather" if fits else "per-rank"
+            log.warning("%s: snapshots are per-rank shard files (saestream --resume reads them "
+                        "on any shard count; sparsify cannot)", why)
+        return layout
 
     def _write_per_rank(self, reason: str) -> Path | bool | None:
         """One try of a per-rank snapshot (collective); rank 0 returns the outcome."""
-        root, s = self.cfg.checkpoint_dir, self.stats
-        assert root is not None
-        staged: Path | None = None
-        error: BaseException | None = None
-        if self.world.rank == 0:
-            try:
-                staged = ckpt.begin_snapshot(root, s.steps, list(self.trainers))
-            except OSError as exc:
-                error = exc
-        where = self.agreement.broadcast(None if staged is None else str(staged))
-        if where is not None and self.mesh.dp.rank == 0:
-            try:
-                for name, tr in self.trainers.items():
-                    write_shard(Path(where) / name, tr)
-            except Exception as exc:  # a full or failing disk must not end the training
-                error = exc
-                log.error("writing this rank's shard of the %s snapshot failed: %s", reason, exc)
-        # 0: written; else the reason, coded so that the maximum is the most specific one
-        reasons = ckpt.FAILURE_REASONS
-        code = 0 if error is None else len(reasons) - reasons.index(ckpt.failure_reason(error))
-        code = self.agreement.max([code])[0]
+        assert self.cfg.checkpoint_dir is not None
+        staged, error, why = stage_per_rank(self.agreement, self.mesh, self.cfg.checkpoint_dir,
+                                            self.stats.steps, self.trainers)
+        if error is not None and self.world.rank != 0:  # rank 0 logs it with the failure
+            log.error("writing this rank's shard of the %s snapshot failed: %s", reason, error)
         if self.world.rank != 0:
             return None
-        if code:
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
+        if why is not None:
             self._failed(reason, error or OSError("another rank could not write its shard file"),
-                         reasons[len(reasons) - code])
+                         why)
             return False
         return self._write(reason, self.trainers, {}, 0, None, None, staged=staged)
 

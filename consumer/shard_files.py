@@ -25,14 +25,19 @@ every shard and must fit it.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from saestream.consumer.sae import SAEConfig
+
+if TYPE_CHECKING:
+    from saestream.consumer.distributed import Agreement, Mesh
 
 SHARDED_PARAMS = ("encoder.weight", "encoder.bias", "W_dec")
 """Parameters split by latent; `b_dec` is replicated."""
@@ -85,6 +90,56 @@ def gather_fits(cfgs: list[tuple[SAEConfig, bool]], device: torch.device) -> tup
     need = max((gather_bytes(c, ema, device.type != "cuda") for c, ema in cfgs), default=0)
     free = free_bytes(device)
     return need <= GATHER_HEADROOM * free, need, free
+
+
+def choose_layout(asked: str, trainers: Iterable[Any], device: torch.device
+                  ) -> tuple[str, str | None]:
+    """(`gather` or `per-rank`, why per-rank when `auto` chose it) for --snapshot-shards
+    `asked` and these sharded trainers; rank 0 decides, on its device."""
+    if asked != "auto":
+        return asked, None
+    fits, need, free = gather_fits([(t.sae_cfg, t.cfg.ema_decay is not None) for t in trainers],
+                                   device)
+    if fits:
+        return "gather", None
+    return "per-rank", (f"gathering the sharded SAEs on rank 0 would need {need / 2**30:,.1f} "
+                        f"GiB of {device}, which has {free / 2**30:,.1f} GiB free")
+
+
+def stage_per_rank(agreement: Agreement, mesh: Mesh, root: Path, step: int,
+                   trainers: Mapping[str, Any]) -> tuple[Path | None, BaseException | None,
+                                                         str | None]:
+    """One try at a per-rank snapshot's files, a collective of every rank: rank 0 creates
+    the temporary snapshot (`checkpoint.begin_snapshot`), the ranks of the first shard group
+    write their rows into it, and the ranks agree on the outcome. Returns (the staged
+    directory, on rank 0 when every rank succeeded, for `save_snapshot(staged=)` to
+    complete; this rank's own error; the failure reason all ranks agreed on, the most
+    specific one any had, or None). A failed try leaves nothing behind."""
+    from saestream.consumer.checkpoint import FAILURE_REASONS, begin_snapshot, failure_reason
+
+    staged: Path | None = None
+    error: BaseException | None = None
+    if mesh.world.rank == 0:
+        try:
+            staged = begin_snapshot(root, step, list(trainers))
+        except OSError as exc:
+            error = exc
+    where = agreement.broadcast(None if staged is None else str(staged))
+    if where is not None and mesh.dp.rank == 0:
+        try:
+            for name, trainer in trainers.items():
+                write_shard(Path(str(where)) / name, trainer)
+        except Exception as exc:  # safetensors' own error on a full disk is no OSError
+            error = exc
+    # 0: written; else the reason, coded so that the maximum is the most specific one
+    code = 0 if error is None else len(FAILURE_REASONS) - FAILURE_REASONS.index(
+        failure_reason(error))
+    code = agreement.max([code if where is not None else max(code, 1)])[0]
+    if not code:
+        return staged, None, None
+    if staged is not None:
+        shutil.rmtree(staged, ignore_errors=True)
+    return None, error, FAILURE_REASONS[len(FAILURE_REASONS) - code]
 
 
 def write_shard(directory: Path, trainer: Any) -> Path:

@@ -403,14 +403,14 @@ def train(
             echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window))
             window, last = [], now
     extra = {
-            "source": "saestream train",
-            "input": str(input_path),
-            "tensor": tensor,
-            "hook": hook,
-            "model": model,
-            "tokens": trainer.tokens_seen,
-            "seed": seed,
-            "init_from": None if init_from is None else str(init_from),
+        "source": "saestream train",
+        "input": str(input_path),
+        "tensor": tensor,
+        "hook": hook,
+        "model": model,
+        "tokens": trainer.tokens_seen,
+        "seed": seed,
+        "init_from": None if init_from is None else str(init_from),
     }
     if shard is not None and _layout(snapshot_shards, trainer, mesh) == "per-rank":
         path = _save_per_rank(out, trainer, extra, mesh)
@@ -429,49 +429,30 @@ def _layout(asked: str, trainer: Trainer, mesh: Mesh) -> str:
     """--snapshot-shards as rank 0 decides it (`auto`: per-rank files when gathering the SAE
     would not fit half of rank 0's free memory), on every rank."""
     from saestream.consumer.distributed import Agreement
-    from saestream.consumer.shard_files import gather_fits
+    from saestream.consumer.shard_files import choose_layout
 
-    agree = Agreement(mesh.world)
-    if asked != "auto":
-        return asked
     layout = None
     if mesh.world.rank == 0:
-        fits, need, free = gather_fits([(trainer.sae_cfg, trainer.cfg.ema_decay is not None)],
-                                       trainer.device)
-        layout = "gather" if fits else "per-rank"
-        if not fits:
-            click.echo(f"note: gathering the SAE would need {need / 2**30:,.1f} GiB on rank 0 "
-                       f"({free / 2**30:,.1f} GiB free): writing per-rank shard files "
-                       "(saestream reads them; sparsify cannot)", err=True)
-    return str(agree.broadcast(layout))
+        layout, why = choose_layout(asked, [trainer], trainer.device)
+        if why is not None:
+            click.echo(f"note: {why}: writing per-rank shard files (saestream reads them; "
+                       "sparsify cannot)", err=True)
+    return str(Agreement(mesh.world).broadcast(layout))
 
 
 def _save_per_rank(out: Path, trainer: Trainer, extra: dict, mesh: Mesh) -> Path | None:
     """Every rank of shard group 0 writes its rows into rank 0's temporary snapshot, which
     rank 0 then completes (consumer/shard_files.py). Returns the path on rank 0."""
-    import shutil
-
-    from saestream.consumer.checkpoint import begin_snapshot, save_snapshot
+    from saestream.consumer.checkpoint import save_snapshot
     from saestream.consumer.distributed import Agreement
-    from saestream.consumer.shard_files import write_shard
+    from saestream.consumer.shard_files import stage_per_rank
 
-    agree = Agreement(mesh.world)
-    staged, failed = None, ""
-    if mesh.world.rank == 0:
-        try:
-            staged = begin_snapshot(out, trainer.step, [trainer.name])
-        except OSError as exc:
-            failed = f"rank 0 could not create the snapshot directory in {out}: {exc}"
-    where = agree.broadcast(None if staged is None else str(staged))
-    if where is not None and mesh.dp.rank == 0:
-        try:
-            write_shard(Path(str(where)) / trainer.name, trainer)
-        except Exception as exc:  # safetensors' own error on a full disk is no OSError
-            failed = f"rank {mesh.world.rank} could not write its shard file: {exc}"
-    if agree.max([int(bool(failed) or where is None)])[0]:
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
-        raise UserError(failed or "another rank could not write its shard file")
+    staged, error, why = stage_per_rank(Agreement(mesh.world), mesh, out, trainer.step,
+                                        {trainer.name: trainer})
+    if why is not None:
+        raise UserError(f"rank {mesh.world.rank}: writing the per-rank snapshot in {out} "
+                        f"failed: {error}" if error is not None
+                        else "another rank could not write its part of the snapshot")
     if staged is None:
         return None
     try:
