@@ -249,7 +249,7 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
             for key in MOMENTS:
                 if shards > 1 or key in entry:
                     entry[key] = reader.rows(key, names[int(i)], lo, hi)
-        trainer.load_state_dict(weights, state, local=True)
+        trainer.load_state_dict(weights, state)
         trainer.origin = meta.get("origin")
         return trainer
     except (CheckpointError, UserError):

@@ -417,21 +417,11 @@ class Trainer:
         """Whole-SAE tensors -> this rank's rows of them (as they are when not sharded)."""
         return full if self.shard is None else sharding.shard_tensors(full, self.shard)
 
-    def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                        *, local: bool = False) -> None:
-        """Inverse of (`export_weights`, `state_dict`); on a sharded trainer, whole-SAE
-        tensors are sliced to this rank's latents (resuming on another shard count), unless
-        `local` says they are this rank's rows already (read so from a snapshot's files)."""
+    def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Inverse of (`export_weights`, `state_dict`). On a sharded trainer the per-latent
+        tensors (weights, Adam moments, raw weights) are this rank's rows already:
+        `checkpoint.load_trainer` reads only those, from a snapshot of any shard count."""
         params = dict(self.sae.named_parameters())
-        if not local:
-            weights = self._local(weights)
-        if self.shard is not None and not local:
-            names = list(params)
-            for i, entry in state["optimizer"]["state"].items():
-                for key in ("exp_avg", "exp_avg_sq"):
-                    entry[key] = self._local({names[int(i)]: entry[key]})[names[int(i)]]
-            if "params" in state:
-                state["params"] = self._local(state["params"])
         raw = state.get("params", weights) if self.ema is not None else weights
         with torch.no_grad():
             for n, p in params.items():
