@@ -8,7 +8,10 @@ In one run, interleaved (so the machine's load hits all of them alike), medians 
   (b′) the same matmul into an output buffer kept between calls, as the step's own matmul
       is on CPU (a fresh buffer past glibc's mmap threshold is new pages, each faulted in
       on first write: visible at the large shape);
-  (c) one whole step on the dense reference path (TrainerConfig.sparse=False).
+  (c) one whole step on the dense reference path (TrainerConfig.sparse=False);
+  (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops), on a second
+      trainer in the same state, so a/a″ is what the compiled top-k buys.
+Ratios are medians of the per-repetition ratios (each pair run back to back).
 Targets (issue 15): a/b ≤ 1.6 at 256×4096 and ≤ 1.3 at 768×16384; c/a ≥ 2. fp32 on CPU.
 
     python benchmarks/bench_sae_step.py [--reps 5] [--quick] [--threads 1 --threads 2]
@@ -29,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from saestream.consumer import cpu_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,6 +78,7 @@ def bench_shape(
     torch.manual_seed(0)
     x = torch.randn(batch, d_in)
     fast = make_trainer(d_in, n_latents, k, True, x)
+    plain = make_trainer(d_in, n_latents, k, True, x)
     ref = make_trainer(d_in, n_latents, k, False, x)
     W = fast.sae.encoder.weight.detach().clone()
     kept = torch.empty(batch, n_latents)
@@ -80,6 +86,14 @@ def bench_shape(
     def step_a() -> None:
         set_dead(fast, n_dead)
         fast.train_step(x)
+
+    def step_a_plain() -> None:
+        os.environ["SAESTREAM_NATIVE"] = "0"
+        try:
+            set_dead(plain, n_dead)
+            plain.train_step(x)
+        finally:
+            os.environ.pop("SAESTREAM_NATIVE")
 
     def step_b() -> None:
         torch.mm(x, W.t())
@@ -91,7 +105,9 @@ def bench_shape(
         set_dead(ref, n_dead)
         ref.train_step(x)
 
-    steps = {"a": step_a, "b": step_b, "b_kept": step_b_kept, "c": step_c}
+    steps = {
+        "a": step_a, "b": step_b, "b_kept": step_b_kept, "c": step_c, "a_plain": step_a_plain
+    }  # fmt: skip
     for fn in steps.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {key: [] for key in steps}
@@ -99,6 +115,9 @@ def bench_shape(
         for key, fn in steps.items():
             times[key].append(timed(fn))
     med = {key: statistics.median(v) for key, v in times.items()}
+    for num, den in (("a", "b"), ("a", "b_kept"), ("c", "a"), ("a", "a_plain")):
+        pairs = [t / u for t, u in zip(times[num], times[den], strict=True)]
+        med[f"{num}/{den}"] = statistics.median(pairs)
     # The same latents were dead during each step (set before each): check AuxK really ran.
     set_dead(fast, n_dead)
     auxk = fast.train_step(x).auxk_loss
@@ -137,6 +156,7 @@ def main() -> None:
         [(256, 4096, 32, 1024)] if args.quick else [(768, 16384, 32, 4096), (256, 4096, 32, 1024)]
     )
     load = os.getloadavg()[0]
+    native = cpu_kernels.load() is not None
     rows: list[list[object]] = []
     ratios: list[tuple[str, float, float, float]] = []
     for d_in, n_latents, k, batch in shapes:
@@ -147,7 +167,8 @@ def main() -> None:
                 # The small shape is cheap: more repetitions make its medians steadier.
                 reps = args.reps if n_latents >= 16384 else 3 * args.reps
                 m = bench_shape(d_in, n_latents, k, batch, n_dead, reps)
-                a, b, b_kept, c = m["a"], m["b"], m["b_kept"], m["c"]
+                a, b, b_kept, c, plain = m["a"], m["b"], m["b_kept"], m["c"], m["a_plain"]
+                a_b, c_a = m["a/b"], m["c/a"]
                 ran = "" if m["auxk_ran"] or not n_dead else " (AuxK did not run!)"
                 rows.append(
                     [
@@ -158,14 +179,16 @@ def main() -> None:
                         f"{b * 1e3:.0f}",
                         f"{b_kept * 1e3:.0f}",
                         f"{c * 1e3:.0f}",
-                        f"**{a / b:.2f}**",
-                        f"{a / b_kept:.2f}",
-                        f"**{c / a:.2f}**",
+                        f"{plain * 1e3:.0f}",
+                        f"**{a_b:.2f}**",
+                        f"{m['a/b_kept']:.2f}",
+                        f"**{c_a:.2f}**",
+                        f"{m['a/a_plain']:.3f}",
                     ]
                 )
                 target = TARGETS.get(n_latents, 1.6)
                 name = f"{d_in}×{n_latents}/{n_threads}t/{frac:.0%} dead"
-                ratios.append((name, a / b, target, c / a))
+                ratios.append((name, a_b, target, c_a))
                 print(rows[-1], flush=True)
     body = (
         "Medians of "
@@ -175,7 +198,10 @@ def main() -> None:
         "(b) one dense encoder matmul `x @ W_encᵀ` into a fresh output; (b′) the same into an "
         "output kept between calls, as the step's own matmul is (a fresh one past glibc's "
         "mmap threshold is new pages, faulted in on first write); (c) whole dense-reference "
-        "step. Targets: a/b ≤ 1.6 (256×4096), ≤ 1.3 (768×16384); c/a ≥ 2. "
+        "step; (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0, top-k by torch ops; "
+        f"C kernels {'built' if native else 'NOT built: a and a″ are the same code'}). "
+        "Ratios are medians of the per-repetition ratios. "
+        "Targets: a/b ≤ 1.6 (256×4096), ≤ 1.3 (768×16384); c/a ≥ 2. "
         f"Load average when the run began: {load:.1f} (2 cores). "
         "Light work of other jobs may share the 2 cores while "
         "this runs; multi-threaded small ops stall at thread barriers when a core is taken, "
@@ -189,9 +215,11 @@ def main() -> None:
                 "b: matmul ms",
                 "b′: kept-output matmul ms",
                 "c: dense step ms",
+                "a″: step without C kernels ms",
                 "a/b",
                 "a/b′",
                 "c/a",
+                "a/a″",
             ],
             rows,
         )

@@ -34,3 +34,10 @@ def check_writable_file(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: no directory {parent}")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path}: not writable")
+
+
+def cache_root() -> Path:
+    """Where saestream caches what it builds (model copies, compiled kernels):
+    `$SAESTREAM_CACHE`, else `~/.cache/saestream`."""
+    root = os.environ.get("SAESTREAM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "saestream"

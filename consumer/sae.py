@@ -263,11 +263,7 @@ class SparseAutoencoder(nn.Module):
         self, xn: torch.Tensor, k: int, k_top: int, dead: torch.Tensor | None, k_aux: int
     ) -> _Decoded:
         """The reference: every latent materialised as a [batch, n_latents] matrix."""
-        if xn.is_cuda:
-            pre = (xn - self.b_dec) @ self.encoder.weight.t() + self.encoder.bias
-        else:  # the sparse path's addmm: both rank latents on identical values
-            pre = self.encode_pre_act(xn)
-        pre = pre.float()
+        pre = self.encode_pre_act(xn).float()  # the sparse path's values, bit for bit
         pre_top, idx = pre.topk(k_top, dim=1, sorted=True)
         vals = F.relu(pre_top)
 

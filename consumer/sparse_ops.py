@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.autograd.function import FunctionCtx
 
+from saestream.consumer import cpu_kernels
+
 # Dense-over-support kernels when entries fill at least 1/COMPACT_RATIO of the block.
 COMPACT_RATIO = 8
 # Rows of the gathered [chunk, k, d_in] block in the ∂v computation: bounded memory on CPU.
@@ -45,22 +47,24 @@ _INT32_MIN = -(2**31)
 
 
 def encoder_matmul(
-    xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, out: torch.Tensor | None = None
+    xc: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The one dense matmul, xc W_encᵀ + b_enc -> [batch, n_latents] (bf16 under autocast).
+    """The one dense matmul, xc W_encᵀ + b_enc -> [batch, n_latents] (bf16 under autocast),
+    into `out` when given; without the bias when `b_enc` is None.
 
-    On CPU one addmm (as nn.Linear), which is faster there than mm and a separate bias add,
-    into `out` when given. On CUDA the bias is added in place afterwards: addmm would first
-    broadcast it into the whole output. The dense reference path calls this too on CPU, so
-    both rank the latents on bit-identical pre-activations.
+    The bias is added after the product, one float add per element, not by addmm: addmm
+    first broadcasts it into the whole output and then has its GEMM read that back. So every
+    path — the dense reference, `SparseAutoencoder.encode`, and the CPU top-k kernel, which
+    adds the bias on the fly and spares the training step that pass (`TopKEncode`) — ranks
+    the latents on bit-identical pre-activations.
     """
-    if xc.is_cuda:
-        pre = torch.mm(xc, W_enc.t())
+    pre = torch.mm(xc, W_enc.t()) if out is None else torch.mm(xc, W_enc.t(), out=out)
+    if b_enc is not None:
         pre += b_enc
-        return pre
-    if out is not None:
-        return torch.addmm(b_enc, xc, W_enc.t(), out=out)
-    return torch.addmm(b_enc, xc, W_enc.t())
+    return pre
 
 
 _workspace = threading.local()
@@ -92,7 +96,9 @@ def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     may differ only among equal values).
 
     On CPU torch's top-k costs several ns per element it reads, more than half the encoder
-    matmul at d_in = 256, so it runs only on a few candidates per row. A threshold first:
+    matmul at d_in = 256. The C kernel (`cpu_kernels.topk_rows`) ranks each row in one pass
+    while it is in cache. Without it (no C compiler, SAESTREAM_NATIVE=0), torch's top-k
+    runs only on a few candidates per row. A threshold first:
     t = the k-th largest of 2k maxima of disjoint column sets, so at least k elements are
     ≥ t, and every element < t is outside the top k. One pass (`max_pool1d`) gives the
     maxima of groups of 8 adjacent columns, so that a group is half a cache line: the groups
@@ -102,6 +108,9 @@ def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     per row (whose per-row overhead dominates at this width). Rows that hold a NaN, where
     the bound says nothing, take torch's top-k.
     """
+    native = cpu_kernels.topk_rows(pre, k)  # one pass per row in C, where it can be built
+    if native is not None:
+        return native
     batch, n = pre.shape
     s = _TOPK_GROUP
     G = n // s
@@ -324,16 +333,23 @@ class TopKEncode(Function):
         ctx.set_materialize_grads(False)  # no zero gradients made up for the index outputs
         xc = x - b_dec
         out = _pre_buffer(xc.shape[0], W_enc.shape[0], torch.result_type(xc, W_enc), xc.device)
-        pre = encoder_matmul(xc, W_enc, b_enc, out)
-        values, indices = topk_rows(pre, k)
+        pre = encoder_matmul(xc, W_enc, None, out)
+        ranked = cpu_kernels.topk_rows(pre, k, bias=b_enc)  # adds the bias as it ranks
+        biased = ranked is None
+        if biased:
+            pre += b_enc
+            ranked = topk_rows(pre, k)
+        values, indices = ranked
         if dead is not None and k_aux > 0:
             aux_values = pre.index_select(1, dead)
+            if not biased:
+                aux_values += b_enc.index_select(0, dead)
             n_dead = dead.numel()
             if k_aux < n_dead and aux_relu and use_compact(x.shape[0] * k_aux, x.shape[0], n_dead):
                 _zero_outside_topk(aux_values, k_aux)  # dense over `dead` anyway: keep them all
                 aux_local = torch.arange(n_dead, device=dead.device).expand_as(aux_values)
             elif k_aux < n_dead:
-                aux_values, aux_local = aux_values.topk(k_aux, dim=1, sorted=False)
+                aux_values, aux_local = topk_rows(aux_values, k_aux)
             else:  # every dead latent is kept: no selection needed
                 aux_local = torch.arange(k_aux, device=dead.device).expand_as(aux_values)
         else:

@@ -28,6 +28,7 @@ from torch import nn
 
 from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError
+from saestream.common.files import cache_root
 from saestream.common.wire import DTYPES
 from saestream.producer.config import EMBEDDED_MODEL
 
@@ -124,9 +125,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 def default_cache_dir() -> Path:
     """`$SAESTREAM_CACHE/models`, else `~/.cache/saestream/models`."""
-    root = os.environ.get("SAESTREAM_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "saestream"
-    return base / "models"
+    return cache_root() / "models"
 
 
 def load_model(

@@ -97,10 +97,14 @@ mods = [m.name for m in pkgutil.walk_packages(saestream.__path__, "saestream.")]
 for m in mods:
     if not m.endswith("__main__"):
         importlib.import_module(m)
+from saestream.consumer import cpu_kernels  # its C source ships in the wheel and builds
+assert cpu_kernels.SOURCE.is_file() and cpu_kernels.SOURCE.is_relative_to(sys.argv[1])
+assert cpu_kernels.load() is not None, "the C kernels did not build from the wheel"
 print(len(mods))
 """
+    env = {**os.environ, "SAESTREAM_CACHE": str(tmp_path / "kernels")}
     run = subprocess.run([py, "-c", check, str(site)], cwd=outside, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout.strip()) >= 30
     version = subprocess.run([py, "-m", "saestream", "--version"], cwd=outside,

@@ -178,8 +178,21 @@ def _topk_cases() -> dict[str, tuple[torch.Tensor, int]]:
     }
 
 
+@pytest.fixture(params=["C kernel", "torch ops"])
+def topk_path(request, monkeypatch) -> str:
+    """Both CPU top-k paths: the compiled kernel, and the torch ops that run without it."""
+    from saestream.consumer import cpu_kernels
+
+    if request.param == "C kernel":
+        assert cpu_kernels.load() is not None, "the C kernel did not build (is cc installed?)"
+    else:
+        monkeypatch.setenv("SAESTREAM_NATIVE", "0")
+        assert cpu_kernels.load() is None
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(_topk_cases()))
-def test_topk_rows_returns_torch_topk_values(case: str) -> None:
+def test_topk_rows_returns_torch_topk_values(case: str, topk_path: str) -> None:
     from saestream.consumer.sparse_ops import topk_rows
 
     pre, k = _topk_cases()[case]

@@ -90,8 +90,17 @@ CASES = [  # (multi_topk, n_dead, k_aux, input_normalization)
 ]
 
 
+@pytest.mark.parametrize("native", ["C kernel", "torch ops"])
 @pytest.mark.parametrize("multi_topk,n_dead,k_aux,norm", CASES)
-def test_sparse_path_matches_dense_path_losses_and_gradients(multi_topk, n_dead, k_aux, norm):
+def test_sparse_path_matches_dense_path_losses_and_gradients(
+    multi_topk, n_dead, k_aux, norm, native, monkeypatch
+):
+    """With the CPU top-k kernel (bias added as it ranks) and without it (torch ops)."""
+    from saestream.consumer import cpu_kernels
+
+    if native == "torch ops":
+        monkeypatch.setenv("SAESTREAM_NATIVE", "0")
+    assert (cpu_kernels.load() is not None) == (native == "C kernel")
     sae_kw = dict(multi_topk=multi_topk, input_normalization=norm)
     fast = make_trainer(True, sae_kw, k_aux=k_aux, dead_tokens=50)
     ref = make_trainer(False, sae_kw, k_aux=k_aux, dead_tokens=50)
@@ -106,6 +115,10 @@ def test_sparse_path_matches_dense_path_losses_and_gradients(multi_topk, n_dead,
         assert use_compact(64 * k_aux, 64, n_dead) == (n_dead == 20)
     lf = fast.losses(x, as_mask(dead) if n_dead else None)
     lr = ref.losses(x, as_mask(dead) if n_dead else None)
+    with torch.no_grad():  # both rank the latents on bit-identical pre-activations
+        kept_f = fast.sae(x).latent_indices.sort(dim=1).values
+        kept_r = ref.sae(x, dense=True).latent_indices.sort(dim=1).values
+    assert torch.equal(kept_f, kept_r)
     lf.total.backward()
     lr.total.backward()
     for name in ("total", "main", "auxk", "multi_topk", "sse", "sst", "l0"):

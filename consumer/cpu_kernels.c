@@ -1,0 +1,161 @@
+/* CPU kernels of the SAE step that torch's ops cannot do in one pass; compiled on first use
+ * by cpu_kernels.py (plain C, no torch headers: a compile takes well under a second).
+ *
+ * topk_rows_f32: the k largest values of each row of a [batch, n] float32 matrix, plus an
+ * optional bias per column, sorted descending, ties by column ascending. Adding the bias here
+ * spares the encoder matmul a pass over its output. Per row, while the row sits in L1/L2:
+ *   1. the maxima of m strided column sets {c, c + m, c + 2m, ...} (one vectorised pass);
+ *   2. t = the k-th largest of those maxima: at least k elements are >= t, so nothing below
+ *      t is in the top k;
+ *   3. the elements >= t (about 2k on random rows) become 64-bit keys whose unsigned order
+ *      is the rank, and a quickselect plus an insertion sort of the k winners orders them.
+ * A row holding a NaN is flagged instead (torch ranks NaN first; the caller asks torch). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+/* unsigned order = value ascending (as float order, -0.0 just below +0.0), then column
+ * descending: the larger key ranks first. Columns must be < 2^32. */
+static inline uint64_t key_of(float v, int64_t col) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;
+    return ((uint64_t)u << 32) | (uint32_t)(0xFFFFFFFFu - (uint32_t)col);
+}
+
+static inline float value_of(uint64_t key) {
+    uint32_t u = (uint32_t)(key >> 32);
+    float v;
+    u ^= (u >> 31) ? 0x80000000u : 0xFFFFFFFFu;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static inline void swap_keys(uint64_t *a, uint64_t *b) {
+    uint64_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Reorders c[0..m) so that its k largest keys (all distinct) come first, in any order. */
+static void select_largest(uint64_t *c, int64_t m, int64_t k) {
+    int64_t lo = 0, hi = m - 1;
+    while (hi > lo) {
+        int64_t mid = lo + (hi - lo) / 2; /* median of three, moved to hi as the pivot */
+        if (c[mid] < c[lo]) swap_keys(&c[mid], &c[lo]);
+        if (c[hi] < c[lo]) swap_keys(&c[hi], &c[lo]);
+        if (c[mid] < c[hi]) swap_keys(&c[mid], &c[hi]);
+        uint64_t pivot = c[hi];
+        int64_t store = lo;
+        for (int64_t i = lo; i < hi; i++)
+            if (c[i] > pivot) swap_keys(&c[i], &c[store++]);
+        swap_keys(&c[store], &c[hi]);
+        if (store == k - 1 || store == k) return;
+        if (store < k) lo = store + 1;
+        else hi = store - 1;
+    }
+}
+
+static void sort_descending(uint64_t *c, int64_t k) {
+    for (int64_t i = 1; i < k; i++) {
+        uint64_t x = c[i];
+        int64_t j = i - 1;
+        while (j >= 0 && c[j] < x) {
+            c[j + 1] = c[j];
+            j--;
+        }
+        c[j + 1] = x;
+    }
+}
+
+/* One row of p + b (b: a bias per column, or NULL for none), added as torch adds it (one
+ * float add per element) but never written back: 0, or 1 if it holds a NaN.
+ * mx has m floats, keys max(n, m) slots. */
+static int row_topk(const float *p, const float *b, int64_t n, int64_t k, int64_t m, float *mx,
+                    uint64_t *keys, float *values, int64_t *indices) {
+    int64_t i, c;
+    for (c = 0; c < m; c++) mx[c] = -INFINITY;
+    if (b == NULL) { /* a NaN never enters a maximum */
+        for (i = 0; i + m <= n; i += m)
+            for (c = 0; c < m; c++) mx[c] = p[i + c] > mx[c] ? p[i + c] : mx[c];
+        for (c = 0; i + c < n; c++) mx[c] = p[i + c] > mx[c] ? p[i + c] : mx[c];
+    } else {
+        for (i = 0; i + m <= n; i += m)
+            for (c = 0; c < m; c++) {
+                const float v = p[i + c] + b[i + c];
+                mx[c] = v > mx[c] ? v : mx[c];
+            }
+        for (c = 0; i + c < n; c++) {
+            const float v = p[i + c] + b[i + c];
+            mx[c] = v > mx[c] ? v : mx[c];
+        }
+    }
+    for (c = 0; c < m; c++) keys[c] = key_of(mx[c], c); /* distinct keys */
+    select_largest(keys, m, k);
+    uint64_t kth = keys[0];
+    for (c = 1; c < k; c++) kth = keys[c] < kth ? keys[c] : kth;
+    const float t = value_of(kth);
+    int64_t found = 0;
+    i = 0;
+#ifdef __AVX2__
+    const __m256 tv = _mm256_set1_ps(t);
+    for (; i + 8 <= n; i += 8) { /* 8 at a time: mostly no candidate among them */
+        __m256 v = _mm256_loadu_ps(p + i);
+        if (b != NULL) v = _mm256_add_ps(v, _mm256_loadu_ps(b + i));
+        unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, tv, _CMP_NLT_UQ));
+        while (mask) {
+            const int64_t col = i + __builtin_ctz(mask);
+            const float x = b != NULL ? p[col] + b[col] : p[col];
+            mask &= mask - 1;
+            if (x != x) return 1;
+            keys[found++] = key_of(x, col);
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = b != NULL ? p[i] + b[i] : p[i];
+        if (!(v < t)) { /* v >= t, or NaN */
+            if (v != v) return 1;
+            keys[found++] = key_of(v, i);
+        }
+    }
+    select_largest(keys, found, k);
+    sort_descending(keys, k);
+    for (c = 0; c < k; c++) {
+        indices[c] = (int64_t)(0xFFFFFFFFu - (uint32_t)keys[c]);
+        values[c] = value_of(keys[c]);
+    }
+    return 0;
+}
+
+/* The top k of each row of p [batch, n] + b [n] (b may be NULL): values/indices [batch, k],
+ * bad [batch] (1: the row was not ranked here, because it holds a NaN). Needs
+ * 1 <= k <= m <= n < 2^32. Rows are split over `threads` OpenMP threads: the same runtime
+ * and pool as torch's own CPU ops (torch ships libgomp.so.1, which the loader shares), so
+ * its workers, still spinning after the encoder matmul, take the rows at once instead of
+ * competing with threads of ours. Returns the number of bad rows. */
+int64_t topk_rows_f32(const float *p, const float *b, int64_t batch, int64_t n, int64_t k,
+                      int64_t m, float *values, int64_t *indices, uint8_t *bad, int threads) {
+    int64_t flagged = 0;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(+ : flagged)
+    {
+        float *mx = malloc(sizeof(float) * m);
+        uint64_t *keys = malloc(sizeof(uint64_t) * (n > m ? n : m));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < batch; r++) {
+            bad[r] = (mx == NULL || keys == NULL)
+                         ? 1
+                         : row_topk(p + r * n, b, n, k, m, mx, keys, values + r * k,
+                                    indices + r * k);
+            flagged += bad[r];
+        }
+        free(mx);
+        free(keys);
+    }
+    return flagged;
+}

@@ -1,0 +1,164 @@
+"""The C kernels (consumer/cpu_kernels.c): equal to torch on any input, and built safely —
+or not at all, with the pure-torch path taking over."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saestream.consumer import cpu_kernels
+
+SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan"), 3e38, -3e38]
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    assert cpu_kernels.load() is not None, "the C kernels did not build (is cc installed?)"
+
+
+def check_topk(pre: torch.Tensor, k: int, bias: torch.Tensor | None) -> None:
+    got = cpu_kernels.topk_rows(pre, k, bias=bias)
+    assert got is not None
+    values, indices = got
+    full = pre if bias is None else pre + bias
+    ref = full.topk(k, dim=1, sorted=True).values
+    assert values.shape == indices.shape == (pre.shape[0], k) and indices.dtype == torch.int64
+    torch.testing.assert_close(values, ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(full.gather(1, indices), values, rtol=0, atol=0, equal_nan=True)
+    assert all(len(set(row)) == k for row in indices.tolist())  # distinct columns per row
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.integers(0, 40),
+    n=st.integers(1, 300),
+    k_frac=st.floats(0, 1),
+    special=st.floats(0, 1),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_equals_torch_on_hostile_rows(batch, n, k_frac, special, use_bias, seed) -> None:
+    """Any width, any k, ties, ±inf, ±0, NaN (in the values or made by the bias: inf − inf)."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, min(n, round(k_frac * n)))
+    pre = torch.randn(batch, n, generator=g).mul_(4).round_()  # many ties
+    specials = torch.tensor(SPECIAL)
+    mask = torch.rand(batch, n, generator=g) < special * 0.2
+    pre[mask] = specials[torch.randint(len(SPECIAL), (int(mask.sum()),), generator=g)]
+    bias = None
+    if use_bias:
+        bias = torch.randn(n, generator=g)
+        bias[torch.rand(n, generator=g) < special * 0.1] = float("inf")
+    check_topk(pre, k, bias)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,k", [((1024, 4096), 32), ((300, 1000), 128), ((64, 4100), 1)])
+def test_topk_with_bias_on_torch_threads(shape, k, threads) -> None:
+    """Rows split over torch's OpenMP threads; NaN rows in the middle go to torch."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pre = torch.randn(*shape)
+        pre[shape[0] // 2, 7] = float("nan")
+        check_topk(pre, k, torch.randn(shape[1]))
+        check_topk(pre, k, None)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inputs_the_kernel_does_not_take_are_declined() -> None:
+    x = torch.randn(8, 64)
+    assert cpu_kernels.topk_rows(x.double(), 4) is None
+    assert cpu_kernels.topk_rows(x.bfloat16(), 4) is None
+    assert cpu_kernels.topk_rows(x[0], 4) is None
+    assert cpu_kernels.topk_rows(x, 0) is None and cpu_kernels.topk_rows(x, 65) is None
+    assert cpu_kernels.topk_rows(x, 4, bias=torch.randn(63)) is None
+    values, _ = cpu_kernels.topk_rows(x.t().contiguous().t(), 4)  # strided input: copied
+    assert torch.equal(values, x.topk(4, dim=1).values)
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+PROBE = """
+    import logging, torch
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from saestream.consumer import cpu_kernels
+    from saestream.consumer.sparse_ops import topk_rows
+    lib = cpu_kernels.load()
+    print("native" if lib is not None else "torch ops")
+    pre = torch.randn(64, 4096)
+    assert torch.equal(topk_rows(pre, 32)[0], pre.topk(32, dim=1).values)
+    print(lib._name if lib is not None else "")
+"""
+
+
+def test_without_a_compiler_the_torch_path_runs_with_one_warning(tmp_path: Path) -> None:
+    for cc in ("/bin/false", str(tmp_path / "no-such-cc")):
+        proc = run_python(PROBE, {"CC": cc, "SAESTREAM_CACHE": str(tmp_path / "cache")})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[0] == "torch ops"
+        warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("WARNING")]
+        assert len(warnings) == 1 and "fall" in warnings[0], proc.stderr
+
+
+def test_saestream_native_0_turns_the_kernels_off(tmp_path: Path) -> None:
+    proc = run_python(PROBE, {"SAESTREAM_NATIVE": "0", "SAESTREAM_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "torch ops" and "WARNING" not in proc.stderr
+    assert not list(tmp_path.rglob("*.so"))  # nothing built
+
+
+@pytest.mark.parametrize("open_to_others", ["cache root", "kernels folder"])
+def test_a_cache_folder_others_may_write_is_never_used(tmp_path: Path, open_to_others) -> None:
+    """A shared object in a folder another user can write (or rename) could be theirs:
+    build elsewhere, in a private folder of this user's."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if open_to_others == "cache root":
+        shared.chmod(0o777)
+    else:
+        (shared / "kernels").mkdir()
+        (shared / "kernels").chmod(0o777)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = {"SAESTREAM_CACHE": str(shared), "TMPDIR": str(private_tmp)}
+    proc = run_python(PROBE, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "native"
+    built = Path(proc.stdout.splitlines()[1])
+    assert built.parent == private_tmp / f"saestream-kernels-{os.getuid()}"
+    assert built.parent.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in shared.rglob("*") if p.is_file()]
+    assert (open_to_others == "cache root") == (not (shared / "kernels").exists())
+
+
+def test_concurrent_first_builds_share_one_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SAESTREAM_CACHE": str(cache)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(PROBE)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all(out.splitlines()[0] == "native" for out, _ in outs)
+    files = sorted(f.name for f in (cache / "kernels").iterdir())
+    assert len(files) == 1 and files[0].endswith(".so"), files  # no temporaries left
