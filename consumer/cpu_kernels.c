@@ -60,7 +60,16 @@ static void select_largest(uint64_t *c, int64_t m, int64_t k) {
     }
 }
 
+static int cmp_descending(const void *a, const void *b) {
+    const uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x < y) - (x > y);
+}
+
 static void sort_descending(uint64_t *c, int64_t k) {
+    if (k > 32) { /* insertion sort is quadratic: fine for a TopK's k, not for any k */
+        qsort(c, (size_t)k, sizeof(uint64_t), cmp_descending);
+        return;
+    }
     for (int64_t i = 1; i < k; i++) {
         uint64_t x = c[i];
         int64_t j = i - 1;

@@ -7,26 +7,32 @@ one pass while it sits in cache (BENCHMARKS.md, "SAE training step"). ctypes rel
 GIL for the call, so the consumer's receive and decode threads run meanwhile.
 
 The shared object is built with the system C compiler ($CC, else `cc`; about a second) into
-a cache folder ($SAESTREAM_CACHE/kernels, else ~/.cache/saestream/kernels; else a per-user
-folder under the temporary directory), keyed by the
-source, the flags and this CPU, and moved into place atomically, so concurrent processes
-share one build. A folder is used only if it belongs to this user and no one else may write
-to it: a shared object is code, and loading one another user could have placed there would
-run theirs. With no compiler, a failed build, or SAESTREAM_NATIVE=0, `load()` returns None
-(with one warning for a failure) and callers use their pure-torch path: the same results,
-slower.
+a cache folder ($SAESTREAM_CACHE/kernels, else ~/.cache/saestream/kernels, else
+$TMPDIR/saestream-kernels-<uid>; failing all three, a fresh private folder used once), keyed
+by the source, the flags and this CPU, and renamed into place atomically, so concurrent
+processes share one build. A shared object is code, and loading one another user could have
+placed would run theirs: a folder is used only if it is a real folder this user owns and no
+one else may write, the build only if it is a regular file of ours, and both are reached and
+loaded through the descriptors that were checked (no path is looked up twice). A cached build
+that does not load is built again. With no compiler, a failed build, or SAESTREAM_NATIVE=0,
+`load()` returns None (with one warning for a failure) and callers use their pure-torch
+path: the same results, slower.
 """
 
 from __future__ import annotations
 
+import _ctypes
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -45,10 +51,14 @@ FLAG_SETS = (
 )
 # Rows per thread below which fewer threads rank them (a parallel region costs a few µs).
 ROWS_PER_THREAD = 16
-_COMPILE_TIMEOUT_S = 120
+_COMPILE_TIMEOUT_S = 60
 
 _lock = threading.Lock()
-_state: dict[str, ctypes.CDLL | None] = {}
+_state: dict[str, object] = {}
+
+
+class _CompileError(Exception):
+    """The compiler failed with these flags (another folder would not help)."""
 
 
 def enabled() -> bool:
@@ -64,26 +74,31 @@ def load() -> ctypes.CDLL | None:
     with _lock:
         if "lib" not in _state:
             _state["lib"] = _build_and_load()
-        return _state["lib"]
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def library_path() -> Path | None:
+    """Where the loaded build lives (None before `load()` or without one); for logs."""
+    return _state.get("path")  # type: ignore[return-value]
 
 
 def _cache_dirs() -> list[Path]:
-    """Where a build may live, in order of preference."""
+    """Where a build may be cached, in order of preference."""
     user_tmp = Path(tempfile.gettempdir()) / f"saestream-kernels-{os.getuid()}"
     return [cache_root() / "kernels", user_tmp]
 
 
-def _private(folder: Path) -> None:
-    """Create `folder` (0700) if need be; OSError unless it is ours and only we may write it,
-    in a parent where no one else may rename it (not writable by others, or sticky: /tmp)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    up = folder.parent.stat()
-    if up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX:
-        raise OSError(f"{folder.parent} is writable by others")
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.stat()
+def _open_private_dir(folder: Path) -> int:
+    """A descriptor of `folder` (made 0700 if missing); OSError unless it is a real folder
+    (not a symlink) that this user owns and no one else may write. Everything after goes
+    through the descriptor, so renaming or replacing the path afterwards changes nothing."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        os.close(fd)
         raise OSError(f"{folder} is not private to this user (owner, or group/other write)")
+    return fd
 
 
 def _cpu_tag() -> str:
@@ -101,44 +116,116 @@ def _cpu_tag() -> str:
 
 
 def _build_and_load() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        log.warning("no C compiler (%s) found: CPU kernels fall back to torch ops", cc)
+    if sys.platform != "linux":  # the checks below need O_NOFOLLOW, dir_fd and /proc
+        log.info("CPU kernels are built on Linux only: torch ops rank the latents")
+        return None
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        log.warning("no C compiler (%s) found: CPU kernels fall back to torch ops", " ".join(cc))
         return None
     source = SOURCE.read_bytes()
     errors: list[str] = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(source + " ".join([cc, *flags, _cpu_tag()]).encode()).hexdigest()
-        for folder in _cache_dirs():
-            target = folder / f"cpu_kernels-{key[:20]}.so"
-            try:
-                _private(folder)
-                if not target.exists():
-                    _compile(cc, flags, folder, target)
-                return _bind(ctypes.CDLL(str(target)))
-            except (OSError, subprocess.SubprocessError) as exc:
-                lines = str(exc).strip().splitlines() or [repr(exc)]
-                errors.append(f"{target}: {lines[-1]}")
+    # Cache folders first; last, a fresh private folder of our own, used once and removed.
+    for folder in [*_cache_dirs(), None]:
+        scratch = None
+        try:
+            if folder is None:
+                folder = scratch = Path(tempfile.mkdtemp(prefix="saestream-kernels-"))
+            dfd = _open_private_dir(folder)
+        except OSError as exc:
+            errors.append(f"{folder}: {exc}")
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            continue
+        try:
+            for flags in FLAG_SETS:
+                key = hashlib.sha256(source + " ".join([*cc, *flags, _cpu_tag()]).encode())
+                name = f"cpu_kernels-{key.hexdigest()[:20]}.so"
+                try:
+                    lib = _load_or_build(dfd, name, cc, flags)
+                except _CompileError as exc:
+                    errors.append(f"{' '.join(cc + flags)}: {exc}")
+                    continue
+                _state["path"] = folder / name
+                return lib
+            break  # the compiler fails with every flag set: another folder would not help
+        except OSError as exc:  # the folder: read-only, full, ...
+            errors.append(f"{folder}: {exc}")
+        finally:
+            os.close(dfd)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)  # what is loaded stays mapped
     log.warning("CPU kernels not built, falling back to torch ops: %s", "; ".join(errors))
     return None
 
 
-def _compile(cc: str, flags: list[str], folder: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=folder)
-    os.close(fd)
+def _load_or_build(dfd: int, name: str, cc: list[str], flags: list[str]) -> ctypes.CDLL:
     try:
-        proc = subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE)],
-            capture_output=True,
-            text=True,
-            timeout=_COMPILE_TIMEOUT_S,
-        )
-        if proc.returncode != 0:
-            raise subprocess.SubprocessError(proc.stderr or f"{cc} exited {proc.returncode}")
-        os.replace(tmp, target)  # atomic: a concurrent builder's copy is as good as ours
+        lib = _open_built(dfd, name)
+    except (OSError, AttributeError) as exc:  # not ours, truncated, not our symbols, ...
+        log.warning("cached CPU kernels %s unusable (%s): building them again", name, exc)
+        os.unlink(name, dir_fd=dfd)
+        lib = None
+    if lib is None:
+        _compile(cc, flags, dfd, name)
+        lib = _open_built(dfd, name)
+        if lib is None:
+            raise OSError(f"{name} vanished after it was built")
+    return lib
+
+
+def _open_built(dfd: int, name: str) -> ctypes.CDLL | None:
+    """The build `name` in the folder `dfd`, or None if there is none. OSError if it is not a
+    regular file of ours that no one else may write; it is loaded through the very
+    descriptor that was checked (/proc/self/fd), so it cannot be swapped in between."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise OSError(f"{name} is not a private regular file of this user")
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        try:
+            return _bind(lib)
+        except AttributeError:  # not our library: unload it, or the next dlopen of the
+            _ctypes.dlclose(lib._handle)  # same /proc path would be handed it again
+            raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.close(fd)
+
+
+def _compile(cc: list[str], flags: list[str], dfd: int, name: str) -> None:
+    """Compile in a fresh private temporary folder, then copy into the cache folder `dfd`
+    under a unique name and rename it into place (atomic: concurrent builders all succeed,
+    and a reader sees a whole file or none)."""
+    with tempfile.TemporaryDirectory(prefix="saestream-cc-") as work:
+        out = os.path.join(work, name)
+        try:
+            proc = subprocess.run(
+                [*cc, *flags, "-o", out, str(SOURCE)],
+                capture_output=True,
+                text=True,
+                timeout=_COMPILE_TIMEOUT_S,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise _CompileError(str(exc)) from None
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            raise _CompileError(lines[-1])
+        data = Path(out).read_bytes()
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dfd)  # fmt: skip
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

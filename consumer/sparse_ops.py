@@ -349,7 +349,7 @@ class TopKEncode(Function):
                 _zero_outside_topk(aux_values, k_aux)  # dense over `dead` anyway: keep them all
                 aux_local = torch.arange(n_dead, device=dead.device).expand_as(aux_values)
             elif k_aux < n_dead:
-                aux_values, aux_local = topk_rows(aux_values, k_aux)
+                aux_values, aux_local = aux_values.topk(k_aux, dim=1, sorted=False)
             else:  # every dead latent is kept: no selection needed
                 aux_local = torch.arange(k_aux, device=dead.device).expand_as(aux_values)
         else:

@@ -105,7 +105,7 @@ PROBE = """
     print("native" if lib is not None else "torch ops")
     pre = torch.randn(64, 4096)
     assert torch.equal(topk_rows(pre, 32)[0], pre.topk(32, dim=1).values)
-    print(lib._name if lib is not None else "")
+    print(cpu_kernels.library_path() or "")
 """
 
 
@@ -127,8 +127,9 @@ def test_saestream_native_0_turns_the_kernels_off(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("open_to_others", ["cache root", "kernels folder"])
 def test_a_cache_folder_others_may_write_is_never_used(tmp_path: Path, open_to_others) -> None:
-    """A shared object in a folder another user can write (or rename) could be theirs:
-    build elsewhere, in a private folder of this user's."""
+    """A shared object in a folder another user can write could be theirs: build elsewhere,
+    in a private folder of this user's. A cache root open to others is harmless: the
+    kernels folder in it is made 0700, and used through the descriptor that was checked."""
     shared = tmp_path / "shared"
     shared.mkdir()
     if open_to_others == "cache root":
@@ -143,10 +144,88 @@ def test_a_cache_folder_others_may_write_is_never_used(tmp_path: Path, open_to_o
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "native"
     built = Path(proc.stdout.splitlines()[1])
-    assert built.parent == private_tmp / f"saestream-kernels-{os.getuid()}"
+    if open_to_others == "cache root":
+        assert built.parent == shared / "kernels"
+    else:
+        assert built.parent == private_tmp / f"saestream-kernels-{os.getuid()}"
+        assert not [p for p in shared.rglob("*") if p.is_file()]
     assert built.parent.stat().st_mode & 0o777 == 0o700
-    assert not [p for p in shared.rglob("*") if p.is_file()]
-    assert (open_to_others == "cache root") == (not (shared / "kernels").exists())
+
+
+def test_a_symlinked_cache_folder_is_never_used(tmp_path: Path) -> None:
+    """The folder is checked and used through one descriptor: a symlink in its place (which
+    could be re-pointed between a check and a load) is refused, whatever it points at."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "kernels").symlink_to(mine)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = {"SAESTREAM_CACHE": str(tmp_path / "root"), "TMPDIR": str(private_tmp)}
+    proc = run_python(PROBE, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "native"
+    user_tmp = private_tmp / f"saestream-kernels-{os.getuid()}"
+    assert Path(proc.stdout.splitlines()[1]).parent == user_tmp
+    assert not list(mine.iterdir())
+
+
+def test_when_no_cache_folder_is_usable_a_private_scratch_folder_is(tmp_path: Path) -> None:
+    """Another user may own $TMPDIR/saestream-kernels-<uid> already: still no fallback."""
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "kernels").mkdir(mode=0o777)
+    (tmp_path / "root" / "kernels").chmod(0o777)
+    private_tmp = tmp_path / "tmp"
+    (private_tmp / f"saestream-kernels-{os.getuid()}").mkdir(parents=True)
+    (private_tmp / f"saestream-kernels-{os.getuid()}").chmod(0o777)
+    env = {"SAESTREAM_CACHE": str(tmp_path / "root"), "TMPDIR": str(private_tmp)}
+    proc = run_python(PROBE, env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "native"
+    used = Path(proc.stdout.splitlines()[1]).parent
+    assert used.parent == private_tmp and used.name.startswith("saestream-kernels-")
+    assert not used.exists()  # used once, removed; the loaded copy stays mapped
+    assert not [p for p in tmp_path.rglob("*.so")]
+
+
+def test_umask_002_still_caches_in_the_cache_root(tmp_path: Path) -> None:
+    """A group-writable cache root (user-private groups) does not matter: the kernels folder
+    itself is made 0700 and used through its descriptor."""
+    code = "import os; os.umask(0o002)\n" + textwrap.dedent(PROBE)
+    proc = run_python(code, {"SAESTREAM_CACHE": str(tmp_path / "root")})
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.splitlines()[1]).parent == tmp_path / "root" / "kernels"
+    assert (tmp_path / "root" / "kernels").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("damage", ["garbage", "another library"])
+def test_a_damaged_cached_build_is_built_again(tmp_path: Path, damage: str) -> None:
+    env = {"SAESTREAM_CACHE": str(tmp_path)}
+    first = run_python(PROBE, env)
+    assert first.returncode == 0, first.stderr
+    built = Path(first.stdout.splitlines()[1])
+    if damage == "garbage":
+        built.write_bytes(b"\x7fELF not really")
+    else:  # a real shared object without our symbols
+        import ctypes.util
+
+        libm = Path(ctypes.util.find_library("m") or "libm.so.6")
+        libm = libm if libm.is_absolute() else Path("/lib/x86_64-linux-gnu") / libm
+        if not libm.exists():
+            pytest.skip("no libm file to copy")
+        built.write_bytes(libm.read_bytes())
+    again = run_python(PROBE, env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == "native"
+    assert "building them again" in again.stderr
+    assert Path(again.stdout.splitlines()[1]) == built
+    assert run_python(PROBE, env).stderr.count("WARNING") == 0  # rebuilt for good
+
+
+def test_cc_with_arguments_builds(tmp_path: Path) -> None:
+    proc = run_python(PROBE, {"CC": "cc -O2 -g0", "SAESTREAM_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "native" and "WARNING" not in proc.stderr
 
 
 def test_concurrent_first_builds_share_one_cache(tmp_path: Path) -> None:
