@@ -123,7 +123,7 @@ def _build_and_load() -> ctypes.CDLL | None:
     if not cc or shutil.which(cc[0]) is None:
         log.warning("no C compiler (%s) found: CPU kernels fall back to torch ops", " ".join(cc))
         return None
-    source = SOURCE.read_bytes()
+    source, cpu = SOURCE.read_bytes(), _cpu_tag()
     errors: list[str] = []
     # Cache folders first; last, a fresh private folder of our own, used once and removed.
     for folder in [*_cache_dirs(), None]:
@@ -139,7 +139,7 @@ def _build_and_load() -> ctypes.CDLL | None:
             continue
         try:
             for flags in FLAG_SETS:
-                key = hashlib.sha256(source + " ".join([*cc, *flags, _cpu_tag()]).encode())
+                key = hashlib.sha256(source + " ".join([*cc, *flags, cpu]).encode())
                 name = f"cpu_kernels-{key.hexdigest()[:20]}.so"
                 try:
                     lib = _load_or_build(dfd, name, cc, flags)
