@@ -103,8 +103,7 @@ def main() -> None:
         + "\n\n\"As it is\" = `SAESTREAM_KEEP_FREED_MEMORY=0`; \"kept\" = what the consumer and "
         "`saestream train` do (`consumer/heap.py`). The resident size is read after the last "
         "step: as it is, the step's large tensors are given back between steps and mapped "
-        "again in the next; kept, they stay (the step's peak, plus holes freed blocks leave; "
-        "the consumer releases them after each snapshot)."
+        "again in the next; kept, they stay, so the resident size stays at the step's peak."
     )
     if args.no_write:
         print(body)
