@@ -83,9 +83,6 @@ def consumer(**opts: Any) -> None:
 
     setup_logging(opts["log_level"], "saestream.consumer")
     cfg = build_config(opts)
-    from saestream.consumer.heap import keep_freed_memory
-
-    keep_freed_memory()  # before any thread starts: each step's large tensors reused
     from saestream.common.devices import resolve_device
     from saestream.consumer.daemon import FinalSnapshotError, run_consumer
     from saestream.consumer.distributed import PeerLost, launched_by_torchrun, mesh_from_env

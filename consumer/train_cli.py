@@ -315,7 +315,6 @@ def train(
 
     from saestream.consumer.checkpoint import save_snapshot
     from saestream.consumer.distributed import mesh_from_env, rank_slice
-    from saestream.consumer.heap import keep_freed_memory
     from saestream.consumer.trainer import Trainer
 
     if tokens is not None and steps is not None:
@@ -324,7 +323,6 @@ def train(
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     act = open_activations(input_path, tensor)
-    keep_freed_memory()  # each step's large tensors reused, not mapped and zeroed anew
     if isinstance(act, Recording):
         hook, model = hook or act.hook, model or act.model
     if hook is None:
