@@ -56,6 +56,7 @@ def _rank(rank: int, size: int, port: int, case: tuple, queue) -> None:
         buf = io.BytesIO()  # bytes, not tensors: shared-memory handles die with the process
         torch.save(run(make(*case, DataParallel()), rank, size), buf)
         queue.put((rank, buf.getvalue()))
+        dist.barrier()  # as DataParallel.finish(): no rank leaves while another still talks
     finally:
         dist.destroy_process_group()
 

@@ -95,6 +95,7 @@ def _check_sharded_sae(rank: int, size: int, port: int) -> None:
         _check_forward_and_gradients(shard)
         _check_adam_steps(shard)
         _check_repeated_snapshots(shard)
+        dist.barrier()  # as the trainers' finish(): no rank leaves while another still talks
     finally:
         dist.destroy_process_group()
 
