@@ -138,8 +138,10 @@ class Run:
         """The consumer runs (it may not finish before the kills are over); a producer may
         only have finished (exit 0) once it was killed and restarted."""
         for d in self.all():
+            if d.running():  # polls first: returncode is only known once the exit is reaped
+                continue
             finished = d is not self.consumer and d.incarnation >= 1 and d.proc.returncode == 0
-            if not d.running() and not finished:
+            if not finished:
                 raise AssertionError(
                     f"{d.name} exited ({d.proc.returncode}) while waiting for {what}; "  # type: ignore[union-attr]
                     f"events {self.events}\n{d.log_text()}\n{self.consumer.log_text()}")
