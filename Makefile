@@ -72,6 +72,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sae_step.py
+	$(PY) benchmarks/bench_heap.py
 	$(PY) benchmarks/bench_wire.py
 	$(PY) benchmarks/bench_producer.py
 	$(PY) benchmarks/bench_pipeline.py

@@ -6,8 +6,9 @@ In one run, interleaved (so the machine's load hits all of them alike), medians 
   (b) one dense encoder matmul [batch × d_in] @ [d_in × n_latents] (torch.mm, no bias), into
       a fresh output as a one-off matmul would;
   (b′) the same matmul into an output buffer kept between calls, as the step's own matmul
-      is on CPU (a fresh buffer past glibc's mmap threshold is new pages, each faulted in
-      on first write: visible at the large shape);
+      is on CPU (where freed memory is not kept for reuse — see consumer/heap.py, which this
+      process applies as the consumer does — a fresh buffer past glibc's mmap threshold is
+      new pages, each faulted in on first write);
   (c) one whole step on the dense reference path (TrainerConfig.sparse=False);
   (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops), on a second
       trainer in the same state, so a/a″ is what the compiled top-k buys.
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from saestream.consumer import cpu_kernels
+from saestream.consumer.heap import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -156,6 +158,7 @@ def main() -> None:
         [(256, 4096, 32, 1024)] if args.quick else [(768, 16384, 32, 4096), (256, 4096, 32, 1024)]
     )
     load = os.getloadavg()[0]
+    kept = keep_freed_memory()  # this process's malloc as the consumer's (consumer/heap.py)
     native = cpu_kernels.load() is not None
     rows: list[list[object]] = []
     ratios: list[tuple[str, float, float, float]] = []
@@ -196,13 +199,17 @@ def main() -> None:
         "fp32, CPU. (a) whole sparse-path training step "
         "(forward, AuxK, backward, decoder-gradient projection, Adam, renormalisation); "
         "(b) one dense encoder matmul `x @ W_encᵀ` into a fresh output; (b′) the same into an "
-        "output kept between calls, as the step's own matmul is (a fresh one past glibc's "
-        "mmap threshold is new pages, faulted in on first write); (c) whole dense-reference "
+        "output kept between calls, as the step's own matmul is; (c) whole dense-reference "
         "step; (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0, top-k by torch ops; "
         f"C kernels {'built' if native else 'NOT built: a and a″ are the same code'}). "
         "Ratios are medians of the per-repetition ratios. "
-        "Targets: a/b ≤ 1.6 (256×4096), ≤ 1.3 (768×16384); c/a ≥ 2. "
-        f"Load average when the run began: {load:.1f} (2 cores). "
+        + ("The process keeps freed memory for reuse, as the consumer and `saestream train` "
+           "do (`consumer/heap.py`), so a fresh output is reused memory, not new pages. "
+           if kept else "Freed memory is NOT kept for reuse here (not glibc, or "
+           "SAESTREAM_KEEP_FREED_MEMORY=0): a fresh output past glibc's mmap threshold is new "
+           "pages, faulted in on first write. ")
+        + "Targets: a/b ≤ 1.6 (256×4096), ≤ 1.3 (768×16384); c/a ≥ 2. "
+        + f"Load average when the run began: {load:.1f} (2 cores). "
         "Light work of other jobs may share the 2 cores while "
         "this runs; multi-threaded small ops stall at thread barriers when a core is taken, "
         "so the 2-thread rows can overstate (a) relative to (b).\n\n"

@@ -62,6 +62,7 @@ from saestream.consumer.distributed import (
     rank_endpoints,
     rank_slice,
 )
+from saestream.consumer.heap import keep_freed_memory, release_freed_memory
 from saestream.consumer.ledger import Ledger
 from saestream.consumer.metrics import ConsumerMetrics
 from saestream.consumer.receiver import CONSUMER_REJECT_REASONS, HookInfo, Receiver
@@ -175,6 +176,8 @@ class ConsumerRun:
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
         self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
         self._serve(restored)
+        if self.device.type == "cpu":  # set up and checked: the step's large tensors reused
+            keep_freed_memory()
         self._last_save = self._last_flush_save = self._last_log = time.monotonic()
         self._periodic_step = self.stats.steps
         self._saved_version = -1
@@ -586,6 +589,12 @@ class ConsumerRun:
     def snapshot(self, reason: str) -> Path | bool | None:
         """Write a snapshot: its path; None when skipped; False when writing it failed (the
         failure is counted and logged, the previous snapshot stays, training goes on)."""
+        result = self._snapshot(reason)
+        if result is not None:  # what writing it freed is no step's to reuse
+            release_freed_memory()
+        return result
+
+    def _snapshot(self, reason: str) -> Path | bool | None:
         cfg, s = self.cfg, self.stats
         if cfg.checkpoint_dir is None:
             log.info("%s snapshot skipped: no --checkpoint-dir", reason)

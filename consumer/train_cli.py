@@ -315,6 +315,7 @@ def train(
 
     from saestream.consumer.checkpoint import save_snapshot
     from saestream.consumer.distributed import mesh_from_env, rank_slice
+    from saestream.consumer.heap import keep_freed_memory, release_freed_memory
     from saestream.consumer.trainer import Trainer
 
     if tokens is not None and steps is not None:
@@ -375,6 +376,8 @@ def train(
         raise UserError(f"--latent-shards {latent_shards} must divide --latents "
                         f"{sae_cfg.n_latents}")
     mesh, dev = mesh_from_env(dev, latent_shards, dist_timeout)
+    # On the CPU the step's large tensors are reused, not mapped and zeroed anew each step.
+    kept = dev.type == "cpu" and keep_freed_memory()
     dp, shard = mesh.dp, mesh.shard(sae_cfg.n_latents)
     torch.manual_seed(seed)
     trainer = Trainer(sae_cfg, cfg, name=name, hook=hook, model=model, device=dev, dp=dp,
@@ -383,6 +386,7 @@ def train(
         from saestream.consumer.init_from import start
 
         start(trainer, source)
+        release_freed_memory()  # the loaded weights' copies are gone
     batches = ShuffledBatches(n_rows, batch_size, seed)
     first = dp.rank == 0 and (shard is None or shard.rank == 0)
     echo = click.echo if first else (lambda *a, **k: None)
@@ -391,6 +395,7 @@ def train(
     echo(
         f"training {name}: d_in={d_in} latents={sae_cfg.n_latents} k={sae_cfg.k} on {n_rows} "
         f"tokens from {act.label}, {total_steps} steps of {batch_size} on {dev}{ranks}"
+        + (" (freed memory kept for reuse)" if kept else "")
     )
     start = last = time.perf_counter()
     window: list = []

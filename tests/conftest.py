@@ -17,6 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _malloc_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands run inside the test process (click's CliRunner) leave its malloc alone: the
+    setting of consumer/heap.py is per process, and every later test would inherit it. Real
+    processes started by tests apply it as the daemons do (tests/test_heap.py)."""
+    from saestream.consumer import heap
+
+    monkeypatch.setattr(heap, "_applied", [False])
+
+
 _handed_out: set[int] = set()
 
 
