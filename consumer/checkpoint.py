@@ -549,6 +549,22 @@ def _check_name(name: str) -> None:
         raise ValueError(f"SAE name {name!r} cannot be a directory name")
 
 
+def record_stop_reason(path: Path, stop_reason: str) -> None:
+    """Add `stop_reason` to a written snapshot's extra.json (atomically: a reader sees the
+    old file or the new one), for a run that stops in a state that snapshot already holds."""
+    extra = json.loads((path / "extra.json").read_text())
+    extra["stop_reason"] = stop_reason
+    tmp = path / f".extra.json.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _write_json(tmp, extra)
+        _fsync(tmp)
+        os.replace(tmp, path / "extra.json")
+        _fsync(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

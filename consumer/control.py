@@ -5,7 +5,11 @@ producer's stream and void positions in the ledger, and reply with, per hook, th
 of what this consumer accounts for, the frontier of its newest snapshot (`committed`) and
 whether a hole was seen. A `flush` request sets `flush_requested`, so the training loop
 writes a snapshot soon. On stop it sends every producer it has heard from a last reply
-with `stopping` set, so producers waiting for a commit learn the state it ended in.
+with `stopping` set, so producers waiting for a commit learn the state it ended in, then
+keeps answering (`stopping`) for up to STOP_GRACE_SECONDS, until every producer that asked
+recently has asked once more: a producer's DEALER drops what it had not read when the
+connection closes (and a ROUTER what it cannot deliver, without a trace), and a producer
+that missed the last word would wait for a consumer that is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ log = logging.getLogger("saestream.consumer.control")
 
 MAX_PEERS = 1024
 """Most producer connections remembered for the last reply on stop."""
+STOP_GRACE_SECONDS = 1.5
+"""After a stop, the longest requests are still answered (producers ask every 0.5 s)."""
+RECENT_SECONDS = 2.0
+"""A producer that asked within this before the stop is waited for in the grace."""
+READ_SECONDS = 0.25
+"""How long the socket stays open after the last answer: a producer's DEALER (IMMEDIATE)
+drops what it has not read yet when the connection closes, and it reads every 50 ms."""
 
 
 class ControlServer(threading.Thread):
@@ -50,7 +61,7 @@ class ControlServer(threading.Thread):
         self.flush_requested = threading.Event()
         self.poll_ms = poll_ms
         self._stopping = threading.Event()
-        self._peers: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self._peers: OrderedDict[bytes, tuple[float, dict[str, Any]]] = OrderedDict()
         self._rlog = RateLimitedLog(log, 10.0)
         self.error: BaseException | None = None
 
@@ -59,34 +70,57 @@ class ControlServer(threading.Thread):
             while not self._stopping.is_set():
                 if self.sock.poll(self.poll_ms):
                     self._serve(self.sock.recv_multipart())
-            for ident, request in self._peers.items():  # the last word
-                self._send(ident, self.reply(request, stopping=True))
+            self._last_word()
         except BaseException as exc:  # a bug, not a peer
             self.error = exc
             log.exception("control thread failed")
         finally:
             self.sock.close(linger=200)
 
+    def _last_word(self) -> None:
+        """A `stopping` reply to every peer, then answers until each peer that asked within
+        RECENT_SECONDS has asked again (and so had a reply to a request of its own), or
+        STOP_GRACE_SECONDS pass."""
+        now = time.monotonic()
+        waiting = {ident for ident, (t, _) in self._peers.items() if now - t < RECENT_SECONDS}
+        for ident, (_, request) in list(self._peers.items()):
+            self._send(ident, self.reply(request, stopping=True))
+        deadline, close_at = now + STOP_GRACE_SECONDS, None
+        while True:
+            t = time.monotonic()
+            if not waiting and close_at is None:
+                close_at = min(deadline, t + READ_SECONDS)
+            if t >= (close_at or deadline):
+                break
+            if self.sock.poll(max(1, int(((close_at or deadline) - t) * 1000))):
+                waiting.discard(self._serve(self.sock.recv_multipart()))
+        if waiting:
+            log.info("stopping: %d producer(s) did not ask again within %.1f s of the last "
+                     "reply", len(waiting), STOP_GRACE_SECONDS)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self.join(timeout)
 
-    def _serve(self, frames: list[bytes]) -> None:
+    def _serve(self, frames: list[bytes]) -> bytes | None:
+        """Answer one request (`stopping` once stopped); the peer's identity, or None when
+        the message was dropped."""
         if len(frames) != 2:
             self.metrics.control_rejected.inc()
-            return
+            return None
         ident, frame = frames
         try:
             request = decode_where(frame)
         except ControlError as exc:
             self.metrics.control_rejected.inc()
             self._rlog.warning("bad", "dropped a control message: %s", exc)
-            return
-        self._peers[ident] = request
+            return None
+        self._peers[ident] = (time.monotonic(), request)
         self._peers.move_to_end(ident)
         while len(self._peers) > MAX_PEERS:
             self._peers.popitem(last=False)
-        self._send(ident, self.reply(request))
+        self._send(ident, self.reply(request, stopping=self._stopping.is_set()))
+        return ident
 
     def _send(self, ident: bytes, reply: dict[str, Any]) -> None:
         try:

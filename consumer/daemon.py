@@ -613,6 +613,7 @@ class ConsumerRun:
         if s.snapshots and (s.saved_step, self._saved_version) == (s.steps, version):
             log.info("%s snapshot: step %d already saved in %s", reason, s.steps,
                      s.snapshots[-1])
+            self._stood_final(reason)
             return None
         if not self.trainers and not any(b.x.shape[0] for b in (buffers or {}).values()):
             log.info("%s snapshot skipped: nothing trained yet", reason)
@@ -660,6 +661,8 @@ class ConsumerRun:
         if (s.snapshots and s.saved_step == s.steps) or not self.trainers:
             log.info("%s snapshot skipped: %s", reason, f"step {s.steps} already saved"
                      if self.trainers else "nothing trained yet")
+            if self.trainers:
+                self._stood_final(reason)
             return None
         layout, why = choose_layout(self.cfg.snapshot_shards, self.trainers.values(),
                                     self.device)
@@ -709,6 +712,18 @@ class ConsumerRun:
             ckpt.prune_snapshots(cfg.checkpoint_dir, cfg.keep, s.run_id)
         log.info("%s snapshot %s (%.2fs)", reason, path, time.perf_counter() - t0)
         return path
+
+    def _stood_final(self, reason: str) -> None:
+        """The final snapshot was not written because the newest one holds this very state:
+        that one records why the run stopped. Not writing it down loses nothing but that
+        note, so a failure is logged and the run still ends well."""
+        if reason != "final" or not self.stats.stop_reason:
+            return
+        try:
+            ckpt.record_stop_reason(self.stats.snapshots[-1], self.stats.stop_reason)
+        except (OSError, ValueError) as exc:
+            log.warning("could not record the stop reason in %s: %s", self.stats.snapshots[-1],
+                        exc)
 
     def _failed(self, reason: str, exc: BaseException, why: str | None = None) -> None:
         """A snapshot that could not be written: counted (by `why`, else the reason `exc`

@@ -143,13 +143,23 @@ class ControlClient(threading.Thread):
         or ("stop", None). `check` runs every round (it raises on a refusal)."""
         self.flush = True
         last, moved = None, time.monotonic()
+        told: set[str] = set()
         while not stop.is_set():
             check()
             reply = self.view()
-            if reply is not None and end is not None:
-                held = self.frontier(reply, "committed" if reply["durable"] else "frontier")
+            word = reply if reply is not None else self.last_word()
+            if word is not None and end is not None:
+                held = self.frontier(word, "committed" if word["durable"] else "frontier")
                 if held is not None and held >= end:
                     return "done", held
+                if word["stopping"] and word["consumer"] not in told:
+                    told.add(word["consumer"])
+                    log.warning("consumer run %s stopped holding this stream up to %s (it "
+                                "ends at %s): waiting for it to come back", word["consumer"],
+                                "nothing" if held is None else
+                                f"position {held.tokens_done} of epoch {held.epoch}",
+                                f"position {end.tokens_done} of epoch {end.epoch}")
+            if reply is not None and end is not None:
                 target = self.target(end, since)
                 accounted = self.frontier(reply)
                 if accounted != last:
@@ -173,6 +183,18 @@ class ControlClient(threading.Thread):
             latest = max(self.replies.values(), key=lambda tr: tr[0], default=None)
         runs = {r["consumer"] for r in fresh}
         if len(runs) != 1 or latest is None or latest[1]["consumer"] not in runs:
+            return None
+        return latest[1]
+
+    def last_word(self) -> dict[str, Any] | None:
+        """The newest answer, however old, when it is a stopping consumer's and every answer
+        came from that consumer run: what it held when it stopped stays held (committed:
+        in its final snapshot), so a producer that read it late still knows it is done."""
+        with self.lock:
+            answers = list(self.replies.values())
+        latest = max(answers, key=lambda tr: tr[0], default=None)
+        if latest is None or not latest[1]["stopping"] or \
+                {r["consumer"] for _, r in answers} != {latest[1]["consumer"]}:
             return None
         return latest[1]
 

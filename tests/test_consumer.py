@@ -374,6 +374,22 @@ def test_resume_continues_step_count_and_tokens(start_consumer, sender_for, tmp_
     assert extra["reason"] == "final" and extra["stop_reason"] == "max-steps"
 
 
+def test_a_stop_in_a_state_already_saved_is_recorded_in_that_snapshot(
+    start_consumer, sender_for
+) -> None:
+    # 4 chunks are 4 steps; the periodic snapshot at step 4 saves the state the run stops in
+    c = start_consumer("--max-tokens", str(4 * CHUNK), "--checkpoint-every", "4")
+    sender_for(c).in_background(4)
+    assert c.wait_exit() == 0
+    assert "final snapshot: step 4 already saved" in c.log()
+    assert snapshot_dirs(c.ckpt) == ["step-00000004"]
+    snap = latest(c.ckpt)
+    extra = json.loads((snap / "extra.json").read_text())
+    assert extra["reason"] == "periodic" and extra["stop_reason"] == "max-tokens"
+    assert extra["tokens"] == 4 * CHUNK
+    assert sorted(p.name for p in snap.iterdir() if p.name.startswith(".")) == []
+
+
 def test_resume_skips_an_unreadable_snapshot(start_consumer, sender_for, tmp_path) -> None:
     ckpt = tmp_path / "ckpt"
     first = start_consumer("--max-steps", "8", "--checkpoint-every", "4", ckpt=ckpt)
