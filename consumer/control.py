@@ -7,9 +7,9 @@ whether a hole was seen. A `flush` request sets `flush_requested`, so the traini
 writes a snapshot soon. On stop it sends every producer it has heard from a last reply
 with `stopping` set, so producers waiting for a commit learn the state it ended in, then
 keeps answering (`stopping`) for up to STOP_GRACE_SECONDS, until every producer that asked
-recently has asked once more: a producer's DEALER drops what it had not read when the
-connection closes (and a ROUTER what it cannot deliver, without a trace), and a producer
-that missed the last word would wait for a consumer that is gone.
+recently has asked once more or is gone: a producer's DEALER drops what it had not read
+when the connection closes, and a producer that missed the last word would wait for a
+consumer that is gone.
 """
 
 from __future__ import annotations
@@ -79,21 +79,28 @@ class ControlServer(threading.Thread):
 
     def _last_word(self) -> None:
         """A `stopping` reply to every peer, then answers until each peer that asked within
-        RECENT_SECONDS has asked again (and so had a reply to a request of its own), or
-        STOP_GRACE_SECONDS pass."""
+        RECENT_SECONDS has asked again (and so had a reply to a request of its own) or is
+        gone, or STOP_GRACE_SECONDS pass; the socket stays open READ_SECONDS past the last
+        answer."""
+        if not self._peers:
+            return
         now = time.monotonic()
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone peer: EHOSTUNREACH, not silence
         waiting = {ident for ident, (t, _) in self._peers.items() if now - t < RECENT_SECONDS}
         for ident, (_, request) in list(self._peers.items()):
-            self._send(ident, self.reply(request, stopping=True))
-        deadline, close_at = now + STOP_GRACE_SECONDS, None
+            if not self._send(ident, self.reply(request, stopping=True)):
+                waiting.discard(ident)
+        deadline, answered = now + STOP_GRACE_SECONDS, now
         while True:
             t = time.monotonic()
-            if not waiting and close_at is None:
-                close_at = min(deadline, t + READ_SECONDS)
-            if t >= (close_at or deadline):
+            until = answered + READ_SECONDS if not waiting else deadline
+            if t >= min(until, deadline + READ_SECONDS):
                 break
-            if self.sock.poll(max(1, int(((close_at or deadline) - t) * 1000))):
-                waiting.discard(self._serve(self.sock.recv_multipart()))
+            if self.sock.poll(max(1, int((until - t) * 1000))):
+                ident = self._serve(self.sock.recv_multipart())
+                if ident is not None:
+                    waiting.discard(ident)
+                    answered = time.monotonic()
         if waiting:
             log.info("stopping: %d producer(s) did not ask again within %.1f s of the last "
                      "reply", len(waiting), STOP_GRACE_SECONDS)
@@ -122,11 +129,18 @@ class ControlServer(threading.Thread):
         self._send(ident, self.reply(request, stopping=self._stopping.is_set()))
         return ident
 
-    def _send(self, ident: bytes, reply: dict[str, Any]) -> None:
+    def _send(self, ident: bytes, reply: dict[str, Any]) -> bool:
+        """False when the reply was not queued (that peer's queue is full, and it asks again
+        soon; or, once stopping, the peer is gone)."""
         try:
             self.sock.send_multipart([ident, encode(reply)], flags=zmq.NOBLOCK)
-        except zmq.Again:  # that peer's queue is full: it asks again soon
-            pass
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+        return True
 
     def reply(self, request: dict[str, Any], stopping: bool = False) -> dict[str, Any]:
         """The `position` reply to a validated `where` request (registers it first)."""

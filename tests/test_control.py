@@ -74,6 +74,7 @@ def test_a_stopping_consumer_answers_each_recent_producer_once_more(served, monk
     last = answer(dealer)  # the last word, sent unasked
     assert last["stopping"] is True
     assert last["hooks"][HOOK]["committed"] == (0, COMMITTED)
+    threading.Event().wait(0.5)
     assert stopper.is_alive(), "the consumer did not wait for this producer to ask again"
     again = ask(dealer)  # had the last word been lost, this answer carries it
     assert again["stopping"] is True
@@ -87,7 +88,7 @@ def test_a_stopping_consumer_answers_each_recent_producer_once_more(served, monk
 def test_a_producer_that_does_not_ask_again_holds_the_stop_for_the_grace_only(
     served, monkeypatch, caplog
 ) -> None:
-    monkeypatch.setattr(consumer_control, "STOP_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(consumer_control, "STOP_GRACE_SECONDS", 2.5)
     server, ctx, endpoint = served
     dealer = dealer_socket(ctx, endpoint)
     ask(dealer)
@@ -113,6 +114,64 @@ def after_stop(served):
         yield client
     finally:
         client.stop()
+
+
+def test_the_answer_to_the_last_request_stays_readable_for_a_while(served, monkeypatch) -> None:
+    # A DEALER drops what it has not read when the connection closes: the consumer keeps
+    # the socket open READ_SECONDS after its last answer.
+    monkeypatch.setattr(consumer_control, "READ_SECONDS", 2.0)
+    server, ctx, endpoint = served
+    dealer = dealer_socket(ctx, endpoint)
+    ask(dealer)
+    stopper = threading.Thread(target=server.stop, args=(30.0,))
+    stopper.start()
+    assert answer(dealer)["stopping"] is True
+    dealer.send(encode(where()))
+    threading.Event().wait(1.0)  # read late, as a busy producer might
+    assert answer(dealer)["stopping"] is True
+    stopper.join(30)
+    dealer.close(linger=0)
+
+
+def test_a_producer_already_gone_does_not_hold_the_stop(served, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(consumer_control, "STOP_GRACE_SECONDS", 60.0)
+    server, ctx, endpoint = served
+    dealer = dealer_socket(ctx, endpoint)
+    ask(dealer)
+    dealer.close(linger=0)  # it had its answer and exited
+    threading.Event().wait(0.5)  # the consumer's side sees the connection close
+    with caplog.at_level(logging.INFO, logger="saestream.consumer.control"):
+        stopper = threading.Thread(target=server.stop, args=(90.0,))
+        stopper.start()
+        stopper.join(30)  # not the 60 s grace
+    assert not stopper.is_alive()
+    assert "did not ask again" not in caplog.text
+
+
+def reply(run: str, stopping: bool, committed: int, durable: bool = True) -> dict:
+    return {"consumer": run, "stopping": stopping, "durable": durable, "error": None,
+            "hooks": {HOOK: {"frontier": (0, committed), "committed":
+                             (0, committed) if durable else None, "beyond": False}}}
+
+
+@pytest.mark.parametrize("answers, final", [
+    ([reply("c1", True, 100)], True),  # stale or not: it is what c1 committed
+    ([reply("c1", False, 100)], False),  # a running consumer's answer goes stale
+    ([reply("c1", True, 50), reply("c1", False, 50)], False),  # restarted, answering again
+    ([reply("c1", True, 100), reply("c2", True, 100)], False),  # two consumer runs
+])
+def test_which_stale_answer_is_a_last_word(answers, final) -> None:
+    ctx = zmq.Context()
+    endpoints = [f"tcp://127.0.0.1:{free_tcp_port()}" for _ in answers]
+    client = ControlClient(ctx, endpoints, curve=None, request=where)
+    try:
+        client.replies = {i: (float(i), r) for i, r in enumerate(answers)}
+        assert client.view() is None  # all stale
+        assert client.last_word() is (answers[-1] if final else None)
+    finally:
+        for sock in client.socks:
+            sock.close(linger=0)
+        ctx.term()
 
 
 def settle(client: ControlClient, end: Progress, wait: float) -> list:
