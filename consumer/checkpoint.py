@@ -554,12 +554,14 @@ def record_stop_reason(path: Path, stop_reason: str) -> None:
     old file or the new one), for a run that stops in a state that snapshot already holds."""
     extra = json.loads((path / "extra.json").read_text())
     extra["stop_reason"] = stop_reason
-    tmp = path / f".extra.json.{uuid.uuid4().hex[:8]}.tmp"
+    # beside the snapshots, where a resuming consumer removes what a crash left
+    tmp = path.parent / f".tmp-extra-{uuid.uuid4().hex[:8]}.json"
     try:
         _write_json(tmp, extra)
         _fsync(tmp)
         os.replace(tmp, path / "extra.json")
         _fsync(path)
+        _fsync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
