@@ -189,7 +189,7 @@ class ControlClient(threading.Thread):
     def last_word(self) -> dict[str, Any] | None:
         """The newest answer, however old, when it is a stopping consumer's and every answer
         came from that consumer run: what it held when it stopped stays held (committed:
-        in its final snapshot), so a producer that read it late still knows it is done."""
+        in its newest snapshot), so a producer that read it late still knows it is done."""
         with self.lock:
             answers = list(self.replies.values())
         latest = max(answers, key=lambda tr: tr[0], default=None)
