@@ -166,15 +166,7 @@ def save_snapshot(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}.tmp"
-    try:
-        pointer.write_text(final.name + "\n")
-        _fsync(pointer)
-        os.replace(pointer, root / LATEST)
-        _fsync(root)
-    except BaseException:
-        pointer.unlink(missing_ok=True)
-        raise
+    _replace_file(root / LATEST, final.name + "\n", root / f".{LATEST}.tmp")
     return final
 
 
@@ -424,11 +416,9 @@ def read_run_id(root: Path) -> str | None:
 
 
 def write_run_id(root: Path, run_id: str) -> None:
-    tmp = Path(root) / f".tmp-{RUN_FILE}"
-    _write_json(tmp, {"run_id": run_id, "created": time.time()})
-    _fsync(tmp)
-    os.replace(tmp, Path(root) / RUN_FILE)
-    _fsync(Path(root))
+    root = Path(root)
+    _replace_file(root / RUN_FILE, _json_text({"run_id": run_id, "created": time.time()}),
+                  root / f".tmp-{RUN_FILE}")
 
 
 def remove_run(root: Path) -> None:
@@ -554,21 +544,32 @@ def record_stop_reason(path: Path, stop_reason: str) -> None:
     old file or the new one), for a run that stops in a state that snapshot already holds."""
     extra = json.loads((path / "extra.json").read_text())
     extra["stop_reason"] = stop_reason
-    # beside the snapshots, where a resuming consumer removes what a crash left
-    tmp = path.parent / f".tmp-extra-{uuid.uuid4().hex[:8]}.json"
+    # the temporary beside the snapshots, where a resuming consumer removes what a crash left
+    _replace_file(path / "extra.json", _json_text(extra),
+                  path.parent / f".tmp-extra-{uuid.uuid4().hex[:8]}.json")
+
+
+def _replace_file(dest: Path, text: str, tmp: Path) -> None:
+    """Write `text` to `tmp`, fsync it and rename it over `dest`, then fsync the folders:
+    a reader sees the old file or the new one, never part of one. A failed temporary is
+    removed."""
     try:
-        _write_json(tmp, extra)
+        tmp.write_text(text)
         _fsync(tmp)
-        os.replace(tmp, path / "extra.json")
-        _fsync(path)
-        _fsync(path.parent)
+        os.replace(tmp, dest)
+        for folder in {dest.parent, tmp.parent}:
+            _fsync(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    path.write_text(_json_text(obj))
 
 
 def _fsync(path: Path) -> None:

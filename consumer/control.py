@@ -87,7 +87,7 @@ class ControlServer(threading.Thread):
         now = time.monotonic()
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone peer: EHOSTUNREACH, not silence
         waiting = {ident for ident, (t, _) in self._peers.items() if now - t < RECENT_SECONDS}
-        for ident, (_, request) in list(self._peers.items()):
+        for ident, (_, request) in self._peers.items():
             if not self._send(ident, self.reply(request, stopping=True)):
                 waiting.discard(ident)
         deadline, answered = now + STOP_GRACE_SECONDS, now
