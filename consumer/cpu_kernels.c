@@ -9,7 +9,13 @@
  *      t is in the top k;
  *   3. the elements >= t (about 2k on random rows) become 64-bit keys whose unsigned order
  *      is the rank, and a quickselect plus an insertion sort of the k winners orders them.
- * A row holding a NaN is flagged instead (torch ranks NaN first; the caller asks torch). */
+ * A row holding a NaN is flagged instead (torch ranks NaN first; the caller asks torch).
+ *
+ * decoder_adam_f32: the whole update of the decoder W [n, d] (unit-norm rows) from its
+ * gradient G, one row at a time while the row's four vectors sit in L1: the gradient's
+ * component along the row removed, Adam (torch's formula, moments M and V), the row
+ * renormalised. torch needs five passes over [n, d] tensors for the same (the projection's
+ * dot products and subtraction, its fused Adam, the norms and the division). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -167,4 +173,43 @@ int64_t topk_rows_f32(const float *p, const float *b, int64_t batch, int64_t n, 
         free(keys);
     }
     return flagged;
+}
+
+/* One row: g = G − (G·w) w; M += (g − M)(1 − β1); V = V β2 + g² (1 − β2);
+ * w −= step_size · M / (√V / bc2_sqrt + eps); w /= max(‖w‖, 1e-12). G is not written. */
+static void decoder_adam_row(float *restrict w, const float *restrict G, float *restrict M,
+                             float *restrict V, int64_t d, float beta1, float beta2,
+                             float step_size, float bc2_sqrt, float eps) {
+    float dot = 0.0f, sq = 0.0f;
+    const float c1 = 1.0f - beta1, c2 = 1.0f - beta2;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < d; i++) dot += G[i] * w[i];
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < d; i++) {
+        float g = G[i] - dot * w[i];
+        float m = M[i] + (g - M[i]) * c1;
+        float v = V[i] * beta2 + g * g * c2;
+        float x = w[i] - step_size * m / (sqrtf(v) / bc2_sqrt + eps);
+        M[i] = m;
+        V[i] = v;
+        w[i] = x;
+        sq += x * x;
+    }
+    float norm = sqrtf(sq);
+    if (norm < 1e-12f) norm = 1e-12f;
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) w[i] /= norm;
+}
+
+/* decoder_adam_row over the n rows of contiguous [n, d] tensors, on `threads` OpenMP
+ * threads (torch's pool, as topk_rows_f32). step_size = lr / (1 − β1^t) and
+ * bc2_sqrt = √(1 − β2^t) for Adam's step count t after this update, as torch computes them. */
+void decoder_adam_f32(float *w, const float *G, float *M, float *V, int64_t n, int64_t d,
+                      float beta1, float beta2, float step_size, float bc2_sqrt, float eps,
+                      int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++)
+        decoder_adam_row(w + r * d, G + r * d, M + r * d, V + r * d, d, beta1, beta2,
+                         step_size, bc2_sqrt, eps);
 }

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shlex
@@ -45,9 +46,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAG_SETS = (
-    ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp"],
-    ["-O3", "-fPIC", "-shared", "-fopenmp"],  # compilers or CPUs without -march=native
-    ["-O3", "-fPIC", "-shared"],  # no OpenMP: one thread
+    ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp"],
+    ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp"],  # no -march=native here
+    ["-O3", "-fno-math-errno", "-fPIC", "-shared"],  # no OpenMP: one thread
 )
 # Rows per thread below which fewer threads rank them (a parallel region costs a few µs).
 ROWS_PER_THREAD = 16
@@ -232,6 +233,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.topk_rows_f32.argtypes = [p, p, i64, i64, i64, i64, p, p, p, ctypes.c_int]
     lib.topk_rows_f32.restype = i64
+    f32 = ctypes.c_float
+    lib.decoder_adam_f32.argtypes = [p, p, p, p, i64, i64, f32, f32, f32, f32, f32, ctypes.c_int]
+    lib.decoder_adam_f32.restype = None
     return lib
 
 
@@ -271,3 +275,40 @@ def topk_rows(
             sub += b
         values[rows], indices[rows] = sub.topk(k, dim=1, sorted=True)
     return values, indices
+
+
+def decoder_adam_(
+    W: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    step: float,
+) -> bool:
+    """In place, one pass over the rows: remove from `grad` each row's component along the
+    (unit-norm) row of `W`, take torch's Adam step with that gradient (`exp_avg`,
+    `exp_avg_sq` updated; `step` is the step count after it), renormalise the rows of `W`.
+    `grad` itself is left as it is. False (nothing done) where the kernel does not apply:
+    not contiguous float32 CPU tensors of one shape, or no build."""
+    tensors = (W, grad, exp_avg, exp_avg_sq)
+    if W.dim() != 2 or any(
+        t.device.type != "cpu" or t.dtype != torch.float32 or t.shape != W.shape
+        or not t.is_contiguous() for t in tensors
+    ):  # fmt: skip
+        return False
+    lib = load()
+    if lib is None:
+        return False
+    beta1, beta2 = betas
+    step_size = lr / (1 - beta1**step)
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    n, d = W.shape
+    threads = max(1, min(torch.get_num_threads(), n // ROWS_PER_THREAD))
+    lib.decoder_adam_f32(
+        *(t.data_ptr() for t in tensors), n, d, beta1, beta2, step_size, bc2_sqrt, eps, threads
+    )
+    return True
+

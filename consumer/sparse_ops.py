@@ -352,6 +352,8 @@ class TopKEncode(Function):
                 aux_values, aux_local = aux_values.topk(k_aux, dim=1, sorted=False)
             else:  # every dead latent is kept: no selection needed
                 aux_local = torch.arange(k_aux, device=dead.device).expand_as(aux_values)
+            if aux_local.stride(0) == 0:  # dense over `dead`: column-major (`_Decode`)
+                aux_values = aux_values.t().contiguous().t()
         else:
             dead = indices.new_zeros(0)
             aux_values = values.new_zeros(x.shape[0], 0)
@@ -391,7 +393,7 @@ class TopKEncode(Function):
         elif use_compact(aux_local.numel(), xc.shape[0], dead.numel()):
             g_aux = g_aux.to(W_enc.dtype)
             if _all_positions(aux_local, dead.numel()):
-                G = g_aux.contiguous()
+                G = g_aux  # column-major: Gᵀ below is contiguous
             else:
                 G = xc.new_zeros(xc.shape[0], dead.numel())
                 G.scatter_(1, aux_local, g_aux)
@@ -447,6 +449,10 @@ class _Decode(Function):
                   ∂v[b,j]   = ∂x̂_b · W_dec[idx[b,j]]               (`gathered_dot`)
     A term dense over its support (`use_compact`) runs as matmuls over those rows only:
     Z [batch, len(support)], x̂ = Z W_dec[support], ∂W_dec[support] = Zᵀ ∂x̂.
+    AuxK's Z comes column-major from TopKEncode, and ∂Z is computed as (W_dec[support] ∂x̂ᵀ)ᵀ,
+    column-major too: torch's CPU product writing the [batch, n_dead] ∂Z row-major (an odd
+    width) ran 1.2–1.3× as long at 768 × 819 dead × 4096 tokens, and the ReLU's backward on
+    two layouts that differ runs ~20× as long as on two that agree (BENCHMARKS.md).
     """
 
     @staticmethod
@@ -463,7 +469,7 @@ class _Decode(Function):
             idx, support = term.indices, term.support
             if support is not None and use_compact(idx.numel(), idx.shape[0], support.numel()):
                 if _all_positions(idx, support.numel()):  # every support latent, in order
-                    Z = v.contiguous()
+                    Z = v  # column-major from TopKEncode: see the class docstring
                 else:
                     Z = W_dec.new_zeros(v.shape[0], support.numel())
                     Z.scatter_(1, idx, v)
@@ -502,7 +508,7 @@ class _Decode(Function):
                 g = g.to(W_dec.dtype)
                 gv = None
                 if want_v:
-                    gv = g @ W_s.t()
+                    gv = (W_s @ g.t()).t()  # column-major, as Z
                     if not _all_positions(local, support.numel()):
                         gv = gv.gather(1, local)
                 grad_values.append(gv)

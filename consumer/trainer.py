@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from saestream.consumer import sharding
+from saestream.consumer import cpu_kernels, sharding
 from saestream.consumer.distributed import SINGLE, DataParallel
 from saestream.consumer.geometric_median import geometric_median
 from saestream.consumer.sae import SAEConfig, SparseAutoencoder
@@ -306,13 +306,14 @@ class Trainer:
         out.total.backward()
         with torch.no_grad():
             self.dp.sum_grads_(list(sae.parameters()))
-            _project_decoder_grad(sae.W_dec)
-            if self.cfg.grad_clip is not None and self.shard is not None:
-                sharding.clip_grad_norm_(sae, self.cfg.grad_clip)  # type: ignore[arg-type]
-            elif self.cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
-            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            if self.cfg.grad_clip is not None or not self._step_decoder_fused():
+                _project_decoder_grad(sae.W_dec)
+                if self.cfg.grad_clip is not None and self.shard is not None:
+                    sharding.clip_grad_norm_(sae, self.cfg.grad_clip)  # type: ignore[arg-type]
+                elif self.cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
             if self.ema is not None:
                 torch._foreach_lerp_(
                     self.ema, [p.detach() for p in sae.parameters()], 1 - self.cfg.ema_decay
@@ -349,6 +350,35 @@ class Trainer:
             sst=sst,
             tokens=n,
         )
+
+    def _step_decoder_fused(self) -> bool:
+        """The optimiser step with the decoder's projection, Adam update and renormalisation
+        in one pass over its rows (`cpu_kernels.decoder_adam_`; CPU, C kernels built), the
+        other parameters by the optimiser; False, with nothing done, where that kernel does
+        not apply. The decoder's Adam state stays in the optimiser, as torch keeps it, so
+        snapshots are the same either way. Not used with gradient clipping, whose norm is
+        the projected gradient's."""
+        W = self.sae.W_dec
+        grad = W.grad
+        if grad is None or not cpu_kernels.enabled() or W.device.type != "cpu":
+            return False
+        group = self.optimizer.param_groups[0]
+        state = self.optimizer.state[W]
+        if not state:  # as torch.optim.Adam starts a parameter's state
+            state["step"] = torch.zeros((), dtype=torch.float32, device=W.device)
+            state["exp_avg"] = torch.zeros_like(W, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(W, memory_format=torch.preserve_format)
+        step = float(state["step"]) + 1
+        if not cpu_kernels.decoder_adam_(
+            W.detach(), grad, state["exp_avg"], state["exp_avg_sq"],
+            lr=float(group["lr"]), betas=group["betas"], eps=float(group["eps"]), step=step,
+        ):  # fmt: skip
+            return False
+        state["step"].fill_(step)
+        W.grad = None  # the optimiser steps the other parameters only
+        self.optimizer.step()
+        W.grad = grad
+        return True
 
     # -- weights and state ---------------------------------------------------------------------
 

@@ -75,6 +75,43 @@ def test_topk_with_bias_on_torch_threads(shape, k, threads) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape,threads", [((1, 1), 1), ((37, 5), 1), ((300, 96), 2)])
+def test_decoder_adam_equals_projection_then_torch_adam_then_renormalisation(
+    shape, threads, monkeypatch
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernel's thread count
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(*shape, generator=g)
+    W /= W.norm(dim=1, keepdim=True)
+    ref = torch.nn.Parameter(W.clone())
+    opt = torch.optim.Adam([ref], lr=3e-3, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    m, v = torch.zeros(shape), torch.zeros(shape)
+    for step in range(1, 8):
+        grad = torch.randn(*shape, generator=g) * 10.0 ** -(step % 4)
+        with torch.no_grad():
+            ref.grad = grad - (grad * ref).sum(dim=1, keepdim=True) * ref
+            opt.step()
+            ref.div_(ref.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        kept = grad.clone()
+        assert cpu_kernels.decoder_adam_(
+            W, grad, m, v, lr=3e-3, betas=(0.9, 0.999), eps=6.25e-10, step=float(step)
+        )
+        assert torch.equal(grad, kept)  # the gradient is read, not written
+        torch.testing.assert_close(W, ref.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m, opt.state[ref]["exp_avg"], rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(v, opt.state[ref]["exp_avg_sq"], rtol=1e-3, atol=1e-10)
+
+
+def test_decoder_adam_declines_what_it_does_not_take() -> None:
+    W, z = torch.randn(8, 4), torch.zeros(8, 4)
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, step=1.0)
+    assert not cpu_kernels.decoder_adam_(W.double(), z.double(), z.double(), z.double(), **kw)
+    assert not cpu_kernels.decoder_adam_(W, z[:4], z, z, **kw)
+    assert not cpu_kernels.decoder_adam_(W.t(), z.t(), z.t(), z.t(), **kw)  # not contiguous
+    assert not cpu_kernels.decoder_adam_(W[0], z[0], z[0], z[0], **kw)
+    assert torch.equal(z, torch.zeros(8, 4))
+
+
 def test_inputs_the_kernel_does_not_take_are_declined() -> None:
     x = torch.randn(8, 64)
     assert cpu_kernels.topk_rows(x.double(), 4) is None

@@ -203,7 +203,9 @@ def test_decoder_rows_have_unit_norm_after_each_step(sparse):
         torch.testing.assert_close(t.sae.W_dec.norm(dim=1), torch.ones(LATENTS))
 
 
-def test_decoder_gradient_is_orthogonal_to_its_row_when_adam_steps():
+def test_decoder_gradient_is_orthogonal_to_its_row_when_adam_steps(monkeypatch):
+    # torch's path (the C kernel does the same in one pass: the next test equates them)
+    monkeypatch.setattr(Trainer, "_step_decoder_fused", lambda self: False)
     t = make_trainer()
     seen = []
 
@@ -215,6 +217,47 @@ def test_decoder_gradient_is_orthogonal_to_its_row_when_adam_steps():
     t.train_step(batch(64))
     ((parallel, norm),) = seen
     assert norm > 1e-3 and parallel < 1e-6 * norm
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_one_pass_decoder_update_equals_torchs_projection_adam_and_renormalisation(
+    monkeypatch, ema
+):
+    """The C kernel's decoder step (projection, Adam, renormalisation in one pass over the
+    rows) against torch's three steps: the same weights, moments and step count over several
+    steps, and the same optimiser state layout (snapshots read either way)."""
+    from saestream.consumer import cpu_kernels
+
+    assert cpu_kernels.load() is not None, "the C kernels did not build (is cc installed?)"
+    fused, plain = make_trainer(ema_decay=ema), make_trainer(ema_decay=ema)
+    calls = []
+    real = Trainer._step_decoder_fused
+
+    def step_decoder(self):
+        if self is plain:
+            return False
+        calls.append(real(self))
+        return calls[-1]
+
+    monkeypatch.setattr(Trainer, "_step_decoder_fused", step_decoder)
+    for i in range(6):
+        x = batch(64, seed=i)
+        mark_dead(fused, torch.arange(10)), mark_dead(plain, torch.arange(10))  # AuxK too
+        a, b = fused.train_step(x), plain.train_step(x)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+    assert calls == [True] * 6
+    for (name, p), q in zip(fused.sae.named_parameters(), plain.sae.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        s, r = fused.optimizer.state[p], plain.optimizer.state[q]
+        assert s.keys() == r.keys() and float(s["step"]) == float(r["step"]) == 6
+        assert s["step"].dtype == r["step"].dtype
+        torch.testing.assert_close(s["exp_avg"], r["exp_avg"], rtol=1e-3, atol=1e-8)
+        torch.testing.assert_close(s["exp_avg_sq"], r["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+    norms = fused.sae.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    if ema is not None:
+        for e, f in zip(fused.ema, plain.ema, strict=True):
+            torch.testing.assert_close(e, f, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_norm_is_clipped():
