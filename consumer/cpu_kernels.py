@@ -310,5 +310,7 @@ def decoder_adam_(
     lib.decoder_adam_f32(
         *(t.data_ptr() for t in tensors), n, d, beta1, beta2, step_size, bc2_sqrt, eps, threads
     )
+    for t in (W, exp_avg, exp_avg_sq):  # written behind autograd's back: say so, as `_` ops do
+        torch.autograd.graph.increment_version(t)
     return True
 

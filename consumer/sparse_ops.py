@@ -352,7 +352,7 @@ class TopKEncode(Function):
                 aux_values, aux_local = aux_values.topk(k_aux, dim=1, sorted=False)
             else:  # every dead latent is kept: no selection needed
                 aux_local = torch.arange(k_aux, device=dead.device).expand_as(aux_values)
-            if aux_local.stride(0) == 0:  # dense over `dead`: column-major (`_Decode`)
+            if aux_relu and aux_local.stride(0) == 0:  # dense over `dead`: column-major (`_Decode`)
                 aux_values = aux_values.t().contiguous().t()
         else:
             dead = indices.new_zeros(0)

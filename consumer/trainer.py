@@ -356,13 +356,20 @@ class Trainer:
         in one pass over its rows (`cpu_kernels.decoder_adam_`; CPU, C kernels built), the
         other parameters by the optimiser; False, with nothing done, where that kernel does
         not apply. The decoder's Adam state stays in the optimiser, as torch keeps it, so
-        snapshots are the same either way. Not used with gradient clipping, whose norm is
-        the projected gradient's."""
+        snapshots are the same either way. Afterwards `W_dec.grad` holds the gradient as
+        backward left it (torch's path leaves it projected); optimiser step hooks see it None.
+
+        Not used with gradient clipping (its norm is the projected gradient's), nor under
+        data parallelism: each rank steps its own copy of the weights, and a rank without
+        the kernel (no compiler, SAESTREAM_NATIVE=0) or built for another CPU would round
+        differently from the others, and the copies drift apart."""
         W = self.sae.W_dec
         grad = W.grad
-        if grad is None or not cpu_kernels.enabled() or W.device.type != "cpu":
+        if grad is None or self.dp.size > 1 or not cpu_kernels.enabled() or W.device.type != "cpu":
             return False
         group = self.optimizer.param_groups[0]
+        if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
+            return False  # the kernel is plain Adam, as `_adam` makes it
         state = self.optimizer.state[W]
         if not state:  # as torch.optim.Adam starts a parameter's state
             state["step"] = torch.zeros((), dtype=torch.float32, device=W.device)

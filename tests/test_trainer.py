@@ -260,6 +260,46 @@ def test_one_pass_decoder_update_equals_torchs_projection_adam_and_renormalisati
             torch.testing.assert_close(e, f, rtol=1e-4, atol=1e-6)
 
 
+def test_a_state_saved_on_torchs_decoder_path_resumes_on_the_kernels_and_back(monkeypatch):
+    """Snapshots hold the same optimiser state either way: three steps on one path, saved
+    and loaded into a fresh trainer, three more on the other, equal the six on one path."""
+    real = Trainer._step_decoder_fused
+    for first, then in ((False, True), (True, False)):
+        runs = []
+        for switch in (True, False):
+            use = {"fused": first}
+            monkeypatch.setattr(
+                Trainer, "_step_decoder_fused", lambda self: use["fused"] and real(self)
+            )
+            t = make_trainer()
+            for i in range(3):
+                t.train_step(batch(64, seed=i))
+            if switch:
+                resumed = make_trainer()
+                resumed.load_state_dict(t.export_weights(), t.state_dict())
+                t, use["fused"] = resumed, then
+            for i in range(3, 6):
+                t.train_step(batch(64, seed=i))
+            runs.append(t)
+        a, b = runs
+        for p, q in zip(a.sae.parameters(), b.sae.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+            assert float(a.optimizer.state[p]["step"]) == float(b.optimizer.state[q]["step"]) == 6
+
+
+def test_data_parallel_trainers_step_the_decoder_with_torch(monkeypatch):
+    """Under data parallelism every rank must round alike: torch's path, whatever is built."""
+    from types import SimpleNamespace
+
+    t = make_trainer()
+    t.train_step(batch(64))
+    t.sae(batch(64))[0].sum().backward()
+    assert t._step_decoder_fused()  # one process: the kernel
+    t.sae(batch(64))[0].sum().backward()
+    t.dp = SimpleNamespace(size=2)
+    assert not t._step_decoder_fused()
+
+
 def test_gradient_norm_is_clipped():
     t = make_trainer(grad_clip=1e-3)
     norms = []
