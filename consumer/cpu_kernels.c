@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -212,4 +215,61 @@ void decoder_adam_f32(float *w, const float *G, float *M, float *V, int64_t n, i
     for (int64_t r = 0; r < n; r++)
         decoder_adam_row(w + r * d, G + r * d, M + r * d, V + r * d, d, beta1, beta2,
                          step_size, bc2_sqrt, eps);
+}
+
+/* The step's loss statistics in one pass over the rows of the normalised input xn and its
+ * reconstruction xh [n, d]: the residual e = xn − xh (written, float32, for AuxK), and in
+ * float64 Σ_b e_b (esum [d]), Σ‖e‖² (sums[0]), Σ_b xn_b (xsum [d]), Σ‖xn‖² (sums[1]). torch
+ * needs seven passes for these (the subtraction, two float64 copies, four reductions).
+ * Each thread sums its rows into partial sums of its own, added in thread order. */
+void loss_stats_f32(const float *xn, const float *xh, float *e, int64_t n, int64_t d,
+                    double *esum, double *xsum, double *sums, int threads) {
+    if (threads < 1) threads = 1;
+    double *part = calloc((size_t)threads * (size_t)(2 * d + 2), sizeof(double));
+    if (part == NULL) threads = 1;
+    double one[2] = {0.0, 0.0};
+    memset(esum, 0, sizeof(double) * d);
+    memset(xsum, 0, sizeof(double) * d);
+#pragma omp parallel num_threads(threads)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        double *pe = part ? part + (size_t)tid * (size_t)(2 * d + 2) : esum;
+        double *px = part ? pe + d : xsum;
+        double *ps = part ? px + d : one;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            const float *restrict a = xn + r * d, *restrict b = xh + r * d;
+            float *restrict out = e + r * d;
+            double se = 0.0, sx = 0.0;
+#pragma omp simd reduction(+ : se, sx)
+            for (int64_t i = 0; i < d; i++) {
+                const float v = a[i] - b[i];
+                out[i] = v;
+                pe[i] += (double)v;
+                px[i] += (double)a[i];
+                se += (double)v * (double)v;
+                sx += (double)a[i] * (double)a[i];
+            }
+            ps[0] += se;
+            ps[1] += sx;
+        }
+    }
+    if (part != NULL) {
+        one[0] = one[1] = 0.0;
+        for (int t = 0; t < threads; t++) {
+            const double *pe = part + (size_t)t * (size_t)(2 * d + 2);
+            for (int64_t i = 0; i < d; i++) {
+                esum[i] += pe[i];
+                xsum[i] += pe[d + i];
+            }
+            one[0] += pe[2 * d];
+            one[1] += pe[2 * d + 1];
+        }
+        free(part);
+    }
+    sums[0] = one[0];
+    sums[1] = one[1];
 }

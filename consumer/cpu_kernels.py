@@ -236,6 +236,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     f32 = ctypes.c_float
     lib.decoder_adam_f32.argtypes = [p, p, p, p, i64, i64, f32, f32, f32, f32, f32, ctypes.c_int]
     lib.decoder_adam_f32.restype = None
+    lib.loss_stats_f32.argtypes = [p, p, p, i64, i64, p, p, p, ctypes.c_int]
+    lib.loss_stats_f32.restype = None
     return lib
 
 
@@ -314,3 +316,29 @@ def decoder_adam_(
         torch.autograd.graph.increment_version(t)
     return True
 
+
+
+def loss_stats(
+    xn: torch.Tensor, x_hat: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One pass over a batch and its reconstruction [batch, d] (float32, CPU): the residual
+    e = xn − x_hat (float32), and in float64 Σ_b e_b [d], Σ‖e‖², Σ_b xn_b [d], Σ‖xn‖². None
+    where the kernel does not apply (other dtypes or devices, or no build)."""
+    if xn.dim() != 2 or xn.shape != x_hat.shape or any(
+        t.device.type != "cpu" or t.dtype != torch.float32 for t in (xn, x_hat)
+    ):  # fmt: skip
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    xn, x_hat = xn.detach().contiguous(), x_hat.detach().contiguous()
+    n, d = xn.shape
+    e = torch.empty(n, d)
+    esum, xsum = torch.empty(d, dtype=torch.float64), torch.empty(d, dtype=torch.float64)
+    sums = torch.empty(2, dtype=torch.float64)
+    threads = max(1, min(torch.get_num_threads(), n // ROWS_PER_THREAD))
+    lib.loss_stats_f32(
+        xn.data_ptr(), x_hat.data_ptr(), e.data_ptr(), n, d, esum.data_ptr(), xsum.data_ptr(),
+        sums.data_ptr(), threads,
+    )  # fmt: skip
+    return e, esum, sums[0], xsum, sums[1]

@@ -258,11 +258,10 @@ class Trainer:
         # Fused squared-error losses (mse_loss: one kernel each way, no [batch, d] residual
         # kept for autograd); the statistics from detached float64 copies, once each.
         with torch.no_grad():
-            e = xn - x_hat  # the residual AuxK reconstructs
-            e64, xn64 = e.double(), xn.double()
-            sse = _sq_norm(e64)
-            stats = torch.cat([e64.new_full((1,), e.shape[0]), e64.sum(dim=0), sse.view(1)])
-            xn_sums = torch.cat([xn64.sum(dim=0), _sq_norm(xn64).view(1)])
+            # e: the residual AuxK reconstructs; its sums and xn's in float64
+            e, e_sum, sse, xn_sum, xn_sq = _loss_stats(xn, x_hat)
+            stats = torch.cat([e_sum.new_full((1,), e.shape[0]), e_sum, sse.view(1)])
+            xn_sums = torch.cat([xn_sum, xn_sq.view(1)])
             sst = xn_sums[-1] - xn_sums[:-1].pow(2).sum() / xn.shape[0]
         self.dp.sum_([stats])
         n = stats[0]
@@ -487,6 +486,19 @@ class Trainer:
         if not x.is_floating_point():
             raise ValueError(f"expected floating-point activations, got {x.dtype}")
         return x.to(self.device, torch.float32)
+
+
+def _loss_stats(
+    xn: torch.Tensor, x_hat: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e = xn − x̂, and in float64 Σ_b e_b, Σ‖e‖², Σ_b xn_b, Σ‖xn‖²: one C pass on CPU
+    (`cpu_kernels.loss_stats`), else torch's seven."""
+    got = cpu_kernels.loss_stats(xn, x_hat)
+    if got is not None:
+        return got
+    e = xn - x_hat
+    e64, xn64 = e.double(), xn.double()
+    return e, e64.sum(dim=0), _sq_norm(e64), xn64.sum(dim=0), _sq_norm(xn64)
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,35 @@ def test_decoder_adam_equals_projection_then_torch_adam_then_renormalisation(
         torch.testing.assert_close(v, opt.state[ref]["exp_avg_sq"], rtol=1e-3, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape,threads", [((1, 1), 1), ((5, 3), 2), ((300, 96), 2), ((64, 7), 1)])
+def test_loss_stats_equal_torchs_float64_sums(shape, threads, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(2)
+    xn = torch.randn(*shape, generator=g) * 3 + 1
+    x_hat = xn + torch.randn(*shape, generator=g) * 0.1
+    e, e_sum, sse, xn_sum, xn_sq = cpu_kernels.loss_stats(xn, x_hat)
+    ref = xn - x_hat
+    assert torch.equal(e, ref)
+    assert e_sum.dtype == xn_sum.dtype == sse.dtype == xn_sq.dtype == torch.float64
+    torch.testing.assert_close(e_sum, ref.double().sum(dim=0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sse, ref.double().pow(2).sum(), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(xn_sum, xn.double().sum(dim=0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xn_sq, xn.double().pow(2).sum(), rtol=1e-12, atol=0.0)
+    if shape[0] > 1:  # a NaN or an infinity spoils the sums it enters, as in torch
+        x_hat[1, 0] = float("nan")
+        xn[0, -1] = float("inf")
+        e, e_sum, sse, xn_sum, xn_sq = cpu_kernels.loss_stats(xn, x_hat)
+        assert e_sum[0].isnan() and sse.isnan() and xn_sum[-1].isinf() and xn_sq.isinf()
+        assert e_sum[1:-1].isfinite().all() and e[1:, 1:].isfinite().all()
+
+
+def test_loss_stats_declines_what_it_does_not_take() -> None:
+    x = torch.randn(4, 3)
+    assert cpu_kernels.loss_stats(x.double(), x.double()) is None
+    assert cpu_kernels.loss_stats(x, x[:2]) is None
+    assert cpu_kernels.loss_stats(x[0], x[0]) is None
+
+
 def test_decoder_adam_declines_what_it_does_not_take() -> None:
     W, z = torch.randn(8, 4), torch.zeros(8, 4)
     kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, step=1.0)

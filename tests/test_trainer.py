@@ -269,7 +269,7 @@ def test_a_state_saved_on_torchs_decoder_path_resumes_on_the_kernels_and_back(mo
         for switch in (True, False):
             use = {"fused": first}
             monkeypatch.setattr(
-                Trainer, "_step_decoder_fused", lambda self: use["fused"] and real(self)
+                Trainer, "_step_decoder_fused", lambda self, use=use: use["fused"] and real(self)
             )
             t = make_trainer()
             for i in range(3):
