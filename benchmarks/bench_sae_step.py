@@ -11,8 +11,9 @@ In one run, interleaved (so the machine's load hits all of them alike), medians 
       new pages, each faulted in on first write);
   (c) one whole step on the dense reference path (TrainerConfig.sparse=False);
   (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, the decoder's
-      projection, Adam step and renormalisation by torch's three), on a second trainer in the
-      same state, so a/a″ is what the compiled kernels buy.
+      projection, Adam step and renormalisation by torch's three, the loss statistics by
+      torch's ops), on a second trainer in the same state, so a/a″ is what the compiled
+      kernels buy.
 Ratios are medians of the per-repetition ratios (each pair run back to back).
 Targets (issue 15): a/b ≤ 1.6 at 256×4096 and ≤ 1.3 at 768×16384; c/a ≥ 2. fp32 on CPU.
 
@@ -202,7 +203,8 @@ def main() -> None:
         "(b) one dense encoder matmul `x @ W_encᵀ` into a fresh output; (b′) the same into an "
         "output kept between calls, as the step's own matmul is; (c) whole dense-reference "
         "step; (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, "
-        "the decoder's projection, Adam step and renormalisation by torch's three; "
+        "the decoder's projection, Adam step and renormalisation by torch's three, the loss "
+        "statistics by torch's ops; "
         f"C kernels {'built' if native else 'NOT built: a and a″ are the same code'}). "
         "Ratios are medians of the per-repetition ratios. "
         + ("The process keeps freed memory for reuse, as the consumer and `saestream train` "
