@@ -221,24 +221,21 @@ void decoder_adam_f32(float *w, const float *G, float *M, float *V, int64_t n, i
  * reconstruction xh [n, d]: the residual e = xn − xh (written, float32, for AuxK), and in
  * float64 Σ_b e_b (esum [d]), Σ‖e‖² (sums[0]), Σ_b xn_b (xsum [d]), Σ‖xn‖² (sums[1]). torch
  * needs seven passes for these (the subtraction, two float64 copies, four reductions).
- * Each thread sums its rows into partial sums of its own, added in thread order. */
-void loss_stats_f32(const float *xn, const float *xh, float *e, int64_t n, int64_t d,
-                    double *esum, double *xsum, double *sums, int threads) {
+ * Each thread sums its rows into partial sums of its own, added in thread order. Returns 0,
+ * or -1 (nothing written) when the partial sums cannot be allocated. */
+int loss_stats_f32(const float *xn, const float *xh, float *e, int64_t n, int64_t d,
+                   double *esum, double *xsum, double *sums, int threads) {
     if (threads < 1) threads = 1;
-    double *part = calloc((size_t)threads * (size_t)(2 * d + 2), sizeof(double));
-    if (part == NULL) threads = 1;
-    double one[2] = {0.0, 0.0};
-    memset(esum, 0, sizeof(double) * d);
-    memset(xsum, 0, sizeof(double) * d);
+    const size_t stride = (size_t)(2 * d + 2); /* per thread: Σ e [d], Σ xn [d], Σ‖e‖², Σ‖xn‖² */
+    double *part = calloc((size_t)threads * stride, sizeof(double));
+    if (part == NULL) return -1;
 #pragma omp parallel num_threads(threads)
     {
         int tid = 0;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        double *pe = part ? part + (size_t)tid * (size_t)(2 * d + 2) : esum;
-        double *px = part ? pe + d : xsum;
-        double *ps = part ? px + d : one;
+        double *pe = part + (size_t)tid * stride, *px = pe + d, *ps = px + d;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
             const float *restrict a = xn + r * d, *restrict b = xh + r * d;
@@ -257,19 +254,18 @@ void loss_stats_f32(const float *xn, const float *xh, float *e, int64_t n, int64
             ps[1] += sx;
         }
     }
-    if (part != NULL) {
-        one[0] = one[1] = 0.0;
-        for (int t = 0; t < threads; t++) {
-            const double *pe = part + (size_t)t * (size_t)(2 * d + 2);
-            for (int64_t i = 0; i < d; i++) {
-                esum[i] += pe[i];
-                xsum[i] += pe[d + i];
-            }
-            one[0] += pe[2 * d];
-            one[1] += pe[2 * d + 1];
+    memset(esum, 0, sizeof(double) * d);
+    memset(xsum, 0, sizeof(double) * d);
+    sums[0] = sums[1] = 0.0;
+    for (int t = 0; t < threads; t++) {
+        const double *pe = part + (size_t)t * stride;
+        for (int64_t i = 0; i < d; i++) {
+            esum[i] += pe[i];
+            xsum[i] += pe[d + i];
         }
-        free(part);
+        sums[0] += pe[2 * d];
+        sums[1] += pe[2 * d + 1];
     }
-    sums[0] = one[0];
-    sums[1] = one[1];
+    free(part);
+    return 0;
 }

@@ -237,8 +237,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.decoder_adam_f32.argtypes = [p, p, p, p, i64, i64, f32, f32, f32, f32, f32, ctypes.c_int]
     lib.decoder_adam_f32.restype = None
     lib.loss_stats_f32.argtypes = [p, p, p, i64, i64, p, p, p, ctypes.c_int]
-    lib.loss_stats_f32.restype = None
+    lib.loss_stats_f32.restype = ctypes.c_int
     return lib
+
+
+def _threads(rows: int) -> int:
+    """OpenMP threads for a kernel over `rows` rows: torch's count, fewer for few rows."""
+    return max(1, min(torch.get_num_threads(), rows // ROWS_PER_THREAD))
 
 
 def topk_rows(
@@ -265,10 +270,9 @@ def topk_rows(
     values = torch.empty(batch, k, dtype=torch.float32)
     indices = torch.empty(batch, k, dtype=torch.int64)
     bad = torch.empty(batch, dtype=torch.uint8)
-    threads = max(1, min(torch.get_num_threads(), batch // ROWS_PER_THREAD))
     flagged = lib.topk_rows_f32(
         pre.data_ptr(), None if b is None else b.data_ptr(), batch, n, k, m,
-        values.data_ptr(), indices.data_ptr(), bad.data_ptr(), threads,
+        values.data_ptr(), indices.data_ptr(), bad.data_ptr(), _threads(batch),
     )  # fmt: skip
     if flagged:  # NaN rows: torch ranks NaN first
         rows = bad.nonzero()[:, 0]
@@ -308,14 +312,12 @@ def decoder_adam_(
     step_size = lr / (1 - beta1**step)
     bc2_sqrt = math.sqrt(1 - beta2**step)
     n, d = W.shape
-    threads = max(1, min(torch.get_num_threads(), n // ROWS_PER_THREAD))
     lib.decoder_adam_f32(
-        *(t.data_ptr() for t in tensors), n, d, beta1, beta2, step_size, bc2_sqrt, eps, threads
+        *(t.data_ptr() for t in tensors), n, d, beta1, beta2, step_size, bc2_sqrt, eps, _threads(n)
     )
     for t in (W, exp_avg, exp_avg_sq):  # written behind autograd's back: say so, as `_` ops do
         torch.autograd.graph.increment_version(t)
     return True
-
 
 
 def loss_stats(
@@ -323,7 +325,7 @@ def loss_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One pass over a batch and its reconstruction [batch, d] (float32, CPU): the residual
     e = xn − x_hat (float32), and in float64 Σ_b e_b [d], Σ‖e‖², Σ_b xn_b [d], Σ‖xn‖². None
-    where the kernel does not apply (other dtypes or devices, or no build)."""
+    where the kernel does not apply (other dtypes or devices, no build, no memory)."""
     if xn.dim() != 2 or xn.shape != x_hat.shape or any(
         t.device.type != "cpu" or t.dtype != torch.float32 for t in (xn, x_hat)
     ):  # fmt: skip
@@ -336,9 +338,9 @@ def loss_stats(
     e = torch.empty(n, d)
     esum, xsum = torch.empty(d, dtype=torch.float64), torch.empty(d, dtype=torch.float64)
     sums = torch.empty(2, dtype=torch.float64)
-    threads = max(1, min(torch.get_num_threads(), n // ROWS_PER_THREAD))
-    lib.loss_stats_f32(
+    if lib.loss_stats_f32(
         xn.data_ptr(), x_hat.data_ptr(), e.data_ptr(), n, d, esum.data_ptr(), xsum.data_ptr(),
-        sums.data_ptr(), threads,
-    )  # fmt: skip
+        sums.data_ptr(), _threads(n),
+    ):  # fmt: skip
+        return None  # out of memory for the partial sums
     return e, esum, sums[0], xsum, sums[1]

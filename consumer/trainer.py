@@ -256,7 +256,7 @@ class Trainer:
         )
         xn, x_hat = out.normalized_x, out.normalized_x_hat
         # Fused squared-error losses (mse_loss: one kernel each way, no [batch, d] residual
-        # kept for autograd); the statistics from detached float64 copies, once each.
+        # kept for autograd); the statistics in float64, from detached values (`_loss_stats`).
         with torch.no_grad():
             # e: the residual AuxK reconstructs; its sums and xn's in float64
             e, e_sum, sse, xn_sum, xn_sq = _loss_stats(xn, x_hat)
@@ -305,7 +305,7 @@ class Trainer:
         out.total.backward()
         with torch.no_grad():
             self.dp.sum_grads_(list(sae.parameters()))
-            if self.cfg.grad_clip is not None or not self._step_decoder_fused():
+            if not self._step_decoder_fused():
                 _project_decoder_grad(sae.W_dec)
                 if self.cfg.grad_clip is not None and self.shard is not None:
                     sharding.clip_grad_norm_(sae, self.cfg.grad_clip)  # type: ignore[arg-type]
@@ -364,7 +364,9 @@ class Trainer:
         differently from the others, and the copies drift apart."""
         W = self.sae.W_dec
         grad = W.grad
-        if grad is None or self.dp.size > 1 or not cpu_kernels.enabled() or W.device.type != "cpu":
+        if grad is None or self.cfg.grad_clip is not None or self.dp.size > 1:
+            return False
+        if not cpu_kernels.enabled() or W.device.type != "cpu":
             return False
         group = self.optimizer.param_groups[0]
         if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
