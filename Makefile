@@ -57,12 +57,18 @@ browser-tools:
 	       && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	            --no-install-recommends chromium >/dev/null; }
 
+# The suite runs its test files on TEST_WORKERS processes (pytest-xdist, one file per worker
+# at a time, so a module's fixtures are built once): most tests wait on real daemons and
+# sockets, and one process left a 2-core machine half idle. TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP) $(INTEROP_STAMP) deploy-tools browser-tools
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

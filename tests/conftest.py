@@ -50,6 +50,33 @@ def free_tcp_port() -> int:
         return port
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> tuple:
+    """The embedded model and tokenizer loaded from its GGUF, once per session: dequantising
+    takes 15-25 s on 2 cores, and two modules need it."""
+    import torch
+
+    from saestream.producer.models import load_smollm2_gguf
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return load_smollm2_gguf()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: tuple) -> Path:
+    """A cache directory holding the embedded model's float copy, built from `smollm2_gguf`.
+    Shared: a test that damages a cache works on its own copy of this one."""
+    from saestream.producer.models import build_smollm2_cache
+
+    cache = tmp_path_factory.mktemp("models")
+    build_smollm2_cache(cache, loaded=smollm2_gguf)
+    return cache
+
+
 @pytest.fixture
 def free_port() -> int:
     return free_tcp_port()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import free_tcp_port, saestream_cmd
 
-from saestream.producer.models import build_smollm2_cache, load_model, smollm2_cache_path
+from saestream.producer.models import load_model, smollm2_cache_path
 
 pytestmark = pytest.mark.slow  # each cache build dequantises the GGUF: ~15-25 s on 2 cores
 
@@ -23,18 +23,11 @@ STOP_WITHIN_S = 20.0
 loaded 2-core machine (systemd's default stop timeout is 90 s)."""
 
 
-@pytest.fixture(scope="module")
-def built_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("models")
-    build_smollm2_cache(cache)
-    return cache
-
-
 def test_a_truncated_cache_is_rebuilt_once_and_killed_builds_are_cleaned_up(
-    built_cache: Path, tmp_path: Path
+    smollm2_cache: Path, tmp_path: Path
 ) -> None:
     cache = tmp_path / "models"
-    shutil.copytree(built_cache, cache)
+    shutil.copytree(smollm2_cache, cache)
     weights = smollm2_cache_path(cache) / "model.safetensors"
     size = weights.stat().st_size
     with open(weights, "r+b") as fh:  # what a full disk or a kill during a copy leaves

@@ -62,9 +62,13 @@ def test_the_steps_large_tensors_are_reused_without_page_faults() -> None:
     # pages of 4 KiB (fewer if the kernel backs them with 2 MiB pages).
     assert min(default["faults"][4:]) >= 48, default["faults"]
     # Kept, a step reuses what the last one freed: the heap grows now and then, when no
-    # freed block fits, not every step.
-    assert sum(kept["faults"][4:]) * 4 < sum(default["faults"][4:]), kept["faults"]
-    assert sum(f > 1000 for f in kept["faults"][4:]) <= 2, kept["faults"]
+    # freed block fits (AuxK's tensors change size with the number of dead latents), not
+    # every step. On a quiet machine 0-2 of these 12 steps fault a block in; on a loaded one
+    # a few more were seen (3, in a full suite run), so the bound leaves room for that.
+    later = kept["faults"][4:]
+    assert sum(later) * 4 < sum(default["faults"][4:]), kept["faults"]
+    assert sorted(later)[len(later) // 2] < 100, kept["faults"]  # most steps fault nothing
+    assert sum(f > 1000 for f in later) <= 4, kept["faults"]
     rss = kept["rss"]
     assert rss[-1] - rss[4] <= 2 * 48 * 2**20 + 16 * 2**20, rss  # not a block more each step
     # Released (after a snapshot): the free blocks go back to the kernel, and the next step

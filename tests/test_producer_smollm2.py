@@ -9,18 +9,15 @@ import pytest
 import torch
 
 from saestream.producer.hooks import HookedModel
-from saestream.producer.models import build_smollm2_cache, load_model, load_smollm2_gguf
+from saestream.producer.models import load_model
 
 pytestmark = pytest.mark.slow  # dequantising the GGUF takes ~15-25 s on 2 cores
 
 
 @pytest.fixture(scope="module")
-def cached_and_gguf(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(2)
-    gguf_model, gguf_tokenizer = load_smollm2_gguf()
-    cache = tmp_path_factory.mktemp("models")
-    build_smollm2_cache(cache, loaded=(gguf_model, gguf_tokenizer))
-    return load_model("smollm2-135m", device="cpu", cache_dir=cache), gguf_model, gguf_tokenizer
+def cached_and_gguf(smollm2_gguf: tuple, smollm2_cache: Path):
+    lm = load_model("smollm2-135m", device="cpu", cache_dir=smollm2_cache)
+    return (lm, *smollm2_gguf)
 
 
 def test_cached_copy_reproduces_the_gguf_model(cached_and_gguf) -> None:
