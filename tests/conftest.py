@@ -6,10 +6,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import zmq
 
 # Tests run many small processes on 2 cores: keep each one from grabbing every core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -48,6 +50,22 @@ def free_tcp_port() -> int:
             continue
         _handed_out.update((port, port + 1))
         return port
+
+
+def send_unless_stopped(
+    sock: zmq.Socket, frames: list, stop: threading.Event, *, copy: bool = True
+) -> bool:
+    """Send one multipart message on a PUSH socket, waiting while it is full, until `stop` is
+    set (then False). Never blocks inside ZeroMQ: a blocking send after a poll said writable
+    waits forever when the consumer exits in between (its IMMEDIATE connection, and the
+    only pipe, gone), and a thread stuck there cannot be joined, nor its context ended."""
+    while not stop.is_set():
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+            return True
+        except zmq.Again:
+            sock.poll(100, zmq.POLLOUT)
+    return False
 
 
 @pytest.fixture(scope="session")

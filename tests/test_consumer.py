@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd, send_unless_stopped
 
 from saestream.common.transport import push_socket
 from saestream.common.wire import encode_chunk
@@ -135,11 +135,7 @@ class Sender:
         self.threads: list[threading.Thread] = []
 
     def send(self, frames: list[bytes]) -> bool:
-        while not self.stop.is_set():
-            if self.sock.poll(100, zmq.POLLOUT):
-                self.sock.send_multipart(frames)
-                return True
-        return False
+        return send_unless_stopped(self.sock, frames, self.stop)
 
     def send_chunks(self, count: int, *, producer: str = "p1", run: str = "r1",
                     seq0: int = 0, seed: int = 0) -> int:

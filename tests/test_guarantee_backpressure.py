@@ -25,7 +25,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import LoggedProcess, free_tcp_port, saestream_cmd
+from conftest import LoggedProcess, free_tcp_port, saestream_cmd, send_unless_stopped
 from test_consumer import HOOK, Consumer, D, Sender, child_env, chunk_frames
 
 from saestream.common.control import MAX_CONTROL_BYTES
@@ -296,11 +296,9 @@ def flood(ctx: zmq.Context, endpoint: str, frames: list[bytes], stop: threading.
     header = msgpack.unpackb(frames[0])
     seq = 0
     try:
-        while not stop.is_set():
-            if sock.poll(50, zmq.POLLOUT):
-                sock.send_multipart([msgpack.packb({**header, "seq": seq}), frames[1]],
-                                    copy=False)
-                seq += 1
+        while send_unless_stopped(sock, [msgpack.packb({**header, "seq": seq}), frames[1]],
+                                  stop, copy=False):
+            seq += 1
     finally:
         sock.close(linger=0)
         sent.append(seq)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd, send_unless_stopped
 from prometheus_client import CollectorRegistry
 from test_consumer import HOOK, Consumer, child_env
 from test_guarantee_disk import tmpfs  # noqa: F401 (a fixture)
@@ -499,12 +499,10 @@ def test_a_full_disk_costs_the_recording_shards_never_the_training(tmpfs, tmp_pa
 
     def feed() -> None:
         seq = 0
-        while not stop.is_set():
-            if sock.poll(100, zmq.POLLOUT):
-                sock.send_multipart(encode_chunk(
-                    torch.randn(256, D, generator=gen), producer="p", run="r", seq=seq,
-                    model="m", hook=HOOK, source={}, dtype="float32"))
-                seq += 1
+        while send_unless_stopped(sock, encode_chunk(
+                torch.randn(256, D, generator=gen), producer="p", run="r", seq=seq,
+                model="m", hook=HOOK, source={}, dtype="float32"), stop):
+            seq += 1
 
     t = threading.Thread(target=feed, daemon=True)
     t.start()
@@ -520,10 +518,12 @@ def test_a_full_disk_costs_the_recording_shards_never_the_training(tmpfs, tmp_pa
         sock.close(linger=0)
         ctx.term()
     assert c.value("saestream_recorded_shards_total", hook=HOOK) >= 1  # those that fitted
-    assert not list((mnt / "rec" / HOOK).glob(f"{TMP_PREFIX}*"))
-    Recording(mnt / "rec" / HOOK).check_finite()
+    # Checked once the consumer has exited: while it runs, a shard may be in the middle of
+    # its write (a temporary file for a moment), and its exit writes one more on a full disk.
     c.signal(signal.SIGTERM)
     assert c.wait_exit() == 0, c.log()
+    assert not list((mnt / "rec" / HOOK).glob(f"{TMP_PREFIX}*"))
+    Recording(mnt / "rec" / HOOK).check_finite()
 
 
 def test_shard_files_are_safetensors_that_other_tools_read(tmp_path: Path) -> None:
