@@ -50,12 +50,15 @@ from saestream.common.devices import available_cpus
 from saestream.common.transport import pull_socket, push_socket
 from saestream.common.wire import (
     _ITEMSIZE,
+    _KERNELS,
     CODECS,
     DTYPES,
     DecodeLimits,
     _all_finite,
+    _join,
     _lz4_decompress,
     _top_plane_finite,
+    _unshuffle,
     _words,
     decode_chunk,
     encode_chunk,
@@ -74,6 +77,8 @@ REAL_LAYER = 20
 TARGET_DECODE_MBPS = 1000.0
 TARGET_DECODE_FLOOR = 1.3
 """decode_chunk may cost at most this many times lz4 decompression + crc32 of the same chunk."""
+REGROUPING = "C, one pass" if _KERNELS.load() is not None else "numpy (no C kernels built)"
+"""Which lz4-shuffle byte regrouping this run measures (common/wire_kernels.c, or numpy)."""
 
 
 def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.05) -> float:
@@ -195,12 +200,14 @@ def decode_breakdown(acts: torch.Tensor, repeat: int) -> tuple[list[list[object]
     payload = memoryview(frames[1])
     shuffled = _lz4_decompress(payload, nbytes)
     words = unshuffle_bytes(shuffled, 2)
-    top = np.frombuffer(shuffled, np.uint8, nbytes // 2, nbytes // 2)
+    planes = np.frombuffer(shuffled, np.uint8).reshape(2, -1)
+    u2 = np.dtype("<u2")
     parts = {
         "lz4 decompress (bounded)": lambda: _lz4_decompress(payload, nbytes),
-        "finiteness, top byte plane (proves almost every chunk finite)":
-            lambda: _top_plane_finite(top, "bfloat16"),
-        "unshuffle": lambda: unshuffle_bytes(shuffled, 2),
+        f"unshuffle + top-plane finiteness (proves almost every chunk finite): {REGROUPING}":
+            lambda: _unshuffle(shuffled, 2, "bfloat16"),
+        "the same in numpy (no C compiler): two max reductions, a widening multiply-add":
+            lambda: (_top_plane_finite(planes[1], "bfloat16"), _join(planes[0], planes[1], 8, u2)),
         "crc32": lambda: zlib.crc32(words),
         "finiteness, exact on the words (only if the plane cannot prove it)":
             lambda: _all_finite(words, "bfloat16"),
@@ -604,9 +611,11 @@ cores does not count); the ratio is the median of the per-round ratios.
 
 Target decode ≤ {TARGET_DECODE_FLOOR} × floor (lz4-shuffle bf16):
 **{decode_floor:.2f}, {floor_verdict}**.
-Decode adds to the floor only the regrouping (a widening multiply-add per pair of byte planes)
-and a finiteness check on the top byte plane (two max reductions; the exact check on the
-words runs only when that plane holds a byte with all its exponent bits set). float16
+Byte regrouping in this run: {REGROUPING}. Decode adds to the floor only the regrouping — one
+C pass (`common/wire_kernels.c`) that interleaves the byte planes into words and on the way
+takes the top plane's signed and unsigned maxima, which decide finiteness (the exact check on
+the words runs only when that plane holds a byte with all its exponent bits set); without a C
+compiler numpy does the same in four passes. float16
 compresses so little that its LZ4 floor is nearly a copy, so the same regrouping weighs more;
 float32 has four planes to join. That extra work is memory-bound where LZ4 and crc32 are not,
 so the ratio rises when other work on this machine contends for its caches and memory.
@@ -615,8 +624,8 @@ Encode is **{encode_floor:.2f} ×** its floor. Where its time goes (bf16, each s
 
 {markdown_table(["step", "ms / chunk", "MB/s"], encode_parts)}
 
-The excess over the floor is the byte regrouping (`shuffle_bytes`: one shift-and-narrow pass
-per byte plane over the whole chunk) before LZ4 can run, plus the header; bytes regrouped
+The excess over the floor is the byte regrouping (`shuffle_bytes`: one C pass; numpy needs a
+shift-and-narrow pass per byte plane) before LZ4 can run, plus the header; bytes regrouped
 elsewhere (on the producer's accelerator) would leave the host CPU only the floor.
 
 ### Threads: encode, decode and the consumer's receiver (lz4-shuffle bf16, 2048-token chunks)

@@ -95,6 +95,20 @@ def smollm2_cache(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: tuple)
     return cache
 
 
+@pytest.fixture(params=["C", "numpy"])
+def regrouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both lz4-shuffle byte regrouping paths: the C kernels (common/wire_kernels.c) and
+    the numpy code that runs without them (no compiler, SAESTREAM_NATIVE=0)."""
+    from saestream.common import wire
+
+    if request.param == "numpy":
+        monkeypatch.setenv("SAESTREAM_NATIVE", "0")
+        assert wire._KERNELS.load() is None
+    else:
+        assert wire._KERNELS.load() is not None, "the wire kernels did not build (is cc installed?)"
+    return request.param
+
+
 @pytest.fixture
 def free_port() -> int:
     return free_tcp_port()

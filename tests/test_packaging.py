@@ -100,6 +100,9 @@ for m in mods:
 from saestream.consumer import cpu_kernels  # its C source ships in the wheel and builds
 assert cpu_kernels.SOURCE.is_file() and cpu_kernels.SOURCE.is_relative_to(sys.argv[1])
 assert cpu_kernels.load() is not None, "the C kernels did not build from the wheel"
+from saestream.common import wire  # so does the wire's byte regrouping
+assert wire._KERNELS.source.is_relative_to(sys.argv[1])
+assert wire._KERNELS.load() is not None, "the wire kernels did not build from the wheel"
 print(len(mods))
 """
     env = {**os.environ, "SAESTREAM_CACHE": str(tmp_path / "kernels")}

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
 import msgpack
 import numpy as np
 import pytest
@@ -9,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from saestream.common import wire
 from saestream.common.wire import (
     CODECS,
     DTYPES,
@@ -33,7 +41,7 @@ def frames_for(acts: torch.Tensor, **kw) -> list[bytes]:
 
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_round_trip_is_bit_exact(codec: str, dtype: str) -> None:
+def test_round_trip_is_bit_exact(codec: str, dtype: str, regrouping: str) -> None:
     acts = (torch.randn(33, 17) * 10).to(DTYPES[dtype])
     chunk = decode_chunk(frames_for(acts, codec=codec))
     assert isinstance(chunk, Chunk)
@@ -157,6 +165,79 @@ def test_shuffle_matches_the_design_definition(itemsize: int, m: int, seed: int)
     shuffled = shuffle_bytes(raw, itemsize)
     assert np.array_equal(shuffled, expected)
     assert np.array_equal(unshuffle_bytes(shuffled, itemsize).view(np.uint8), raw)
+
+
+@contextlib.contextmanager
+def numpy_regrouping() -> Iterator[None]:
+    """The wire layer without its C kernels (as SAESTREAM_NATIVE=0), within a test body."""
+    before = os.environ.get("SAESTREAM_NATIVE")
+    os.environ["SAESTREAM_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SAESTREAM_NATIVE"]
+        else:
+            os.environ["SAESTREAM_NATIVE"] = before
+
+
+TOP_BYTES = [0x00, 0x7E, 0x7F, 0x80, 0xFE, 0xFF, 0x7C, 0xFC, 0x7B, 0xFB]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    itemsize=st.sampled_from([2, 4]),
+    m=st.integers(1, 3000),
+    seed=st.integers(0, 2**32 - 1),
+    top=st.lists(st.sampled_from(TOP_BYTES), max_size=3),
+)
+def test_c_regrouping_equals_numpys(itemsize: int, m: int, seed: int, top: list[int]) -> None:
+    """The C kernels give numpy's bytes both ways, and the same top-plane verdict on
+    finiteness for every wire dtype of that width, edge bytes included (each exponent
+    pattern of the most significant byte, at random places: first, last, in between)."""
+    assert wire._KERNELS.load() is not None, "the wire kernels did not build (is cc installed?)"
+    rng = np.random.default_rng(seed)
+    # random bytes whose top bytes avoid the exponent edge, then the chosen edge bytes
+    raw = rng.integers(0, 256, m * itemsize, dtype=np.uint8)
+    raw[itemsize - 1 :: itemsize] &= 0x3F
+    for byte in top:
+        raw[int(rng.integers(0, m)) * itemsize + itemsize - 1] = byte
+    c_shuffled = shuffle_bytes(raw, itemsize)
+    dtypes = [d for d, size in wire._ITEMSIZE.items() if size == itemsize]
+    c_back = [wire._unshuffle(bytes(c_shuffled), itemsize, d) for d in dtypes]
+    with numpy_regrouping():
+        assert wire._KERNELS.load() is None
+        np_shuffled = shuffle_bytes(raw, itemsize)
+        np_back = [wire._unshuffle(bytes(np_shuffled), itemsize, d) for d in dtypes]
+    assert np.array_equal(c_shuffled, np_shuffled)
+    for (c_words, c_finite), (np_words, np_finite), d in zip(c_back, np_back, dtypes,
+                                                             strict=True):
+        assert c_words.dtype == np_words.dtype == np.dtype(f"<u{itemsize}")
+        assert np.array_equal(c_words.view(np.uint8), raw)
+        assert np.array_equal(np_words.view(np.uint8), raw)
+        assert c_finite == np_finite, (d, [hex(b) for b in top])
+
+
+def test_without_a_compiler_numpy_regroups_with_one_warning(tmp_path) -> None:
+    """No C compiler: lz4-shuffle still encodes and decodes (numpy), after one warning."""
+    code = textwrap.dedent("""
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        from saestream.common import wire
+        acts = torch.randn(64, 33).bfloat16()
+        for _ in range(3):
+            frames = wire.encode_chunk(acts, producer="p", run="r", seq=0, model="m",
+                                       hook="h", source={})
+            assert torch.equal(wire.decode_chunk(frames).acts, acts)
+        print("numpy" if wire._KERNELS.load() is None else "C")
+    """)
+    env = {**os.environ, "CC": "/bin/false", "SAESTREAM_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "numpy"
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("WARNING")]
+    assert len(warnings) == 1 and "falling back to numpy" in warnings[0], proc.stderr
 
 
 def test_encode_rejects_invalid_arguments() -> None:

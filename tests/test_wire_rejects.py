@@ -259,14 +259,15 @@ def test_reject_checksum_flipped_payload_bit() -> None:
 @pytest.mark.parametrize("codec", ["raw", "lz4", "lz4-shuffle"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_reject_nonfinite(codec: str, dtype: str, bad: float) -> None:
+def test_reject_nonfinite(codec: str, dtype: str, bad: float, regrouping: str) -> None:
     acts = torch.randn(35_000, 4)  # more than one block of the finiteness check
     acts[34_999, 3] = bad
     assert reason(good(codec=codec, dtype=dtype, acts=acts)) == "nonfinite"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_largest_finite_values_and_subnormals_are_accepted(dtype: str) -> None:
+def test_largest_finite_values_and_subnormals_are_accepted(dtype: str, regrouping: str
+                                                            ) -> None:
     info = torch.finfo(getattr(torch, dtype))
     acts = torch.tensor([[info.max, -info.max, info.tiny / 4, -0.0]], dtype=getattr(torch, dtype))
     assert torch.equal(decode_chunk(good(dtype=dtype, acts=acts)).acts, acts)
@@ -299,7 +300,8 @@ def with_bits(dtype: str, at: list[int], bits: list[int], n: int = 300, d: int =
 @pytest.mark.parametrize("codec", ["raw", "lz4", "lz4-shuffle"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_reject_nonfinite_bit_patterns_anywhere(codec: str, dtype: str, where: str) -> None:
+def test_reject_nonfinite_bit_patterns_anywhere(codec: str, dtype: str, where: str,
+                                                 regrouping: str) -> None:
     n, d = 300, 7
     at = {"first": 0, "middle": n * d // 2 + 1, "last": n * d - 1}[where]
     for bits in NONFINITE_BITS[dtype]:
@@ -309,7 +311,8 @@ def test_reject_nonfinite_bit_patterns_anywhere(codec: str, dtype: str, where: s
 
 @pytest.mark.parametrize("codec", ["raw", "lz4", "lz4-shuffle"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_almost_nonfinite_bit_patterns_are_accepted(codec: str, dtype: str) -> None:
+def test_almost_nonfinite_bit_patterns_are_accepted(codec: str, dtype: str,
+                                                    regrouping: str) -> None:
     n, d = 300, 7
     bits = ALMOST_BITS[dtype]
     cases = [([at], [b]) for b in bits for at in (0, n * d // 2 + 1, n * d - 1)]
