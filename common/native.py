@@ -96,7 +96,12 @@ class NativeLibrary:
             return self._lib
         with self._lock:
             if not self._loaded:
-                self._lib = self._build_and_load()
+                try:
+                    self._lib = self._build_and_load()
+                except Exception as exc:  # e.g. no home folder, no temp folder, no source
+                    log.warning("%s not built, falling back to %s: %s: %s", self.what,
+                                self.fallback, type(exc).__name__, exc)  # fmt: skip
+                    self._lib = None
                 self._loaded = True
             return self._lib
 
@@ -191,9 +196,16 @@ class NativeLibrary:
 
 
 def _cache_dirs() -> list[Path]:
-    """Where a build may be cached, in order of preference."""
-    user_tmp = Path(tempfile.gettempdir()) / f"saestream-kernels-{os.getuid()}"
-    return [cache_root() / "kernels", user_tmp]
+    """Where a build may be cached, in order of preference (a folder that cannot even be
+    named, e.g. a home folder of a user with no passwd entry, is left out)."""
+    dirs = []
+    for where in (lambda: cache_root() / "kernels",
+                  lambda: Path(tempfile.gettempdir()) / f"saestream-kernels-{os.getuid()}"):
+        try:
+            dirs.append(where())
+        except (OSError, RuntimeError, KeyError):
+            pass
+    return dirs
 
 
 def _open_private_dir(folder: Path) -> int:

@@ -215,19 +215,35 @@ def _address(buf: np.ndarray | bytes | bytearray) -> int:
     return int(arr.ctypes.data)
 
 
+def load_kernels() -> bool:
+    """Build (first time on this machine: about a second) and load the C regrouping now, so
+    that producers and consumers do it at start-up rather than inside their first chunk's
+    encode or decode; True when loaded, False when numpy will regroup."""
+    return _KERNELS.load() is not None
+
+
+def _check_planar(buf: np.ndarray, itemsize: int) -> None:
+    """ValueError unless `buf` is a 1-D contiguous uint8 array of whole elements: the C and
+    numpy paths then agree on everything they accept."""
+    if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.c_contiguous:
+        raise ValueError("expected a 1-D contiguous uint8 array of bytes")
+    if itemsize < 1 or buf.size % itemsize:
+        raise ValueError(f"{buf.size} bytes are not whole elements of {itemsize} bytes")
+
+
 def shuffle_bytes(raw: np.ndarray, itemsize: int) -> np.ndarray:
     """Regroup bytes by significance: byte j of element i goes to position j*m + i.
 
-    :param raw: the raw bytes (uint8, length m*itemsize)
+    :param raw: the raw bytes (uint8, 1-D, contiguous, length m*itemsize; else ValueError)
     :return: a new uint8 array of the same length
     """
+    _check_planar(raw, itemsize)
     m = raw.size // itemsize
     if itemsize == 1:
         return raw.copy()
     out = np.empty(raw.size, np.uint8)
     lib = _KERNELS.load() if itemsize in (2, 4) else None
     if lib is not None:
-        raw = np.ascontiguousarray(raw)
         getattr(lib, f"shuffle_{itemsize}")(_address(raw), _address(out), m)
         return out
     words = raw.view(f"<u{itemsize}")
@@ -240,7 +256,8 @@ def shuffle_bytes(raw: np.ndarray, itemsize: int) -> np.ndarray:
 
 
 def unshuffle_bytes(shuffled: np.ndarray | bytes | bytearray, itemsize: int) -> np.ndarray:
-    """Inverse of `shuffle_bytes`; returns the elements as little-endian unsigned words."""
+    """Inverse of `shuffle_bytes`; returns the elements as little-endian unsigned words
+    (ValueError unless the input is a contiguous buffer of whole elements)."""
     return _unshuffle(shuffled, itemsize, None)[0]
 
 
@@ -255,8 +272,11 @@ def _unshuffle(
     1.5-5x slower), and for 4-byte elements the two halves the same way into 32-bit words.
     """
     planes = np.frombuffer(shuffled, np.uint8)
+    _check_planar(planes, itemsize)
     m = planes.size // itemsize
     wdtype = np.dtype(f"<u{itemsize}")
+    if m == 0:  # nothing to join, nothing that could be infinite
+        return np.empty(0, wdtype), dtype is not None
     lib = _KERNELS.load() if itemsize in (2, 4) else None
     if lib is not None:
         out = np.empty(m, wdtype)

@@ -44,7 +44,7 @@ from saestream.common.files import check_writable_dir
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
 from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
-from saestream.common.wire import REJECT_REASONS, DecodeLimits, lz4_bound
+from saestream.common.wire import REJECT_REASONS, DecodeLimits, load_kernels, lz4_bound
 from saestream.consumer import checkpoint as ckpt
 from saestream.consumer import init_from
 from saestream.consumer.buffer import Batch, BufferSet
@@ -174,6 +174,9 @@ class ConsumerRun:
             log.info("recording accepted chunks to %s/<hook>/ in shards of %d rows", cfg.record,
                      cfg.record_shard_tokens)
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
+        # Built now, not inside the first lz4-shuffle chunk's decode (the pool would wait).
+        log.info("lz4-shuffle byte regrouping: %s",
+                 "C kernels" if load_kernels() else "numpy (no C kernels)")
         self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
         self._serve(restored)
         if self.device.type == "cpu":  # set up and checked: the step's large tensors reused

@@ -30,7 +30,7 @@ from saestream.common.errors import UserError
 from saestream.common.logs import RateLimitedLog
 from saestream.common.metrics import serve_metrics
 from saestream.common.transport import push_socket
-from saestream.common.wire import DTYPES, DecodeLimits
+from saestream.common.wire import DTYPES, DecodeLimits, load_kernels
 from saestream.producer.chunker import Chunker, Prefetch, batched
 from saestream.producer.config import ProducerConfig
 from saestream.producer.control import ControlClient, where_request
@@ -118,6 +118,9 @@ class ProducerRun:
             self.stopped = True
             return
         self._open_stream(corpus, saved)
+        if cfg.codec == "lz4-shuffle":  # built now, not inside the first chunk's encode
+            log.info("lz4-shuffle byte regrouping: %s",
+                     "C kernels" if load_kernels() else "numpy (no C kernels)")
         self._serve(registry)
 
     # -- set-up -------------------------------------------------------------------------------

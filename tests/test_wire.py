@@ -240,6 +240,38 @@ def test_without_a_compiler_numpy_regroups_with_one_warning(tmp_path) -> None:
     assert len(warnings) == 1 and "falling back to numpy" in warnings[0], proc.stderr
 
 
+@pytest.mark.parametrize("bad", ["partial element", "not bytes", "2-D", "strided"])
+def test_regrouping_rejects_what_is_not_whole_elements(bad: str, regrouping: str) -> None:
+    """Both paths refuse the same inputs, so neither leaves bytes out or reads past them."""
+    raw = np.arange(24, dtype=np.uint8)
+    arg = {"partial element": raw[:7], "not bytes": raw.view(np.uint16), "2-D": raw.reshape(4, 6),
+           "strided": raw[::2]}[bad]
+    with pytest.raises(ValueError):
+        shuffle_bytes(arg, 2)
+    if bad == "partial element":
+        with pytest.raises(ValueError):
+            unshuffle_bytes(bytes(arg), 2)
+        with pytest.raises(ValueError):
+            unshuffle_bytes(bytes(raw[:10]), 4)
+    assert unshuffle_bytes(b"", 2).size == 0 and wire._unshuffle(b"", 4, "float32")[1]
+
+
+def test_a_library_that_cannot_be_built_is_one_warning_not_an_error(tmp_path, caplog) -> None:
+    """Whatever goes wrong while building (here: the source is gone) is the numpy path and
+    one warning, never an exception in the encode or decode that asked, and no retry."""
+    from saestream.common import native
+
+    def bind(lib):
+        return lib
+
+    lib = native.NativeLibrary(tmp_path / "gone.c", [["-O2", "-shared"]], bind, what="test kernels",
+                               fallback="numpy")
+    with caplog.at_level("WARNING"):
+        assert lib.load() is None and lib.load() is None
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "numpy" in warnings[0].getMessage()
+
+
 def test_encode_rejects_invalid_arguments() -> None:
     x = torch.zeros(2, 2)
     for bad in ({"codec": "zstd"}, {"dtype": "int8"}, {"seq": -1}, {"seq": True},
