@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 class Producer(LoggedProcess):
-    def __init__(self, tmp_path: Path, consumer: Consumer, pid: str) -> None:
+    def __init__(self, tmp_path: Path, consumer: Consumer, pid: str,
+                 env: dict[str, str] | None = None) -> None:
         super().__init__(
             saestream_cmd(
                 "producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
@@ -22,7 +23,7 @@ class Producer(LoggedProcess):
                 "--batch-size", "2", "--seq-len", "64", "--threads", "1", "--seed", "0",
                 "--shard", "0/2" if pid.endswith("a") else "1/2",
             ),
-            tmp_path / f"{pid}.log", child_env(),
+            tmp_path / f"{pid}.log", {**child_env(), **(env or {})},
         )
 
 
@@ -30,10 +31,11 @@ class Producer(LoggedProcess):
 def pipeline(tmp_path: Path):
     procs: list = []
 
-    def start(*consumer_args: str) -> tuple[Consumer, Producer, Producer]:
+    def start(*consumer_args: str, env_a: dict[str, str] | None = None
+              ) -> tuple[Consumer, Producer, Producer]:
         c = Consumer(tmp_path, "--metrics-window", "10", *consumer_args)
         procs.append(c)
-        a, b = Producer(tmp_path, c, "prod-a"), Producer(tmp_path, c, "prod-b")
+        a, b = Producer(tmp_path, c, "prod-a", env_a), Producer(tmp_path, c, "prod-b")
         procs.extend([a, b])
         return c, a, b
 
@@ -43,7 +45,9 @@ def pipeline(tmp_path: Path):
 
 
 def test_two_producers_feed_one_consumer_and_normalized_mse_falls(pipeline) -> None:
-    c, _, _ = pipeline()
+    """One producer regroups lz4-shuffle bytes with numpy (SAESTREAM_NATIVE=0), the other
+    and the consumer with the C kernels: the same bytes, so nothing is rejected."""
+    c, a, b = pipeline(env_a={"SAESTREAM_NATIVE": "0"})
     c.wait_for("a few steps", lambda: c.steps() >= 3)
     first = c.value("saestream_normalized_mse", hook=HOOK, sae=HOOK)
     c.wait_for("both producers", lambda: all(
@@ -54,6 +58,8 @@ def test_two_producers_feed_one_consumer_and_normalized_mse_falls(pipeline) -> N
     assert later < first
     assert c.value("saestream_rejected_messages_total") == 0
     assert c.value("saestream_sequence_gaps_total") == 0
+    assert "byte regrouping: numpy" in a.log() and "byte regrouping: C kernels" in b.log()
+    assert "byte regrouping: C kernels" in c.log()
     c.signal(signal.SIGTERM)
     assert c.wait_exit() == 0
     assert "final snapshot" in c.log()
