@@ -9,7 +9,7 @@ import click
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.common.wire import CODECS, DTYPES
-from saestream.producer.config import ProducerConfig
+from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
 
 P = ProducerConfig
 _POSITIVE = click.IntRange(min=1)
@@ -47,7 +47,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "token_dtype", type=click.Choice(["uint16", "uint32"]))
 @config_option(P, "threads", type=click.IntRange(min=0))
 @config_option(P, "queue_size", type=_POSITIVE)
-@config_option(P, "encode_threads", type=click.IntRange(min=0))
+@config_option(P, "encode_threads", type=click.IntRange(0, MAX_ENCODE_THREADS))
 @config_option(P, "hwm", type=_POSITIVE)
 @config_option(P, "linger", type=FiniteFloat(0.0))
 @click.option("--log-level", default="INFO", show_default=True,

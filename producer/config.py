@@ -11,6 +11,8 @@ from saestream.common.transport import DEFAULT_HWM, CurveClientKeys
 
 EMBEDDED_MODEL = "smollm2-135m"
 DEFAULT_CONNECT = "tcp://127.0.0.1:5557"
+MAX_ENCODE_THREADS = 64
+"""Most encode threads: each may hold two chunks in flight, so the count bounds memory."""
 
 
 @dataclass
@@ -86,7 +88,8 @@ class ProducerConfig:
     """Chunks queued for the sending thread before the model loop blocks."""
     encode_threads: int = 0
     """Threads encoding chunks (lz4 and crc32 release the GIL); messages still go out in
-    sequence order. 0 = half the CPUs this process may use, 1 to 4."""
+    sequence order. 0 = half the CPUs this process may use, 1 to 4; at most
+    MAX_ENCODE_THREADS."""
     hwm: int = DEFAULT_HWM
     """ZeroMQ send high-water mark (messages per consumer)."""
     linger: float = 5.0

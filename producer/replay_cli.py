@@ -11,7 +11,7 @@ import click
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.common.wire import CODECS
-from saestream.producer.config import ProducerConfig
+from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
 from saestream.producer.replay import ReplayConfig
 
 P, R = ProducerConfig, ReplayConfig
@@ -38,7 +38,7 @@ _POSITIVE = click.IntRange(min=1)
                "decoding costs the consumer, for ~14 % fewer bytes on bf16 (bench_replay in "
                "BENCHMARKS.md).")
 @config_option(P, "queue_size", type=_POSITIVE)
-@config_option(P, "encode_threads", type=click.IntRange(min=0))
+@config_option(P, "encode_threads", type=click.IntRange(0, MAX_ENCODE_THREADS))
 @config_option(P, "hwm", type=_POSITIVE)
 @config_option(P, "linger", type=FiniteFloat(0.0))
 @config_option(P, "metrics_port", type=click.IntRange(0, 65535))

@@ -73,8 +73,13 @@ def test_sigterm_flushes_every_chunk_without_seq_gap_and_writes_state(tmp_path: 
         (["--model", "tiny", "--corpus", "text:/nonexistent/dir/*.txt"], "no files match"),
         (["--model", "tiny", "--corpus", "synthetic", "--hook", "model.layers.99"],
          "unknown hook"),
+        (["--model", "tiny", "--corpus", "synthetic", "--encode-threads", "65"],
+         "--encode-threads"),
+        (["--model", "tiny", "--corpus", "synthetic", "--encode-threads", "-1"],
+         "--encode-threads"),
     ],
-    ids=["unknown-model", "missing-corpus", "bad-hook"],
+    ids=["unknown-model", "missing-corpus", "bad-hook", "too-many-encode-threads",
+         "negative-encode-threads"],
 )
 def test_bad_arguments_give_one_line_and_exit_code_2(args: list[str], needle: str) -> None:
     result = run_cli(["producer", *args, "--threads", "1", "--connect",
@@ -82,3 +87,16 @@ def test_bad_arguments_give_one_line_and_exit_code_2(args: list[str], needle: st
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("saestream: error:") and needle in lines[0]
+
+
+def test_encode_threads_is_bounded_for_the_producer_and_the_replayer() -> None:
+    """Each encode thread may hold two chunks in flight: the count must not be unbounded."""
+    from click.testing import CliRunner
+
+    from saestream.producer.cli import producer
+    from saestream.producer.replay_cli import replay
+
+    for command in (producer, replay):
+        for bad in ("-1", "65", "two"):
+            result = CliRunner().invoke(command, ["--encode-threads", bad])
+            assert result.exit_code == 2 and "--encode-threads" in result.output, result.output
