@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.saestream-installed
 INTEROP_STAMP := $(VENV)/.saestream-interop-installed
 
-.PHONY: install test test-fast lint demo bench gpu-check clean deploy-tools interop browser-tools
+.PHONY: install test test-fast lint demo bench gpu-check gpu-wheels clean deploy-tools interop browser-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,15 @@ bench: $(STAMP)
 # Everything that needs a CUDA GPU (tests and the GPU section of BENCHMARKS.md), < 5 min.
 gpu-check: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_check.sh
+
+# The wheels a GPU machine without network needs beside its own CUDA torch (pyzmq, lz4; ~2 MB),
+# downloaded here for its Python (GPU_PYTHON); carry .gpu-wheels/ there and run
+#   benchmarks/gpu_check.sh --python python3 --wheelhouse .gpu-wheels
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --implementation cp --abi cp$(subst .,,$(GPU_PYTHON)) --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu-wheels pyzmq lz4
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -206,7 +206,9 @@ class SparseAutoencoder(nn.Module):
             are dead; 0 = no AuxK).
         :param dense: the dense reference path (every latent materialised) instead of the
             sparse fast path; both give the same values and gradients up to rounding.
-        :param autocast_bf16: run the encoder matmul under bf16 autocast (CUDA only).
+        :param autocast_bf16: run this forward under bf16 autocast (CUDA only): the encoder
+            matmul and the dense decodes (AuxK's over the dead latents; the dense path's)
+            in bf16, the top-k values and sparse decodes in fp32.
         """
         xn, stats = self.normalize(x.to(self.W_dec.dtype))
         k = self.cfg.k

@@ -44,7 +44,9 @@ class TrainerConfig:
     sparse: bool = True
     """Sparse fast path (True) or the dense reference implementation (False, for checks)."""
     autocast_bf16: bool = False
-    """Run the encoder matmul under bf16 autocast (CUDA only; ignored on CPU)."""
+    """Run the SAE's forward under bf16 autocast (CUDA only; ignored on CPU): the encoder
+    matmul and AuxK's dense decode over the dead latents in bf16, the top-k values, sparse
+    decodes and losses in fp32."""
     seed: int = 0
     """Seed of the decoder initialisation."""
 
