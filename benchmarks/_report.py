@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md; prints it too."""
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)  # quoted: the command re-runs as written
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     section = (
         f"<!-- {name}:begin -->\n## {title}\n\n"
