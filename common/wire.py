@@ -13,6 +13,7 @@ configured caps on `n` and `d` allow.
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import time
 import zlib
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from saestream.common import native
+
+log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
 KIND = "acts"
@@ -218,8 +221,10 @@ def _address(buf: np.ndarray | bytes | bytearray) -> int:
 def load_kernels() -> bool:
     """Build (first time on this machine: about a second) and load the C regrouping now, so
     that producers and consumers do it at start-up rather than inside their first chunk's
-    encode or decode; True when loaded, False when numpy will regroup."""
-    return _KERNELS.load() is not None
+    encode or decode, and log which path regroups; True when loaded, False when numpy will."""
+    loaded = _KERNELS.load() is not None
+    log.info("lz4-shuffle byte regrouping: %s", "C kernels" if loaded else "numpy (no C kernels)")
+    return loaded
 
 
 def _check_planar(buf: np.ndarray, itemsize: int) -> None:
@@ -286,11 +291,11 @@ def _unshuffle(
     finite = dtype is not None and _top_plane_finite(planes[planes.size - m :], dtype)
     planes = planes.reshape(itemsize, m)
     if itemsize == 2:
-        return _join(planes[0], planes[1], 8, np.dtype("<u2")), finite
+        return _join(planes[0], planes[1], 8, wdtype), finite
     if itemsize == 4:
         u2 = np.dtype("<u2")
         low = _join(planes[0], planes[1], 8, u2)
-        return _join(low, _join(planes[2], planes[3], 8, u2), 16, np.dtype("<u4")), finite
+        return _join(low, _join(planes[2], planes[3], 8, u2), 16, wdtype), finite
     out = planes[0].astype(wdtype)
     tmp = np.empty(m, wdtype)
     for j in range(1, itemsize):

@@ -174,9 +174,7 @@ class ConsumerRun:
             log.info("recording accepted chunks to %s/<hook>/ in shards of %d rows", cfg.record,
                      cfg.record_shard_tokens)
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
-        # Built now, not inside the first lz4-shuffle chunk's decode (the pool would wait).
-        log.info("lz4-shuffle byte regrouping: %s",
-                 "C kernels" if load_kernels() else "numpy (no C kernels)")
+        load_kernels()  # built now, not inside the first lz4-shuffle chunk's decode
         self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
         self._serve(restored)
         if self.device.type == "cpu":  # set up and checked: the step's large tensors reused

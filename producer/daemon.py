@@ -118,9 +118,8 @@ class ProducerRun:
             self.stopped = True
             return
         self._open_stream(corpus, saved)
-        if cfg.codec == "lz4-shuffle":  # built now, not inside the first chunk's encode
-            log.info("lz4-shuffle byte regrouping: %s",
-                     "C kernels" if load_kernels() else "numpy (no C kernels)")
+        if cfg.codec == "lz4-shuffle":
+            load_kernels()  # built now, not inside the first chunk's encode; logs the path
         self._serve(registry)
 
     # -- set-up -------------------------------------------------------------------------------

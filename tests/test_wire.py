@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from unittest import mock
 
 import msgpack
 import numpy as np
@@ -167,20 +166,6 @@ def test_shuffle_matches_the_design_definition(itemsize: int, m: int, seed: int)
     assert np.array_equal(unshuffle_bytes(shuffled, itemsize).view(np.uint8), raw)
 
 
-@contextlib.contextmanager
-def numpy_regrouping() -> Iterator[None]:
-    """The wire layer without its C kernels (as SAESTREAM_NATIVE=0), within a test body."""
-    before = os.environ.get("SAESTREAM_NATIVE")
-    os.environ["SAESTREAM_NATIVE"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["SAESTREAM_NATIVE"]
-        else:
-            os.environ["SAESTREAM_NATIVE"] = before
-
-
 TOP_BYTES = [0x00, 0x7E, 0x7F, 0x80, 0xFE, 0xFF, 0x7C, 0xFC, 0x7B, 0xFB]
 
 
@@ -205,7 +190,7 @@ def test_c_regrouping_equals_numpys(itemsize: int, m: int, seed: int, top: list[
     c_shuffled = shuffle_bytes(raw, itemsize)
     dtypes = [d for d, size in wire._ITEMSIZE.items() if size == itemsize]
     c_back = [wire._unshuffle(bytes(c_shuffled), itemsize, d) for d in dtypes]
-    with numpy_regrouping():
+    with mock.patch.dict(os.environ, {"SAESTREAM_NATIVE": "0"}):  # numpy, in a test body
         assert wire._KERNELS.load() is None
         np_shuffled = shuffle_bytes(raw, itemsize)
         np_back = [wire._unshuffle(bytes(np_shuffled), itemsize, d) for d in dtypes]
