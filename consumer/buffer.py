@@ -38,7 +38,12 @@ class ShuffleBuffer:
     :param capacity: number of token slots.
     :param d: width of a token (the hook's d_in).
     :param dtype: storage dtype (the wire dtype; incoming rows are cast to it).
-    :param pin_memory: allocate in page-locked memory (for fast copies to a CUDA device).
+    :param pin_memory: hand batches out in page-locked memory, so that the trainer's
+        `.to(cuda, non_blocking=True)` really is asynchronous (a copy from pageable memory
+        is not). Only the batch is pinned, not the buffer: the gather into it is one host
+        copy either way, and a buffer of millions of rows page-locked would only take that
+        memory from the rest of the machine. torch's caching host allocator keeps each
+        pinned block from reuse until the copy that reads it has finished.
     :param seed: seed of the generator that picks batches.
     :param cond: condition to share with other buffers (see `BufferSet`); a new one if None.
     """
@@ -58,7 +63,8 @@ class ShuffleBuffer:
         self.capacity = capacity
         self.d = d
         self.dtype = dtype
-        self.data = torch.empty((capacity, d), dtype=dtype, pin_memory=pin_memory)
+        self.pin_memory = pin_memory
+        self.data = torch.empty((capacity, d), dtype=dtype)
         self.source = torch.zeros(capacity, dtype=torch.int32)
         self.filled = torch.empty(capacity, dtype=torch.int64)
         self.free = torch.arange(capacity, dtype=torch.int64)
@@ -149,7 +155,8 @@ class ShuffleBuffer:
                 if self.n_filled < need:
                     return None
             chosen = self._pick(batch_size)
-        x = self.data.index_select(0, chosen)
+        x = torch.empty((batch_size, self.d), dtype=self.dtype, pin_memory=self.pin_memory)
+        torch.index_select(self.data, 0, chosen, out=x)
         sources = self.source.index_select(0, chosen)
         with self._cond:
             self.free[self.n_free : self.n_free + batch_size] = chosen

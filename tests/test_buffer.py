@@ -167,3 +167,16 @@ def test_buffer_set_wait_returns_when_data_arrives() -> None:
     threading.Timer(0.1, lambda: a.put(tokens(0, 60))).start()
     got = bs.take_any(10, low_water=50, timeout=30)
     assert got is not None and got[0] == "a"
+
+
+def test_batches_are_fresh_tensors_the_buffer_does_not_write_again() -> None:
+    """A batch is the caller's to keep (the trainer may still be copying it to a device
+    while the buffer refills the slots it came from)."""
+    buf = ShuffleBuffer(16, 4, torch.float32, seed=2)
+    buf.put(tokens(0, 16))
+    batch = buf.take(8)
+    assert batch is not None
+    kept = batch.x.clone()
+    buf.put(tokens(100, 8))  # reuses the freed slots
+    assert torch.equal(batch.x, kept)
+    assert batch.x.data_ptr() != buf.data.data_ptr()

@@ -1,6 +1,7 @@
 """What only a GPU can check: the sparse path against the dense reference on CUDA, bf16
-autocast, a CUDA trainer against the CPU one, and a producer whose model runs on CUDA
-(device-side regrouping, pinned copies) against the same producer on the CPU. Skipped
+autocast, a CUDA trainer against the CPU one, a producer whose model runs on CUDA
+(device-side regrouping, pinned copies) against the same producer on the CPU, and the
+consumer's page-locked batches. Skipped
 without CUDA; `benchmarks/gpu_check.sh` runs them wherever a GPU is."""
 
 from __future__ import annotations
@@ -75,3 +76,28 @@ def test_producer_on_cuda_sends_what_the_cpu_producer_sends(free_port: int) -> N
     assert [c.source for c in on_gpu] == [c.source for c in on_cpu]
     for a, b in zip(on_cpu, on_gpu, strict=True):
         torch.testing.assert_close(b.acts.float(), a.acts.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_pinned_buffer_hands_out_pinned_batches_that_copy_asynchronously() -> None:
+    """The consumer's `pin_memory` buffer: each batch is page-locked (so the trainer's
+    non_blocking copy is asynchronous), holds the rows an unpinned buffer with the same seed
+    hands out, and the buffer itself stays pageable."""
+    from saestream.consumer.buffer import ShuffleBuffer
+
+    rows = torch.arange(4096 * 8, dtype=torch.float32).view(4096, 8)
+    pinned = ShuffleBuffer(4096, 8, torch.float32, pin_memory=True, seed=3)
+    plain = ShuffleBuffer(4096, 8, torch.float32, seed=3)
+    for buf in (pinned, plain):
+        buf.put(rows)
+    assert not pinned.data.is_pinned()
+    copies = []
+    for _ in range(4):  # more batches than the caching allocator needs to recycle a block
+        a, b = pinned.take(1024), plain.take(1024)
+        assert a is not None and b is not None
+        assert a.x.is_pinned() and not b.x.is_pinned()
+        assert torch.equal(a.x, b.x) and torch.equal(a.sources, b.sources)
+        copies.append((a.x.to("cuda", non_blocking=True), b.x.clone()))
+        del a  # the pinned block goes back to the allocator while its copy may still run
+    torch.cuda.synchronize()
+    for on_gpu, expected in copies:
+        assert torch.equal(on_gpu.cpu(), expected)
