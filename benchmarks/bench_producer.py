@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,80 @@ then prints them and its CPU seconds from the first message on (its start-up is 
 producer's cost)."""
 
 
+SENDING_WORK = r'''
+import sys, time, torch, zmq
+from saestream.common.wire import encode_chunk, load_kernels
+def sending_work(port, period, n, d, hook, stop):
+    load_kernels()
+    ctx = zmq.Context(); sock = ctx.socket(zmq.PUSH); sock.connect(f"tcp://127.0.0.1:{port}")
+    acts = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    seq, due = 0, time.perf_counter()
+    while not stop():
+        sock.send_multipart(encode_chunk(acts, producer="p", run="r", seq=seq, model="m",
+                                         hook=hook, source={}, codec="lz4-shuffle"), copy=False)
+        seq, due = seq + 1, due + period
+        time.sleep(max(0.0, due - time.perf_counter()))
+    sock.close(linger=0); ctx.term()
+if __name__ == "__main__":
+    port, period, n, d, seconds, hook = sys.argv[1:7]
+    end = time.monotonic() + float(seconds)
+    print("ready", flush=True)
+    sending_work(int(port), float(period), int(n), int(d), hook, lambda: time.monotonic() > end)
+'''
+"""The producer's sending work, one chunk encoded (lz4-shuffle) and PUSHed to a sink every
+`period` seconds: run on a thread of the model's process or in a process of its own
+(`sending_contention`)."""
+
+
+def sending_contention(lm: LoadedModel, hook: str, batches: list[torch.Tensor], tokens: int,
+                       rounds: int) -> list[object]:
+    """The bare forward alone, with the producer's sending work on a thread of this process,
+    and with the same work in another process, alternated; the work keeps the producer's
+    pace (one chunk of the default size per that many tokens of the forward). Returns the
+    table row: whether what a producer loses is the sending work's CPU or its holding the
+    GIL against the model's thread."""
+    chunk = ProducerConfig().chunk_tokens
+    seconds, _ = bare_forward(lm, hook, batches)
+    period = chunk * seconds / tokens
+    namespace: dict = {}
+    exec(compile(SENDING_WORK, "sending_work", "exec"), namespace)
+    times: dict[str, list[float]] = {"alone": [], "thread": [], "process": []}
+    sides = ["alone", "thread", "process"]
+    for r in range(rounds):
+        for side in sides[r % 3:] + sides[: r % 3]:  # the order rotates each round
+            port = free_tcp_port()
+            sink = subprocess.Popen([sys.executable, "-c", SINK, str(port), str(2**62)],
+                                    stdout=subprocess.PIPE, text=True)
+            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            stop = threading.Event()
+            worker, thread = None, None
+            if side == "thread":
+                thread = threading.Thread(target=namespace["sending_work"], args=(
+                    port, period, chunk, lm.d_model, hook, stop.is_set))
+                thread.start()
+            elif side == "process":
+                worker = subprocess.Popen(
+                    [sys.executable, "-c", SENDING_WORK, str(port), str(period), str(chunk),
+                     str(lm.d_model), "600", hook], stdout=subprocess.PIPE, text=True)
+                assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+            time.sleep(0.2)  # the work under way before the forward starts
+            times[side].append(bare_forward(lm, hook, batches)[0])
+            stop.set()
+            if thread is not None:
+                thread.join()
+            for proc in (worker, sink):
+                if proc is not None:
+                    proc.kill()
+                    proc.communicate()
+    ratio = {side: statistics.median([a / t for a, t in zip(times["alone"], times[side],
+                                                           strict=True)])
+             for side in ("thread", "process")}
+    print(f"sending contention: {times}", flush=True)
+    return [LABELS.get(lm.name, lm.name), f"{chunk}x{lm.d_model}", f"{period * 1e3:.1f}",
+            rounds, f"{tokens / statistics.median(times['alone']):,.0f}",
+            f"**{ratio['thread']:.3f}**", f"**{ratio['process']:.3f}**"]
+
+
 def whole_producer(
     lm: LoadedModel, corpus, cfg: ProducerConfig, port: int
 ) -> tuple[float, float, float]:
@@ -118,7 +193,10 @@ def whole_producer(
     return seconds, forward, cpu + float(sink_cpu)
 
 
-def measure(name: str, device: str, rounds: int | None) -> list[object]:
+def measure(name: str, device: str, rounds: int | None,
+            contention: bool) -> tuple[list[object], list[object] | None]:
+    """(the producer against its bare forward, the sending work's cost to the forward by where
+    it runs or None): two table rows."""
     corpus_spec, batch, n_cpu, n_gpu, default_rounds = SETTINGS[name]
     rounds = rounds or default_rounds
     lm = load_model(name, device=device)
@@ -154,7 +232,7 @@ def measure(name: str, device: str, rounds: int | None) -> list[object]:
     best = max(whole) / max(bare)
     print(f"{name}: bare {bare} producer {whole} paired {[round(p, 3) for p in pairs]} "
           f"forward share {share} cpu ratio {cpu}", flush=True)
-    return [
+    row = [
         LABELS.get(name, name), str(lm.device), str(lm.dtype).removeprefix("torch."), hook,
         f"{batch}x{SEQ_LEN}", f"{tokens:,}", rounds,
         f"{max(bare):,.0f} / {statistics.median(bare):,.0f}",
@@ -163,6 +241,9 @@ def measure(name: str, device: str, rounds: int | None) -> list[object]:
         f"{statistics.median(share):.3f}",
         f"{statistics.median(cpu):.3f}", "yes" if paired >= 0.95 else "**no**",
     ]
+    if not contention or name != "tiny" or lm.device.type == "cuda":
+        return row, None  # SmolLM2's forward is ~100x the sending work: nothing to see
+    return row, sending_contention(lm, hook, batches, tokens, rounds)
 
 
 def main() -> None:
@@ -174,6 +255,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (0 = torch's default); 1 leaves a core for the "
                              "sending thread and the sink on small machines")
+    parser.add_argument("--no-contention", action="store_true",
+                        help="skip measuring what the sending work costs the tiny model's "
+                             "bare forward on a thread against in another process (CPU)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if args.threads:
@@ -182,7 +266,10 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     load_before = os.getloadavg()[0]
-    rows = [measure(name, args.device, args.rounds) for name in args.models.split(",")]
+    measured = [measure(name, args.device, args.rounds, not args.no_contention)
+                for name in args.models.split(",")]
+    rows = [row for row, _ in measured]
+    contention = [extra for _, extra in measured if extra is not None]
     load_after = os.getloadavg()[0]
     load = f"load average {load_before:.1f} before, {load_after:.1f} after"
     busy = max(load_before, load_after) > (os.cpu_count() or 1)
@@ -212,14 +299,27 @@ def main() -> None:
         "\n\n"
         f"Machine {load} ({os.cpu_count()} CPUs): with more runnable processes than cores, "
         "single runs swing by 2x and the ratios by several per cent. What the producer adds "
-        "on the model's thread is 1 - forward share (its own work there, ~1 %: corpus, "
-        "chunk cutting, queueing; the rest is waiting for the GIL while the sending thread "
-        "runs); the rest of any shortfall is CPU taken by the sending thread (lz4-shuffle with "
-        "its crc32 takes ~0.7 ms of one core per 2048x64 bfloat16 chunk, lz4 ~75 % of it: ~3 % "
-        "of the tiny model's CPU forward time for the same tokens, ~0.1 % of SmolLM2's; "
-        "ZeroMQ and TCP another ~0.3 ms per chunk across both processes), which a machine with "
-        "a spare core absorbs and a loaded 2-core one does not." + caveat
+        "on the model's thread is 1 - forward share: its own work there (corpus, the "
+        "bfloat16 cast, chunk cutting, queueing) and waiting for the GIL. The rest of a "
+        "shortfall is the forward itself running slower beside the sending thread, which the "
+        "table below measures." + caveat
     )
+    if contention:
+        body += (
+            "\n\n### What the sending work costs the forward, by where it runs\n\n"
+            + markdown_table(["model", "chunk", "one chunk every (ms)", "rounds",
+                              "bare forward alone tok/s (median)",
+                              "alone / with the work on a thread of the model's process",
+                              "alone / with the work in another process"], contention)
+            + "\n\nThe bare forward above, timed alone, with the producer's sending work "
+            "(one chunk of the default size encoded lz4-shuffle and PUSHed to a PULL sink "
+            "process, at the pace the forward makes chunks) on a thread of the same process, "
+            "and with the same work in a process of its own; the three take turns, the order "
+            "rotating each round; ratios are medians of the per-round ratios (1.0 = no cost). "
+            "The work takes the same CPU either way: what a thread costs beyond a process is "
+            "its holding the GIL against the model's thread, whose many small torch ops each "
+            "take and release it."
+        )
     if args.no_write:
         print(body)
     else:
