@@ -130,8 +130,8 @@ def sending_contention(lm: LoadedModel, hook: str, batches: list[torch.Tensor], 
     """The bare forward alone, with the producer's sending work on a thread of this process,
     and with the same work in another process, alternated; the work keeps the producer's
     pace (one chunk of the default size per that many tokens of the forward). Returns the
-    table row: whether what a producer loses is the sending work's CPU or its holding the
-    GIL against the model's thread."""
+    table row: a thread costing the forward more than a process, for the same CPU, points at
+    the GIL rather than the work's CPU."""
     chunk = ProducerConfig().chunk_tokens
     seconds, _ = bare_forward(lm, hook, batches)
     period = chunk * seconds / tokens
@@ -141,37 +141,59 @@ def sending_contention(lm: LoadedModel, hook: str, batches: list[torch.Tensor], 
     sides = ["alone", "thread", "process"]
     for r in range(rounds):
         for side in sides[r % 3:] + sides[: r % 3]:  # the order rotates each round
-            port = free_tcp_port()
-            sink = subprocess.Popen([sys.executable, "-c", SINK, str(port), str(2**62)],
-                                    stdout=subprocess.PIPE, text=True)
-            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-            stop = threading.Event()
-            worker, thread = None, None
-            if side == "thread":
-                thread = threading.Thread(target=namespace["sending_work"], args=(
-                    port, period, chunk, lm.d_model, hook, stop.is_set))
-                thread.start()
-            elif side == "process":
-                worker = subprocess.Popen(
-                    [sys.executable, "-c", SENDING_WORK, str(port), str(period), str(chunk),
-                     str(lm.d_model), "600", hook], stdout=subprocess.PIPE, text=True)
-                assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
-            time.sleep(0.2)  # the work under way before the forward starts
-            times[side].append(bare_forward(lm, hook, batches)[0])
-            stop.set()
-            if thread is not None:
-                thread.join()
-            for proc in (worker, sink):
-                if proc is not None:
-                    proc.kill()
-                    proc.communicate()
-    ratio = {side: statistics.median([a / t for a, t in zip(times["alone"], times[side],
-                                                           strict=True)])
+            times[side].append(forward_beside(side, namespace["sending_work"], lm, hook,
+                                              batches, period, chunk))
+    ratio = {side: [a / t for a, t in zip(times["alone"], times[side], strict=True)]
              for side in ("thread", "process")}
     print(f"sending contention: {times}", flush=True)
+
+    def spread(values: list[float]) -> str:
+        return f"**{statistics.median(values):.3f}** ({min(values):.3f}-{max(values):.3f})"
+
+    per_round = [t / p for t, p in zip(ratio["thread"], ratio["process"], strict=True)]
     return [LABELS.get(lm.name, lm.name), f"{chunk}x{lm.d_model}", f"{period * 1e3:.1f}",
             rounds, f"{tokens / statistics.median(times['alone']):,.0f}",
-            f"**{ratio['thread']:.3f}**", f"**{ratio['process']:.3f}**"]
+            spread(ratio["thread"]), spread(ratio["process"]), spread(per_round)]
+
+
+def forward_beside(side: str, work, lm: LoadedModel, hook: str, batches: list[torch.Tensor],
+                   period: float, chunk: int) -> float:
+    """Seconds of the bare forward with the sending work on `side` ("alone": none)."""
+    port = free_tcp_port()
+    procs = [subprocess.Popen([sys.executable, "-c", SINK, str(port), str(2**62)],
+                              stdout=subprocess.PIPE, text=True)]
+    stop, failed = threading.Event(), []
+
+    def on_thread() -> None:
+        try:
+            work(port, period, chunk, lm.d_model, hook, stop.is_set)
+        except BaseException as exc:  # the figure would be the forward alone: say so
+            failed.append(exc)
+            raise
+
+    thread = threading.Thread(target=on_thread, daemon=True)
+    try:
+        assert procs[0].stdout is not None and procs[0].stdout.readline().strip() == "ready"
+        if side == "thread":
+            thread.start()
+        elif side == "process":
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", SENDING_WORK, str(port), str(period), str(chunk),
+                 str(lm.d_model), "600", hook], stdout=subprocess.PIPE, text=True))
+            assert procs[1].stdout is not None and procs[1].stdout.readline().strip() == "ready"
+        time.sleep(0.2)  # the work under way before the forward starts
+        seconds = bare_forward(lm, hook, batches)[0]
+        alive = side != "process" or procs[1].poll() is None
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    if failed or not alive:
+        raise RuntimeError(f"the sending work on a {side} stopped: {failed or 'exited'}")
+    return seconds
 
 
 def whole_producer(
@@ -309,16 +331,21 @@ def main() -> None:
             "\n\n### What the sending work costs the forward, by where it runs\n\n"
             + markdown_table(["model", "chunk", "one chunk every (ms)", "rounds",
                               "bare forward alone tok/s (median)",
-                              "alone / with the work on a thread of the model's process",
-                              "alone / with the work in another process"], contention)
+                              "tok/s with the work on a thread of the model's process / "
+                              "alone (min-max)",
+                              "tok/s with the work in another process / alone (min-max)",
+                              "tok/s with it on a thread / in a process, per round "
+                              "(min-max)"], contention)
             + "\n\nThe bare forward above, timed alone, with the producer's sending work "
             "(one chunk of the default size encoded lz4-shuffle and PUSHed to a PULL sink "
             "process, at the pace the forward makes chunks) on a thread of the same process, "
             "and with the same work in a process of its own; the three take turns, the order "
-            "rotating each round; ratios are medians of the per-round ratios (1.0 = no cost). "
-            "The work takes the same CPU either way: what a thread costs beyond a process is "
-            "its holding the GIL against the model's thread, whose many small torch ops each "
-            "take and release it."
+            "rotating each round; ratios are medians of the per-round ratios, min-max in "
+            "brackets (1.0 = no cost). The work takes the same CPU either way, so a thread "
+            "costing more than a process is consistent with the sending thread taking the "
+            "GIL from the model's thread, whose many small torch ops each release and retake "
+            "it (other effects of sharing a process, such as the allocator, are not "
+            "separated here); the per-round spread says how far one run can be trusted."
         )
     if args.no_write:
         print(body)

@@ -79,9 +79,10 @@ def test_producer_on_cuda_sends_what_the_cpu_producer_sends(free_port: int) -> N
 
 
 def test_pinned_buffer_hands_out_pinned_batches_that_copy_asynchronously() -> None:
-    """The consumer's `pin_memory` buffer: each batch is page-locked (so the trainer's
-    non_blocking copy is asynchronous), holds the rows an unpinned buffer with the same seed
-    hands out, and the buffer itself stays pageable."""
+    """The consumer's `pin_memory` buffer: each batch is page-locked, so the trainer's
+    non_blocking copy returns before the copy is done; it holds the rows an unpinned buffer
+    with the same seed hands out; freeing a batch while its copy is pending corrupts nothing
+    (the next batches are gathered meanwhile); the buffer itself stays pageable."""
     from saestream.consumer.buffer import ShuffleBuffer
 
     rows = torch.arange(4096 * 8, dtype=torch.float32).view(4096, 8)
@@ -90,14 +91,17 @@ def test_pinned_buffer_hands_out_pinned_batches_that_copy_asynchronously() -> No
     for buf in (pinned, plain):
         buf.put(rows)
     assert not pinned.data.is_pinned()
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(200_000_000)  # keeps every copy below pending for ~0.1 s
     copies = []
-    for _ in range(4):  # more batches than the caching allocator needs to recycle a block
+    for _ in range(4):
         a, b = pinned.take(1024), plain.take(1024)
         assert a is not None and b is not None
         assert a.x.is_pinned() and not b.x.is_pinned()
         assert torch.equal(a.x, b.x) and torch.equal(a.sources, b.sources)
         copies.append((a.x.to("cuda", non_blocking=True), b.x.clone()))
-        del a  # the pinned block goes back to the allocator while its copy may still run
+        assert not stream.query()  # the copy is queued behind the sleep: the host went on
+        del a  # the pinned block goes back to the allocator while its copy is pending
     torch.cuda.synchronize()
     for on_gpu, expected in copies:
         assert torch.equal(on_gpu.cpu(), expected)
