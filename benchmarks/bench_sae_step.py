@@ -10,6 +10,10 @@ In one run, interleaved (so the machine's load hits all of them alike), medians 
       process applies as the consumer does — a fresh buffer past glibc's mmap threshold is
       new pages, each faulted in on first write);
   (c) one whole step on the dense reference path (TrainerConfig.sparse=False);
+  (d) AuxK's four dense products over the dead latents, where AuxK runs dense over them
+      (`use_compact`): its decode Z W_dec[dead], and in backward Zᵀ ∂x̂, (W_dec[dead] ∂x̂ᵀ)ᵀ
+      and Gᵀ xc, with Z and G column-major as the step has them; matmul work the step cannot
+      skip, so (b + d)/b is the ratio no step with AuxK at that dead fraction can beat;
   (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, the decoder's
       projection, Adam step and renormalisation by torch's three, the loss statistics by
       torch's ops), on a second trainer in the same state, so a/a″ is what the compiled
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import markdown_table, write_section
 
 from saestream.consumer.sae import SAEConfig
+from saestream.consumer.sparse_ops import use_compact
 from saestream.consumer.trainer import Trainer, TrainerConfig
 
 DEAD_TOKENS = 1_000_000
@@ -112,6 +117,19 @@ def bench_shape(
     steps = {
         "a": step_a, "b": step_b, "b_kept": step_b_kept, "c": step_c, "a_plain": step_a_plain
     }  # fmt: skip
+    k_aux = min(TrainerConfig().k_aux, n_dead)
+    if k_aux and use_compact(batch * k_aux, batch, n_dead):
+        Z = torch.randn(n_dead, batch).t()  # column-major, as TopKEncode hands it over
+        G = torch.randn(n_dead, batch).t()
+        W_s, dx, xc = torch.randn(n_dead, d_in), torch.randn(batch, d_in), x.clone()
+
+        def step_d() -> None:
+            Z @ W_s  # the forward's decode over the dead latents
+            Z.t() @ dx  # ∂W_dec[dead]
+            (W_s @ dx.t()).t()  # ∂Z, column-major
+            G.t() @ xc  # ∂W_enc[dead]
+
+        steps["d"] = step_d
     for fn in steps.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {key: [] for key in steps}
@@ -122,6 +140,9 @@ def bench_shape(
     for num, den in (("a", "b"), ("a", "b_kept"), ("c", "a"), ("a", "a_plain")):
         pairs = [t / u for t, u in zip(times[num], times[den], strict=True)]
         med[f"{num}/{den}"] = statistics.median(pairs)
+    if "d" in times:
+        med["(b+d)/b"] = statistics.median(
+            [(u + w) / u for u, w in zip(times["b"], times["d"], strict=True)])
     # The same latents were dead during each step (set before each): check AuxK really ran.
     set_dead(fast, n_dead)
     auxk = fast.train_step(x).auxk_loss
@@ -185,7 +206,9 @@ def main() -> None:
                         f"{b_kept * 1e3:.0f}",
                         f"{c * 1e3:.0f}",
                         f"{plain * 1e3:.0f}",
+                        f"{m['d'] * 1e3:.0f}" if "d" in m else "—",
                         f"**{a_b:.2f}**",
+                        f"{m['(b+d)/b']:.2f}" if "d" in m else "—",
                         f"{m['a/b_kept']:.2f}",
                         f"**{c_a:.2f}**",
                         f"{m['a/a_plain']:.3f}",
@@ -205,6 +228,10 @@ def main() -> None:
         "step; (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, "
         "the decoder's projection, Adam step and renormalisation by torch's three, the loss "
         "statistics by torch's ops; "
+        "(d) AuxK's four dense products over the dead latents alone (its decode, and in "
+        "backward ∂W_dec and ∂Z over the dead latents and their ∂W_enc), matmul work the step "
+        "cannot skip: (b + d)/b is the ratio no step with AuxK at that dead fraction can "
+        "beat; "
         f"C kernels {'built' if native else 'NOT built: a and a″ are the same code'}). "
         "Ratios are medians of the per-repetition ratios. "
         + ("The process keeps freed memory for reuse, as the consumer and `saestream train` "
@@ -227,7 +254,9 @@ def main() -> None:
                 "b′: kept-output matmul ms",
                 "c: dense step ms",
                 "a″: step without C kernels ms",
+                "d: AuxK's dense products ms",
                 "a/b",
+                "(b+d)/b",
                 "a/b′",
                 "c/a",
                 "a/a″",
