@@ -1,8 +1,11 @@
 """Producer throughput: the whole producer (forward + chunking + encoding + PUSH to a local PULL
 sink) against the bare truncated forward pass of the same model, batch and hook, measured
 alternately in one run (the sink is a separate process). Target: producer / bare >= 0.95.
+For the tiny model on CPU, also the bare forward beside the producer's sending work, on a
+thread of its process and in a process of its own (`sending_contention`).
 
     python benchmarks/bench_producer.py [--models tiny,smollm2-135m] [--device auto]
+        [--rounds N] [--threads N] [--no-contention] [--no-write]
 """
 
 from __future__ import annotations
