@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import subprocess
 import sys
 import textwrap
+import zlib
+from pathlib import Path
 from unittest import mock
 
 import msgpack
@@ -187,20 +191,58 @@ def test_c_regrouping_equals_numpys(itemsize: int, m: int, seed: int, top: list[
     raw[itemsize - 1 :: itemsize] &= 0x3F
     for byte in top:
         raw[int(rng.integers(0, m)) * itemsize + itemsize - 1] = byte
-    c_shuffled = shuffle_bytes(raw, itemsize)
+    c_shuffled, c_crc = wire._shuffle(raw, itemsize, crc=True)
+    assert np.array_equal(shuffle_bytes(raw, itemsize), c_shuffled)
     dtypes = [d for d, size in wire._ITEMSIZE.items() if size == itemsize]
-    c_back = [wire._unshuffle(bytes(c_shuffled), itemsize, d) for d in dtypes]
+    c_back = [wire._unshuffle(bytes(c_shuffled), itemsize, d, crc=crc) for d in dtypes
+              for crc in (False, True)]
     with mock.patch.dict(os.environ, {"SAESTREAM_NATIVE": "0"}):  # numpy, in a test body
         assert wire._KERNELS.load() is None
-        np_shuffled = shuffle_bytes(raw, itemsize)
-        np_back = [wire._unshuffle(bytes(np_shuffled), itemsize, d) for d in dtypes]
+        np_shuffled, np_crc = wire._shuffle(raw, itemsize, crc=True)
+        np_back = [wire._unshuffle(bytes(np_shuffled), itemsize, d, crc=crc) for d in dtypes
+                   for crc in (False, True)]
     assert np.array_equal(c_shuffled, np_shuffled)
-    for (c_words, c_finite), (np_words, np_finite), d in zip(c_back, np_back, dtypes,
-                                                             strict=True):
+    fast = wire._KERNELS.load().has_fast_crc
+    assert np_crc is None and c_crc == (zlib.crc32(raw) if fast else None)
+    for (c_words, c_finite, c_sum), (np_words, np_finite, np_sum), d in zip(
+            c_back, np_back, [d for d in dtypes for _ in (0, 1)], strict=True):
         assert c_words.dtype == np_words.dtype == np.dtype(f"<u{itemsize}")
         assert np.array_equal(c_words.view(np.uint8), raw)
         assert np.array_equal(np_words.view(np.uint8), raw)
         assert c_finite == np_finite, (d, [hex(b) for b in top])
+        assert np_sum is None and c_sum in (None, zlib.crc32(raw))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 5000), offset=st.integers(0, 15), start=st.integers(0, 2**32 - 1),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_kernels_crc32_is_zlibs(n: int, offset: int, start: int, seed: int) -> None:
+    """The carry-less-multiply crc32 (and the bit-by-bit one of builds without PCLMULQDQ)
+    is zlib.crc32 at every length and alignment, from any running value."""
+    lib = wire._KERNELS.load()
+    assert lib is not None, "the wire kernels did not build (is cc installed?)"
+    buf = np.random.default_rng(seed).integers(0, 256, n + offset, dtype=np.uint8)[offset:]
+    assert lib.crc32_update(start, wire._address(buf), n) == zlib.crc32(buf, start)
+    assert wire._crc32(buf) == zlib.crc32(buf)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_a_build_without_pclmulqdq_keeps_zlibs_crc32(tmp_path) -> None:
+    """Built for a CPU without carry-less multiplies, the kernels say so (wire.py then uses
+    zlib.crc32), and their own crc32 entry points still give zlib's value."""
+    out = tmp_path / "plain.so"
+    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-mno-pclmul", "-fPIC", "-shared",
+                    "-o", str(out), str(Path(wire.__file__).with_name("wire_kernels.c"))],
+                   check=True, capture_output=True)
+    lib = wire._bind_kernels(ctypes.CDLL(str(out)))
+    assert not lib.has_fast_crc
+    raw = np.random.default_rng(5).integers(0, 256, 3 * 8192 * 2 + 70, dtype=np.uint8)
+    assert lib.crc32_update(0, wire._address(raw), raw.size) == zlib.crc32(raw)
+    planes, folded = np.empty_like(raw), ctypes.c_uint32(9)
+    lib.shuffle_2_crc(wire._address(raw), wire._address(planes), raw.size // 2,
+                      ctypes.byref(folded))
+    assert folded.value == zlib.crc32(raw, 9)
+    assert np.array_equal(planes, raw.reshape(-1, 2).T.reshape(-1))
 
 
 def test_without_a_compiler_numpy_regroups_with_one_warning(tmp_path) -> None:
@@ -239,6 +281,7 @@ def test_regrouping_rejects_what_is_not_whole_elements(bad: str, regrouping: str
         with pytest.raises(ValueError):
             unshuffle_bytes(bytes(raw[:10]), 4)
     assert unshuffle_bytes(b"", 2).size == 0 and wire._unshuffle(b"", 4, "float32")[1]
+    assert wire._unshuffle(b"", 2, "bfloat16", crc=True)[2] is None  # the caller's zlib: 0
 
 
 def test_a_library_that_cannot_be_built_is_one_warning_not_an_error(tmp_path, caplog) -> None:
