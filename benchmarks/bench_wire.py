@@ -81,10 +81,10 @@ TARGET_DECODE_MBPS = 1000.0
 TARGET_DECODE_FLOOR = 1.3
 """decode_chunk may cost at most this many times lz4 decompression + crc32 of the same chunk."""
 REGROUPING = "C, one pass" if _KERNELS.load() is not None else "numpy (no C kernels built)"
+"""Which lz4-shuffle byte regrouping this run measures (common/wire_kernels.c, or numpy)."""
 FAST_CRC = _fast_crc() is not None
 """Whether the kernels compute crc32 by carry-less multiplies (and decode and encode take it
 in their regrouping pass instead of calling zlib.crc32)."""
-"""Which lz4-shuffle byte regrouping this run measures (common/wire_kernels.c, or numpy)."""
 
 
 def best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.05) -> float:
