@@ -190,17 +190,13 @@ static void crc_feed(crc_stream *c, const uint8_t *buf, int64_t upto, int last) 
         fold_more(&c->s, buf + c->done, n);
         c->done += n;
     }
-    if (last) {
-        if (c->done > 0) c->crc = fold_finish(&c->s);
-        c->crc = crc_bits(c->crc, buf + c->done, upto - c->done);
-        c->done = upto;
-    }
-#else
-    if (last) {
-        c->crc = crc_bits(c->crc, buf + c->done, upto - c->done);
-        c->done = upto;
-    }
 #endif
+    if (!last) return;
+#ifdef FAST_CRC32
+    if (c->done > 0) c->crc = fold_finish(&c->s);
+#endif
+    c->crc = crc_bits(c->crc, buf + c->done, upto - c->done);
+    c->done = upto;
 }
 
 /* zlib.crc32(buf, crc). */

@@ -226,9 +226,9 @@ def test_chunks_larger_than_a_crc_block_carry_zlibs_checksum(regrouping: str) ->
         frames = encode_chunk(acts, producer="p", run="r", seq=0, model="m", hook="h",
                               source={}, codec="lz4-shuffle")
         raw = wire._words(acts, dtype).tobytes()
-        assert msgpack.unpackb(frames[0])["checksum"] == zlib.crc32(raw)
-        assert torch.equal(decode_chunk(frames).acts, acts)
         header = msgpack.unpackb(frames[0])
+        assert header["checksum"] == zlib.crc32(raw)
+        assert torch.equal(decode_chunk(frames).acts, acts)
         header["checksum"] ^= 1
         with pytest.raises(WireError) as err:
             decode_chunk([msgpack.packb(header), frames[1]])
