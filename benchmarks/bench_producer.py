@@ -128,6 +128,18 @@ if __name__ == "__main__":
 (`sending_contention`)."""
 
 
+def spawn_ready(script: str, *args: object) -> subprocess.Popen:
+    """`python -c script args...`, returned once it has printed "ready" (killed otherwise)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"a helper process did not start: {script.splitlines()[1]!r}")
+    return proc
+
+
 def sending_contention(lm: LoadedModel, hook: str, batches: list[torch.Tensor], tokens: int,
                        rounds: int) -> list[object]:
     """The bare forward alone, with the producer's sending work on a thread of this process,
@@ -163,8 +175,7 @@ def forward_beside(side: str, work, lm: LoadedModel, hook: str, batches: list[to
                    period: float, chunk: int) -> float:
     """Seconds of the bare forward with the sending work on `side` ("alone": none)."""
     port = free_tcp_port()
-    procs = [subprocess.Popen([sys.executable, "-c", SINK, str(port), str(2**62)],
-                              stdout=subprocess.PIPE, text=True)]
+    procs = [spawn_ready(SINK, port, 2**62)]
     stop, failed = threading.Event(), []
 
     def on_thread() -> None:
@@ -176,14 +187,10 @@ def forward_beside(side: str, work, lm: LoadedModel, hook: str, batches: list[to
 
     thread = threading.Thread(target=on_thread, daemon=True)
     try:
-        assert procs[0].stdout is not None and procs[0].stdout.readline().strip() == "ready"
         if side == "thread":
             thread.start()
         elif side == "process":
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", SENDING_WORK, str(port), str(period), str(chunk),
-                 str(lm.d_model), "600", hook], stdout=subprocess.PIPE, text=True))
-            assert procs[1].stdout is not None and procs[1].stdout.readline().strip() == "ready"
+            procs.append(spawn_ready(SENDING_WORK, port, period, chunk, lm.d_model, 600, hook))
         time.sleep(0.2)  # the work under way before the forward starts
         seconds = bare_forward(lm, hook, batches)[0]
         alive = side != "process" or procs[1].poll() is None
@@ -205,9 +212,7 @@ def whole_producer(
     """(wall seconds of `run_producer` sending `cfg.max_tokens` to a PULL sink process, seconds
     of it spent in the forward pass according to its own `forward_seconds` histogram, CPU
     seconds of this process (every thread) plus the sink's meanwhile)."""
-    sink = subprocess.Popen([sys.executable, "-c", SINK, str(port), str(cfg.max_tokens)],
-                            stdout=subprocess.PIPE, text=True)
-    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    sink = spawn_ready(SINK, port, cfg.max_tokens)
     registry = CollectorRegistry()
     c0, t0 = cpu_seconds(), time.perf_counter()
     summary = run_producer(cfg, model=lm, corpus=corpus, registry=registry)
