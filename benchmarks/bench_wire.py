@@ -55,7 +55,6 @@ from saestream.common.wire import (
     DTYPES,
     DecodeLimits,
     _all_finite,
-    _crc32,
     _fast_crc,
     _join,
     _lz4_decompress,
@@ -63,6 +62,7 @@ from saestream.common.wire import (
     _top_plane_finite,
     _unshuffle,
     _words,
+    crc32,
     decode_chunk,
     encode_chunk,
     shuffle_bytes,
@@ -215,7 +215,7 @@ def decode_breakdown(acts: torch.Tensor, repeat: int) -> tuple[list[list[object]
         "the same in numpy (no C compiler): two max reductions, a widening multiply-add":
             lambda: (_top_plane_finite(planes[1], "bfloat16"), _join(planes[0], planes[1], 8, u2)),
         "crc32 (zlib)": lambda: zlib.crc32(words),
-        **({"crc32 (the kernels' carry-less-multiply fold)": lambda: _crc32(words),
+        **({"crc32 (the kernels' carry-less-multiply fold)": lambda: crc32(words),
             "unshuffle + top-plane finiteness + crc32, one C pass (what decode runs)":
                 lambda: _unshuffle(shuffled, 2, "bfloat16", crc=True)} if FAST_CRC else {}),
         "finiteness, exact on the words (only if the plane cannot prove it)":

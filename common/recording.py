@@ -26,7 +26,6 @@ import re
 import struct
 import time
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from saestream.common.wire import (
     WireError,
     _all_finite,
     _check_source,
+    crc32,
 )
 
 FORMAT = "saestream-recording-1"
@@ -273,7 +273,7 @@ class Shard:
 
     def check(self, entry: Entry) -> None:
         """RecordingError unless the chunk's bytes match its checksum and are all finite."""
-        if zlib.crc32(self.chunk(entry)) != entry.checksum:
+        if crc32(self.chunk(entry)) != entry.checksum:
             raise RecordingError(f"{self._what(entry)}: checksum mismatch (the file is corrupt)")
         self.check_values(entry)
 

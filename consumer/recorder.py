@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import zlib
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from saestream.common.recording import (
     new_writer_id,
     read_shard,
 )
-from saestream.common.wire import _UINT, Chunk
+from saestream.common.wire import _UINT, Chunk, crc32
 from saestream.consumer.checkpoint import FAILURE_REASONS, failure_reason
 from saestream.consumer.metrics import ConsumerMetrics
 
@@ -170,7 +169,7 @@ class Recorder(threading.Thread):
         for first, rows in kept:
             part = words[first : first + rows]
             source = chunk.source if whole else _moved(chunk.source, first, rows)
-            checksum = chunk.header["checksum"] if whole else zlib.crc32(part)
+            checksum = chunk.header["checksum"] if whole else crc32(part)
             entry = Entry(chunk.producer, chunk.run, chunk.seq, source, 0, rows, checksum,
                           chunk.ts)
             self._report(chunk.hook, writer.add(part, chunk.dtype, chunk.model, entry))
