@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import socket
 import threading
 import uuid
 import weakref
@@ -60,6 +62,8 @@ RECONNECT_IVL_MAX_MS = 5000
 TCP_KEEPALIVE_IDLE_S = 60
 TCP_KEEPALIVE_INTVL_S = 10
 TCP_KEEPALIVE_CNT = 6
+SYNC_TIMEOUT_S = 2.0
+"""How long a handshake waits for the connection monitor before it is refused."""
 CONTROL_HWM = 4
 """Control requests queued per producer connection (a producer asks twice a second)."""
 DEFAULT_MAX_MESSAGE_BYTES = (256 << 20) + (2 << 20)
@@ -231,9 +235,10 @@ def _new_socket(ctx: zmq.Context, kind: int, monitor: bool, label: str) -> Socke
 
 
 class _LimitingAuthenticator(ThreadAuthenticator):
-    """pyzmq's authenticator, plus a per-domain admission check run before its own: a
-    connection beyond a socket's limit is refused at the handshake, before it can buffer
-    anything."""
+    """pyzmq's authenticator, plus a per-domain admission check run before its own. The check
+    holds a handshake until the socket's connection monitor has judged every connection
+    accepted so far (`ConnectionMonitor.sync`): one beyond the limit is shut down before its
+    handshake can complete, so it never buffers a message."""
 
     def __init__(self, ctx: zmq.Context) -> None:
         super().__init__(ctx, log=logging.getLogger("saestream.zap"))
@@ -342,8 +347,9 @@ def pull_socket(
     """A PULL socket bound to `bind`, fair-queueing the chunks of every connected producer.
 
     With `curve`, only producers whose public key is in `curve.authorized_dir` get in.
-    With `max_connections`, a connection beyond that many open ones is refused at its
-    handshake (counted by the connection monitor, so `monitor` must be on).
+    With `max_connections`, a connection accepted while that many are open is shut down
+    before its handshake completes (judged by the connection monitor, so `monitor` must be
+    on: `ConnectionMonitor`).
     With `monitor`, a `ConnectionMonitor` thread logs refused handshakes.
     Close the socket before terminating the context (it owns an authenticator thread).
     """
@@ -392,7 +398,8 @@ def _admit_and_bind(ctx: zmq.Context, sock: Socket, bind: str, curve: CurveServe
     if max_connections is not None:
         mon = sock.connection_monitor
         assert mon is not None
-        admit = lambda: mon.open_connections() <= max_connections  # noqa: E731
+        mon.limit = max_connections  # before the bind: every connection is judged
+        admit = mon.sync
     if curve is not None:
         _curve_server(ctx, sock, curve, bind, admit)
     elif admit is not None:  # NULL security still asks the ZAP handler once a domain is set
@@ -426,13 +433,28 @@ _FAILED = {"handshake_failed_auth", "handshake_failed_protocol", "handshake_fail
 
 
 class ConnectionMonitor(threading.Thread):
-    """Watches one socket's connection events in a thread of its own.
+    """Watches one socket's connection events in a thread of its own, and enforces its cap on
+    connections.
 
     Handshake failures (a CURVE key the consumer does not admit, CURVE on one side only) are
     logged as warnings, at most once per `interval` seconds per kind; connects and
     disconnects at debug level. `counts` maps event names (`_EVENT_NAMES` values) to how
-    often they happened, for metrics. Start it right after making the socket; it ends by
-    itself when the socket is closed, or on `stop()`.
+    often they happened, plus "refused" (connections beyond `limit`), for metrics. Start it
+    right after making the socket; it ends by itself when the socket is closed, or on
+    `stop()`.
+
+    With `limit` set (before the socket binds), each accepted connection is judged in the
+    order ZeroMQ accepted them: one arriving while `limit` are open is shut down (its file
+    descriptor, from the `accepted` event, gets `shutdown(2)`; ZeroMQ then closes it).
+    Judging by descriptor is exact, where ZeroMQ's handshake events do not say which
+    connection they belong to. The ZAP handler calls `sync` before it answers a handshake, so
+    a connection's handshake cannot complete before its judgement, however far this thread
+    lags: every event ZeroMQ emitted before it asked ZAP has been taken by then (that order
+    holds with the context's one I/O thread, the default every daemon keeps). A handshake
+    that waits `SYNC_TIMEOUT_S` is refused: a flood of connections faster than this thread
+    takes their events keeps everyone out while it lasts. Connections still in their
+    handshake count, so a peer that connects and never completes one holds a place until
+    ZeroMQ's handshake timeout (30 s).
     """
 
     def __init__(self, sock: zmq.Socket, name: str, *, interval: float = 30.0,
@@ -441,11 +463,17 @@ class ConnectionMonitor(threading.Thread):
         from saestream.common.logs import RateLimitedLog
 
         self.label = name
-        self.counts: dict[str, int] = dict.fromkeys(_EVENT_NAMES.values(), 0)
-        self._open: set[int] = set()  # fds of accepted connections not yet closed
+        self.limit: int | None = None
+        self.counts: dict[str, int] = dict.fromkeys([*_EVENT_NAMES.values(), "refused"], 0)
+        self._open: set[int] = set()  # fds of accepted connections within the limit, open
+        self._refusing: dict[int, tuple[str, int | None]] = {}
+        """fds beyond the limit, not yet closed: their endpoint and socket cookie."""
         self._log = logger or log
         self._rlog = RateLimitedLog(self._log, interval)
         self._stop_event = threading.Event()
+        self._sync = threading.Condition()
+        self._asked = self._served = 0
+        self._ended = False
         addr = f"inproc://saestream-monitor-{uuid.uuid4().hex}"
         sock.monitor(addr, sum(_EVENT_NAMES) | zmq.EVENT_MONITOR_STOPPED)
         # Connected here, before the socket connects anywhere, so no early event is lost
@@ -453,48 +481,167 @@ class ConnectionMonitor(threading.Thread):
         self._mon = sock.context.socket(zmq.PAIR)
         self._mon.setsockopt(zmq.LINGER, 0)
         self._mon.connect(addr)
+        self._wake_r, self._wake_w = os.pipe()  # closed by the thread when it ends
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def run(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         mon = self._mon
+        poller = zmq.Poller()
+        poller.register(mon, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stop_event.is_set():
-                if not mon.poll(200):
+                if not poller.poll(200):
                     continue
-                event = recv_monitor_message(mon)
-                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                with self._sync:  # read after the wake-ups: a later ask leaves one unread
+                    asked = self._asked
+                if not self._take_events(mon):
                     break
-                self._record(event)
+                with self._sync:
+                    self._served = asked
+                    self._sync.notify_all()
         except zmq.ZMQError:  # context terminated under us: nothing left to watch
             pass
         finally:
             mon.close(linger=0)
+            with self._sync:
+                self._ended = True
+                self._sync.notify_all()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
-    def _record(self, event: dict[str, Any]) -> None:
+    def sync(self, timeout: float = SYNC_TIMEOUT_S) -> bool:
+        """Wait until this thread has taken (and judged) every event the socket emitted before
+        the call. False if it ended or took longer than `timeout`: refuse then."""
+        with self._sync:
+            if self._ended:
+                return False
+            self._asked += 1
+            want = self._asked
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:  # the pipe is full of earlier wake-ups: it will wake
+                pass
+            done = self._sync.wait_for(lambda: self._served >= want or self._ended, timeout)
+        if not done:
+            self._rlog.warning(
+                "behind", "%s: a handshake waited %.0f s for the connection monitor to take "
+                "the events before it (a flood of connections?): refused", self.label, timeout)
+        return done and not self._ended
+
+    def _take_events(self, mon: zmq.Socket) -> bool:
+        """Take every event queued now; False once the socket's monitoring stopped."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        judged: list[int] = []
+        running = True
+        while running:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            running = event["event"] != zmq.EVENT_MONITOR_STOPPED
+            if running:
+                self._record(event, judged)
+        for fd in dict.fromkeys(judged):
+            if fd in self._refusing:  # still open after every event taken: shut it now
+                _shutdown_fd(fd, *self._refusing[fd])
+        return running
+
+    def _record(self, event: dict[str, Any], judged: list[int] | None = None) -> None:
         kind = _EVENT_NAMES.get(event["event"])
         if kind is None:
             return
         self.counts[kind] += 1
-        if kind == "accepted":
-            self._open.add(event["value"])
-        elif kind == "disconnected":
-            self._open.discard(event["value"])
         endpoint = event["endpoint"].decode(errors="replace")
+        fd = event["value"]
+        if kind == "accepted":
+            if self.limit is None or len(self._open) < self.limit:
+                self._open.add(fd)
+            else:
+                self._refusing[fd] = (endpoint, _socket_cookie(fd))
+                self.counts["refused"] += 1
+                if judged is not None:
+                    judged.append(fd)
+                self._rlog.warning(
+                    "refused", "%s: refused a connection on %s: %d are open, the most it "
+                    "admits (--max-connections)", self.label, endpoint, self.limit)
+        elif kind == "disconnected":
+            self._open.discard(fd)
+            self._refusing.pop(fd, None)
         if kind in _FAILED:
             self._rlog.warning(
                 kind,
                 "%s: %s on %s (code %s): a peer was refused (an unauthorised CURVE key, CURVE "
                 "on one side only, or more connections than the consumer admits)",
-                self.label, kind, endpoint, event["value"],
+                self.label, kind, endpoint, fd,
             )
         else:
             self._log.debug("%s: %s %s", self.label, kind, endpoint)
 
     def open_connections(self) -> int:
-        """Accepted connections not yet closed, as far as the events seen so far tell."""
+        """Accepted connections within the limit not yet closed, as far as the events taken
+        so far tell."""
         return len(self._open)
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop_event.set()
         self.join(timeout)
+
+
+SO_COOKIE = 57
+"""Linux's socket cookie: a number the kernel never gives two sockets (Python lacks the name)."""
+
+
+def _socket_cookie(fd: int) -> int | None:
+    """The cookie of the socket on `fd`; 0 where the kernel has none, None for no socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+    except OSError:
+        return 0
+    finally:
+        sock.detach()
+
+
+def _shutdown_fd(fd: int, endpoint: str, cookie: int | None) -> None:
+    """Shut down the connection on `fd` (ZeroMQ's: it sees the end of the stream and closes it;
+    the descriptor stays ZeroMQ's to close).
+
+    Between the events taken and this call ZeroMQ may have closed the descriptor and the
+    process reused its number. So only the very socket judged is touched: the same cookie,
+    where the kernel has them (Linux); elsewhere a socket of the endpoint's kind, on its TCP
+    port or its ipc path, which a new connection on the same endpoint would also pass (it
+    would be refused once and reconnect)."""
+    if cookie is None:  # no socket there when it was judged: closed, its close event due
+        return
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:  # closed already
+        return
+    try:
+        if cookie:
+            same = _socket_cookie(fd) == cookie
+        elif endpoint.startswith("tcp://"):
+            port = endpoint.rsplit(":", 1)[-1]
+            same = (sock.family in (socket.AF_INET, socket.AF_INET6) and port.isdigit()
+                    and sock.getsockname()[1] == int(port))
+        elif endpoint.startswith("ipc://"):
+            same = sock.family == socket.AF_UNIX and sock.getsockname() == endpoint[6:]
+        else:
+            same = False
+        if same:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()

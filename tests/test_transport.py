@@ -17,6 +17,8 @@ from saestream.common.transport import (
     ConnectionMonitor,
     CurveClientKeys,
     CurveServerKeys,
+    _shutdown_fd,
+    _socket_cookie,
     is_loopback_endpoint,
     pull_socket,
     push_socket,
@@ -316,3 +318,78 @@ def test_backlogged_consumer_keeps_every_chunk_of_a_producer_that_closed(ctx, fr
     sender.join()
     pull.close()
     assert received == list(range(n_messages))
+
+
+def _admitted(pull: zmq.Socket, pushes: list[zmq.Socket], sent: set[int], got: set[int],
+              seconds: float) -> None:
+    """For `seconds`: each PUSH socket whose connection got in sends its index once (with
+    IMMEDIATE a refused one never can); record the indices `pull` receives."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for i, s in enumerate(pushes):
+            if i not in sent and not s.closed:
+                try:
+                    s.send(str(i).encode(), zmq.NOBLOCK)
+                    sent.add(i)
+                except zmq.Again:
+                    pass
+        while pull.poll(20):
+            got.add(int(pull.recv()))
+
+
+def test_connection_cap_holds_against_a_burst_while_the_monitor_lags(ctx, free_port) -> None:
+    """Eight producers connect at once to a PULL admitting three, while its monitor thread
+    takes 50 ms per event (a loaded machine): exactly three get in, in the burst and again
+    after those close. A cap read from a lagging count let the whole burst in; one counting
+    connections still in their handshake refused the whole burst."""
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    pull = pull_socket(ctx, endpoint, max_connections=3)
+    mon = pull.connection_monitor
+    assert mon is not None
+    record = mon._record
+
+    def slow_record(*args, **kwargs):
+        time.sleep(0.05)
+        record(*args, **kwargs)
+
+    mon._record = slow_record  # type: ignore[method-assign]
+    pushes = [push_socket(ctx, [endpoint], monitor=False) for _ in range(8)]
+    sent: set[int] = set()
+    got: set[int] = set()
+    _admitted(pull, pushes, sent, got, 4.0)
+    assert len(sent) == 3 and got == sent, (sent, got)
+    assert mon.counts["refused"] >= 5
+    first = set(sent)
+    for i in first:
+        pushes[i].close(linger=0)
+    deadline = time.monotonic() + 30  # the refused reconnect, backing off to 5 s
+    while len(got) < 6 and time.monotonic() < deadline:
+        _admitted(pull, pushes, sent, got, 0.5)
+        assert mon.open_connections() <= 3
+    _admitted(pull, pushes, sent, got, 1.0)
+    assert len(got) == 6 and got == sent and not first & (got - first), (sent, got)
+    for s in pushes:
+        s.close(linger=0)
+    pull.close()
+    assert not mon.is_alive() and not mon.sync(0.1)
+
+
+def test_refusing_a_descriptor_touches_only_the_socket_judged() -> None:
+    """Between judging a connection and shutting it down, ZeroMQ may close its descriptor and
+    the process reuse the number: the cookie taken when judged tells the sockets apart."""
+    import socket
+
+    judged, peer = socket.socketpair()
+    cookie = _socket_cookie(judged.fileno())
+    assert cookie  # Linux has socket cookies
+    reused, other = socket.socketpair()
+    _shutdown_fd(reused.fileno(), "tcp://127.0.0.1:5555", cookie)  # another socket: kept
+    other.send(b"x")
+    assert reused.recv(1) == b"x"
+    _shutdown_fd(judged.fileno(), "tcp://127.0.0.1:5555", cookie)
+    assert peer.recv(1) == b""  # shut down: the peer sees the end of the stream
+    _shutdown_fd(reused.fileno(), "tcp://127.0.0.1:5555", None)  # gone when judged: kept
+    other.send(b"y")
+    assert reused.recv(1) == b"y"
+    for s in (judged, peer, reused, other):
+        s.close()
