@@ -213,6 +213,11 @@ class Socket(zmq.Socket):
     """The thread logging this socket's handshake failures (None if `monitor=False`)."""
     _release_auth: Any = None
 
+    def refused(self) -> int:
+        """Connections shut down so far because the cap was reached (0 without a monitor)."""
+        mon = self.connection_monitor
+        return mon.counts["refused"] if mon is not None else 0
+
     def close(self, linger: int | None = None) -> None:
         super().close(linger=linger)
         release, self._release_auth = self._release_auth, None

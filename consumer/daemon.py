@@ -316,6 +316,7 @@ class ConsumerRun:
         self.ctx = zmq.Context()
         sock = pull_socket(self.ctx, bind, hwm=cfg.hwm, curve=cfg.curve,
                            max_message_bytes=max_message, max_connections=cfg.max_connections)
+        m.refused_connections.watch("data", sock.refused)
         self.receiver = Receiver(sock, self.buffers, m, self.ledger, hooks=cfg.hooks,
                                  hook_info=self.hook_info, limits=limits,
                                  log_interval=cfg.reject_log_interval, recorder=self.recorder,
@@ -324,9 +325,11 @@ class ConsumerRun:
         if control != "off":
             # Data parallel: each rank is a consumer run of its own to the producers (its own
             # ledger), and its positions are never in a snapshot (not durable).
+            router = router_socket(self.ctx, control, curve=cfg.curve,
+                                   max_connections=cfg.max_connections)
+            m.refused_connections.watch("control", router.refused)
             self.control = ControlServer(
-                router_socket(self.ctx, control, curve=cfg.curve,
-                              max_connections=cfg.max_connections), self.ledger, m,
+                router, self.ledger, m,
                 run_id=self.stats.run_id if dp.size == 1 else f"{self.stats.run_id}-r{dp.rank}",
                 durable=cfg.checkpoint_dir is not None and dp.size == 1, hooks=cfg.hooks)
             self.control.committed = committed

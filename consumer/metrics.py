@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 # Step times of a TopK SAE range from ~1 ms (tiny, GPU) to seconds (wide, CPU).
 STEP_SECONDS_BUCKETS = (
@@ -175,6 +175,8 @@ class ConsumerMetrics:
             "Control-channel messages (count) dropped as malformed.",
             registry=r,
         )
+        self.refused_connections = _Refusals()
+        r.register(self.refused_connections)  # type: ignore[arg-type]
 
         # -- recording (--record, saestream record; per hook) --
         self.recorded_tokens = Counter(
@@ -253,6 +255,30 @@ class ConsumerMetrics:
                 metric.remove(producer)
             except KeyError:
                 pass
+
+
+class _Refusals:
+    """saestream_refused_connections_total{socket}: read at scrape time from the sockets'
+    connection monitors, which count the connections they shut down."""
+
+    NAME = "saestream_refused_connections"
+    HELP = ("Connections (count) shut down at their handshake because --max-connections were "
+            "open, by socket (data, control).")
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], int]] = {}
+
+    def watch(self, socket: str, count: Callable[[], int]) -> None:
+        self.sources[socket] = count
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["socket"])
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["socket"])
+        for socket, count in self.sources.items():
+            family.add_metric([socket], count())
+        yield family
 
 
 class _RankLabelled:

@@ -90,6 +90,7 @@ class RecordSink:
         self.ctx = zmq.Context()
         sock = pull_socket(self.ctx, cfg.bind, hwm=cfg.hwm, curve=cfg.curve,
                            max_message_bytes=max_message, max_connections=cfg.max_connections)
+        metrics.refused_connections.watch("data", sock.refused)
         hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks} if cfg.d_in else {}
         self.receiver = Receiver(sock, Discard(), metrics, self.ledger,  # type: ignore[arg-type]
                                  hooks=cfg.hooks, hook_info=hook_info, limits=limits,
@@ -98,9 +99,11 @@ class RecordSink:
         self.control: ControlServer | None = None
         control = cfg.control_bind or control_endpoint(cfg.bind)
         if control != "off":
+            router = router_socket(self.ctx, control, curve=cfg.curve,
+                                   max_connections=cfg.max_connections)
+            metrics.refused_connections.watch("control", router.refused)
             self.control = ControlServer(
-                router_socket(self.ctx, control, curve=cfg.curve,
-                              max_connections=cfg.max_connections), self.ledger, metrics,
+                router, self.ledger, metrics,
                 run_id=self.run_id, durable=True, hooks=cfg.hooks)
         self.recorder.start()
         self.receiver.start()

@@ -401,6 +401,7 @@ def test_hostile_input_never_stops_training(tmp_path: Path, procs: list) -> None
         for t in threads:
             t.join(30)
         assert sum(sent) > 0 and sent.count(0) >= FLOOD_SOCKETS - MAX_CONNECTIONS, sent
+        assert c.value("saestream_refused_connections_total", socket="data") > 0
         c.wait_for("flood chunks received", lambda: c.value(
             "saestream_received_messages_total", producer="flood") > 0)
         keeps_training("the oversized frames and the flood")
