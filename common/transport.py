@@ -62,8 +62,8 @@ RECONNECT_IVL_MAX_MS = 5000
 TCP_KEEPALIVE_IDLE_S = 60
 TCP_KEEPALIVE_INTVL_S = 10
 TCP_KEEPALIVE_CNT = 6
-SYNC_TIMEOUT_S = 2.0
-"""How long a handshake waits for the connection monitor before it is refused."""
+SYNC_WARN_S = 2.0
+"""A handshake waiting this long for the connection monitor is logged (and again each time)."""
 CONTROL_HWM = 4
 """Control requests queued per producer connection (a producer asks twice a second)."""
 DEFAULT_MAX_MESSAGE_BYTES = (256 << 20) + (2 << 20)
@@ -252,8 +252,8 @@ class _LimitingAuthenticator(ThreadAuthenticator):
     async def handle_zap_message(self, msg: list[bytes]) -> None:
         if len(msg) >= 6:
             check = self.admit.get(msg[2].decode("utf-8", "replace"))
-            if check is not None and not check():
-                self._send_zap_reply(msg[1], b"400", b"too many connections")
+            if check is not None and not check():  # the socket is closing
+                self._send_zap_reply(msg[1], b"400", b"closing")
                 return
         await super().handle_zap_message(msg)
 
@@ -455,11 +455,14 @@ class ConnectionMonitor(threading.Thread):
     connection they belong to. The ZAP handler calls `sync` before it answers a handshake, so
     a connection's handshake cannot complete before its judgement, however far this thread
     lags: every event ZeroMQ emitted before it asked ZAP has been taken by then (that order
-    holds with the context's one I/O thread, the default every daemon keeps). A handshake
-    that waits `SYNC_TIMEOUT_S` is refused: a flood of connections faster than this thread
-    takes their events keeps everyone out while it lasts. Connections still in their
-    handshake count, so a peer that connects and never completes one holds a place until
-    ZeroMQ's handshake timeout (30 s).
+    holds with the context's one I/O thread, the default every daemon keeps). There is no
+    time limit on that wait: refusing a handshake by ZAP would make the producer give up
+    for good (ZeroMQ does not reconnect after an ERROR command, and a ZAP "300" leaves the
+    connection hanging until the handshake timeout), while a connection shut down here is
+    reconnected by its producer. So a flood of connections faster than this thread takes
+    their events holds handshakes back while it lasts. Connections still in their handshake
+    count, so a peer that connects and never completes one holds a place until ZeroMQ's
+    handshake timeout (30 s).
     """
 
     def __init__(self, sock: zmq.Socket, name: str, *, interval: float = 30.0,
@@ -521,9 +524,10 @@ class ConnectionMonitor(threading.Thread):
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def sync(self, timeout: float = SYNC_TIMEOUT_S) -> bool:
+    def sync(self) -> bool:
         """Wait until this thread has taken (and judged) every event the socket emitted before
-        the call. False if it ended or took longer than `timeout`: refuse then."""
+        the call, however long that takes (a warning after each `SYNC_WARN_S` of waiting,
+        rate-limited); False if the thread ended (the socket closed)."""
         with self._sync:
             if self._ended:
                 return False
@@ -533,12 +537,15 @@ class ConnectionMonitor(threading.Thread):
                 os.write(self._wake_w, b"!")
             except BlockingIOError:  # the pipe is full of earlier wake-ups: it will wake
                 pass
-            done = self._sync.wait_for(lambda: self._served >= want or self._ended, timeout)
-        if not done:
-            self._rlog.warning(
-                "behind", "%s: a handshake waited %.0f s for the connection monitor to take "
-                "the events before it (a flood of connections?): refused", self.label, timeout)
-        return done and not self._ended
+            waited = 0.0
+            while not self._sync.wait_for(lambda: self._served >= want or self._ended,
+                                          SYNC_WARN_S):
+                waited += SYNC_WARN_S
+                self._rlog.warning(
+                    "behind", "%s: a handshake has waited %.0f s for the connection monitor "
+                    "to take the events before it (a flood of connections?)", self.label,
+                    waited)
+            return not self._ended
 
     def _take_events(self, mon: zmq.Socket) -> bool:
         """Take every event queued now; False once the socket's monitoring stopped."""
