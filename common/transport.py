@@ -33,6 +33,7 @@ such a socket binds beyond loopback.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -40,7 +41,7 @@ import socket
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ TCP_KEEPALIVE_IDLE_S = 60
 TCP_KEEPALIVE_INTVL_S = 10
 TCP_KEEPALIVE_CNT = 6
 SYNC_WARN_S = 2.0
-"""A handshake waiting this long for the connection monitor is logged (and again each time)."""
+"""A handshake waiting this long for the connection monitor is logged (rate-limited), and
+again after each further SYNC_WARN_S."""
 CONTROL_HWM = 4
 """Control requests queued per producer connection (a producer asks twice a second)."""
 DEFAULT_MAX_MESSAGE_BYTES = (256 << 20) + (2 << 20)
@@ -566,7 +568,8 @@ class ConnectionMonitor(threading.Thread):
                 _shutdown_fd(fd, *self._refusing[fd])
         return running
 
-    def _record(self, event: dict[str, Any], judged: list[int] | None = None) -> None:
+    def _record(self, event: dict[str, Any], judged: list[int]) -> None:
+        """Count the event; judge an accepted connection (`judged` gets those to shut down)."""
         kind = _EVENT_NAMES.get(event["event"])
         if kind is None:
             return
@@ -579,8 +582,7 @@ class ConnectionMonitor(threading.Thread):
             else:
                 self._refusing[fd] = (endpoint, _socket_cookie(fd))
                 self.counts["refused"] += 1
-                if judged is not None:
-                    judged.append(fd)
+                judged.append(fd)
                 self._rlog.warning(
                     "refused", "%s: refused a connection on %s: %d are open, the most it "
                     "admits (--max-connections)", self.label, endpoint, self.limit)
@@ -611,18 +613,33 @@ SO_COOKIE = 57
 """Linux's socket cookie: a number the kernel never gives two sockets (Python lacks the name)."""
 
 
-def _socket_cookie(fd: int) -> int | None:
-    """The cookie of the socket on `fd`; 0 where the kernel has none, None for no socket."""
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket | None]:
+    """A socket object over ZeroMQ's descriptor `fd` (None if no socket is open there),
+    detached again afterwards, so the descriptor stays ZeroMQ's to close."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
-        return None
+        yield None
+        return
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+def _cookie_of(sock: socket.socket) -> int:
+    """The socket's cookie; 0 where the kernel has none."""
     try:
         return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
     except OSError:
         return 0
-    finally:
-        sock.detach()
+
+
+def _socket_cookie(fd: int) -> int | None:
+    """The cookie of the socket on `fd`; 0 where the kernel has none, None for no socket."""
+    with _borrowed(fd) as sock:
+        return None if sock is None else _cookie_of(sock)
 
 
 def _shutdown_fd(fd: int, endpoint: str, cookie: int | None) -> None:
@@ -636,24 +653,21 @@ def _shutdown_fd(fd: int, endpoint: str, cookie: int | None) -> None:
     would be refused once and reconnect)."""
     if cookie is None:  # no socket there when it was judged: closed, its close event due
         return
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:  # closed already
-        return
-    try:
-        if cookie:
-            same = _socket_cookie(fd) == cookie
-        elif endpoint.startswith("tcp://"):
-            port = endpoint.rsplit(":", 1)[-1]
-            same = (sock.family in (socket.AF_INET, socket.AF_INET6) and port.isdigit()
-                    and sock.getsockname()[1] == int(port))
-        elif endpoint.startswith("ipc://"):
-            same = sock.family == socket.AF_UNIX and sock.getsockname() == endpoint[6:]
-        else:
-            same = False
-        if same:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
+    with _borrowed(fd) as sock:
+        if sock is None:  # closed already
+            return
+        try:
+            if cookie:
+                same = _cookie_of(sock) == cookie
+            elif endpoint.startswith("tcp://"):
+                port = endpoint.rsplit(":", 1)[-1]
+                same = (sock.family in (socket.AF_INET, socket.AF_INET6) and port.isdigit()
+                        and sock.getsockname()[1] == int(port))
+            elif endpoint.startswith("ipc://"):
+                same = sock.family == socket.AF_UNIX and sock.getsockname() == endpoint[6:]
+            else:
+                same = False
+            if same:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -381,8 +381,8 @@ def test_connection_cap_holds_against_a_burst_while_the_monitor_lags(ctx, free_p
 
 def test_a_handshake_waits_for_a_stalled_monitor_then_gets_in(ctx, free_port, caplog) -> None:
     """The monitor thread stalls for 5 s on the first connection's first event: the handshake
-    waits (a warning every 2 s) and completes once the thread has judged it. Refusing it by
-    ZAP instead would have made the producer give up for good."""
+    waits (logged once it has waited 2 s) and completes once the thread has judged it.
+    Refusing it by ZAP instead would have made the producer give up for good."""
     endpoint = f"tcp://127.0.0.1:{free_port}"
     with caplog.at_level(logging.WARNING, logger="saestream.transport"):
         pull = pull_socket(ctx, endpoint, max_connections=1)
