@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,10 @@ endpoints for ones where no consumer listens."""
 RETRY_SECONDS = 0.05
 """How often a request is tried while no control connection exists (sends to an unconnected
 DEALER fail at once: IMMEDIATE), so `reachable` turns true within this of the handshake."""
+LAST_REQUEST_SECONDS = 1.0
+"""How long `stop` waits for the answers to its last request. That request hands over what
+the stream declared since the one before it (above all the void that closes an epoch), which
+no later request would carry; a consumer answers in milliseconds, a gone one never."""
 
 
 class ControlClient(threading.Thread):
@@ -73,6 +78,8 @@ class ControlClient(threading.Thread):
         self._hole: tuple[Progress, float] | None = None
         self.error: str | None = None
         """The consumer's refusal (e.g. this id is known with another stream)."""
+        self._unanswered: list[deque[float]] = [deque() for _ in self.socks]
+        """Per socket, when each request not yet answered was sent (replies come in order)."""
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -83,21 +90,54 @@ class ControlClient(threading.Thread):
             while not self._stopping.is_set():
                 now = time.monotonic()
                 if now >= next_ask:
-                    frame = encode(self.request())
-                    for sock in self.socks:
-                        try:
-                            sock.send(frame, flags=zmq.NOBLOCK)
-                            self.reachable = True
-                        except zmq.Again:  # not connected yet: ask again later
-                            pass
+                    self._ask()
                     next_ask = now + (ASK_SECONDS if self.reachable else RETRY_SECONDS)
-                for sock, _ in poller.poll(50):
-                    self._read(self.socks.index(sock), sock.recv())
+                self._poll(poller, 50)
+            self._last_request(poller)
         finally:
             for sock in self.socks:
                 sock.close(linger=0)
 
+    def _ask(self) -> list[int]:
+        """Send the current request on every connected socket; the ones that took it."""
+        frame = encode(self.request())
+        took = []
+        now = time.monotonic()
+        for i, sock in enumerate(self.socks):
+            try:
+                sock.send(frame, flags=zmq.NOBLOCK)
+            except zmq.Again:  # not connected yet: ask again later
+                continue
+            self.reachable = True
+            waiting = self._unanswered[i]
+            while waiting and now - waiting[0] > FRESH_SECONDS:
+                waiting.popleft()  # lost with a connection or a consumer: never answered
+            waiting.append(now)
+            took.append(i)
+        return took
+
+    def _poll(self, poller: zmq.Poller, timeout_ms: float) -> None:
+        for sock, _ in poller.poll(timeout_ms):
+            self._read(self.socks.index(sock), sock.recv())
+
+    def _last_request(self, poller: zmq.Poller) -> None:
+        """Ask once more, and wait LAST_REQUEST_SECONDS at most until every consumer that
+        took it has answered each request (replies come in order, so the last request has
+        been handled, its voids are in that consumer's ledger)."""
+        took = self._ask()
+        deadline = time.monotonic() + LAST_REQUEST_SECONDS
+        while any(self._unanswered[i] for i in took):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info("no answer to the last control request within %.1f s from %s",
+                         LAST_REQUEST_SECONDS, ", ".join(
+                             self.endpoints[i] for i in took if self._unanswered[i]))
+                return
+            self._poll(poller, min(50.0, left * 1000))
+
     def _read(self, i: int, frame: bytes) -> None:
+        if self._unanswered[i]:
+            self._unanswered[i].popleft()
         try:
             reply = decode_position(frame)
         except ControlError as exc:
@@ -110,8 +150,9 @@ class ControlClient(threading.Thread):
         self.ever_answered.set()
 
     def stop(self) -> None:
+        """Make the last request (`_last_request`), then close the sockets."""
         self._stopping.set()
-        self.join(5.0)
+        self.join(5.0 + LAST_REQUEST_SECONDS)
 
     # -- the end of a stream ------------------------------------------------------------------
 

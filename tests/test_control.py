@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import zmq
 from conftest import free_tcp_port
 from test_ledger import HOOK, STREAM, receive
 
-from saestream.common.control import decode_position, encode
+from saestream.common.control import decode_position, decode_where, encode
 from saestream.common.transport import dealer_socket, router_socket
 from saestream.consumer import control as consumer_control
 from saestream.consumer.control import ControlServer
-from saestream.consumer.ledger import Ledger
+from saestream.consumer.ledger import MAX_POS, Ledger
 from saestream.consumer.metrics import ConsumerMetrics
 from saestream.producer import control as producer_control
 from saestream.producer.control import ControlClient, where_request
@@ -202,3 +203,51 @@ def test_a_producer_whose_rows_a_stopped_consumer_lacks_waits_for_it_and_says_so
         assert settle(after_stop, Progress(0, 2 * COMMITTED), 1.5) == [("stop", None)]
     assert ("consumer run c1 stopped holding this stream up to position 100 of epoch 0 "
             "(it ends at position 200 of epoch 0): waiting for it to come back" in caplog.text)
+
+
+# -- the producer's last request ----------------------------------------------------------------
+
+
+def test_a_stopping_producer_hands_over_the_void_that_closes_its_epoch(served, monkeypatch) -> None:
+    """The void that closes an epoch travels only in control requests: one declared after the
+    last periodic request reaches the consumer's ledger in the request `stop` makes."""
+    monkeypatch.setattr(producer_control, "ASK_SECONDS", 60.0)  # no periodic request after
+    server, ctx, endpoint = served
+    request = where()
+    client = ControlClient(ctx, [endpoint], curve=None, request=lambda: request)
+    client.start()
+    assert client.ever_answered.wait(10)
+    request = {**request, "void": [[0, COMMITTED, MAX_POS]]}  # epoch 0 ended at 100
+    client.stop()
+    assert not client.is_alive()
+    hl = server.ledger.get("p").hooks[HOOK]
+    assert hl.void == {0: [[COMMITTED, MAX_POS]]}
+    assert hl.frontier((0, 0)) == (1, 0)
+
+
+def test_a_consumer_that_does_not_answer_holds_a_producer_s_stop_for_a_moment_only(
+    monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(producer_control, "LAST_REQUEST_SECONDS", 0.5)
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    silent = router_socket(ctx, endpoint)  # takes requests, answers none
+    client = ControlClient(ctx, [endpoint], curve=None, request=where)
+    try:
+        client.start()
+        assert silent.poll(10_000), "no request"
+        with caplog.at_level(logging.INFO, logger="saestream.producer.control"):
+            t0 = time.monotonic()
+            client.stop()
+            waited = time.monotonic() - t0
+        assert not client.is_alive()
+        assert 0.5 <= waited < 5.0
+        assert f"no answer to the last control request within 0.5 s from {endpoint}" \
+            in caplog.text
+        requests = []
+        while silent.poll(0):
+            requests.append(decode_where(silent.recv_multipart()[1]))
+        assert requests and requests[-1]["producer"] == "p"  # the last one arrived
+    finally:
+        silent.close(linger=0)
+        ctx.term()
