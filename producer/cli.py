@@ -58,7 +58,7 @@ def producer(**kw: object) -> None:
     from saestream.common.logs import setup_logging
     from saestream.common.signals import SignalFlags
     from saestream.producer.corpus import CorpusError, Shard, precheck_corpus
-    from saestream.producer.state import StateError, read_state
+    from saestream.producer.state import StateError, check_writable, read_state
 
     setup_logging(str(kw.pop("log_level")))
     secret, server = kw.pop("curve_secret_key"), kw.pop("curve_server_key")
@@ -72,12 +72,13 @@ def producer(**kw: object) -> None:
         precheck_corpus(str(kw["corpus"]), str(kw["token_dtype"]))
         if kw["state_file"] is not None:
             read_state(kw["state_file"])  # type: ignore[arg-type]
+            check_writable(kw["state_file"])  # type: ignore[arg-type]
     except (CorpusError, StateError) as exc:
         raise UserError(str(exc)) from exc
     flags = SignalFlags().install()
 
     from saestream.common.transport import CurveClientKeys
-    from saestream.producer.daemon import run_producer
+    from saestream.producer.daemon import StateWriteError, run_producer
     from saestream.producer.hooks import HookError
     from saestream.producer.models import ModelError
 
@@ -87,3 +88,6 @@ def producer(**kw: object) -> None:
         run_producer(cfg, stop=flags.stop)
     except (ModelError, HookError, CorpusError, StateError) as exc:
         raise UserError(str(exc)) from exc
+    except StateWriteError as exc:
+        click.echo(f"saestream: error: {exc}", err=True)
+        raise SystemExit(1) from None

@@ -29,6 +29,7 @@ from saestream.common.control import (
     decode_position,
     encode,
 )
+from saestream.common.logs import RateLimitedLog
 from saestream.common.transport import CurveClientKeys, dealer_socket
 from saestream.producer.sender import Progress
 
@@ -78,6 +79,7 @@ class ControlClient(threading.Thread):
         self._hole: tuple[Progress, float] | None = None
         self.error: str | None = None
         """The consumer's refusal (e.g. this id is known with another stream)."""
+        self._rlog = RateLimitedLog(log)
         self._unanswered: list[deque[float]] = [deque() for _ in self.socks]
         """Per socket, when each request not yet answered was sent (replies come in order)."""
 
@@ -100,7 +102,12 @@ class ControlClient(threading.Thread):
 
     def _ask(self) -> list[int]:
         """Send the current request on every connected socket; the ones that took it."""
-        frame = encode(self.request())
+        try:
+            frame = encode(self.request())
+        except Exception as exc:  # the thread must outlive it: it alone speaks to consumers
+            self._rlog.warning("request", "could not build the control request (%s: %s); "
+                               "asking again", type(exc).__name__, exc)
+            return []
         took = []
         now = time.monotonic()
         for i, sock in enumerate(self.socks):

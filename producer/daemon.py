@@ -40,9 +40,16 @@ from saestream.producer.metrics import ProducerMetrics
 from saestream.producer.models import Interrupted, LoadedModel, load_model
 from saestream.producer.sender import Outgoing, Progress, Sender
 from saestream.producer.staging import to_host
-from saestream.producer.state import ProducerState, check_state, read_state, write_state
+from saestream.producer.state import (
+    ProducerState,
+    StateError,
+    StateWriteError,
+    check_state,
+    read_state,
+    write_state,
+)
 
-__all__ = ["ProducerConfig", "RunSummary", "run_producer"]
+__all__ = ["ProducerConfig", "RunSummary", "StateWriteError", "run_producer"]
 
 log = logging.getLogger("saestream.producer")
 
@@ -50,6 +57,8 @@ MAX_POS = 1 << 62
 """Void from the end of an epoch to here: the consumer's frontier moves to the next epoch."""
 CONSUMER_DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 """A consumer's default --max-chunk-bytes: larger chunks would be rejected."""
+SAVE_RETRY_SECONDS = 5.0
+"""After a failed save of the state file, the next one comes this soon (or --state-every)."""
 
 
 class RunSummary(NamedTuple):
@@ -95,6 +104,8 @@ def run_producer(
         raise
     finally:
         run.close()
+    if run.state_error is not None:
+        raise StateWriteError(run.state_lost())
     return run.summary()
 
 
@@ -106,6 +117,9 @@ class ProducerRun:
                  corpus: Corpus | None) -> None:
         self.cfg, self.stop, self.failed = cfg, stop, False
         self.stopped = False
+        self.state_error: str | None = None
+        """Why the newest save of the state file failed (None: it succeeded)."""
+        self._state_log = RateLimitedLog(log)
         set_threads(cfg.threads)
         if cfg.wire_dtype not in DTYPES:
             raise UserError(f"bad wire dtype {cfg.wire_dtype!r} (use {', '.join(DTYPES)})")
@@ -269,6 +283,19 @@ class ProducerRun:
         log.info("producer %s run %s: sent %d tokens per hook in %d messages%s",
                  self.producer_id, self.run, self.sender.tokens_sent, self.sender.seq,
                  "" if self.complete else " (stopped with chunks unsent)")
+
+    def state_lost(self) -> str:
+        """What a failed last save of the state file means for a restart, in one line."""
+        path = self.cfg.state_file
+        try:
+            kept = read_state(path)  # type: ignore[arg-type]
+        except StateError:
+            kept = None
+        held = ("it does not exist" if kept is None else
+                f"it still holds position {kept.tokens_done} of epoch {kept.epoch}")
+        return (f"could not write the state file {path} at exit ({self.state_error}); {held}: "
+                f"a restart with it resumes from there (a consumer that answers says where "
+                f"instead, and trims rows it already holds)")
 
     def summary(self) -> RunSummary:
         if not hasattr(self, "sender"):
@@ -442,15 +469,28 @@ class ProducerRun:
 
     def _periodic_save(self) -> None:
         if time.monotonic() >= self.next_save:
-            self._save_state()
+            saved = self._save_state()
             log.info("sent %d tokens, %d messages", self.sender.tokens_sent, self.sender.seq)
-            self.next_save = time.monotonic() + self.cfg.state_every
+            every = self.cfg.state_every
+            self.next_save = time.monotonic() + (every if saved else min(every, SAVE_RETRY_SECONDS))
 
-    def _save_state(self, committed: Progress | None = None) -> None:
+    def _save_state(self, committed: Progress | None = None) -> bool:
+        """Write the state file; False when the disk refused (counted, logged, and tried again
+        by the next save: a full or read-only disk never stops the stream)."""
         if self.cfg.state_file is None or not hasattr(self, "sender"):
-            return
+            return True
         with self._state_lock:  # the control thread saves too (a new consumer run's origin)
             state = self.state
             state.epoch, state.tokens_done = self._resume_point(committed)
             state.tokens_sent_total = self.base_total + self.sender.tokens_sent
-            write_state(self.cfg.state_file, state)
+            try:
+                write_state(self.cfg.state_file, state)
+            except OSError as exc:
+                self.state_error = exc.strerror or str(exc)
+                self.metrics.state_write_failures.inc()
+                self._state_log.warning(
+                    "save", "could not write the state file %s (%s): still streaming, the "
+                    "next save tries again", self.cfg.state_file, self.state_error)
+                return False
+            self.state_error = None
+            return True

@@ -20,6 +20,7 @@ class ProducerMetrics:
     send_blocked_seconds: Counter
     queue_depth: Gauge
     rewinds: Counter
+    state_write_failures: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ProducerMetrics:
@@ -68,5 +69,11 @@ class ProducerMetrics:
                 "(re-sending what the consumer does not hold) or forward (skipping what it "
                 "holds), by direction.",
                 ["direction"], registry=registry,
+            ),
+            state_write_failures=Counter(
+                "saestream_producer_state_write_failures_total",
+                "Saves of --state-file the disk refused (full, read-only); streaming goes on "
+                "and the next save tries again.",
+                registry=registry,
             ),
         )

@@ -26,6 +26,11 @@ class StateError(ValueError):
     """A state file that cannot be used for this run; the message is one line."""
 
 
+class StateWriteError(Exception):
+    """The state file could not be written at exit (the CLI: one line, exit 1); the message
+    says what the file still holds."""
+
+
 @dataclass
 class ProducerState:
     corpus: str
@@ -118,6 +123,25 @@ def check_state(state: ProducerState, expected: ProducerState, path: Path) -> No
             f"state file {str(path)!r} belongs to another configuration ({diff}); "
             "remove it or pass another --state-file"
         )
+
+
+def check_writable(path: Path) -> None:
+    """Refuse at start-up (StateError: one line, exit 2) a state file that could not be
+    saved, rather than fail minutes in: a temporary file is written, synced and removed
+    beside it, as every save does."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            os.write(fd, b"{}\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as exc:
+        raise StateError(f"state file {str(path)!r} cannot be written: "
+                         f"{exc.strerror or exc}") from exc
 
 
 def write_state(path: Path, state: ProducerState) -> None:

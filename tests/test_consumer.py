@@ -41,8 +41,9 @@ def child_env() -> dict[str, str]:
 class Consumer(LoggedProcess):
     """`saestream consumer` as a subprocess with a free port, metrics port and a log file."""
 
-    def __init__(self, tmp_path: Path, *args: str, ckpt: Path | None = None) -> None:
-        self.port = free_tcp_port()
+    def __init__(self, tmp_path: Path, *args: str, ckpt: Path | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_tcp_port()
         self.metrics_port = free_tcp_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.ckpt = ckpt or tmp_path / "ckpt"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import signal
 import socket
@@ -25,10 +26,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import free_tcp_port, run_cli
-from test_consumer import Consumer, Sender, latest, snapshot_dirs
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
+from test_consumer import HOOK, Consumer, Sender, child_env, latest, snapshot_dirs
 
 from saestream.consumer.checkpoint import TEMP_PREFIXES, check_complete
+from saestream.tools.status import by_name, fetch_samples, value
 
 REASON = {"full": "no_space", "read_only": "read_only"}
 STRERROR = {"full": "No space left on device", "read_only": "Read-only file system"}
@@ -258,3 +260,101 @@ def test_final_snapshot_failing_after_resume_names_the_snapshot_resumed_from(
     assert last_line(second) == ("saestream: error: the final snapshot failed 3 times; the "
                                  f"last good snapshot is {ckpt / 'step-00000004'}")
     assert snapshot_dirs(ckpt) == ["step-00000004"] and leftovers(ckpt) == []
+
+
+# -- the producer's state file ---------------------------------------------------------------
+
+
+def producer_argv(state: Path, port: int, metrics_port: int) -> list[str]:
+    """The tiny model over a short synthetic shard (2,520 positions an epoch: many epoch
+    ends, each declared void on the control channel), saving its state every second."""
+    return saestream_cmd(
+        "producer", "--model", "tiny", "--corpus", "synthetic:40", "--hook", HOOK,
+        "--connect", f"tcp://127.0.0.1:{port}", "--producer-id", "p", "--chunk-tokens", "256",
+        "--batch-size", "4", "--seq-len", "64", "--threads", "1", "--state-file", str(state),
+        "--state-every", "1", "--metrics-port", str(metrics_port), "--linger", "5",
+    )
+
+
+def producer_value(metrics_port: int, name: str) -> float:
+    try:
+        v = value(by_name(fetch_samples(f"127.0.0.1:{metrics_port}", timeout=5)), name)
+    except OSError:
+        return -1.0
+    return 0.0 if v is None else v
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_producer_start_up_refuses_a_state_file_it_could_not_save(tmpfs, fault: str) -> None:
+    mnt = tmpfs("1m")
+    state = mnt / "p.json"
+    break_disk(mnt, fault)
+    res = run_cli(["producer", "--model", "tiny", "--corpus", "synthetic", "--hook", HOOK,
+                   "--connect", f"tcp://127.0.0.1:{free_tcp_port()}", "--state-file",
+                   str(state)], timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"saestream: error: state file {str(state)!r} cannot be written: {STRERROR[fault]}"]
+    assert sorted(p.name for p in mnt.iterdir()) == (["fill"] if fault == "full" else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_a_producer_whose_state_file_fails_mid_run_keeps_streaming_and_saves_when_it_can(
+    tmpfs, procs: Procs, tmp_path: Path, fault: str
+) -> None:
+    """The disk fails before a consumer first answers, so the save of that consumer's origin
+    (on the control thread) fails too: the control thread lives on and keeps declaring the
+    epochs' ends; the periodic saves are counted and retried; the save at exit fails with one
+    line and exit 1 that says what the file still holds."""
+    mnt = tmpfs()
+    state = mnt / "p.json"
+    port, metrics_port = free_tcp_port(), free_tcp_port()
+    prod = LoggedProcess(producer_argv(state, port, metrics_port), tmp_path / "producer.log",
+                         child_env())
+    try:
+        deadline = time.monotonic() + 120
+        while producer_value(metrics_port, "saestream_producer_tokens_total") < 0:
+            assert prod.proc.poll() is None and time.monotonic() < deadline, prod.log()
+            time.sleep(0.2)
+        break_disk(mnt, fault)
+        c = Consumer(tmp_path, ckpt=tmp_path / "ckpt", port=port)
+        procs.consumers.append(c)
+        c.wait_for("eight epochs and failed saves", lambda: c.value(
+            "saestream_received_tokens_total", producer="p") >= 8 * 2520 and producer_value(
+            metrics_port, "saestream_producer_state_write_failures_total") >= 2)
+        assert prod.proc.poll() is None, prod.log()
+        assert "could not write the state file" in prod.log()
+        assert "Traceback" not in prod.log() and "Exception in thread" not in prod.log()
+
+        # Repaired: the next save writes the position and the consumer's origin, which the
+        # control thread could not save when that consumer first answered.
+        repair_disk(mnt, fault)
+        deadline = time.monotonic() + 60
+        while not (state.exists() and len(json.loads(state.read_text())["origins"]) == 1):
+            assert prod.proc.poll() is None and time.monotonic() < deadline, prod.log()
+            time.sleep(0.2)
+
+        # The disk fails again; SIGTERM: the save at exit fails, one line, exit 1.
+        break_disk(mnt, fault)
+        kept = json.loads(state.read_text())
+        prod.proc.send_signal(signal.SIGTERM)
+        assert prod.proc.wait(60) == 1, prod.log()
+        assert prod.log().strip().splitlines()[-1] == (
+            f"saestream: error: could not write the state file {state} at exit "
+            f"({STRERROR[fault]}); it still holds position {kept['tokens_done']} of epoch "
+            f"{kept['epoch']}: a restart with it resumes from there (a consumer that answers "
+            f"says where instead, and trims rows it already holds)")
+        assert "Traceback" not in prod.log()
+        assert json.loads(state.read_text()) == kept
+        assert [p.name for p in mnt.iterdir() if p.name.startswith(".")] == []
+    finally:
+        prod.close()
+
+    # The consumer heard the epochs' ends: its frontier passed them.
+    c.signal(signal.SIGTERM)
+    assert c.wait_exit() == 0, c.log()
+    ledger = json.loads((latest(c.ckpt) / "extra.json").read_text())["producers"]["p"]
+    hl = ledger["hooks"][HOOK]
+    assert hl["low"][0] >= 8 and len(hl["void"]) >= 2, hl
