@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from saestream.common.errors import UserError
+
+log = logging.getLogger("saestream.files")
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -21,6 +27,31 @@ def check_writable_dir(path: Path, flag: str) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise UserError(f"{flag} {path}: not writable ({exc.strerror or exc})") from None
+
+
+@contextmanager
+def dir_locked(path: Path | None, flag: str, busy: str) -> Iterator[None]:
+    """This process's exclusive use of the directory `path` (checked writable, created if
+    missing) for the block; a second process gets UserError (`FLAG PATH: BUSY`). The lock is
+    flock(2) on the directory itself: nothing is written into it, nothing is left behind,
+    and the kernel drops it when the process dies, kill -9 included, so it is never stale.
+    None: no directory, no lock."""
+    if path is None:
+        yield
+        return
+    check_writable_dir(path, flag)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by what it runs
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{flag} {path}: {busy}") from None
+        except OSError as exc:  # a filesystem without locks (some network mounts)
+            log.warning("%s %s: cannot be locked (%s), so nothing stops a second process from "
+                        "using it at the same time", flag, path, exc.strerror or exc)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_writable_file(path: Path, flag: str) -> None:

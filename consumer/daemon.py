@@ -30,6 +30,7 @@ import logging
 import math
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import zmq
 from saestream.common.control import MAX_CONTROL_BYTES, control_endpoint
 from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError
-from saestream.common.files import check_writable_dir
+from saestream.common.files import dir_locked
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
 from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
@@ -110,8 +111,8 @@ def run_consumer(
     any socket is bound), FinalSnapshotError when the final snapshot cannot be written,
     PeerLost (data parallel) when another rank died or went silent for --dist-timeout.
     """
-    with peers_watched(mesh.world, cfg.dist_timeout):
-        run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics(), mesh)
+    with peers_watched(mesh.world, cfg.dist_timeout), ExitStack() as held:
+        run = ConsumerRun(cfg, flags, metrics or ConsumerMetrics(), mesh, held)
         try:
             if mesh.world.size == 1:
                 while not run.stop_reason():
@@ -136,9 +137,12 @@ def run_consumer(
 class ConsumerRun:
     """One consumer process: set-up in the constructor, then the loop's named steps."""
 
-    def __init__(self, cfg: ConsumerConfig, flags: SignalFlags,
-                 metrics: ConsumerMetrics, mesh: Mesh = SINGLE_MESH) -> None:
+    def __init__(self, cfg: ConsumerConfig, flags: SignalFlags, metrics: ConsumerMetrics,
+                 mesh: Mesh, held: ExitStack) -> None:
+        """:param held: what the run holds until it ends (the checkpoint directory's lock),
+        released by the caller however the run ends, in this constructor too."""
         self.cfg, self.flags, self.metrics, self.mesh = cfg, flags, metrics, mesh
+        self.held = held
         self.world = mesh.world
         """Every rank: the step-boundary agreement, the split of a global batch's rows."""
         self.shard_peers = DataParallel(mesh.shard_group) if mesh.shard_size > 1 else SINGLE
@@ -221,7 +225,9 @@ class ConsumerRun:
         cfg, root = self.cfg, self.cfg.checkpoint_dir
         if root is None:
             return None
-        check_writable_dir(root, "--checkpoint-dir")
+        self.held.enter_context(dir_locked(
+            root, "--checkpoint-dir", "another process is using it (is this run's consumer "
+            "still running?)"))
         for stale in ckpt.remove_stale_temporaries(root):
             log.info("removed %s, left by an interrupted snapshot", stale)
         if ckpt.holds_a_run(root) and cfg.overwrite:

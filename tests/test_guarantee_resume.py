@@ -240,6 +240,37 @@ def test_starting_without_resume_where_a_run_is_is_refused_and_overwrite_starts_
 
 
 @pytest.mark.slow
+def test_a_second_consumer_on_a_checkpoint_dir_in_use_is_refused_until_the_first_is_gone(
+    run_dir, tmp_path: Path
+) -> None:
+    """Two consumers resuming one directory would overwrite each other's snapshots, remove
+    each other's temporaries and prune each other's steps: the second is refused while the
+    first runs, and a first killed with -9 leaves no stale lock."""
+    ckpt, run_id = run_dir
+    first = Consumer(tmp_path, *SAES, "--resume", ckpt=ckpt)
+    try:
+        first.wait_for("start-up", lambda: first.metrics() is not None)
+        before = sorted(p.name for p in ckpt.iterdir())
+        res = run_resume_cli(ckpt, "--resume")
+        assert res.returncode == 2, res.stderr
+        assert error_lines(res.stderr) == res.stderr.splitlines() == [
+            f"saestream: error: --checkpoint-dir {ckpt}: another process is using it (is "
+            "this run's consumer still running?)"]
+        assert sorted(p.name for p in ckpt.iterdir()) == before
+        assert first.proc.poll() is None and first.metrics() is not None
+        first.proc.kill()
+        first.proc.wait(30)
+    finally:
+        first.close()
+    second = Consumer(tmp_path, *SAES, "--resume", ckpt=ckpt)
+    try:
+        second.wait_for("start-up", lambda: second.metrics() is not None)
+        assert resumed_from(second, ckpt / "step-00000006", run_id, 6), second.log()
+    finally:
+        second.close()
+
+
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_at_start_up(run_dir, tmp_path: Path) -> None:
     ckpt, run_id = run_dir
     stale = [ckpt / ".tmp-step-00000008-0badc0de", ckpt / ".old-step-00000004-0ddba11e"]
