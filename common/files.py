@@ -54,6 +54,21 @@ def dir_locked(path: Path | None, flag: str, busy: str) -> Iterator[None]:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode a new file gets by default (0o666 less the umask): for files written by
+    tools that create them private (safetensors writes 0o600), so a daemon of another user
+    in the group, such as an evaluator, can read them as it can the rest of a snapshot."""
+    try:  # Linux: read without changing it (os.umask would, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def check_writable_file(path: Path, flag: str) -> None:
     """UserError (`FLAG PATH: reason`) unless `path` can be written (created if missing):
     checked before the work whose result it would hold."""

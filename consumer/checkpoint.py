@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,19 +34,27 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from saestream import __version__
 from saestream.common.errors import UserError
 from saestream.consumer.buffer import Batch
 from saestream.consumer.sae import LAYER_NORM_EPS, SAEConfig, SparseAutoencoder
-from saestream.consumer.shard_files import MOMENTS, RowReader, shard_file, strip_state
+from saestream.consumer.shard_files import (
+    MOMENTS,
+    RowReader,
+    save_tensors,
+    shard_file,
+    strip_state,
+)
 from saestream.consumer.sharding import LatentShard
 from saestream.consumer.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("saestream.checkpoint")
 
 SNAPSHOT_RE = re.compile(r"^step-(\d{8,})$")
+BUFFER_RE = re.compile(r"buffers/\d+\.safetensors")
+"""A shuffle buffer's file, relative to its snapshot (`extra.json`'s `buffers`)."""
 WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 SAE_FILES = ("sae.safetensors", "cfg.json", "trainer.json", "trainer.pt")
 LATEST = "latest"
@@ -119,8 +128,9 @@ def save_snapshot(
             extra["buffers"] = {}
             for i, (hook, batch) in enumerate(buffers.items()):
                 rel = f"buffers/{i}.safetensors"
-                save_file({"rows": batch.x.contiguous(), "sources": batch.sources.contiguous()},
-                          str(tmp / rel), metadata={"hook": hook})
+                save_tensors({"rows": batch.x.contiguous(),
+                              "sources": batch.sources.contiguous()},
+                             tmp / rel, metadata={"hook": hook})
                 _fsync(tmp / rel)
                 extra["buffers"][hook] = rel
             _fsync(tmp / "buffers")
@@ -130,7 +140,7 @@ def save_snapshot(
             d.mkdir(exist_ok=True)
             shards = trainer.shard.size if trainer.shard is not None else 1
             if shards == 1:
-                save_file(trainer.export_weights(), str(d / "sae.safetensors"))
+                save_tensors(trainer.export_weights(), d / "sae.safetensors")
             _write_json(d / "cfg.json", sae_cfg_json(trainer))
             _write_json(
                 d / "trainer.json",
@@ -187,6 +197,11 @@ def sae_names(path: Path, extra: Mapping[str, Any]) -> list[str]:
     """The SAEs of a snapshot: those its extra.json lists (a consumer's), else every folder
     holding a cfg.json (`saestream train`'s). CheckpointError when there is none."""
     if isinstance(extra.get("saes"), dict):
+        for name in extra["saes"]:
+            try:
+                _check_name(name)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: extra.json lists {exc}") from None
         return sorted(extra["saes"])
     names = sorted(d.name for d in Path(path).iterdir() if (d / "cfg.json").exists())
     if not names:
@@ -271,8 +286,13 @@ def check_complete(path: Path) -> dict[str, Any]:
         missing = [f for f in wanted if not (path / name / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: SAE {name} lacks {', '.join(missing)}")
-    for hook, rel in (extra.get("buffers") or {}).items():
-        if not (path / str(rel)).is_file():
+    buffers = extra.get("buffers") or {}
+    if not isinstance(buffers, dict) or not all(
+            isinstance(rel, str) and BUFFER_RE.fullmatch(rel) for rel in buffers.values()):
+        raise CheckpointError(f"{path}: extra.json's buffers are not a map of hook to "
+                              "buffers/N.safetensors")
+    for hook, rel in buffers.items():
+        if not (path / rel).is_file():
             raise CheckpointError(f"{path}: the buffer of hook {hook} ({rel}) is missing")
     return extra
 
@@ -284,9 +304,11 @@ def run_of(extra: Mapping[str, Any]) -> str | None:
 
 
 def latest_name(root: Path) -> str | None:
+    """The snapshot `root/latest` names; None when there is no such file or it names none
+    (garbage, bytes that are not text)."""
     try:
         name = (Path(root) / LATEST).read_text().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     return name if SNAPSHOT_RE.match(name) else None
 
@@ -447,11 +469,12 @@ def sae_dirs(path: Path, name: str | None = None) -> list[Path]:
     `name` picks one SAE. Raises CheckpointError."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such directory")
+        what = "not a directory" if path.exists() else "no such directory"
+        raise CheckpointError(f"{path}: {what}")
     if (path / LATEST).is_file() and not (path / "cfg.json").exists():
-        target = (path / LATEST).read_text().strip()
-        if not SNAPSHOT_RE.match(target) or not (path / target).is_dir():
-            raise CheckpointError(f"{path}/{LATEST} names {target!r}, which is not a snapshot")
+        target = latest_name(path)
+        if target is None or not (path / target).is_dir():
+            raise CheckpointError(f"{path}/{LATEST} does not name a snapshot of {path}")
         path = path / target
     if (path / "cfg.json").is_file():
         found = [path]
@@ -491,10 +514,23 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
                 raise CheckpointError(
                     f"{d}: {n} has shape {tuple(weights[n].shape)}, expected {tuple(p.shape)}"
                 )
+        for n, w in weights.items():
+            if not w.is_floating_point():
+                raise CheckpointError(f"{d}: {n} holds {str(w.dtype).removeprefix('torch.')} "
+                                      "values, not floating point")
+            if not bool(torch.isfinite(w).all()):
+                raise CheckpointError(f"{d}: {n} holds NaN or infinite values")
+        for key in ("hook", "model"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                raise CheckpointError(f"{d}: cfg.json's {key} is not a string")
         sae = sae.to_empty(device=device)
         sae.load_state_dict({n: w.float() for n, w in weights.items()})
         if sae_cfg.input_normalization == "scalar":
-            sae.input_scale = float(cfg["input_scale"])
+            scale = cfg.get("input_scale")
+            if type(scale) not in (int, float) or not math.isfinite(scale) or scale <= 0:
+                raise CheckpointError(f"{d}: cfg.json's input_scale {scale!r} is not a "
+                                      "positive number")
+            sae.input_scale = float(scale)
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or foreign files surface as many exception types

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from saestream.common.files import file_mode
 from saestream.consumer.sae import SAEConfig
 
 if TYPE_CHECKING:
@@ -49,6 +50,14 @@ LAYOUTS = ("auto", "gather", "per-rank")
 GATHER_HEADROOM = 0.5
 """`auto` gathers when the gathered copy needs at most this share of the free memory."""
 
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the file then given the default mode (`file_mode`): it
+    writes 0o600, and a snapshot must be readable wherever its folders are."""
+    save_file(dict(tensors), str(path), metadata=metadata)
+    os.chmod(path, file_mode())
 
 def shard_file(rank: int, size: int) -> str:
     return f"shard-{rank:05d}-of-{size:05d}.safetensors"
@@ -158,9 +167,9 @@ def write_shard(directory: Path, trainer: Any) -> Path:
             if key in entry:
                 tensors[f"{key}.{names[int(i)]}"] = entry[key].detach().cpu()
     path = Path(directory) / shard_file(shard.rank, shard.size)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"rank": str(shard.rank), "shards": str(shard.size),
-                        "lo": str(shard.lo), "hi": str(shard.hi)})
+    save_tensors({k: v.contiguous() for k, v in tensors.items()}, path,
+                 metadata={"rank": str(shard.rank), "shards": str(shard.size),
+                           "lo": str(shard.lo), "hi": str(shard.hi)})
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -191,7 +191,7 @@ def test_failed_save_leaves_no_partial_snapshot(tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(ckpt, "save_tensors", broken)
     with pytest.raises(OSError):
         save_snapshot(tmp_path, 2, {"h": t})
     assert [p.name for p in list_snapshots(tmp_path)] == ["step-00000001"]
@@ -249,3 +249,78 @@ def test_load_sae_reads_weights_only_from_any_way_of_naming_a_snapshot(tmp_path:
         load_sae(snap / "b")
     with pytest.raises(CheckpointError):
         sae_dirs(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "encoder.weight holds NaN or infinite values"),
+    ("inf", "b_dec holds NaN or infinite values"),
+    ("int", "encoder.bias holds int32 values, not floating point"),
+    ("scale0", "cfg.json's input_scale 0 is not a positive number"),
+    ("scale-nan", "cfg.json's input_scale nan is not a positive number"),
+    ("scale-bool", "cfg.json's input_scale True is not a positive number"),
+    ("model-list", "cfg.json's model is not a string"),
+])
+def test_load_sae_refuses_weights_and_settings_no_evaluation_can_use(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    """Each of these once gave a table of NaN, a ZeroDivisionError or a TypeError later."""
+    from safetensors.torch import load_file, save_file
+
+    from saestream.consumer.checkpoint import CheckpointError, load_sae
+
+    t = Trainer(SAEConfig(d_in=6, n_latents=12, k=3, input_normalization="scalar"),
+                TrainerConfig(), name="a", hook="h")
+    t.train_step(torch.randn(32, 6))
+    d = save_snapshot(tmp_path, 1, {"a": t}) / "a"
+    weights = load_file(d / "sae.safetensors")
+    cfg = json.loads((d / "cfg.json").read_text())
+    if damage == "nan":
+        weights["encoder.weight"][1, 2] = float("nan")
+    elif damage == "inf":
+        weights["b_dec"][0] = float("-inf")
+    elif damage == "int":
+        weights["encoder.bias"] = weights["encoder.bias"].to(torch.int32)
+    elif damage.startswith("scale"):
+        cfg["input_scale"] = {"scale0": 0, "scale-nan": float("nan"), "scale-bool": True}[damage]
+    else:
+        cfg["model"] = ["tiny"]
+    save_file(weights, d / "sae.safetensors")
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_sae(d)
+    assert str(err.value) == f"{d}: {message}"
+
+
+def test_hostile_names_in_a_checkpoint_dir_are_refused_not_followed(tmp_path: Path) -> None:
+    from saestream.consumer.checkpoint import CheckpointError, check_complete, latest_name, sae_dirs
+
+    snap = save_snapshot(tmp_path, 1, {"h": trained()})
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\n")  # not text
+    assert latest_name(tmp_path) is None
+    with pytest.raises(CheckpointError, match="latest does not name a snapshot"):
+        sae_dirs(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        sae_dirs(snap / "extra.json")
+    extra = json.loads((snap / "extra.json").read_text())
+    for bad in ({"buffers": "x"}, {"buffers": [1, 2]}, {"buffers": {"h": "../../etc/passwd"}},
+                {"saes": {"../elsewhere": {}}}):
+        (snap / "extra.json").write_text(json.dumps({**extra, **bad}))
+        with pytest.raises(CheckpointError):
+            check_complete(snap)
+
+
+def test_snapshot_weights_are_readable_like_the_rest_of_the_snapshot(tmp_path: Path) -> None:
+    """safetensors writes its files 0o600: a daemon of another user could read the folders
+    and cfg.json of a snapshot but not its weights."""
+    import os
+
+    snap = save_snapshot(tmp_path, 1, {"h": trained()}, buffers=None)
+    mode = (snap / "h" / "cfg.json").stat().st_mode & 0o777
+    assert mode & 0o044  # the default umask leaves files readable by group and others
+    assert (snap / "h" / "sae.safetensors").stat().st_mode & 0o777 == mode
+    old = os.umask(0o077)
+    try:
+        private = save_snapshot(tmp_path, 2, {"h": trained()})
+    finally:
+        os.umask(old)
+    assert (private / "h" / "sae.safetensors").stat().st_mode & 0o777 == 0o600  # as asked

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
 
 from saestream.consumer.checkpoint import load_sae, save_snapshot, snapshot_name
 from saestream.consumer.sae import SAEConfig
@@ -143,11 +144,24 @@ def test_removed_and_half_written_snapshots_are_counted_and_survived(daemon) -> 
     other.model = "another-model"
     save_snapshot(ckpt, 5, {"sae": other})
     assert wait_for(lambda: failures(port, "mismatch") == 1, proc)
+    # extra.json's buffers not a map of files (each of these crashed the daemon once).
+    odd = save_snapshot(ckpt, 6, {"sae": trainer(5)}, extra={"buffers": "x"})
+    assert wait_for(lambda: failures(port, "unreadable") == 2, proc), odd
+    # NaN weights.
+    nan = save_snapshot(ckpt, 7, {"sae": trainer(6)})
+    weights = load_file(nan / "sae" / "sae.safetensors")
+    weights["encoder.weight"][0, 0] = float("nan")
+    save_file(weights, nan / "sae" / "sae.safetensors")
+    assert wait_for(lambda: failures(port, "unreadable") == 3, proc)
+    # `latest` holding bytes that are not text: no snapshot named, nothing evaluated.
+    (ckpt / "latest").write_bytes(b"\xff\xfe\n")
+    time.sleep(2.0)
+    assert proc.proc.poll() is None, proc.log()
     assert gauge(port, "snapshot_step") == 1  # failures leave the last good figures
 
-    save_snapshot(ckpt, 6, {"sae": trainer(5)})
-    assert wait_for(lambda: gauge(port, "snapshot_step") == 6, proc)
-    assert [json.loads(x)["step"] for x in history.read_text().splitlines()] == [1, 6]
+    save_snapshot(ckpt, 8, {"sae": trainer(7)})
+    assert wait_for(lambda: gauge(port, "snapshot_step") == 8, proc)
+    assert [json.loads(x)["step"] for x in history.read_text().splitlines()] == [1, 8]
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(30) == 0, proc.log()
     assert "Traceback" not in proc.log()
