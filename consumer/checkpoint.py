@@ -501,6 +501,8 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
             input_normalization=str(cfg.get("input_normalization", "none")),
         )
         sae = SparseAutoencoder(sae_cfg, device="meta")  # shapes only; filled below
+        if (d / "sae.safetensors").exists() and not (d / "sae.safetensors").is_file():
+            raise CheckpointError(f"{d}: sae.safetensors is not a regular file")  # a FIFO
         shards = 1 if (d / "sae.safetensors").is_file() else _saved_shards(d)
         if shards > 1:  # per-rank shard files: read every row
             reader = RowReader(d, sae_cfg, shards)

@@ -22,6 +22,7 @@ stays until `KEEP_BUILDS` newer ones exist.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -47,6 +48,7 @@ from saestream.evaluator.features import (
     FeatureSettings,
     LatentStats,
     Progress,
+    check_finite_weights,
     choose_latents,
     encode_contexts,
     example_activations,
@@ -121,6 +123,7 @@ def build_browser(
     settings = settings or FeatureSettings()
     for s, _ in saes:
         parse_latents(latents, s.sae.cfg.n_latents)
+        check_finite_weights(s)
     seconds = dict.fromkeys(("encode", "latents", "decoder", "write"), 0.0)
     t0 = time.perf_counter()
     codes = encode_contexts(lm.model, ids, saes, batch_size=batch_size, progress=progress)
@@ -155,6 +158,7 @@ def _sae_documents(
     """One SAE's index, pages and token index, and a line saying what they hold (adds its
     time to `seconds`)."""
     t0 = time.perf_counter()
+    evaluated = evaluated_groups(evaluated)[0]
     n = s.sae.cfg.n_latents
     stats = latent_stats(codes, token_ids, n, lm.vocab_size, settings)
     chosen, which = choose_latents(latents, stats)
@@ -178,8 +182,8 @@ def _sae_documents(
         "tokens": len(token_ids), "alive": alive, "dead": n - alive, "shown": len(pages),
         "which": which, "logit_effects": effects is not None,
         **{k: codes.reconstruction[k] for k in ("normalized_mse", "explained_variance", "l0")},
-        **{k: (evaluated.get("downstream") or {}).get(k) for k in ("delta_ce", "loss_recovered")},
-        "evaluated_tokens": evaluated.get("tokens"),
+        **{k: evaluated["downstream"].get(k) for k in ("delta_ce", "loss_recovered")},
+        "evaluated_tokens": evaluated["tokens"],
         "built": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "saestream_version": __version__,
     })
@@ -248,13 +252,10 @@ def _fires_on(stats: LatentStats) -> dict[str, Any]:
 
 
 def _explanations(group: Any) -> dict[int, dict[str, Any]]:
-    """latent -> {text, precision, recall} from an `explanations` group, if any."""
+    """latent -> {text, precision, recall} from a checked `explanations` group (see
+    `evaluated_groups`), if any."""
     out: dict[int, dict[str, Any]] = {}
-    if not isinstance(group, Mapping):
-        return out
-    for e in group.get("per_latent") or []:
-        if not isinstance(e, Mapping) or not isinstance(e.get("latent"), int):
-            continue
+    for e in (group or {}).get("per_latent", []):
         text = e.get("explanation")
         if text is None:
             text = [" ".join("*" if t is None else f"#{t}" for t in p)
@@ -262,6 +263,65 @@ def _explanations(group: Any) -> dict[int, dict[str, Any]]:
         out[e["latent"]] = finite({"text": " | ".join(map(str, text)),
                                    "precision": e.get("precision"), "recall": e.get("recall")})
     return out
+
+
+def _number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _explanation_entry(e: Any) -> bool:
+    """Whether `e` is an `explanations.per_latent` entry the browser can show."""
+    if not isinstance(e, Mapping) or type(e.get("latent")) is not int or e["latent"] < 0:
+        return False
+    text, patterns = e.get("explanation"), e.get("patterns")
+    if text is not None and not (isinstance(text, list)
+                                 and all(isinstance(t, str) for t in text)):
+        return False
+    if text is None and patterns is not None and not (
+            isinstance(patterns, list) and all(
+                isinstance(p, list) and all(t is None or type(t) is int for t in p)
+                for p in patterns)):
+        return False
+    return _number(e.get("precision")) and _number(e.get("recall"))
+
+
+def evaluated_groups(doc: Any) -> tuple[dict[str, Any], list[str]]:
+    """What the browser shows of an SAE's `saestream eval` results (an eval.json, or the
+    evaluator daemon's figures): `downstream` (its `delta_ce` and `loss_recovered`, numbers),
+    `tokens` (an integer) and `explanations.per_latent` (entries with an integer `latent`,
+    an `explanation` list of strings or `patterns` lists of token ids, `precision` and
+    `recall` numbers). Returns those parts, every malformed one left out (an empty
+    `downstream`, `tokens` None, no entry), and a phrase per part left out."""
+    doc = doc if isinstance(doc, Mapping) else {}
+    problems: list[str] = []
+    downstream: dict[str, Any] = {}
+    group = doc.get("downstream")
+    if group is not None and not isinstance(group, Mapping):
+        problems.append(f"downstream is {type(group).__name__}, not an object")
+    elif group is not None:
+        bad = [k for k in ("delta_ce", "loss_recovered") if not _number(group.get(k))]
+        if bad:
+            problems.append(f"downstream.{'/'.join(bad)} not a number")
+        downstream = {k: group.get(k) for k in ("delta_ce", "loss_recovered") if k not in bad}
+    tokens = doc.get("tokens")
+    if tokens is not None and type(tokens) is not int:
+        problems.append(f"tokens is {type(tokens).__name__}, not an integer")
+        tokens = None
+    entries: list[Mapping[str, Any]] = []
+    group = doc.get("explanations")
+    if group is not None and not isinstance(group, Mapping):
+        problems.append(f"explanations is {type(group).__name__}, not an object")
+    elif group is not None:
+        per = group.get("per_latent")
+        if per is not None and not isinstance(per, list):
+            problems.append(f"explanations.per_latent is {type(per).__name__}, not a list")
+        elif per is not None:
+            entries = [e for e in per if _explanation_entry(e)]
+            if len(entries) < len(per):
+                problems.append(f"{len(per) - len(entries)} of the {len(per)} "
+                                "explanations.per_latent entries malformed")
+    return {"downstream": downstream, "tokens": tokens,
+            "explanations": {"per_latent": entries}}, problems
 
 
 def _sig(v: float) -> float:
@@ -317,17 +377,31 @@ def _entry_html(build: str, saes: Sequence[tuple[str, Mapping[str, Any]]]) -> st
 def _write_build(out: Path, label: str, shared: Mapping[str, str],
                  docs: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[Path, int, int]:
     """Write the build under a temporary name, rename it into place, point `latest` and
-    `index.html` at it, prune old builds. Returns (its folder, bytes, files)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
-    for stale in out.glob(".tmp-*"):  # a crashed build's; an hour old, so no live writer's
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    numbers = [int(m.group(1)) for p in out.iterdir() if (m := BUILD_RE.match(p.name))]
-    name = f"b{max(numbers, default=0) + 1:06d}-{_safe(label)}"
-    tmp = out / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    `index.html` at it, prune old builds. Returns (its folder, bytes, files).
+
+    Every file is written before anything is renamed: the build, and the new `latest` and
+    `index.html` under temporary names. Raises OSError (a full or read-only disk) after
+    removing all this call wrote — the temporaries, and `out` itself when it created it —
+    so `out` is left as it was: the previous build still the one presented, or nothing."""
+    created = None  # the outermost folder of `out` this call makes, if any
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        created = folder
+    marked = not (out / MARKER).exists()
+    tmp: Path | None = None
+    staged: list[tuple[Path, Path]] = []  # (temporary, final)
+    placed: Path | None = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).touch()
+        for stale in out.glob(".tmp-*"):  # a crashed build's; an hour old, so no live writer's
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+        numbers = [int(m.group(1)) for p in out.iterdir() if (m := BUILD_RE.match(p.name))]
+        name = f"b{max(numbers, default=0) + 1:06d}-{_safe(label)}"
+        tmp = out / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         for fname, text in shared.items():
             (tmp / fname).write_text(text)
         for sae, doc in docs:
@@ -344,13 +418,29 @@ def _write_build(out: Path, label: str, shared: Mapping[str, str],
                 bundles.setdefault(lat // BUNDLE, {})[str(lat)] = page
             for b, pages in bundles.items():
                 (d / "latents" / f"{b}.js").write_text(_script("latents", pages))
+        entry = _entry_html(name, [(sae, doc["index"]["summary"]) for sae, doc in docs])
+        for final, text in ((out / "latest", name + "\n"), (out / "index.html", entry)):
+            staged.append((_stage(final, text), final))
         os.rename(tmp, out / name)
+        tmp, placed = None, out / name
+        for i, (temporary, final) in enumerate(staged):
+            os.replace(temporary, final)
+            placed = None  # `latest` names it now: it stays
+            staged[i] = (final, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if placed is not None:
+            shutil.rmtree(placed, ignore_errors=True)
+        for temporary, final in staged:
+            if temporary != final:
+                temporary.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif marked:  # an empty folder given: left empty
+            with contextlib.suppress(OSError):
+                (out / MARKER).unlink()
         raise
-    _replace(out / "latest", name + "\n")
-    _replace(out / "index.html",
-             _entry_html(name, [(sae, doc["index"]["summary"]) for sae, doc in docs]))
     builds = sorted((p for p in out.iterdir() if BUILD_RE.match(p.name) and p.is_dir()),
                     key=lambda p: p.name)
     for old in builds[:-KEEP_BUILDS]:
@@ -359,11 +449,15 @@ def _write_build(out: Path, label: str, shared: Mapping[str, str],
     return out / name, sum(f.stat().st_size for f in files), len(files)
 
 
-def _replace(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically: a reader sees the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _stage(path: Path, text: str) -> Path:
+    """`text` written to a new temporary file beside `path` (renamed over it later)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _safe(label: str) -> str:

@@ -160,17 +160,24 @@ def eval_command(
         doc = _document(s, h, model_name, corpus, split, ids, groups, str(dev), seconds)
         doc.update(results[s.name])
         docs.append(doc)
-    for target, doc in zip(targets, docs, strict=True):
-        write_json(target, doc)
+    # The result is shown before any file is written: a disk that fills up during the run
+    # (start-up checks only permissions) costs the file, never the numbers.
     if as_json:
         for doc in docs:
             click.echo(to_json(doc, indent=None))
-        for target in targets:
-            click.echo(f"wrote {target}", err=True)
     else:
         click.echo(table(docs))
-        for target in targets:
-            click.echo(f"wrote {target}")
+    failed = []
+    for target, doc in zip(targets, docs, strict=True):
+        try:
+            write_json(target, doc)
+        except OSError as exc:
+            failed.append(f"{target}: could not write ({exc.strerror or exc})")
+            continue
+        click.echo(f"wrote {target}", err=as_json)
+    if failed:
+        more = f"; also {len(failed) - 1} more eval.json" if len(failed) > 1 else ""
+        raise UserError(f"{'--out' if out is not None else 'eval.json'} {failed[0]}{more}")
 
 
 def _add_text_inputs(settings: Any, lm: Any, groups: list[str], corpus: str, ids: Any) -> None:

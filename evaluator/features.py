@@ -19,6 +19,7 @@ logits.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ def encode_contexts(
                     sums[s.name].normalized.add(r.normalized_x)
                     sums[s.name].add(x, r)
                     values[s.name].append(r.values.float().cpu())
+                    if not bool(torch.isfinite(values[s.name][-1]).all()):
+                        raise FeatureError(non_finite(s.name, h, x))
                     indices[s.name].append(r.indices.to(torch.int32).cpu())
                 if progress is not None:
                     progress(i + 1, len(batches))
@@ -122,6 +125,26 @@ def encode_contexts(
         hooked.remove()
     return {s.name: Codes(torch.cat(values[s.name]), torch.cat(indices[s.name]),
                           sums[s.name].result(raw[h])) for s, h in saes}
+
+
+def non_finite(name: str, hook: str, x: torch.Tensor) -> str:
+    """The one line refusing an SAE whose code holds NaN or inf, saying where it came from."""
+    where = (f"hook {hook} gives non-finite values" if not bool(torch.isfinite(x).all())
+             else "its weights or normalisation make them so")
+    return f"SAE {name}: non-finite activations (NaN or inf) on the tokens seen ({where})"
+
+
+def check_finite_weights(sae: LoadedSAE) -> None:
+    """FeatureError unless every weight of the SAE is finite (a NaN or inf in them would
+    become the browser's figures)."""
+    bad = [n for n, t in sae.sae.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    scale = sae.sae.input_scale
+    if scale is not None and not math.isfinite(scale):
+        bad.append("input_scale")
+    if bad:
+        raise FeatureError(f"SAE {sae.name}: non-finite weights (NaN or inf) in "
+                           f"{', '.join(bad)} of {sae.directory}")
 
 
 @dataclass
@@ -164,6 +187,8 @@ def latent_stats(codes: Codes, token_ids: torch.Tensor, n_latents: int, vocab_si
     """Every per-latent figure from the codes. :param token_ids: the token id of each code row
     [tokens] (the evaluated positions of the contexts, flattened)."""
     s = settings
+    if not bool(torch.isfinite(codes.values).all()):
+        raise FeatureError("non-finite activations (NaN or inf) in the codes")
     fire = codes.values > 0
     rows = torch.arange(codes.values.shape[0]).unsqueeze(1).expand_as(fire)[fire]
     lat = codes.indices[fire].long()

@@ -8,6 +8,7 @@ before the language model loads. Every bad input is a `UserError`: one line
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ DEFAULT_TOKENS = 200_000
 """Tokens encoded when --tokens is not given: enough for the rarer latents to show a few
 examples, a few minutes of a 135M model on a laptop CPU."""
 EVAL_JSON = "eval.json"
+
+log = logging.getLogger("saestream.features")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,6 +104,9 @@ def features(
                               progress=ProgressBar("encoding"))
     except (ModelError, HookError, CorpusError, FeatureError) as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # a disk full or gone read-only since the start-up check
+        raise UserError(f"--out {out}: could not write ({exc.strerror or exc}); nothing of "
+                        "this build was kept") from None
     for note in built.notes:
         click.echo(note)
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in built.seconds.items())
@@ -120,17 +126,25 @@ def token_texts_of(lm: Any) -> list[str]:
 
 
 def _evaluated(path: Path, given: bool) -> dict[str, Any]:
-    """The groups of an eval.json (empty when there is none, or an unreadable default one);
-    UserError when --eval-json names a file that cannot be read."""
+    """The groups of an eval.json the browser shows (empty when there is none, or an
+    unreadable default one); UserError when --eval-json names a file that cannot be read.
+    Malformed parts (a `downstream` that is not an object, ...) are left out with one
+    warning."""
+    from saestream.evaluator.browser import evaluated_groups
+
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         if given:
             raise UserError(f"--eval-json {path}: {getattr(exc, 'strerror', None) or exc}"
                             ) from None
         return {}
-    return doc
+    checked, problems = evaluated_groups(doc)
+    if problems:
+        log.warning("%s: left out of the browser, as malformed: %s", path,
+                    "; ".join(problems))
+    return checked
 
 

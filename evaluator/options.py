@@ -36,7 +36,13 @@ def model_text_options(func: Callable) -> Callable:
 
 
 def one_model(loaded: list[Any]) -> str:
-    """The model every SAE's cfg.json names; UserError when it is missing or they differ."""
+    """The model every SAE's cfg.json names; UserError when it is missing, not a string (the
+    SAE folder named), or they differ."""
+    for s in loaded:
+        name = s.cfg.get("model")
+        if name is not None and not isinstance(name, str):
+            raise UserError(f"{s.directory}/cfg.json: model must be a model name (a string), "
+                            f"not {type(name).__name__}; pass --model")
     names = {s.cfg.get("model") for s in loaded}
     if None in names or "" in names:
         raise UserError("cfg.json names no model (an SAE trained without --model); pass --model")

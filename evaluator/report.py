@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,30 @@ def to_json(doc: Mapping[str, Any], indent: int | None = 2) -> str:
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write `doc` to `path` atomically (a temporary file beside it, then a rename)."""
+    """Write `doc` to `path` atomically: a temporary file beside it, written and fsynced, then
+    renamed over `path` (and the directory synced), so `path` holds the old document or the
+    new one, whole, never part of one. Raises OSError (a full or read-only disk) after
+    removing the temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = (to_json(doc) + "\n").encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(to_json(doc) + "\n")
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:  # the rename itself survives a crash; a filesystem may refuse to sync a directory
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _cell(value: Any) -> str:

@@ -324,3 +324,15 @@ def test_snapshot_weights_are_readable_like_the_rest_of_the_snapshot(tmp_path: P
     finally:
         os.umask(old)
     assert (private / "h" / "sae.safetensors").stat().st_mode & 0o777 == 0o600  # as asked
+
+
+def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    from saestream.consumer.checkpoint import CheckpointError, load_sae
+
+    d = save_snapshot(tmp_path, 1, {"h": trained()}) / "h"
+    (d / "sae.safetensors").unlink()
+    os.mkfifo(d / "sae.safetensors")  # opening it for reading would wait for a writer
+    with pytest.raises(CheckpointError, match="sae.safetensors is not a regular file"):
+        load_sae(d)

@@ -5,20 +5,25 @@ runs it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import run_cli
 from evalkit import sharpened_tiny, synthetic_ids
+from test_guarantee_disk import fill, tmpfs_at
 
+from saestream.common.errors import UserError
 from saestream.consumer.checkpoint import load_sae, save_snapshot
 from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import Trainer, TrainerConfig
 from saestream.evaluator.engine import CHEAP_GROUPS as GROUPS
 from saestream.evaluator.engine import GROUPS as ALL_GROUPS
 from saestream.evaluator.engine import EvalError, evaluate
+from saestream.evaluator.options import one_model
 from saestream.evaluator.progressive import progressive_ks
 from saestream.evaluator.reconstruction import DENSITY_BIN_EDGES
 
@@ -319,3 +324,65 @@ def test_cli_missing_directory_is_one_line_and_exit_2(tmp_path) -> None:
     res = run_cli(["eval", str(tmp_path / "missing"), "--device", "cpu"], timeout=120)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "no such directory" in res.stderr
+
+
+# -- hostile disks and cfg.json ----------------------------------------------------------------
+
+
+def test_cli_full_disk_prints_the_table_then_one_line_and_leaves_no_temporary(
+        cli_ckpt, tmp_path) -> None:
+    """A disk full at the end of the run (the start-up check reads permissions only): the
+    numbers are printed first, the write fails as one line, exit 2, and no temporary file is
+    left beside --out."""
+    with tmpfs_at(tmp_path / "mnt", "1m") as mnt:
+        fill(mnt)
+        out = mnt / "e.json"
+        res = run_cli(["eval", str(cli_ckpt), *ARGS, "--out", str(out)], timeout=300)
+        left = sorted(p.name for p in mnt.iterdir())
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [
+        f"saestream: error: --out {out}: could not write (No space left on device)"]
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["metric", "rand"]
+    assert any(line.split()[0] == "delta_ce" for line in lines)
+    assert "wrote" not in res.stdout
+    assert left == ["fill"]
+
+
+def test_cli_json_on_a_full_disk_prints_the_documents_first(cli_ckpt, tmp_path) -> None:
+    with tmpfs_at(tmp_path / "mnt", "1m") as mnt:
+        fill(mnt)
+        res = run_cli(["eval", str(cli_ckpt), *ARGS, "--metrics", "reconstruction", "--json",
+                       "--out", str(mnt / "e.json")], timeout=300)
+        left = sorted(p.name for p in mnt.iterdir())
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and "No space left on device" in res.stderr
+    assert json.loads(res.stdout)["reconstruction"]["l0"] > 0
+    assert left == ["fill"]
+
+
+@pytest.mark.parametrize("model", [["tiny"], {"name": "tiny"}, 5])
+def test_cli_a_cfg_json_model_that_is_not_a_string_is_one_line(cli_ckpt, tmp_path,
+                                                                 model) -> None:
+    sae = tmp_path / "rand"
+    shutil.copytree(cli_ckpt / "step-00000003" / "rand", sae)
+    cfg = json.loads((sae / "cfg.json").read_text())
+    (sae / "cfg.json").write_text(json.dumps({**cfg, "model": model}))
+    res = run_cli(["eval", str(sae), *ARGS], timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saestream: error: ")
+    assert str(sae) in lines[0] and "model" in lines[0]
+
+
+def test_one_model_names_the_sae_whose_model_is_not_a_string(tmp_path) -> None:
+    """The evaluator's own check, whatever the loader lets through."""
+    good = SimpleNamespace(cfg={"model": "tiny"}, directory=tmp_path / "a")
+    for model in (["tiny"], {"name": "tiny"}, 3):
+        bad = SimpleNamespace(cfg={"model": model}, directory=tmp_path / "b")
+        with pytest.raises(UserError, match=f"{tmp_path / 'b'}/cfg.json: model must be a "
+                                            "model name"):
+            one_model([good, bad])
+    assert one_model([good, good]) == "tiny"

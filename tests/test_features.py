@@ -8,6 +8,7 @@ evaluator daemon refreshes the browser for each new snapshot."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 import torch
 from chromium import Chromium
 from conftest import run_cli, saestream_cmd
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from test_guarantee_disk import fill, tmpfs_at
 
 from saestream.consumer.checkpoint import load_sae, save_snapshot
 from saestream.consumer.sae import SAEConfig
@@ -28,7 +30,13 @@ from saestream.evaluator.browser import KEEP_BUILDS, build_browser
 from saestream.evaluator.config import EvaluatorConfig
 from saestream.evaluator.daemon import run_evaluator
 from saestream.evaluator.data import eval_ids
-from saestream.evaluator.features import Codes, FeatureSettings, latent_stats
+from saestream.evaluator.features import (
+    Codes,
+    FeatureError,
+    FeatureSettings,
+    encode_contexts,
+    latent_stats,
+)
 from saestream.evaluator.metrics import EvaluatorMetrics
 from saestream.producer.hooks import HookedModel
 from saestream.producer.models import load_model
@@ -435,3 +443,125 @@ def test_the_evaluator_daemon_refreshes_the_browser_for_each_new_snapshot(tmp_pa
                                                rel=1e-3)
     assert first["tokens"] == second["tokens"] == 4 * 15
     assert second["hook"] == "model.layers.2" and second["corpus"] == "synthetic:300"
+
+
+# -- hostile disks, eval.json and weights ------------------------------------------------------
+
+
+def features_argv(sae: Path, out: Path, corpus: str, *extra: str) -> list[str]:
+    return ["features", str(sae), "--out", str(out), "--corpus", corpus, "--seq-len", str(SEQ),
+            "--tokens", "300", "--device", "cpu", *extra]
+
+
+def assert_one_error_line(res: subprocess.CompletedProcess, needle: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saestream: error: "), res.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("free_kb", [0, 40])
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, free_kb: int) -> None:
+    """No space (or 40 kB, less than a build) under a new --out: one line, exit 2, and the
+    folder this run made is gone, so no half-written browser is left looking complete."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    sae = planted_sae(tmp_path / "step-00000001" / "planted")
+    with tmpfs_at(tmp_path / "mnt", "1m") as mnt:
+        fill(mnt)
+        if free_kb:
+            os.truncate(mnt / "fill", (mnt / "fill").stat().st_size - free_kb * 1024)
+        out = mnt / "browser" / "new"
+        res = run_cli(features_argv(sae, out, corpus), timeout=300)
+        left = sorted(p.name for p in mnt.iterdir())
+    assert_one_error_line(res, f"--out {out}: could not write (No space left on device)")
+    assert left == ["fill"]
+
+
+def test_a_build_that_fails_on_a_full_disk_leaves_the_previous_one_presented(tmp_path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    sae = planted_sae(tmp_path / "step-00000001" / "planted")
+    with tmpfs_at(tmp_path / "mnt", "2m") as mnt:
+        out = mnt / "browser"
+        first = run_cli(features_argv(sae, out, corpus), timeout=300)
+        assert first.returncode == 0, first.stderr
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        builds = sorted(p.name for p in out.iterdir() if p.is_dir())
+        fill(mnt)
+        res = run_cli(features_argv(sae, out, corpus), timeout=300)
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == builds
+        assert load_js(out / builds[0] / "planted" / "index.js")["summary"]["sae"] == "planted"
+    assert_one_error_line(res, f"--out {out}: could not write (No space left on device)")
+    assert after == before  # index.html and latest still name the first build; no temporary
+
+
+@pytest.mark.parametrize(("doc", "warning"), [
+    ({"downstream": 5, "explanations": {"per_latent": 7}},
+     "downstream is int, not an object; explanations.per_latent is int, not a list"),
+    ({"explanations": {"per_latent": [{"latent": 1, "patterns": 5}]}},
+     "1 of the 1 explanations.per_latent entries malformed"),
+    ({"downstream": {"delta_ce": "big", "loss_recovered": 0.5}, "tokens": [1],
+      "explanations": {"per_latent": [{"latent": 1, "explanation": ["e"], "precision": 0.5,
+                                       "recall": 1.0}, {"latent": "2"}]}},
+     "downstream.delta_ce not a number; tokens is list, not an integer; 1 of the 2"),
+    ([1, 2], None),
+])
+def test_a_malformed_eval_json_is_left_out_with_one_warning(tmp_path, doc, warning) -> None:
+    """eval.json is optional: its malformed parts are left out of the browser (one warning
+    line), the rest shown, the browser written."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    sae = planted_sae(tmp_path / "step-00000001" / "planted")
+    (sae / "eval.json").write_text(json.dumps(doc))
+    out = tmp_path / "browser"
+    res = run_cli(features_argv(sae, out, corpus), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    if warning is None:  # not an object: read as no eval.json, as an unreadable one is
+        assert res.stderr == ""
+    else:
+        assert res.stderr.splitlines() == [
+            f"{sae / 'eval.json'}: left out of the browser, as malformed: "
+            + res.stderr.split("as malformed: ", 1)[1].strip()]
+        assert warning in res.stderr
+    index = load_js(out / (out / "latest").read_text().strip() / "planted" / "index.js")
+    kept = doc.get("downstream") if isinstance(doc, dict) else None
+    assert index["summary"]["delta_ce"] is None
+    assert index["summary"]["loss_recovered"] == (0.5 if isinstance(kept, dict) else None)
+    assert index["summary"]["evaluated_tokens"] is None
+    assert index["explanations"] == ({"1": {"text": "e", "precision": 0.5, "recall": 1.0}}
+                                     if warning and "1 of the 2" in warning else {})
+
+
+def test_non_finite_weights_are_one_line(tmp_path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    sae = planted_sae(tmp_path / "step-00000001" / "planted")
+    weights = load_file(str(sae / "sae.safetensors"))
+    weights["b_dec"][0] = float("inf")
+    save_file(weights, str(sae / "sae.safetensors"))
+    res = run_cli(features_argv(sae, tmp_path / "browser", corpus), timeout=300)
+    assert_one_error_line(res, "b_dec")
+    assert not (tmp_path / "browser").exists()
+
+
+def test_non_finite_activations_and_weights_are_feature_errors(tmp_path) -> None:
+    """The browser's own checks, whatever the loader lets through: an inf in b_dec (loaded
+    SAE changed in memory) is refused before encoding; inf or NaN codes are refused by the
+    encoder and by the statistics (never a bincount crash)."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    lm = load_model("tiny", device="cpu")
+    ids = eval_ids(lm, corpus, split="eval", seq_len=SEQ, contexts=None, tokens=300)
+    loaded = load_sae(planted_sae(tmp_path / "step-00000001" / "planted"))
+    with torch.no_grad():
+        loaded.sae.b_dec[0] = float("inf")
+    texts = [chr(i) for i in range(lm.vocab_size)]
+    with pytest.raises(FeatureError, match=r"SAE planted: non-finite weights .* b_dec"):
+        build_browser(tmp_path / "browser", lm, ids, [(loaded, HOOK)], label="x", texts=texts)
+    assert not (tmp_path / "browser").exists()
+    with pytest.raises(FeatureError, match="SAE planted: non-finite activations"):
+        encode_contexts(lm.model, ids, [(loaded, HOOK)])
+    for bad in (float("inf"), float("nan")):
+        values = torch.tensor([[1.0, 0.5], [bad, 0.2]])
+        codes = Codes(values, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), {})
+        with pytest.raises(FeatureError, match="non-finite activations"):
+            latent_stats(codes, torch.tensor([3, 4]), 4, 8, FeatureSettings())
