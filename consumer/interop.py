@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ SPARSIFY_WEIGHTS = "sae.safetensors"
 OPENAI_TOKENS_PER_STEP = 131072
 """Tokens per step of OpenAI's reference train.py (`Config.bs`): `stats_last_nonzero` counts
 steps, our dead-latent counter tokens."""
+TOKENS_SINCE_FIRED_CAP = 2**62
+"""Largest dead-latent counter an import writes (`stats_last_nonzero` × tokens per step is
+clamped to it): dead by any threshold, and far enough from int64's end that counting on
+never overflows."""
 OPENAI_IGNORED = ("latents_activation_frequency", "latents_mean_square")
 """Buffers of OpenAI's `Autoencoder` that no part of our SAE holds."""
 
@@ -107,45 +112,113 @@ def read_ours(directory: Path) -> PortableSAE:
     except CheckpointError as exc:
         raise InteropError(str(exc)) from None
     cfg, sae = loaded.cfg, loaded.sae
+    for key in ("hook", "model"):  # recorded in the export's metadata as they are
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, str) and value):
+            raise InteropError(f"{d}/cfg.json: {key} {value!r:.100} is not a non-empty string")
     p = PortableSAE(
-        name=d.name, hook=cfg.get("hook"), model=cfg.get("model"), k=sae.cfg.k,
+        name=Path(os.path.abspath(d)).name, hook=cfg.get("hook"), model=cfg.get("model"),
+        k=sae.cfg.k,
         weights={n: t.detach().float().cpu().contiguous() for n, t in sae.named_parameters()},
         input_normalization=sae.cfg.input_normalization, input_scale=sae.input_scale,
-        multi_topk=sae.cfg.multi_topk, origin=cfg.get("origin"),
+        multi_topk=sae.cfg.multi_topk,
+        origin=cfg.get("origin") if isinstance(cfg.get("origin"), dict) else None,
     )
     if (d / "trainer.pt").is_file():
-        try:
-            state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True)
-        except Exception as exc:  # corrupt files surface as many exception types
-            raise InteropError(f"{d}/trainer.pt: {type(exc).__name__}: {exc}") from None
-        p.tokens_since_fired = state.get("tokens_since_fired")
-        if "fired_tokens" in state:
-            p.fired_tokens = state["fired_tokens"]
-            p.counted_tokens = int(state["counted_tokens"])
+        _read_counters(p, d / "trainer.pt")
     return p
 
 
-def snapshot_context(snapshot: Path) -> int | None:
+def _read_counters(p: PortableSAE, path: Path) -> None:
+    """The firing counters of a snapshot's trainer.pt into `p`, checked (a state dict; int64
+    [n] counts; `counted_tokens` a whole number >= every count). Raises InteropError."""
+    fix = "(remove it to export without firing counts)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt files surface as many exception types
+        raise InteropError(f"{path}: not a trainer state torch.load reads with weights_only=True "
+                           f"({type(exc).__name__}: {_first_line(exc)}) {fix}") from None
+    if not isinstance(state, dict):
+        raise InteropError(f"{path}: holds a {type(state).__name__}, not a trainer state {fix}")
+    n = p.n_latents
+    since = state.get("tokens_since_fired")
+    p.tokens_since_fired = since if _is_counts(since, n) else None  # not exported: not judged
+    if "fired_tokens" not in state:
+        return
+    fired = state["fired_tokens"]
+    if not _is_counts(fired, n):
+        what = (f"a {str(fired.dtype).removeprefix('torch.')} tensor of shape "
+                f"{list(fired.shape)}" if isinstance(fired, torch.Tensor)
+                else f"a {type(fired).__name__}")
+        raise InteropError(f"{path}: fired_tokens is {what}, expected [{n}] whole counts >= 0 "
+                           f"{fix}")
+    counted = state.get("counted_tokens")
+    try:
+        counted = _int(counted, "counted_tokens")
+    except InteropError as exc:
+        raise InteropError(f"{path}: {exc} {fix}") from None
+    if counted < 0 or (fired.numel() and int(fired.max()) > counted):
+        raise InteropError(f"{path}: counted_tokens {counted} is below the tokens a latent "
+                           f"fired on {fix}")
+    p.fired_tokens = fired.to(torch.int64)
+    p.counted_tokens = counted
+
+
+def _is_counts(t: object, n: int) -> bool:
+    """Whether `t` is an integer tensor of shape [n] without negative values."""
+    return (isinstance(t, torch.Tensor) and tuple(t.shape) == (n,) and not t.is_floating_point()
+            and t.dtype != torch.bool and not t.is_complex() and not bool((t < 0).any()))
+
+
+def snapshot_context(snapshot: Path, warn: Callable[[str], None] | None = None) -> int | None:
     """The context length the snapshot's producers read (`seq_len` of every stream its ledger
-    holds), when there is exactly one; None otherwise (e.g. `saestream train` snapshots)."""
+    holds), when there is exactly one; None otherwise (e.g. `saestream train` snapshots).
+    Optional metadata: a ledger of the wrong shape gives None, and says why to `warn`."""
     try:
         extra = json.loads((Path(snapshot) / "extra.json").read_text())
     except (OSError, ValueError):
         return None
     producers = extra.get("producers") if isinstance(extra, dict) else None
-    lens = {
-        (p.get("stream") or {}).get("seq_len")
-        for p in (producers or {}).values() if isinstance(p, dict)
-    } - {None}
-    return int(lens.pop()) if len(lens) == 1 else None
+    if producers is None:
+        return None
+    lens = set()
+    bad = None
+    if not isinstance(producers, dict):
+        bad = f"producers is a {type(producers).__name__}, not a map"
+    else:
+        for name, entry in producers.items():
+            stream = entry.get("stream") if isinstance(entry, dict) else None
+            seq_len = stream.get("seq_len") if isinstance(stream, dict) else None
+            if not isinstance(entry, dict) or not isinstance(stream, (dict, type(None))):
+                bad = f"producer {name!r:.60} has no stream map"
+            elif seq_len is None:
+                continue
+            elif not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+                bad = f"producer {name!r:.60} has seq_len {seq_len!r:.60}"
+            else:
+                lens.add(seq_len)
+                continue
+            break
+    if bad is not None:
+        if warn is not None:
+            warn(f"{Path(snapshot) / 'extra.json'}: {bad}: no context size recorded "
+                 "(give --context-size)")
+        return None
+    return lens.pop() if len(lens) == 1 else None
 
 
 def fold_scalar(p: PortableSAE) -> PortableSAE:
     """The same SAE on raw inputs: with x′ = c·x, W_enc·c, b_dec/c and W_dec/c give the same
-    latents and x̂ (b_enc unchanged). Other normalisations are returned as they are."""
+    latents and x̂ (b_enc unchanged). Other normalisations are returned as they are. Raises
+    InteropError when c is not a positive number or the folded weights leave float32."""
     if p.input_normalization != "scalar":
         return p
-    c = float(p.input_scale)  # type: ignore[arg-type]
+    c = p.input_scale
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c) or c <= 0:
+        raise InteropError(f"{p.name}: scalar input constant {c!r} is not a positive number")
+    c = float(c)
     w = p.weights
     folded = {
         "encoder.weight": _f32(w["encoder.weight"].double() * c),
@@ -153,6 +226,7 @@ def fold_scalar(p: PortableSAE) -> PortableSAE:
         "W_dec": _f32(w["W_dec"].double() / c),
         "b_dec": _f32(w["b_dec"].double() / c),
     }
+    _check_finite(folded, f"{p.name}: folding the scalar input constant c = {c!r}")
     note = (f"{p.name}: the scalar input constant c = {c!r} is folded into the weights "
             "(W_enc·c, W_dec/c, b_dec/c): the export reads raw activations")
     return dataclasses.replace(p, weights=folded, input_normalization="none",
@@ -244,7 +318,7 @@ def read_saelens(directory: Path, *, name: str | None = None) -> PortableSAE:
         model=meta.get("model_name", cfg.get("model_name")), k=k,
         weights={"encoder.weight": w_enc.t().contiguous(), "encoder.bias": b_enc,
                  "W_dec": w_dec, "b_dec": b_dec},
-        origin=ours.get("origin"),
+        origin=ours.get("origin") if isinstance(ours.get("origin"), dict) else None,
     )
     _note_dtype(p, tensors, what)
     if cfg.get("dtype", "float32") != "float32":
@@ -253,9 +327,13 @@ def read_saelens(directory: Path, *, name: str | None = None) -> PortableSAE:
     if not cfg.get("apply_b_dec_to_input", True):
         # Their encoder reads x′ (b_dec not subtracted): b_enc + b_dec·W_enc compensates ours.
         p.weights["encoder.bias"] = _f32(b_enc.double() + b_dec.double() @ w_enc.double())
+        _check_finite(p.weights, f"{what}: folding apply_b_dec_to_input false "
+                      "(b_enc + b_dec·W_enc)")
         p.notes.append(f"{p.name}: apply_b_dec_to_input false: b_dec·W_enc is folded into b_enc")
     if cfg.get("rescale_acts_by_decoder_norm", False):
         _fold_decoder_norms(p, what)
+        _check_finite(p.weights, f"{what}: folding rescale_acts_by_decoder_norm (W_enc and b_enc "
+                      "times the decoder norms)")
     return p
 
 
@@ -308,25 +386,49 @@ def _fold_decoder_norms(p: PortableSAE, what: str) -> None:
 def sparsify_folders(saes: list[PortableSAE]) -> list[str]:
     """Sub-folder of each SAE in a sparsify run folder: its hook when every SAE reads its own
     (sparsify's convention, and the name SAELens' sparsify loader parses `layers.N` from),
-    else its name."""
+    else its name. Each is one safe path component, else InteropError naming the SAE."""
     hooks = [p.hook for p in saes]
-    if None not in hooks and len(set(hooks)) == len(hooks):
-        return [str(h) for h in hooks]
-    return [p.name for p in saes]
+    use_hooks = None not in hooks and len({repr(h) for h in hooks}) == len(hooks)
+    folders = []
+    for p in saes:
+        folder = p.hook if use_hooks else p.name
+        if not _is_path_component(folder):
+            what = f"hook {p.hook!r:.100}" if use_hooks else f"name {p.name!r:.100}"
+            raise InteropError(f"SAE {p.name!r:.100}: {what} cannot be a sparsify folder name "
+                               "(a non-empty name without /, \\, NUL, not . or ..)")
+        folders.append(folder)
+    return folders
+
+
+def _is_path_component(name: object) -> bool:
+    """Whether `name` is one non-empty path component naming a new entry of its directory."""
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in name for c in "/\\\0") and len(name.encode(errors="replace")) <= 255)
+
+
+def path_inside(root: Path, name: str) -> Path:
+    """`root / name`, checked to resolve to an entry directly inside `root`."""
+    path = root / name
+    if os.path.dirname(os.path.normpath(os.path.abspath(path))) != os.path.normpath(
+            os.path.abspath(root)):
+        raise InteropError(f"{name!r:.100} is not a folder name inside {root}")
+    return path
 
 
 def write_sparsify(saes: list[PortableSAE], out: Path, *, context_size: int | None,
                    provenance: dict[str, Any]) -> list[str]:
     """A sparsify run folder in `out` (created): config.json (model, hookpoints, ctx_len) and
     one `<folder>/cfg.json` + `sae.safetensors` per SAE. Returns the folders' names."""
+    folders = sparsify_folders(saes)  # checked before anything is written
+    if len(set(folders)) < len(folders):
+        raise InteropError(f"two SAEs would share a sparsify folder ({', '.join(folders)})")
     out.mkdir(parents=True)
-    folders = sparsify_folders(saes)
     models = {p.model for p in saes} - {None}
     for p, folder in zip(saes, folders, strict=True):
         if p.input_normalization not in ("none", "layer_norm"):
             raise ValueError(f"fold the {p.input_normalization} normalisation first")
-        d = out / folder
-        d.mkdir(parents=True)
+        d = path_inside(out, folder)
+        d.mkdir()
         save_file({n: p.weights[n] for n in WEIGHT_NAMES}, str(d / SPARSIFY_WEIGHTS))
         _write_json(d / "cfg.json", {
             "activation": "topk", "d_in": p.d_in, "num_latents": p.n_latents, "k": p.k,
@@ -398,8 +500,8 @@ def _read_sparsify_sae(d: Path, run: Mapping[str, Any]) -> PortableSAE:
     if mode not in ("none", "layer_norm", "scalar"):
         raise InteropError(f"{d}/cfg.json: input_normalization {mode!r} is not one of ours")
     scale = cfg.get("input_scale")
-    if mode == "scalar" and not (isinstance(scale, (int, float)) and math.isfinite(scale)
-                                 and scale > 0):
+    if mode == "scalar" and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                 and math.isfinite(scale) and scale > 0):
         raise InteropError(f"{d}/cfg.json: scalar input normalisation without a valid "
                            "input_scale")
     p = PortableSAE(
@@ -432,9 +534,8 @@ def read_openai(path: Path, *, tokens_per_step: int = OPENAI_TOKENS_PER_STEP) ->
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickles and zip archives fail in many ways
-        first = str(exc).strip().split(".")[0].splitlines()[0] if str(exc).strip() else ""
         raise InteropError(f"{path}: not a state dict torch.load reads with weights_only=True "
-                           f"({type(exc).__name__}: {first[:200]})") from None
+                           f"({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(state, dict):
         raise InteropError(f"{path}: holds a {type(state).__name__}, not a state dict")
     # Their from_state_dict: no `activation` means ReLU.
@@ -469,7 +570,11 @@ def read_openai(path: Path, *, tokens_per_step: int = OPENAI_TOKENS_PER_STEP) ->
         if not isinstance(stats, torch.Tensor) or tuple(stats.shape) != (n,) \
                 or stats.is_floating_point() or bool((stats < 0).any()):
             raise InteropError(f"{path}: stats_last_nonzero must be [{n}] counts >= 0")
-        p.tokens_since_fired = stats.to(torch.int64) * tokens_per_step
+        p.tokens_since_fired, clamped = _steps_to_tokens(stats, tokens_per_step)
+        if clamped:
+            p.notes.append(f"{p.name}: stats_last_nonzero × {tokens_per_step} tokens per step "
+                           f"exceeds 2^62 tokens for {clamped} latents: "
+                           "clamped to it (dead either way)")
     known = {"activation", "activation_state_dict", "encoder.weight", "latent_bias",
              "decoder.weight", "pre_bias", "stats_last_nonzero", *OPENAI_IGNORED}
     unknown = sorted(str(key) for key in state if key not in known)
@@ -544,6 +649,31 @@ def _stem_name(path: Path) -> str:
     """A snapshot folder name from a file name: `layer_8.pt` -> `layer_8`."""
     stem = "".join(c if c.isalnum() or c in "._+-" else "_" for c in path.stem)
     return stem.lstrip("._+-") or "sae"
+
+
+def _steps_to_tokens(stats: torch.Tensor, tokens_per_step: int) -> tuple[torch.Tensor, int]:
+    """int64 `stats` × `tokens_per_step`, each product clamped to TOKENS_SINCE_FIRED_CAP
+    (never overflowing on the way); and how many were clamped."""
+    s = stats.to(torch.int64)
+    limit = TOKENS_SINCE_FIRED_CAP // tokens_per_step  # 0 when one step already exceeds it
+    over = s > limit
+    tokens = s.clamp(max=limit) * min(tokens_per_step, TOKENS_SINCE_FIRED_CAP)
+    return tokens.masked_fill(over, TOKENS_SINCE_FIRED_CAP), int(over.sum())
+
+
+def _check_finite(weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """InteropError naming the first tensor of `weights` that holds NaN or infinite values
+    (a fold that overflowed float32)."""
+    for key, t in weights.items():
+        if not bool(torch.isfinite(t).all()):
+            raise InteropError(f"{what} overflows float32: {key} would hold infinite or NaN "
+                               "values")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message, at most 200 characters, on one line."""
+    text = str(exc).strip()
+    return text.split(".")[0].splitlines()[0][:200] if text else ""
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

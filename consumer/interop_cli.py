@@ -56,22 +56,25 @@ def export(path: Path, fmt: str, out: Path, sae_name: str | None, context_size: 
         dirs = sae_dirs(path, sae_name)
     except CheckpointError as exc:
         raise UserError(str(exc).replace("no SAE named", "--sae: no SAE named")) from None
-    _check_new_dir(out)
     snapshot = dirs[0].parent
     match = SNAPSHOT_RE.match(snapshot.name)
-    context = context_size or interop.snapshot_context(snapshot)
-    saes = [interop.fold_scalar(_read(interop.read_ours, d)) for d in dirs]
-
-    def provenance(p: PortableSAE) -> dict[str, Any]:
-        return {"name": p.name, "saestream_version": __version__,
-                "snapshot": str(snapshot.resolve()),
-                "step": int(match.group(1)) if match else None, "origin": p.origin,
-                "folded_input_scale": p.folded_scale}
-
+    created = _first_missing(out.parent)  # what checking --out's parent may create
     tmp = _temp_beside(out)
     try:
+        _check_new_dir(out)
+        saes = [_read(interop.fold_scalar, _read(interop.read_ours, d)) for d in dirs]
+        context = context_size or interop.snapshot_context(snapshot, warn=_warn)
+
+        def provenance(p: PortableSAE) -> dict[str, Any]:
+            return {"name": p.name, "saestream_version": __version__,
+                    "snapshot": str(snapshot.resolve()),
+                    "step": int(match.group(1)) if match else None, "origin": p.origin,
+                    "folded_input_scale": p.folded_scale}
+
+        # Every path written is `tmp` or one checked component inside it (a hook or a name):
+        # nothing lands outside --out, whatever a cfg.json says.
         if fmt == "saelens":
-            targets = [tmp] if len(saes) == 1 else [tmp / p.name for p in saes]
+            targets = [tmp] if len(saes) == 1 else [interop.path_inside(tmp, p.name) for p in saes]
             for p, target in zip(saes, targets, strict=True):
                 interop.write_saelens(p, target, context_size=context, prepend_bos=prepend_bos,
                                       provenance=provenance(p))
@@ -83,8 +86,10 @@ def export(path: Path, fmt: str, out: Path, sae_name: str | None, context_size: 
                 "saes": {p.name: provenance(p) for p in saes}})
             where = [out / f for f in folders]
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
+        _raise_write_error(exc, out)
         raise
     for p, target in zip(saes, where, strict=True):
         click.echo(f"exported {p.name} ({p.describe()}) to {target}")
@@ -165,25 +170,44 @@ def import_command(source: Path, fmt: str, out: Path, sae_name: str | None, name
         p.name = name or p.name
         p.hook = hook or p.hook
         p.model = model or p.model
-        if not _NAME_RE.match(p.name):
-            raise UserError(f"SAE name {p.name!r} cannot be a snapshot folder: give --name "
+        if not isinstance(p.name, str) or not _NAME_RE.match(p.name):
+            raise UserError(f"SAE name {p.name!r:.100} cannot be a snapshot folder: give --name "
                             "(letters, digits, ._+-)")
-        if p.hook is None:
+        if p.hook is None or p.hook == "":
             raise UserError(f"{source}: SAE {p.name} names no hook: give --hook")
+        if not isinstance(p.hook, str):
+            raise UserError(f"{source}: SAE {p.name} names hook {p.hook!r:.100}, which is not a "
+                            "string: give --hook")
+        if p.model is not None and not isinstance(p.model, str):
+            raise UserError(f"{source}: SAE {p.name} names model {p.model!r:.100}, which is not "
+                            "a string: give --model")
     names = [p.name for p in saes]
     if len(set(names)) < len(names):
         raise UserError(f"{source}: two SAEs are named alike ({', '.join(names)})")
     if holds_a_run(out):
         raise UserError(f"--out {out} already holds a run: choose a new directory")
-    check_writable_dir(out, "--out")
 
     origin = {"kind": "import", "format": fmt, "path": str(Path(source).resolve())}
     trainers = {p.name: _trainer(p, origin) for p in saes}
-    path = save_snapshot(out, 0, trainers, extra={
-        "source": "saestream import", "imported": origin, "time": time.time(), "step": 0,
-        "tokens": 0, "saes": {p.name: {"hook": p.hook, "model": p.model, "step": 0, "tokens": 0}
-                              for p in saes},
-    })
+    # A failed write leaves --out as it was: the directories this command made are removed,
+    # and in one that was there, every entry that was not (save_snapshot cleans its own
+    # temporary folder, but not a `latest` it could not finish after the rename).
+    created = _first_missing(out)
+    before = _entries(out) if created is None else None
+    try:
+        check_writable_dir(out, "--out")
+        path = save_snapshot(out, 0, trainers, extra={
+            "source": "saestream import", "imported": origin, "time": time.time(), "step": 0,
+            "tokens": 0, "saes": {p.name: {"hook": p.hook, "model": p.model, "step": 0,
+                                           "tokens": 0} for p in saes},
+        })
+    except BaseException as exc:
+        _remove_created(created)
+        if before is not None:
+            for entry in (_entries(out) or set()) - before:
+                _remove(out / entry)
+        _raise_write_error(exc, out)
+        raise
     for p in saes:
         click.echo(f"imported {p.name} ({p.describe()}) to {path / p.name}")
         for note in p.notes:
@@ -217,6 +241,69 @@ def _read(reader: Any, *args: Any, **kw: Any) -> Any:
         raise UserError(str(exc)) from None
 
 
+def _warn(message: str) -> None:
+    click.echo(f"saestream: warning: {message}", err=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` (itself included) that does not exist yet: what
+    creating `path` with its parents makes, and a failure must remove. None if it exists."""
+    path = Path(os.path.abspath(path))
+    missing = None
+    while not os.path.lexists(path):
+        missing = path
+        if path.parent == path:
+            break
+        path = path.parent
+    return missing
+
+
+def _entries(path: Path) -> set[str] | None:
+    """The names in directory `path`; None when it is none or cannot be listed."""
+    try:
+        return set(os.listdir(path))
+    except OSError:
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _remove_created(created: Path | None) -> None:
+    """Remove `created` (from `_first_missing`), if this command made it."""
+    if created is not None and os.path.lexists(created):
+        _remove(created)
+
+
+def _raise_write_error(exc: BaseException, out: Path) -> None:
+    """A full, read-only or failing disk (OSError; safetensors' SafetensorError, which carries
+    the OS's words) as one line; anything else is left to the caller."""
+    from safetensors import SafetensorError
+
+    from saestream.consumer.interop import InteropError
+
+    if isinstance(exc, UserError):
+        raise exc
+    if isinstance(exc, InteropError):
+        raise UserError(str(exc)) from None
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+    elif isinstance(exc, SafetensorError):
+        found = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc).strip())
+        reason = found.group(1) if found else str(exc).strip()
+    else:
+        return
+    reason = " ".join(str(reason).split())[:200]
+    raise UserError(f"--out {out}: could not write ({reason})") from None
+
+
 def _check_new_dir(out: Path) -> None:
     """UserError unless `out` is missing or an empty directory, in a writable parent."""
     out = Path(out)
@@ -230,7 +317,6 @@ def _temp_beside(out: Path) -> Path:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary directory to `out` (an empty `out` is replaced)."""
-    if out.is_dir():
-        out.rmdir()
+    """Rename the finished temporary directory to `out`: rename(2) replaces an empty `out`
+    in the same step, so a failure leaves it as it was."""
     os.rename(tmp, out)

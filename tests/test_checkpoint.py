@@ -334,5 +334,5 @@ def test_a_fifo_in_place_of_the_weights_is_refused_not_waited_on(tmp_path: Path)
     d = save_snapshot(tmp_path, 1, {"h": trained()}) / "h"
     (d / "sae.safetensors").unlink()
     os.mkfifo(d / "sae.safetensors")  # opening it for reading would wait for a writer
-    with pytest.raises(CheckpointError, match="sae.safetensors is not a regular file"):
+    with pytest.raises(CheckpointError, match=r"sae\.safetensors is not a regular file"):
         load_sae(d)

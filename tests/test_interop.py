@@ -479,3 +479,215 @@ def test_consumer_init_from_our_snapshot(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))(x),
                                    reconstruct(d, x), **TOL)
+
+
+# -- hostile inputs found by an adversarial probe: one line, exit 2, nothing outside --out -------
+
+
+def _one_line_error(res, *needles: str) -> str:
+    """The single `saestream: error:` line of a refused command (exit 2, no traceback)."""
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saestream: error: "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _sae_copy(snapshot_path: Path, dest: Path, name: str = "none", cfg=None) -> Path:
+    """A copy of one SAE folder of the module's snapshot, its cfg.json updated with `cfg`."""
+    import shutil
+
+    shutil.copytree(snapshot_path / name, dest)
+    if cfg is not None:
+        doc = json.loads((dest / "cfg.json").read_text())
+        doc.update(cfg)
+        (dest / "cfg.json").write_text(json.dumps(doc))
+    return dest
+
+
+@pytest.mark.parametrize("hook", ["ABS", "../../escaped", "..", "a/b", "", ["model.layers.1"]],
+                         ids=["absolute", "traversal", "dotdot", "slash", "empty", "list"])
+def test_export_sparsify_refuses_a_hook_that_is_no_folder_name(tmp_path, snapshot, hook):
+    """The sparsify folder is the hook from cfg.json: an absolute path, `..` or a `/` in it
+    must not put a file outside --out (the probe saw `/tmp/x` written)."""
+    if hook == "ABS":
+        hook = str(tmp_path / "absolute")
+    src = _sae_copy(snapshot[0], tmp_path / "src" / "sae", cfg={"hook": hook})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = tmp_path / "exports" / "out"
+    res = run_cli(["export", str(src), "--format", "sparsify", "--out", str(out)], timeout=120)
+    _one_line_error(res, "hook")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _limit_file_size():  # the child's files stop at 8 KiB: its weights cannot be written
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+
+def test_export_and_import_on_a_failing_disk_are_one_line_and_leave_nothing(
+        tmp_path, snapshot, saelens_export):
+    """A write failing half-way (here EFBIG past RLIMIT_FSIZE; ENOSPC in the next test) is one
+    line naming --out and the OS's reason; what the command made is gone, and an --out that
+    was there is as it was."""
+    for fmt in ("saelens", "sparsify"):
+        out = tmp_path / fmt / "new" / "out"
+        res = run_cli(["export", str(snapshot[0]), "--format", fmt, "--out", str(out)],
+                      timeout=120, preexec_fn=_limit_file_size)
+        _one_line_error(res, f"--out {out}: could not write (File too large)")
+        assert not (tmp_path / fmt).exists()
+    src = saelens_export[0] / "none"
+    for there in (False, True):
+        out = tmp_path / "imp" / "out"
+        if there:
+            out.mkdir(parents=True)
+            (out / "keep.txt").write_text("mine")
+        res = run_cli(["import", str(src), "--format", "saelens", "--out", str(out)],
+                      timeout=120, preexec_fn=_limit_file_size)
+        _one_line_error(res, f"--out {out}: could not write (File too large)")
+        if there:
+            assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        else:
+            assert not (tmp_path / "imp").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted under tmp_path for the test (root only: skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                             capture_output=True, text=True, timeout=30)
+        why = res.stderr.strip() if res.returncode != 0 else None
+    except OSError as exc:  # no mount(8)
+        why = str(exc)
+    if why is not None:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {why}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_export_and_import_on_a_disk_that_fills_mid_write(small_tmpfs, snapshot, saelens_export):
+    mnt = small_tmpfs
+    fd = os.open(mnt / "fill", os.O_WRONLY | os.O_CREAT)
+    try:  # fill it, then free 24 KiB: the first SAE's files fit, the rest does not
+        while os.write(fd, b"\0" * 65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    assert os.statvfs(mnt).f_bavail == 0
+    os.truncate(mnt / "fill", os.path.getsize(mnt / "fill") - 24 * 1024)
+    runs = [(["export", str(snapshot[0]), "--format", "sparsify"], mnt / "exp"),
+            (["import", str(saelens_export[0] / "layer_norm"), "--format", "saelens"],
+             mnt / "imp")]
+    for args, out in runs:
+        res = run_cli([*args, "--out", str(out)], timeout=120)
+        _one_line_error(res, f"--out {out}: could not write (No space left on device)")
+        assert sorted(p.name for p in mnt.iterdir()) == ["fill"]
+
+
+@pytest.mark.parametrize("producers", [
+    [1], {"a": {"stream": 5}}, {"a": {"stream": {"seq_len": "abc"}}},
+    {"a": {"stream": {"seq_len": [1]}}}], ids=["list", "stream-int", "seq-len-str", "seq-len-list"])
+def test_export_with_a_malformed_producer_ledger_warns_and_records_no_context(
+        tmp_path, snapshot, producers):
+    """The context size is optional metadata (`--context-size` gives it): a ledger of the
+    wrong shape is ignored, with one warning line, instead of a traceback."""
+    import shutil
+
+    snap = tmp_path / snapshot[0].name
+    shutil.copytree(snapshot[0], snap)
+    extra = json.loads((snap / "extra.json").read_text())
+    (snap / "extra.json").write_text(json.dumps({**extra, "producers": producers}))
+    out = tmp_path / "out"
+    res = run_cli(["export", str(snap), "--format", "saelens", "--sae", "none", "--out",
+                   str(out)], timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("saestream: warning: "), res.stderr
+    assert "extra.json" in lines[0] and "--context-size" in lines[0]
+    assert json.loads((out / "cfg.json").read_text())["metadata"]["context_size"] is None
+
+
+TRAINER_PT = {
+    "list": lambda path: torch.save([1, 2], path),
+    "counted-str": lambda path: torch.save(
+        {**torch.load(path, weights_only=True), "counted_tokens": "many"}, path),
+    "random-bytes": lambda path: path.write_bytes(os.urandom(3000)),
+    "fired-shape": lambda path: torch.save(
+        {**torch.load(path, weights_only=True), "fired_tokens": torch.zeros(3, dtype=torch.int64)},
+        path),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAINER_PT))
+def test_export_refuses_a_hostile_trainer_pt_in_one_line(tmp_path, snapshot, case):
+    """trainer.pt holds the firing counts the sparsity file is made of: anything but a state
+    dict with [n] counts is refused, saying how to export without them."""
+    src = _sae_copy(snapshot[0], tmp_path / "sae")
+    TRAINER_PT[case](src / "trainer.pt")
+    res = run_cli(["export", str(src), "--format", "saelens", "--out", str(tmp_path / "out")],
+                  timeout=120)
+    _one_line_error(res, "trainer.pt", "remove it to export without firing counts")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+BAD_IMPORTS = {
+    "hook-int": (lambda c, w: c["metadata"].update(hook_name=7), "hook 7"),
+    "hook-list": (lambda c, w: c["metadata"].update(hook_name=["model.layers.1"]), "give --hook"),
+    "model-list": (lambda c, w: c["metadata"].update(model_name=["tiny"]), "give --model"),
+    "b_dec-fold-overflows": (
+        lambda c, w: (c.update(apply_b_dec_to_input=False), w["W_enc"].fill_(3e38),
+                      w["b_dec"].fill_(3e38)), "apply_b_dec_to_input false"),
+    "rescale-fold-overflows": (
+        lambda c, w: (c.update(rescale_acts_by_decoder_norm=True), w["W_enc"].fill_(3e38),
+                      w["W_dec"].fill_(1.0)), "rescale_acts_by_decoder_norm"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMPORTS))
+def test_import_refuses_what_it_cannot_record_or_compute(tmp_path, snapshot, case):
+    """A hook or model that is not a string, and a fold that overflows float32 after the
+    tensors were checked finite, are refused in one line; nothing is written."""
+    edit, message = BAD_IMPORTS[case]
+    src = _saelens_dir(tmp_path, snapshot[0], edit)
+    out = tmp_path / "out"
+    res = run_cli(["import", str(src), "--format", "saelens", "--out", str(out)], timeout=120)
+    _one_line_error(res, message)
+    assert not out.exists()
+
+
+def test_import_refuses_a_sparsify_input_scale_that_is_a_bool(tmp_path, sparsify_export):
+    src = _sae_copy(sparsify_export[0], tmp_path / "sp", name="model.layers.0",
+                    cfg={"input_normalization": "scalar", "input_scale": True})
+    res = run_cli(["import", str(src), "--format", "sparsify", "--out", str(tmp_path / "out")],
+                  timeout=120)
+    _one_line_error(res, "input_scale")
+    assert not (tmp_path / "out").exists()
+
+
+def test_openai_stats_that_overflow_int64_are_clamped(tmp_path):
+    """stats_last_nonzero × tokens per step past int64 wrapped to negative counters (alive,
+    to the dead-latent logic); clamped instead, with a note."""
+    sd = openai_state()
+    sd["stats_last_nonzero"] = torch.full((ON,), 2**62, dtype=torch.int64)
+    sd["stats_last_nonzero"][0] = 3
+    torch.save(sd, tmp_path / "l0.pt")
+    out = tmp_path / "out"
+    res = run_cli(["import", str(tmp_path / "l0.pt"), "--format", "openai", "--hook", "h",
+                   "--out", str(out)], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"exceeds 2^62 tokens for {ON - 1} latents" in res.stdout
+    since = load_trainer(out / "step-00000000" / "l0").tokens_since_fired
+    assert int(since[0]) == 3 * 131072 and bool((since[1:] == 2**62).all())
