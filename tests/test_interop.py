@@ -557,23 +557,10 @@ def test_export_and_import_on_a_failing_disk_are_one_line_and_leave_nothing(
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs mounted under tmp_path for the test (root only: skipped elsewhere)."""
-    import subprocess
+    from test_guarantee_disk import tmpfs_at
 
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                             capture_output=True, text=True, timeout=30)
-        why = res.stderr.strip() if res.returncode != 0 else None
-    except OSError as exc:  # no mount(8)
-        why = str(exc)
-    if why is not None:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {why}")
-    try:
+    with tmpfs_at(tmp_path / "mnt", "1m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_export_and_import_on_a_disk_that_fills_mid_write(small_tmpfs, snapshot, saelens_export):
