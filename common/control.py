@@ -30,6 +30,8 @@ from typing import Any
 
 import msgpack
 
+from saestream.common.errors import UserError
+
 CONTROL_VERSION = 1
 MAX_CONTROL_BYTES = 256 << 10
 """Largest control message either side reads."""
@@ -42,16 +44,23 @@ class ControlError(ValueError):
     """A control message that is malformed; the message says how."""
 
 
+class EndpointError(UserError):
+    """No control endpoint follows from a data endpoint (one line, exit 2)."""
+
+
 def control_endpoint(data_endpoint: str) -> str:
     """The control endpoint that goes with a data endpoint: the next TCP port, or the same
-    ipc/inproc path with `.control` appended."""
+    ipc/inproc path with `.control` appended. EndpointError when none follows (a port
+    chosen by the system, `tcp://HOST:0`)."""
     scheme, sep, rest = data_endpoint.partition("://")
     if not sep:
-        raise ControlError(f"not an endpoint: {data_endpoint!r}")
+        raise EndpointError(f"not an endpoint: {data_endpoint!r}")
     if scheme == "tcp":
         host, colon, port = rest.rpartition(":")
         if not colon or not port.isdigit() or not 0 < int(port) < 65535:
-            raise ControlError(f"cannot derive a control port from {data_endpoint!r}")
+            raise EndpointError(
+                f"cannot derive a control endpoint from {data_endpoint!r} (it is the data "
+                "port + 1): give it (--control-bind, --control-connect) or `off`")
         return f"tcp://{host}:{int(port) + 1}"
     return f"{data_endpoint}.control"
 

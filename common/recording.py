@@ -21,24 +21,29 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
+import stat
 import struct
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
 from saestream.common.errors import UserError
 from saestream.common.files import check_writable_dir
+from saestream.common.logs import shown
 from saestream.common.wire import (
     _ITEMSIZE,
     _UINT,
     DTYPES,
+    MAX_STR_LEN,
+    DecodeLimits,
     WireError,
     _all_finite,
     _check_source,
@@ -59,6 +64,7 @@ _HOOK_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _WIRE_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
 _ENTRY_KEYS = ("producer", "run", "seq", "source", "row", "n", "checksum", "ts")
+_INT64 = 1 << 63
 
 
 class RecordingError(UserError):
@@ -81,19 +87,31 @@ def hook_dir_name(hook: str) -> str:
 
 class RecordingLock:
     """Exclusive use of a recording directory for this process: two writers appending to
-    the same shards' directory would remove each other's temporary files."""
+    the same shards' directory would remove each other's temporary files.
 
-    def __init__(self, root: Path, flag: str) -> None:
+    :param hooks: the hooks to be recorded: their directories, where they exist, are
+        checked (`check_hook_dirs`) before anything in them is touched.
+    Raises UserError (one line) for anything in the way: a directory that is not writable,
+    another process recording into it, a `.lock` that is not a regular file, a hook's
+    directory that is not a writable directory, a stale temporary that cannot be removed.
+    """
+
+    def __init__(self, root: Path, flag: str, hooks: Collection[str] = ()) -> None:
         root = Path(root)
         check_writable_dir(root, flag)
         self.root = root
-        self._fh = open(root / LOCK_NAME, "a")  # held until release(): the lock
+        self._fh = _open_lock_file(root, flag)  # held until release(): the lock
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._fh.close()
             raise UserError(f"{flag} {root}: another process is recording into it") from None
-        self.stale = remove_stale_temporaries(root)
+        try:
+            check_hook_dirs(root, hooks, flag)
+            self.stale = remove_stale_temporaries(root, flag)
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         if not self._fh.closed:
@@ -101,11 +119,49 @@ class RecordingLock:
             self._fh.close()
 
 
-def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete half-written shards an interrupted writer left (only under the lock)."""
+def _open_lock_file(root: Path, flag: str) -> BinaryIO:
+    """`root/.lock`, opened (created if missing) for flock: a regular file, or UserError.
+    Non-blocking open, so a FIFO in its place fails (ENXIO) instead of waiting forever."""
+    path = root / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UserError(f"{flag} {root}: cannot open its lock file {LOCK_NAME} "
+                        f"({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{flag} {root}: its lock file {LOCK_NAME} is not a regular file "
+                        "(remove it)")
+    return os.fdopen(fd, "ab")
+
+
+def check_hook_dirs(root: Path, hooks: Collection[str], flag: str) -> None:
+    """UserError (one line) unless every hook's directory `root/<hook>` that exists is a
+    directory where a shard can be written: checked at start-up, before a socket is bound,
+    so a misnamed or read-only hook directory is not found shard after lost shard."""
+    for hook in hooks:
+        path = Path(root) / hook_dir_name(hook)
+        if not path.exists() and not path.is_symlink():
+            continue  # made when its first shard is written (the root is writable)
+        if not path.is_dir():
+            raise UserError(f"{flag} {root}: {path.name} (where hook {shown(hook)} is "
+                            "recorded) is not a directory")
+        check_writable_dir(path, flag)
+
+
+def remove_stale_temporaries(root: Path, flag: str = "--record") -> list[Path]:
+    """Delete half-written shards an interrupted writer left (only under the lock).
+    UserError when one cannot be removed: its directory is not writable, so no shard
+    could be written there either."""
     stale = [p for p in Path(root).glob(f"*/{TMP_PREFIX}*") if p.is_file()]
     for p in stale:
-        p.unlink(missing_ok=True)
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as exc:
+            raise UserError(f"{flag} {root}: cannot remove {p.name}, left in {p.parent} by an "
+                            f"interrupted recording ({exc.strerror or exc}); the directory "
+                            "must be writable") from None
     return stale
 
 
@@ -137,6 +193,8 @@ class Lost(NamedTuple):
 
     rows: int
     error: OSError
+    entries: list[Entry]
+    """The chunks it held (their positions are not recorded after all)."""
 
 
 class ShardWriter:
@@ -197,7 +255,7 @@ class ShardWriter:
                                                separators=(",", ":")),
             })
         except OSError as exc:
-            return [Lost(rows, exc)]
+            return [Lost(rows, exc, entries)]
         return [Written(self.dir / name, rows, nbytes)]
 
 
@@ -274,16 +332,17 @@ class Shard:
     def check(self, entry: Entry) -> None:
         """RecordingError unless the chunk's bytes match its checksum and are all finite."""
         if crc32(self.chunk(entry)) != entry.checksum:
-            raise RecordingError(f"{self._what(entry)}: checksum mismatch (the file is corrupt)")
+            raise RecordingError(f"{self.what(entry)}: checksum mismatch (the file is corrupt)")
         self.check_values(entry)
 
     def check_values(self, entry: Entry) -> None:
         """RecordingError unless the chunk's values are all finite (a fraction of the cost
         of `check`: no checksum)."""
         if not _all_finite(self.chunk(entry), self.dtype):
-            raise RecordingError(f"{self._what(entry)}: NaN or infinite value")
+            raise RecordingError(f"{self.what(entry)}: NaN or infinite value")
 
-    def _what(self, entry: Entry) -> str:
+    def what(self, entry: Entry) -> str:
+        """The chunk, for an error: its file, first row, recorded producer and seq."""
         return (f"{self.path}: chunk at row {entry.row} (producer {entry.producer!r:.100}, "
                 f"seq {entry.seq})")
 
@@ -293,10 +352,11 @@ def _fail(path: Path, why: str) -> RecordingError:
 
 
 def read_shard(path: Path) -> Shard:
-    """Parse and check a shard's header and index (not its rows). Raises RecordingError."""
+    """Parse and check a shard's header and index (not its rows). Raises RecordingError for
+    every malformed shard, and for what the wire could not carry when it is replayed."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             raw = fh.read(8)
             if len(raw) < 8:
                 raise _fail(path, "shorter than a safetensors header")
@@ -304,6 +364,8 @@ def read_shard(path: Path) -> Shard:
             if n > min(MAX_HEADER_BYTES, size - 8):
                 raise _fail(path, f"header length {n} exceeds the file ({size} bytes)")
             header = json.loads(fh.read(n))
+    except RecursionError:
+        raise _fail(path, "its header is nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise _fail(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) \
             from None
@@ -314,51 +376,116 @@ def read_shard(path: Path) -> Shard:
         raise _fail(path, f"no `saestream.format: {FORMAT}` in its metadata")
     info = header.get(TENSOR)
     if not isinstance(info, dict):
-        raise RecordingError(f"{path}: no tensor {TENSOR!r} (has {', '.join(sorted(header))})")
-    dtype = _WIRE_DTYPE.get(info.get("dtype"))  # type: ignore[arg-type]
+        raise RecordingError(f"{path}: no tensor {TENSOR!r} (has "
+                             f"{shown(', '.join(sorted(header)), 100)})")
+    wire_dtype = info.get("dtype")
+    dtype = _WIRE_DTYPE.get(wire_dtype) if isinstance(wire_dtype, str) else None
     shape = info.get("shape")
     offsets = info.get("data_offsets")
     if dtype is None or dtype != meta.get("saestream.dtype"):
-        raise RecordingError(f"{path}: tensor {TENSOR!r} has dtype {info.get('dtype')!r:.20}, "
-                             f"not the recorded {meta.get('saestream.dtype')!r:.20}")
+        raise RecordingError(f"{path}: tensor {TENSOR!r} has dtype {shown(wire_dtype, 20)}, "
+                             f"not the recorded {shown(meta.get('saestream.dtype'), 20)}")
     if not (isinstance(shape, list) and len(shape) == 2
             and all(type(s) is int and s >= 1 for s in shape)):
-        raise RecordingError(f"{path}: tensor {TENSOR!r} has shape {shape!r:.60}, expected "
-                             "[rows, d]")
+        raise RecordingError(f"{path}: tensor {TENSOR!r} has shape {shown(shape, 60)}, "
+                             "expected [rows, d]")
     rows, d = shape
     nbytes = rows * d * _ITEMSIZE[dtype]
     if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
             or offsets[1] - offsets[0] != nbytes or offsets[0] < 0
             or 8 + n + offsets[1] > size):
         raise RecordingError(f"{path}: tensor {TENSOR!r} of shape {shape} does not fit its "
-                             f"bytes (file of {size} bytes)")
-    entries = _read_index(path, meta, rows)
+                             f"bytes (data_offsets {shown(offsets, 60)}, file of {size} bytes)")
     hook, model = meta.get("saestream.hook"), meta.get("saestream.model")
-    if not isinstance(hook, str) or not hook or not isinstance(model, str) or not model:
-        raise _fail(path, "no hook or model in its metadata")
+    if not _wire_str(hook) or not _HOOK_DIR_RE.match(hook) or hook in (".", ".."):
+        raise _fail(path, f"hook {shown(hook, 100)} in its metadata is not a hook name "
+                    "(letters, digits and . _ + -, at most 200)")
+    if not _wire_str(model):
+        raise _fail(path, f"model {shown(model, 100)} in its metadata is not a non-empty "
+                    f"str of at most {MAX_STR_LEN} chars")
+    entries = _read_index(path, meta, rows)
     return Shard(path, hook, model, dtype, rows, d, 8 + n + offsets[0], entries)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (through symlinks), else
+    RecordingError. Opened non-blocking and checked on the descriptor, so a FIFO or a
+    device named like a shard never blocks the open or a read, whatever races."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise _fail(path, kind)
+    return os.fdopen(fd, "rb")
+
+
+def _wire_str(value: object) -> bool:
+    """A producer, run, model or hook the wire carries: a non-empty str of at most
+    MAX_STR_LEN characters."""
+    return type(value) is str and 0 < len(value) <= MAX_STR_LEN
+
+
+def _bounded_scalar(value: object) -> bool:
+    """A `source` value the replayer can put back on the wire: ints within int64 (msgpack
+    has no larger), strs no longer than a whole wire header may be (a recorded chunk's came
+    within one). Everything else is `_check_source`'s to judge."""
+    if type(value) is int:
+        return -_INT64 <= value < _INT64
+    if type(value) is str:
+        return len(value) <= DecodeLimits.max_header_nbytes
+    return True
+
+
+def _entry_problem(e: Any) -> str | None:
+    """What is wrong with one index entry's fields (types and the wire's ranges), or None."""
+    if not isinstance(e, dict) or set(e) != set(_ENTRY_KEYS):
+        return f"not a map of {', '.join(_ENTRY_KEYS)}"
+    for key in ("producer", "run"):
+        if not _wire_str(e[key]):
+            return f"{key} is not a non-empty str of at most {MAX_STR_LEN} chars"
+    for key, top in (("seq", _INT64), ("checksum", 1 << 32), ("row", None), ("n", None)):
+        if type(e[key]) is not int or e[key] < 0 or (top is not None and e[key] >= top):
+            return f"{key} is not an int >= 0" + (f" and < 2**{top.bit_length() - 1}"
+                                                 if top is not None else "")
+    if not isinstance(e["source"], dict):
+        return "source is not a map"
+    ts = e["ts"]
+    if not ((type(ts) is float and math.isfinite(ts))
+            or (type(ts) is int and abs(ts) < _INT64)):
+        return "ts is not a finite number"
+    return None
 
 
 def _read_index(path: Path, meta: dict[str, Any], rows: int) -> list[Entry]:
     """The chunks' index: entries that tile the rows [0, rows) in order."""
     try:
         raw = json.loads(meta.get("saestream.chunks", ""))
+    except RecursionError:
+        raise RecordingError(f"{path}: its chunk index is nested too deeply") from None
     except (TypeError, ValueError):
         raise RecordingError(f"{path}: its chunk index is not JSON") from None
     if not isinstance(raw, list) or not raw:
         raise RecordingError(f"{path}: its chunk index is empty")
     entries, row = [], 0
     for i, e in enumerate(raw):
-        ok = (isinstance(e, dict) and set(e) == set(_ENTRY_KEYS)
-              and all(type(e[k]) is int and e[k] >= 0 for k in ("seq", "row", "n", "checksum"))
-              and isinstance(e["producer"], str) and isinstance(e["run"], str)
-              and isinstance(e["source"], dict) and type(e["ts"]) in (int, float))
-        if not ok:
-            raise RecordingError(f"{path}: chunk index entry {i} is malformed")
+        problem = _entry_problem(e)
+        if problem:
+            raise RecordingError(f"{path}: chunk index entry {i} is malformed ({problem})")
         try:  # it goes back on the wire when replayed: the wire's rules for provenance
             _check_source(e["source"], e["n"])
         except WireError as exc:
             raise RecordingError(f"{path}: chunk index entry {i}: {exc}") from None
+        for key, value in e["source"].items():
+            if not all(map(_bounded_scalar, value if type(value) is list else [value])):
+                raise RecordingError(
+                    f"{path}: chunk index entry {i}: source[{shown(key, 50)}] holds an int "
+                    f"beyond 64 bits or a str over {DecodeLimits.max_header_nbytes} chars")
         if e["row"] != row or e["n"] < 1:
             raise RecordingError(f"{path}: chunk index entry {i} starts at row {e['row']}, "
                                  f"expected {row}")
@@ -380,10 +507,14 @@ class Recording:
             what = "not a directory" if hook_dir.exists() else "no such directory"
             raise RecordingError(f"{hook_dir}: {what} (give a recorded hook directory, "
                                  "DIR/<hook>)")
-        paths = sorted(p for p in hook_dir.iterdir() if SHARD_RE.match(p.name))
+        try:
+            names = [p.name for p in hook_dir.iterdir()]
+        except OSError as exc:
+            raise RecordingError(f"{hook_dir}: cannot list it ({exc.strerror or exc})") from None
+        paths = sorted(hook_dir / name for name in names if SHARD_RE.match(name))
         if not paths:
-            others = [p.name for p in hook_dir.iterdir() if not p.name.startswith(".")]
-            hint = f" (it holds {', '.join(sorted(others)[:3])}…)" if others else ""
+            others = [name for name in names if not name.startswith(".")]
+            hint = f" (it holds {shown(', '.join(sorted(others)[:3]))}…)" if others else ""
             raise RecordingError(f"{hook_dir}: no recorded shards (shard-*.safetensors); give a "
                                  f"hook's directory of a recording, DIR/<hook>{hint}")
         self.dir = hook_dir

@@ -158,6 +158,8 @@ class ConsumerRun:
             self.device = torch.device("cuda", local_rank())
             torch.cuda.set_device(self.device)
         check_fits(cfg, str(self.device))
+        if cfg.control_bind is None and self.world.size == 1:
+            control_endpoint(cfg.bind)  # EndpointError now, not once the directory holds a run
         self.stats = RunStats()
         self.trainers: dict[str, Trainer] = {}
         self.windows = {s.name: MSEWindow(cfg.metrics_window) for s in cfg.saes}

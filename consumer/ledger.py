@@ -61,6 +61,20 @@ def _add(ranges: list[Range], lo: int, hi: int) -> None:
     ranges[i:j] = [[lo, hi]]
 
 
+def _remove(ranges: list[Range], lo: int, hi: int) -> None:
+    """Take [lo, hi) out of sorted disjoint `ranges` (splitting the range it falls inside)."""
+    out: list[Range] = []
+    for a, b in ranges:
+        if b <= lo or a >= hi:
+            out.append([a, b])
+            continue
+        if a < lo:
+            out.append([a, lo])
+        if b > hi:
+            out.append([hi, b])
+    ranges[:] = out
+
+
 def _touches(ranges: list[Range], lo: int, hi: int) -> bool:
     """Whether [lo, hi) would merge with one of `ranges` (overlap or shared end)."""
     return any(a <= hi and b >= lo for a, b in ranges)
@@ -358,6 +372,21 @@ class Ledger:
             for h in hooks:
                 p.hooks.setdefault(h, HookLedger())
             return copy.deepcopy(p)
+
+    def forget(self, producer: str, hook: str, epoch: int, start: int, end: int) -> None:
+        """Positions [start, end) of `epoch` are no longer held (a recording could not write
+        them): no longer accounted for, so the frontier falls back to them, the producer
+        re-sends them (a hole that stays open) and no cut taken from now on holds them."""
+        with self.lock:
+            p = self.producers.get(producer)
+            hl = p.hooks.get(hook) if p is not None else None
+            if hl is None or start >= end:
+                return
+            if epoch in hl.data:
+                _remove(hl.data[epoch], start, end)
+            if hl.low is not None and (epoch, start) < hl.low:
+                hl.low = (epoch, start)  # epochs forgotten since are taken as unaccounted
+            self.version += 1
 
     def add_void(self, producer: str, ranges: Iterable[tuple[int, int, int]]) -> None:
         """Positions the producer will never send rows for: (epoch, start, end) each."""

@@ -24,6 +24,7 @@ import zmq
 from saestream.common.control import MAX_CONTROL_BYTES, control_endpoint
 from saestream.common.errors import UserError
 from saestream.common.metrics import serve_metrics
+from saestream.common.recording import Entry
 from saestream.common.signals import SignalFlags
 from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
 from saestream.common.wire import REJECT_REASONS, DecodeLimits, lz4_bound
@@ -77,9 +78,9 @@ class RecordSink:
         if cfg.record is None:
             raise UserError("--out is required")
         self.cfg, self.flags, self.metrics = cfg, flags, metrics
-        self.recorder = Recorder(cfg.record, cfg.hooks, cfg.record_shard_tokens, metrics,
-                                 flag="--out")
         self.ledger = Ledger(cfg.max_producers, cfg.producer_expiry_seconds)
+        self.recorder = Recorder(cfg.record, cfg.hooks, cfg.record_shard_tokens, metrics,
+                                 flag="--out", on_lost=self._lost)
         self.run_id = uuid.uuid4().hex[:12]
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
         serve_metrics(metrics.registry, cfg.metrics_port, cfg.metrics_addr)
@@ -137,8 +138,10 @@ class RecordSink:
 
     def sync(self, reason: str) -> None:
         """Write every hook's held rows; once on disk, the control channel's `committed`
-        is the ledger as it stood before (a cut that the shards hold in full)."""
+        is the ledger as it stood before (a cut that the shards hold in full). Should a
+        shard be lost meanwhile, `committed` stays where it was."""
         self._last_sync = time.monotonic()
+        losses = self.recorder.losses  # before the cut: a loss counted later may be in it
         cut = self.ledger.copy()
         control = self.control
 
@@ -147,7 +150,15 @@ class RecordSink:
                 control.committed = cut
             log.info("%s sync: every accepted row is in a complete shard", reason)
 
-        self.recorder.sync(done)
+        self.recorder.sync(done, since=losses)
+
+    def _lost(self, hook: str, entries: list[Entry]) -> None:
+        """Rows of a shard that could not be written are not held: the ledger forgets
+        them, so producers see the hole and send them again (the recorder thread)."""
+        for e in entries:
+            if all(k in e.source for k in ("epoch", "start")):
+                start = int(e.source["start"])
+                self.ledger.forget(e.producer, hook, int(e.source["epoch"]), start, start + e.n)
 
     def close(self) -> None:
         """Stop receiving, write what is held (SIGTERM loses nothing accepted), then give
@@ -159,6 +170,10 @@ class RecordSink:
             self.control.stop()
         self.ctx.destroy(linger=0)
         log.info("stopped; recorded %s rows", self._per_hook(self.recorder.written))
+        if self.recorder.losses:
+            log.warning("%d shard(s) could not be written: %s rows are not in the recording "
+                        "(nor declared held to their producers)", self.recorder.losses,
+                        self._per_hook(self.recorder.dropped))
 
     @staticmethod
     def _per_hook(counts: dict[str, int]) -> str:

@@ -59,15 +59,23 @@ class Recorder(threading.Thread):
     """Owns the recording directory `root` (its lock) from construction until `stop`.
 
     :param flag: the flag that named `root`, for errors (`--record`, `--out`).
+    :param on_lost: called (on this thread) with a hook and the entries of each shard that
+        could not be written, before `losses` counts it.
     Raises UserError when `root` is not writable or another process records into it.
     """
 
     def __init__(self, root: Path, hooks: Collection[str], shard_tokens: int,
-                 metrics: ConsumerMetrics, *, flag: str) -> None:
+                 metrics: ConsumerMetrics, *, flag: str,
+                 on_lost: Callable[[str, list[Entry]], None] | None = None) -> None:
         super().__init__(name="recorder", daemon=True)
+        self.on_lost = on_lost
+        self.losses = 0
+        """Shards that could not be written, so far."""
+        self.dropped = dict.fromkeys(hooks, 0)
+        """Rows of those shards, per hook."""
         for hook in hooks:
             hook_dir_name(hook)  # before any work: a hook that cannot be a directory
-        self.lock = RecordingLock(root, flag)
+        self.lock = RecordingLock(root, flag, hooks=hooks)
         for stale in self.lock.stale:
             log.info("removed %s, left by an interrupted recording", stale)
         self.root = Path(root)
@@ -109,10 +117,11 @@ class Recorder(threading.Thread):
                 if should_stop():
                     return
 
-    def sync(self, done: Callable[[], None]) -> None:
-        """Write every hook's held rows; then call `done` if every write succeeded (so what
-        was queued before this call is on disk)."""
-        self.queue.put(("sync", done))
+    def sync(self, done: Callable[[], None], since: int | None = None) -> None:
+        """Write every hook's held rows; then call `done` if no shard was lost since
+        `losses` was `since` (default: now), so every row queued before is on disk: read
+        `losses` before taking the cut of what `done` will declare held."""
+        self.queue.put(("sync", (done, self.losses if since is None else since)))
 
     def stop(self, timeout: float = 60.0) -> None:
         """Write what is queued and held, then end the thread and release the directory."""
@@ -129,10 +138,17 @@ class Recorder(threading.Thread):
                 kind, payload = self.queue.get()
                 if kind == "chunk":
                     self._record(*payload)
-                elif self._flush_all() and kind == "sync":
-                    payload()
+                    continue
+                self._flush_all()
                 if kind == "stop":
                     return
+                done, since = payload
+                if self.losses == since:
+                    done()
+                else:
+                    log.warning("sync: %d shard(s) could not be written since it was asked "
+                                "for; their rows are not declared held",
+                                self.losses - since)
         except BaseException as exc:  # a bug, not the disk: the main loop reports it
             self.error = exc
             log.exception("recorder thread failed")
@@ -194,6 +210,13 @@ class Recorder(threading.Thread):
                 m.recorded_bytes.labels(hook=hook).inc(r.nbytes)
                 continue
             ok = False
+            held = self.held[hook]
+            for e in r.entries:  # a re-sent row is written, not skipped as held
+                held.remove(e.producer, e.source, e.n)
+            if self.on_lost is not None:
+                self.on_lost(hook, r.entries)
+            self.dropped[hook] += r.rows
+            self.losses += 1  # after on_lost: a cut taken once it counts lacks these rows
             reason = failure_reason(r.error)
             m.record_failures.labels(reason=reason).inc()
             m.record_dropped_tokens.labels(hook=hook).inc(r.rows)
@@ -247,6 +270,15 @@ class HeldPositions:
             else:
                 merged[0] = (min(a, merged[0][0]), max(b, merged[0][1]))
         spans[:] = sorted(merged)
+
+    def remove(self, producer: str, source: dict[str, Any], rows: int) -> None:
+        """The first `rows` rows of a chunk with this `source` are not recorded after all."""
+        key = self._key(producer, source)
+        if key is None or key not in self.ranges:
+            return
+        lo, hi = source["start"], source["start"] + rows
+        self.ranges[key] = [(a2, b2) for a, b in self.ranges[key]
+                            for a2, b2 in ((a, min(b, lo)), (max(a, hi), b)) if a2 < b2]
 
     def missing(self, producer: str, source: dict[str, Any], first: int,
                 rows: int) -> list[tuple[int, int]]:

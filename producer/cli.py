@@ -55,6 +55,7 @@ _POSITIVE = click.IntRange(min=1)
 @cli_errors
 def producer(**kw: object) -> None:
     """Run a language model over a corpus and stream its residual activations to consumers."""
+    from saestream.common.control import control_endpoint
     from saestream.common.logs import setup_logging
     from saestream.common.signals import SignalFlags
     from saestream.producer.corpus import CorpusError, Shard, precheck_corpus
@@ -67,6 +68,9 @@ def producer(**kw: object) -> None:
     for path in (secret, server):
         if path is not None and not Path(str(path)).is_file():
             raise UserError(f"{path}: no such key file")
+    if not kw["control_connect"]:
+        for endpoint in kw["connect"]:  # type: ignore[attr-defined]
+            control_endpoint(str(endpoint))  # EndpointError: a port with no port + 1
     try:  # cheap checks first: a typo should not wait for torch and the model to load
         Shard.parse(str(kw["shard"]))
         precheck_corpus(str(kw["corpus"]), str(kw["token_dtype"]))

@@ -25,11 +25,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgpack
 import numpy as np
 import torch
 import zmq
@@ -37,10 +39,23 @@ from prometheus_client import CollectorRegistry
 
 from saestream.common.control import MAX_VOID, control_endpoint
 from saestream.common.errors import UserError
+from saestream.common.logs import shown
 from saestream.common.metrics import serve_metrics
-from saestream.common.recording import Entry, Recording, Shard
+from saestream.common.recording import Entry, Recording, RecordingError, Shard
 from saestream.common.transport import push_socket
-from saestream.common.wire import DTYPES, MAX_SOURCE_KEY_LEN, MAX_SOURCE_KEYS
+from saestream.common.wire import (
+    _ITEMSIZE,
+    DTYPES,
+    HEADER_FIELDS,
+    KIND,
+    MAX_SOURCE_KEY_LEN,
+    MAX_SOURCE_KEYS,
+    MAX_STR_LEN,
+    WIRE_VERSION,
+    DecodeLimits,
+    WireError,
+    _check_source,
+)
 from saestream.producer.config import ProducerConfig
 from saestream.producer.control import ControlClient, where_request
 from saestream.producer.corpus import CorpusError
@@ -54,6 +69,9 @@ MAX_POS = 1 << 62
 """Void from the end of a pass to here: the consumer's frontier moves to the next pass."""
 RECORDED = "recorded_"
 """Prefix of the recording's provenance in a replayed chunk's `source`."""
+SKIP_MARGIN = 64
+"""Bytes a chunk resumed mid-way may add to its header (`recorded_skipped_rows`, an int, and
+a larger map header); what the check of a recording's headers keeps in hand."""
 
 
 @dataclass
@@ -127,10 +145,18 @@ class ReplayRun:
         self.starts = np.cumsum([0] + [e.n for _, e in self.items])
         self.total = int(self.starts[-1])
         self.producer_id = self.send.producer_id or default_replay_id()
+        if len(self.producer_id) > MAX_STR_LEN:
+            raise UserError(f"--producer-id: at most {MAX_STR_LEN} characters, not "
+                            f"{len(self.producer_id)}")
         self.run = uuid.uuid4().hex[:12]
         name = f"{Path(cfg.recording).resolve().parent.name}/{rec.hook}"
         self.stream = {"corpus": f"recording:{name}"[:1024], "split": "all",
                        "shard": str(self.part), "seq_len": 0, "first": 0}
+        for shard, entry in self.items:  # before anything is sent: every chunk will encode
+            problem = header_problem(self.producer_id, self.run, rec.model, rec.hook, shard,
+                                     entry, self.stream, self.send.codec)
+            if problem:
+                raise RecordingError(f"{shard.what(entry)}: cannot be replayed: {problem}")
         self.resume = self.emitted = self.since = Progress(0, 0)
         self.passes = 0
         self.verify = cfg.verify
@@ -158,8 +184,9 @@ class ReplayRun:
                                          request=self._where)
             self.control.start()
         log.info("replayer %s run %s: %s (hook %s, model %s, d %d), shard %s: %d of its %d "
-                 "chunks, %d rows per pass%s -> %s (control %s)", self.producer_id, self.run,
-                 self.cfg.recording, self.rec.hook, self.rec.model, self.rec.d, self.part,
+                 "chunks, %d rows per pass%s -> %s (control %s)", shown(self.producer_id),
+                 self.run, shown(self.cfg.recording), shown(self.rec.hook),
+                 shown(self.rec.model), self.rec.d, self.part,
                  len(self.items), self.rec.n_chunks, self.total,
                  ", looping" if self.cfg.loop else "", ",".join(send.connect),
                  ",".join(endpoints))
@@ -228,7 +255,7 @@ class ReplayRun:
         self.sock.close(linger=int(self.send.linger * 1000))
         self.zctx.term()
         log.info("replayer %s run %s: sent %d rows in %d messages, %d full pass(es)%s",
-                 self.producer_id, self.run, self.sender.tokens_sent, self.sender.seq,
+                 shown(self.producer_id), self.run, self.sender.tokens_sent, self.sender.seq,
                  self.passes, "" if sent_all else " (stopped with chunks unsent)")
 
     def summary(self) -> ReplaySummary:
@@ -304,3 +331,37 @@ def replay_source(stream: dict[str, Any], entry: Entry, epoch: int, lo: int, hi:
             out[RECORDED + key] = value
     return out
 
+
+
+def header_problem(producer: str, run: str, model: str, hook: str, shard: Shard,
+                   entry: Entry, stream: dict[str, Any], codec: str) -> str | None:
+    """Why the sender could not encode `entry` as a replayed chunk (or a receiver would
+    refuse its header), or None: the header `wire.encode_chunk` would build for it, with
+    the largest positions, seq and checksum it may ever carry, packed as the wire packs it
+    and measured against the receivers' limit. Run for every chunk before anything is sent,
+    so a recording the wire cannot carry is one line at start, not a failed sending thread."""
+    for name, value in (("producer", producer), ("run", run), ("model", model),
+                        ("hook", hook)):
+        if type(value) is not str or not value or len(value) > MAX_STR_LEN:
+            return f"its {name} is not a non-empty str of at most {MAX_STR_LEN} chars"
+    n, top = entry.n, MAX_POS - 1
+    source = replay_source(stream, entry, top, top - n, top, 0)
+    try:
+        _check_source(source, n)
+    except WireError as exc:
+        return str(exc)
+    header = {"v": WIRE_VERSION, "kind": KIND, "producer": producer, "run": run,
+              "seq": (1 << 63) - 1, "model": model, "hook": hook, "d": shard.d, "n": n,
+              "dtype": shard.dtype, "codec": codec,
+              "raw_nbytes": n * shard.d * _ITEMSIZE[shard.dtype], "checksum": (1 << 32) - 1,
+              "source": source, "ts": time.time()}
+    assert tuple(header) == HEADER_FIELDS, "the wire's header changed: change this too"
+    try:
+        size = len(msgpack.packb(header, use_bin_type=True)) + SKIP_MARGIN
+    except (OverflowError, TypeError, ValueError) as exc:
+        return f"its header cannot be encoded ({shown(exc, 100)})"
+    limit = DecodeLimits.max_header_nbytes
+    if size > limit:
+        return (f"its header would take up to {size} bytes, receivers accept at most {limit} "
+                "(its `source` is too large)")
+    return None

@@ -28,7 +28,10 @@ from pathlib import Path
 import pytest
 from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
 from test_consumer import HOOK, Consumer, Sender, child_env, latest, snapshot_dirs
+from test_recording import Sink
+from test_recording import producer as recording_producer
 
+from saestream.common.recording import Recording
 from saestream.consumer.checkpoint import TEMP_PREFIXES, check_complete
 from saestream.tools.status import by_name, fetch_samples, value
 
@@ -358,3 +361,39 @@ def test_a_producer_whose_state_file_fails_mid_run_keeps_streaming_and_saves_whe
     ledger = json.loads((latest(c.ckpt) / "extra.json").read_text())["producers"]["p"]
     hl = ledger["hooks"][HOOK]
     assert hl["low"][0] >= 8 and len(hl["void"]) >= 2, hl
+
+
+# -- a recording's lost shards ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rows_of_a_shard_the_disk_refused_are_never_declared_held(tmpfs, tmp_path: Path) -> None:
+    """`record` tells a producer its rows are held once they are in complete shards; the
+    rows of a shard that could not be written must not count (a producer with --max-tokens
+    once exited 0 with nothing on disk). They are forgotten: the producer waits, sends them
+    again once the disk is back, and exits 0 with every row recorded once."""
+    mnt = tmpfs()
+    out = mnt / "rec"
+    sink = Sink(tmp_path, out, "--record-shard-tokens", "1024")
+    prod = None
+    try:
+        sink.wait_for("start-up", lambda: "recording run" in sink.log())
+        fill(mnt)
+        prod = recording_producer(tmp_path, sink.endpoint, "p", "0/1", "--max-tokens", "3000")
+        sink.wait_for("two lost shards", lambda: sink.value(
+            "saestream_record_failures_total", reason="no_space") >= 2)
+        time.sleep(8.0)  # time enough to settle, had the rows been declared held
+        assert prod.proc.poll() is None, prod.log()
+        repair_disk(mnt, "full")
+        assert prod.proc.wait(120) == 0, prod.log()
+        assert sink.stop() == 0, sink.log()
+    finally:
+        if prod is not None:
+            prod.close()
+        sink.close()
+    assert "Traceback" not in sink.log()
+    rec = Recording(out / HOOK)
+    spans = sorted((e.source["epoch"], e.source["start"], e.source["end"])
+                   for _, e in rec.chunks())
+    assert rec.shape[0] == sum(end - start for _, start, end in spans) == 3000
+    assert all(a[2] == b[1] for a, b in itertools.pairwise(spans)), spans  # none twice

@@ -192,6 +192,31 @@ def test_producer_refuses_a_seq_len_beyond_the_models_positions() -> None:
     one_error_line(res, f"--seq-len {longest + 1}: model tiny takes at most {longest} positions")
 
 
+def test_producer_refuses_an_id_no_header_can_carry() -> None:
+    res = run_cli(["producer", "--model", "tiny", "--corpus", "synthetic", "--threads", "1",
+                   "--connect", f"tcp://127.0.0.1:{free_tcp_port()}", "--producer-id",
+                   "p" * 1025], timeout=120)
+    one_error_line(res, "--producer-id: at most 1024 characters, not 1025")
+
+
+@pytest.mark.parametrize("command", [
+    ["consumer", "--bind", "tcp://127.0.0.1:0", "--hook", "h"],
+    ["record", "--bind", "tcp://127.0.0.1:0", "--hook", "h"],
+    ["producer", "--model", "tiny", "--corpus", "synthetic", "--threads", "1",
+     "--connect", "tcp://127.0.0.1:0"],
+])
+def test_a_data_port_without_a_control_port_beside_it_is_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Port 0 (the system's choice) has no port + 1: each daemon once raised a traceback,
+    and the consumer left a run file behind that made its next start need --resume."""
+    out = {"consumer": ["--checkpoint-dir", str(tmp_path / "ckpt")],
+           "record": ["--out", str(tmp_path / "rec")]}.get(command[0], [])
+    res = run_cli([*command, *out, "--metrics-port", "0"], timeout=120)
+    one_error_line(res, "cannot derive a control endpoint from 'tcp://127.0.0.1:0'")
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 

@@ -53,6 +53,24 @@ def test_rows_already_accounted_for_are_trimmed_and_the_rest_kept() -> None:
     assert hl.duplicate_tokens == 50 + 70
 
 
+def test_forgotten_rows_are_a_hole_again_and_are_admitted_when_re_sent() -> None:
+    """A recording that could not write a shard forgets its rows: the frontier falls back to
+    them (below `low` too), rows after them still count, and a re-send is kept."""
+    ledger = Ledger()
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    receive(ledger, "p", 0, 300)
+    hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
+    assert hl.low == (0, 300)
+    ledger.forget("p", HOOK, 0, 100, 200)
+    hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
+    assert hl.data == {0: [[0, 100], [200, 300]]}
+    assert hl.frontier((0, 0)) == (0, 100) and hl.beyond((0, 100))
+    assert receive(ledger, "p", 50, 250) == [(50, 100)]  # only the forgotten rows
+    assert ledger.get("p").hooks[HOOK].frontier((0, 0)) == (0, 300)  # type: ignore[union-attr]
+    ledger.forget("nobody", HOOK, 0, 0, 10)  # unknown producers and hooks: nothing happens
+    ledger.forget("p", "other", 0, 0, 10)
+
+
 def test_the_frontier_walks_received_and_void_ranges_across_epochs() -> None:
     ledger = Ledger()
     ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)

@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ import zmq
 from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd, send_unless_stopped
 from prometheus_client import CollectorRegistry
 from test_consumer import HOOK, Consumer, child_env
-from test_guarantee_disk import tmpfs  # noqa: F401 (a fixture)
 
+from saestream.common.errors import UserError
 from saestream.common.recording import (
     LOCK_NAME,
     TMP_PREFIX,
@@ -99,6 +100,21 @@ def procs() -> Iterator[list[LoggedProcess]]:
     yield started
     for p in started:
         p.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator:
+    """test_guarantee_disk's `tmpfs` fixture, imported when used: that module imports this
+    one, so importing it here at the top would be a cycle."""
+    from test_guarantee_disk import tmpfs_at
+
+    with ExitStack() as stack:
+        count = itertools.count()
+
+        def mount(size: str = "16m") -> Path:
+            return stack.enter_context(tmpfs_at(tmp_path / f"mnt{next(count)}", size))
+
+        yield mount
 
 
 def chunks_of(rec: Recording) -> list[tuple[Entry, np.ndarray]]:
@@ -490,7 +506,7 @@ def test_recording_directories_are_checked_before_any_socket_is_bound(tmp_path: 
 
 
 @pytest.mark.slow
-def test_a_full_disk_costs_the_recording_shards_never_the_training(tmpfs, tmp_path: Path,  # noqa: F811
+def test_a_full_disk_costs_the_recording_shards_never_the_training(tmpfs, tmp_path: Path,
                                                                    procs: list) -> None:
     mnt = tmpfs("1m")
     c = Consumer(tmp_path, "--record", str(mnt / "rec"), "--record-shard-tokens", "1024")
@@ -580,3 +596,214 @@ def test_a_restarted_recorder_does_not_record_positions_its_shards_hold(tmp_path
     by_start = {e.source["start"]: s.chunk(e) for s, e in rec.chunks() if e.producer == "p"}
     got = np.concatenate([by_start[k] for k in sorted(by_start)])
     assert np.array_equal(got, stream.view(torch.int16).numpy().view(np.uint16))
+
+
+# -- hostile recordings and directories: one line, exit 2, never a traceback or a hang -------
+
+
+HOSTILE_TIMEOUT = 60.0
+"""A hang (a FIFO opened for reading, a lock file opened for writing) fails the test here."""
+
+
+def _refused(result, expected: str) -> None:
+    """Exit 2, exactly one `saestream: error:` line (the last), no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("saestream: error: ")]
+    assert errors == lines[-1:], result.stderr
+    assert expected in errors[0], errors[0]
+
+
+def _replay(hook_dir: Path, *args: str):
+    return run_cli(["replay", str(hook_dir), "--connect", f"tcp://127.0.0.1:{free_tcp_port()}",
+                    "--control-connect", "off", "--linger", "0", *args],
+                   timeout=HOSTILE_TIMEOUT)
+
+
+def _train(hook_dir: Path, tmp_path: Path):
+    return run_cli(["train", "--input", str(hook_dir), "--out", str(tmp_path / "ck"),
+                    "--device", "cpu"], timeout=HOSTILE_TIMEOUT)
+
+
+def _record(out: Path):
+    return run_cli(["record", "--bind", f"tcp://127.0.0.1:{free_tcp_port()}", "--hook", HOOK,
+                    "--out", str(out), "--metrics-port", "0"], timeout=HOSTILE_TIMEOUT)
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Give the shard at `path` the header `edit(header)` returns (a dict, or raw bytes),
+    keeping its rows."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    new = edit(json.loads(raw[8:8 + n]))
+    head = new if isinstance(new, bytes) else json.dumps(new).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+
+
+def _edit_index(edit):
+    def header_edit(header: dict) -> dict:
+        entries = json.loads(header["__metadata__"]["saestream.chunks"])
+        edit(entries[0])
+        header["__metadata__"]["saestream.chunks"] = json.dumps(entries)
+        return header
+    return header_edit
+
+
+def _edit_meta(key: str, value):
+    def header_edit(header: dict) -> dict:
+        header["__metadata__"][key] = value
+        return header
+    return header_edit
+
+
+def _edit_offsets(offsets):
+    def header_edit(header: dict) -> dict:
+        header["acts"]["data_offsets"] = offsets(header["acts"]["data_offsets"])
+        return header
+    return header_edit
+
+
+MALFORMED = {  # D4: headers that pass the type checks of old and fail deeper
+    "offsets strings": (_edit_offsets(lambda o: ["0", "x"]), "does not fit its bytes"),
+    "offsets null": (_edit_offsets(lambda o: [None, None]), "does not fit its bytes"),
+    "offsets floats": (_edit_offsets(lambda o: [float(v) for v in o]),
+                       "does not fit its bytes"),
+    "nested header": (lambda h: b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+    "nested index": (_edit_meta("saestream.chunks", "[" * 100_000 + "]" * 100_000),
+                     "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_shard_header_is_one_line_and_exit_2(tmp_path: Path, kind: str) -> None:
+    edit, expected = MALFORMED[kind]
+    hook_dir = tmp_path / "rec" / HOOK
+    _rewrite_header(_shard(hook_dir), edit)
+    with pytest.raises(RecordingError, match=expected):
+        Recording(hook_dir)
+    _refused(_train(hook_dir, tmp_path), expected)
+    _refused(_replay(hook_dir), expected)
+
+
+UNSENDABLE = {  # D5 and the log injection: what the wire cannot carry, refused at start
+    "model too long": (_edit_meta("saestream.model", "m" * 1025), "model"),
+    "hook too long": (_edit_meta("saestream.hook", "h" * 1025), "hook"),
+    "hook not a name": (_edit_meta("saestream.hook", "../../etc\n\x1b[31mEVIL"),
+                        r"hook ../../etc\n\x1b[31mEVIL"),
+    "source int beyond 64 bits": (_edit_index(lambda e: e["source"].update(x=1 << 70)),
+                                  "source[x] holds an int beyond 64 bits"),
+    "seq beyond 63 bits": (_edit_index(lambda e: e.update(seq=1 << 64)), "seq is not an int"),
+    "checksum beyond 32 bits": (_edit_index(lambda e: e.update(checksum=e["checksum"]
+                                                                + (1 << 64))),
+                                "checksum is not an int"),
+    "ts not finite": (_edit_index(lambda e: e.update(ts=float("nan"))), "ts is not a finite"),
+    "a 2 MB source string": (_edit_index(lambda e: e["source"].update(blob="x" * 2_000_000)),
+                             "a str over 65536 chars"),
+    "a header over 64 KiB": (_edit_index(lambda e: e["source"].update(
+        {f"k{i}": "x" * 2000 for i in range(40)})), "receivers accept at most 65536"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNSENDABLE))
+def test_a_recording_the_wire_cannot_carry_is_refused_before_anything_is_sent(
+        tmp_path: Path, kind: str) -> None:
+    """Without --verify: the replayer used to start, and its sending thread died on the
+    first chunk it could not encode (a traceback, exit 1)."""
+    edit, expected = UNSENDABLE[kind]
+    hook_dir = tmp_path / "rec" / HOOK
+    _rewrite_header(_shard(hook_dir), edit)
+    result = _replay(hook_dir)
+    _refused(result, expected)
+    assert "\x1b" not in result.stderr and "replayer" not in result.stderr  # nothing started
+
+
+def test_a_producer_id_the_wire_cannot_carry_is_refused(tmp_path: Path) -> None:
+    hook_dir = tmp_path / "rec" / HOOK
+    _shard(hook_dir)
+    _refused(_replay(hook_dir, "--producer-id", "p" * 1025), "--producer-id: at most 1024")
+
+
+def test_a_file_named_like_a_shard_that_is_not_a_regular_file_is_refused(
+        tmp_path: Path) -> None:
+    """D7: a FIFO named shard-*.safetensors blocked the reader in open() forever."""
+    from saestream.consumer.metrics import ConsumerMetrics
+    from saestream.consumer.recorder import Recorder
+
+    hook_dir = tmp_path / "rec" / HOOK
+    _shard(hook_dir)
+    os.mkfifo(hook_dir / "shard-20260101T000000Z-0000abcd-000002.safetensors")
+    _refused(_replay(hook_dir), "not a regular file")
+    _refused(_train(hook_dir, tmp_path), "not a regular file")
+    # the recorder's start-up scan passes it over (a warning), and starts
+    made: list = []
+    t = threading.Thread(target=lambda: made.append(Recorder(
+        tmp_path / "rec", [HOOK], 100, ConsumerMetrics(), flag="--out")), daemon=True)
+    t.start()
+    t.join(HOSTILE_TIMEOUT)
+    assert made, "the recorder's start-up scan blocked on the FIFO"
+    made[0].lock.release()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_file_that_is_not_a_regular_file_is_one_line_and_exit_2(
+        tmp_path: Path, kind: str) -> None:
+    """D3: `DIR/.lock` a directory was a traceback (IsADirectoryError); a FIFO, a hang."""
+    out = tmp_path / "rec"
+    out.mkdir()
+    if kind == "directory":
+        (out / LOCK_NAME).mkdir()
+    else:
+        os.mkfifo(out / LOCK_NAME)
+    _refused(_record(out), f"its lock file {LOCK_NAME}")
+
+
+def _read_only_hook_dir(hook_dir: Path, stack) -> None:
+    """`hook_dir` holding a stale temporary, and not writable (a read-only tmpfs where this
+    runs as root, whom permission bits do not stop; else mode 0555)."""
+    from test_guarantee_disk import remount, tmpfs_at
+
+    if os.geteuid() == 0:
+        stack.enter_context(tmpfs_at(hook_dir, "1m"))
+        (hook_dir / f"{TMP_PREFIX}left-over.safetensors").write_bytes(b"half a shard")
+        remount(hook_dir, "ro")
+    else:
+        hook_dir.mkdir(parents=True)
+        (hook_dir / f"{TMP_PREFIX}left-over.safetensors").write_bytes(b"half a shard")
+        hook_dir.chmod(0o555)
+        stack.callback(hook_dir.chmod, 0o755)
+
+
+def test_a_stale_temporary_that_cannot_be_removed_is_one_line_and_exit_2(
+        tmp_path: Path) -> None:
+    """D2: a read-only DIR/<hook> holding a `.tmp-shard-*` was a traceback (OSError). The
+    recorder checks its hook directories first, so it is refused as not writable; without
+    that check, removing the temporary is refused in one line (the unit check below)."""
+    out = tmp_path / "rec"
+    with ExitStack() as stack:
+        _read_only_hook_dir(out / HOOK, stack)
+        _refused(_record(out), f"{HOOK}: not writable (Read-only file system)")
+        with pytest.raises(UserError, match=f"cannot remove {TMP_PREFIX}left-over"):
+            RecordingLock(out, "--out")
+
+
+def test_hook_directories_must_be_writable_directories(tmp_path: Path) -> None:
+    """`check_hook_dirs` (through RecordingLock's `hooks`): a hook's directory that exists
+    must be a directory a shard can be written into; one missing is made later."""
+    from saestream.common.errors import UserError
+    from saestream.common.recording import check_hook_dirs
+
+    out = tmp_path / "rec"
+    out.mkdir()
+    check_hook_dirs(out, [HOOK], "--out")  # missing: fine, and not made here
+    assert not (out / HOOK).exists()
+    (out / HOOK).write_text("not a directory")
+    with pytest.raises(UserError, match=f"--out {out}: {HOOK} .* is not a directory"):
+        RecordingLock(out, "--out", hooks=[HOOK])
+    RecordingLock(out, "--out").release()  # the failed one released the lock
+    (out / HOOK).unlink()
+    with ExitStack() as stack:
+        _read_only_hook_dir(out / HOOK, stack)
+        with pytest.raises(UserError, match="not writable"):
+            check_hook_dirs(out, [HOOK], "--out")
