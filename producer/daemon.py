@@ -43,6 +43,7 @@ from saestream.producer.staging import to_host
 from saestream.producer.state import (
     ProducerState,
     StateError,
+    StateLock,
     StateWriteError,
     check_state,
     read_state,
@@ -124,6 +125,7 @@ class ProducerRun:
         if cfg.wire_dtype not in DTYPES:
             raise UserError(f"bad wire dtype {cfg.wire_dtype!r} (use {', '.join(DTYPES)})")
         self.shard = Shard.parse(cfg.shard)
+        self.state_lock = StateLock(cfg.state_file) if cfg.state_file is not None else None
         saved = read_state(cfg.state_file) if cfg.state_file is not None else None
         try:
             self.lm = model or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype,
@@ -283,6 +285,8 @@ class ProducerRun:
         self.sock.close(linger=int(self.cfg.linger * 1000))
         self.zctx.term()
         self._save_state()
+        if self.state_lock is not None:
+            self.state_lock.release()
         log.info("producer %s run %s: sent %d tokens per hook in %d messages%s",
                  self.producer_id, self.run, self.sender.tokens_sent, self.sender.seq,
                  "" if self.complete else " (stopped with chunks unsent)")

@@ -12,6 +12,7 @@ takes the stream.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -123,6 +124,37 @@ def check_state(state: ProducerState, expected: ProducerState, path: Path) -> No
             f"state file {str(path)!r} belongs to another configuration ({diff}); "
             "remove it or pass another --state-file"
         )
+
+
+class StateLock:
+    """This process's use of a state file, for its lifetime: two producers sharing one would
+    take the same id and overwrite each other's progress. flock(2) on `FILE.lock` beside it
+    (the state file itself is replaced at every save, so it cannot hold a lock); the kernel
+    drops the lock when the process dies, kill -9 included. StateError when it is held."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(f"{path}.lock")
+        self._fd: int | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            raise StateError(f"state file {str(path)!r}: cannot open its lock file "
+                             f"{self.path.name} ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.release()
+            raise StateError(f"state file {str(path)!r} is in use by another producer (its "
+                             f"lock {self.path.name} is held)") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def check_writable(path: Path) -> None:

@@ -10,15 +10,18 @@ of the processes it starts.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_tcp_port, run_cli
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
+from test_consumer import child_env
 from test_guarantee_disk import remount, tmpfs_at
 
 from saestream.producer.models import TinyConfig
@@ -190,6 +193,39 @@ def test_producer_refuses_a_seq_len_beyond_the_models_positions() -> None:
                    "--connect", f"tcp://127.0.0.1:{free_tcp_port()}", "--seq-len",
                    str(longest + 1)], timeout=120)
     one_error_line(res, f"--seq-len {longest + 1}: model tiny takes at most {longest} positions")
+
+
+def test_a_state_file_in_use_by_a_running_producer_is_refused_until_it_is_gone(
+    tmp_path: Path
+) -> None:
+    """Two producers on one state file would share its id and overwrite each other's
+    progress; kill -9 of the first leaves no stale lock."""
+    state = tmp_path / "p.json"
+    args = ["producer", "--model", "tiny", "--corpus", "synthetic", "--threads", "1",
+            "--connect", f"tcp://127.0.0.1:{free_tcp_port()}", "--control-connect", "off",
+            "--state-file", str(state)]
+
+    def started(p: LoggedProcess) -> None:
+        deadline = time.monotonic() + 120
+        while " run " not in p.log() or "-> tcp://" not in p.log():
+            assert p.proc.poll() is None and time.monotonic() < deadline, p.log()
+            time.sleep(0.2)
+
+    first = LoggedProcess(saestream_cmd(*args), tmp_path / "first.log", child_env())
+    try:
+        started(first)
+        one_error_line(run_cli(args, timeout=120),
+                       f"state file '{state}' is in use by another producer")
+        assert first.proc.poll() is None
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    finally:
+        first.close()
+    again = LoggedProcess(saestream_cmd(*args), tmp_path / "again.log", child_env())
+    try:
+        started(again)
+    finally:
+        again.close()
 
 
 def test_producer_refuses_an_id_no_header_can_carry() -> None:
