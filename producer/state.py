@@ -137,7 +137,9 @@ class StateLock:
         self._fd: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+            # read-only: flock needs no more, and a file open for writing would keep its
+            # filesystem from being remounted read-only
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise StateError(f"state file {str(path)!r}: cannot open its lock file "
                              f"{self.path.name} ({exc.strerror or exc})") from None
