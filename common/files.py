@@ -20,13 +20,19 @@ def check_writable_dir(path: Path, flag: str) -> None:
     as a directory where a file can be written and synced: checked at start-up, so a
     read-only, full or misnamed directory costs no training time."""
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".tmp-probe-") as fh:
-            fh.write(b"saestream")
-            fh.flush()
-            os.fsync(fh.fileno())
+        probe_dir(path)
     except OSError as exc:
         raise UserError(f"{flag} {path}: not writable ({exc.strerror or exc})") from None
+
+
+def probe_dir(path: Path) -> None:
+    """Make `path` (parents too) and write, sync and remove a temporary file in it; OSError
+    when the directory is read-only, full or not one."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".tmp-probe-") as fh:
+        fh.write(b"saestream")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @contextmanager

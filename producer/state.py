@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from saestream.common.files import probe_dir
+
 STATE_VERSION = 1
 
 
@@ -163,16 +165,8 @@ def check_writable(path: Path) -> None:
     """Refuse at start-up (StateError: one line, exit 2) a state file that could not be
     saved, rather than fail minutes in: a temporary file is written, synced and removed
     beside it, as every save does."""
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.write(fd, b"{}\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(tmp)
+        probe_dir(Path(path).parent)
     except OSError as exc:
         raise StateError(f"state file {str(path)!r} cannot be written: "
                          f"{exc.strerror or exc}") from exc
