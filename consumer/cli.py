@@ -73,14 +73,15 @@ _POSITIVE = click.IntRange(min=1)
 def consumer(**opts: Any) -> None:
     """Receive activations from producers, shuffle them, and train TopK SAEs online.
 
-    Signals: SIGUSR1 writes a snapshot and training continues; SIGTERM/SIGINT write a final
-    snapshot and exit 0 (1 if it cannot be written). Metrics are served on --metrics-port.
+    Signals: SIGUSR1 writes a snapshot and training continues; SIGTERM/SIGINT/SIGHUP write a
+    final snapshot and exit 0 (1 if it cannot be written). Metrics are served on --metrics-port.
     Under torchrun every rank binds its own endpoints and trains its part of each batch
     (README: "Several processes"); a lost rank ends the others with one line and exit 1.
     """
     from saestream.common.logs import setup_logging
     from saestream.common.signals import SignalFlags
 
+    flags = SignalFlags().install_snapshot()  # SIGUSR1 while starting must not kill it
     setup_logging(opts["log_level"], "saestream.consumer")
     cfg = build_config(opts)
     from saestream.common.devices import resolve_device
@@ -93,7 +94,7 @@ def consumer(**opts: Any) -> None:
         mesh, _ = mesh_from_env(resolve_device(cfg.device), cfg.latent_shards, cfg.dist_timeout)
         if launched_by_torchrun():
             _label_logs(mesh.world.rank)
-        run_consumer(cfg, SignalFlags().install(), mesh=mesh)
+        run_consumer(cfg, flags.install(), mesh=mesh)
     except (FinalSnapshotError, PeerLost) as exc:
         click.echo(f"saestream: error: {exc}", err=True)
         raise SystemExit(1) from None
