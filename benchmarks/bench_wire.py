@@ -49,12 +49,11 @@ from _report import markdown_table, write_section
 from saestream.common.devices import available_cpus
 from saestream.common.transport import pull_socket, push_socket
 from saestream.common.wire import (
-    _ITEMSIZE,
     _KERNELS,
     CODECS,
     DTYPES,
+    ITEMSIZE,
     DecodeLimits,
-    _all_finite,
     _fast_crc,
     _join,
     _lz4_decompress,
@@ -62,6 +61,7 @@ from saestream.common.wire import (
     _top_plane_finite,
     _unshuffle,
     _words,
+    all_finite,
     crc32,
     decode_chunk,
     encode_chunk,
@@ -188,7 +188,7 @@ def codec_rows(acts: torch.Tensor, label: str, repeat: int) -> list[list[object]
         if not bool(torch.isfinite(wire).all()):
             rows.append([label, dtype, "all", "overflows this dtype", "", "", ""])
             continue
-        raw_mb = wire.numel() * _ITEMSIZE[dtype] / MB
+        raw_mb = wire.numel() * ITEMSIZE[dtype] / MB
         for codec in CODECS:
             frames = encode_chunk(wire, **META, codec=codec)
             t_enc = best_time(lambda w=wire, c=codec: encode_chunk(w, **META, codec=c), repeat)
@@ -219,7 +219,7 @@ def decode_breakdown(acts: torch.Tensor, repeat: int) -> tuple[list[list[object]
             "unshuffle + top-plane finiteness + crc32, one C pass (what decode runs)":
                 lambda: _unshuffle(shuffled, 2, "bfloat16", crc=True)} if FAST_CRC else {}),
         "finiteness, exact on the words (only if the plane cannot prove it)":
-            lambda: _all_finite(words, "bfloat16"),
+            lambda: all_finite(words, "bfloat16"),
         "whole decode_chunk": lambda: decode_chunk(frames),
     }
     rows, total = [], 0.0
@@ -265,7 +265,7 @@ def floor_rows(acts: torch.Tensor, rounds: int) -> tuple[list[list[object]], flo
     for dtype in DTYPES:
         wire = acts.to(DTYPES[dtype])
         raw = _words(wire, dtype).reshape(-1).view(np.uint8)
-        regrouped = shuffle_bytes(raw, _ITEMSIZE[dtype])
+        regrouped = shuffle_bytes(raw, ITEMSIZE[dtype])
         frames = encode_chunk(wire, **META)
         payload = frames[1]
         fns: dict[str, Callable[[], object]] = {

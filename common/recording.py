@@ -39,14 +39,14 @@ from saestream.common.errors import UserError
 from saestream.common.files import check_writable_dir
 from saestream.common.logs import shown
 from saestream.common.wire import (
-    _ITEMSIZE,
-    _UINT,
     DTYPES,
+    ITEMSIZE,
     MAX_STR_LEN,
+    WORD_DTYPES,
     DecodeLimits,
     WireError,
-    _all_finite,
-    _check_source,
+    all_finite,
+    check_source,
     crc32,
 )
 
@@ -270,7 +270,7 @@ def write_shard(path: Path, words: Sequence[np.ndarray], dtype: str,
     atomically: temporary name, fsync, rename, fsync of the directory. Returns its bytes."""
     rows = sum(int(w.shape[0]) for w in words)
     d = int(words[0].shape[1])
-    nbytes = rows * d * _ITEMSIZE[dtype]
+    nbytes = rows * d * ITEMSIZE[dtype]
     header = {TENSOR: {"dtype": _ST_DTYPE[dtype], "shape": [rows, d],
                        "data_offsets": [0, nbytes]}, "__metadata__": meta}
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -320,7 +320,7 @@ class Shard:
         torch, never written back)."""
         if self._map is None:
             try:
-                self._map = np.memmap(self.path, dtype=_UINT[self.dtype], mode="c",
+                self._map = np.memmap(self.path, dtype=WORD_DTYPES[self.dtype], mode="c",
                                       offset=self.offset, shape=(self.rows, self.d))
             except (OSError, ValueError) as exc:
                 raise RecordingError(f"{self.path}: cannot map its rows ({exc})") from None
@@ -338,7 +338,7 @@ class Shard:
     def check_values(self, entry: Entry) -> None:
         """RecordingError unless the chunk's values are all finite (a fraction of the cost
         of `check`: no checksum)."""
-        if not _all_finite(self.chunk(entry), self.dtype):
+        if not all_finite(self.chunk(entry), self.dtype):
             raise RecordingError(f"{self.what(entry)}: NaN or infinite value")
 
     def what(self, entry: Entry) -> str:
@@ -390,7 +390,7 @@ def read_shard(path: Path) -> Shard:
         raise RecordingError(f"{path}: tensor {TENSOR!r} has shape {shown(shape, 60)}, "
                              "expected [rows, d]")
     rows, d = shape
-    nbytes = rows * d * _ITEMSIZE[dtype]
+    nbytes = rows * d * ITEMSIZE[dtype]
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
             or offsets[1] - offsets[0] != nbytes or offsets[0] < 0
@@ -434,7 +434,7 @@ def _wire_str(value: object) -> bool:
 def _bounded_scalar(value: object) -> bool:
     """A `source` value the replayer can put back on the wire: ints within int64 (msgpack
     has no larger), strs no longer than a whole wire header may be (a recorded chunk's came
-    within one). Everything else is `_check_source`'s to judge."""
+    within one). Everything else is `check_source`'s to judge."""
     if type(value) is int:
         return -_INT64 <= value < _INT64
     if type(value) is str:
@@ -478,7 +478,7 @@ def _read_index(path: Path, meta: dict[str, Any], rows: int) -> list[Entry]:
         if problem:
             raise RecordingError(f"{path}: chunk index entry {i} is malformed ({problem})")
         try:  # it goes back on the wire when replayed: the wire's rules for provenance
-            _check_source(e["source"], e["n"])
+            check_source(e["source"], e["n"])
         except WireError as exc:
             raise RecordingError(f"{path}: chunk index entry {i}: {exc}") from None
         for key, value in e["source"].items():

@@ -39,10 +39,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float32": torch.float32,
 }
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Unsigned integer views of each dtype (little-endian), and the exponent-all-ones pattern
 # that marks inf/NaN: a value is non-finite iff (bits & ~sign) >= that pattern.
-_UINT = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<u2"), "float32": np.dtype("<u4")}
+WORD_DTYPES = {"bfloat16": np.dtype("<u2"), "float16": np.dtype("<u2"), "float32": np.dtype("<u4")}
 _SINT = {"bfloat16": np.dtype("<i2"), "float16": np.dtype("<i2"), "float32": np.dtype("<i4")}
 _EXP_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000}
 _SIGN = {"bfloat16": 0x8000, "float16": 0x8000, "float32": 0x80000000}
@@ -375,8 +375,8 @@ def _words(acts: torch.Tensor, dtype: str) -> np.ndarray:
     t = acts.detach().to(DTYPES[dtype])  # narrow first: less to copy off an accelerator
     t = t.cpu().contiguous()
     if dtype == "float32":
-        return t.view(torch.int32).numpy().view(_UINT[dtype])
-    return t.view(torch.int16).numpy().view(_UINT[dtype])
+        return t.view(torch.int32).numpy().view(WORD_DTYPES[dtype])
+    return t.view(torch.int16).numpy().view(WORD_DTYPES[dtype])
 
 
 def encode_chunk(
@@ -429,7 +429,7 @@ def encode_chunk(
     if not isinstance(source, Mapping):
         raise ValueError("source must be a map with str keys")
     try:
-        _check_source(dict(source), n)
+        check_source(dict(source), n)
     except WireError as exc:
         raise ValueError(str(exc)) from None
     ts = time.time() if ts is None else float(ts)
@@ -438,7 +438,7 @@ def encode_chunk(
 
     words = _words(acts, dtype)
     raw = words.reshape(-1).view(np.uint8)
-    itemsize = _ITEMSIZE[dtype]
+    itemsize = ITEMSIZE[dtype]
     if codec == "raw":
         payload = raw.tobytes()
     elif codec == "lz4":
@@ -513,7 +513,7 @@ def _is_scalar(value: object) -> bool:
     return value is None or type(value) in (str, int, bool)
 
 
-def _check_source(source: Any, n: Any) -> None:
+def check_source(source: Any, n: Any) -> None:
     """`source` reaches JSON files and logs: a flat, bounded map of JSON-safe values."""
     if type(source) is not dict or len(source) > MAX_SOURCE_KEYS:
         raise WireError("field", f"source must be a map of at most {MAX_SOURCE_KEYS} entries")
@@ -562,7 +562,7 @@ def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
         raise WireError("field", "seq must be >= 0")
     if not 0 <= header["checksum"] < 1 << 32:
         raise WireError("field", "checksum must be a crc32 (0 <= checksum < 2**32)")
-    _check_source(header["source"], header["n"])
+    check_source(header["source"], header["n"])
     ts = header["ts"]
     if type(ts) not in (int, float) or not math.isfinite(ts):
         raise WireError("field", "ts must be a finite number")
@@ -575,7 +575,7 @@ def _validate_header(header: Any, limits: DecodeLimits) -> dict[str, Any]:
         raise WireError("field", f"n and d must be >= 1, got n={n} d={d}")
     if n > limits.max_n or d > limits.max_d:
         raise WireError("size", f"{n}x{d} beyond the caps {limits.max_n}x{limits.max_d}")
-    expected = n * d * _ITEMSIZE[header["dtype"]]
+    expected = n * d * ITEMSIZE[header["dtype"]]
     if header["raw_nbytes"] != expected:
         raise WireError("size", f"raw_nbytes {header['raw_nbytes']} != n*d*itemsize {expected}")
     if expected > limits.max_raw_nbytes:
@@ -628,7 +628,7 @@ def _lz4_decompress(payload: memoryview, raw_nbytes: int) -> bytearray:
     return out
 
 
-def _all_finite(words: np.ndarray, dtype: str) -> bool:
+def all_finite(words: np.ndarray, dtype: str) -> bool:
     """No inf/NaN. A value is non-finite iff its bits without the sign are >= the
     exponent-all-ones pattern E: a positive one is then >= E as a signed integer, a negative
     one >= sign | E as an unsigned one. So two max reductions decide it exactly, without the
@@ -639,7 +639,7 @@ def _all_finite(words: np.ndarray, dtype: str) -> bool:
         return True
     limit = _EXP_MASK[dtype]
     return (int(flat.view(_SINT[dtype]).max()) < limit
-            and int(flat.view(_UINT[dtype]).max()) < (_SIGN[dtype] | limit))
+            and int(flat.view(WORD_DTYPES[dtype]).max()) < (_SIGN[dtype] | limit))
 
 
 def _top_plane_finite(top: np.ndarray, dtype: str) -> bool:
@@ -647,7 +647,7 @@ def _top_plane_finite(top: np.ndarray, dtype: str) -> bool:
     a quarter of the bytes, read before the words exist); False means "look closer": a byte
     with every exponent bit it holds set, which for bfloat16 and float32 also includes the
     finite values of the largest binade (e.g. the largest finite value). The same signed /
-    unsigned max trick as `_all_finite`, on bytes."""
+    unsigned max trick as `all_finite`, on bytes."""
     limit = _TOP_EXP[dtype]
     return int(top.view(np.int8).max()) < limit and int(top.max()) < (0x80 | limit)
 
@@ -687,8 +687,8 @@ def decode_chunk(
     _check_expected(header, expect_hook, expect_d)
 
     dtype, codec, raw_nbytes = header["dtype"], header["codec"], header["raw_nbytes"]
-    itemsize = _ITEMSIZE[dtype]
-    wdtype = _UINT[dtype]
+    itemsize = ITEMSIZE[dtype]
+    wdtype = WORD_DTYPES[dtype]
     finite = False  # not yet known
     folded: int | None = None  # the words' crc32, where the regrouping pass computed it
     if codec == "raw":
@@ -713,7 +713,7 @@ def decode_chunk(
     checksum = folded if folded is not None else crc32(words)
     if checksum != header["checksum"]:
         raise WireError("checksum", f"crc32 {checksum:#010x} != header {header['checksum']:#010x}")
-    if not (finite or _all_finite(words, dtype)):
+    if not (finite or all_finite(words, dtype)):
         raise WireError("nonfinite", "activations contain inf or NaN")
 
     signed = torch.from_numpy(words.view(np.int32 if itemsize == 4 else np.int16))

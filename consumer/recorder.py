@@ -43,7 +43,7 @@ from saestream.common.recording import (
     new_writer_id,
     read_shard,
 )
-from saestream.common.wire import _UINT, Chunk, crc32
+from saestream.common.wire import WORD_DTYPES, Chunk, crc32
 from saestream.consumer.checkpoint import FAILURE_REASONS, failure_reason
 from saestream.consumer.metrics import ConsumerMetrics
 
@@ -231,7 +231,7 @@ def _words(chunk: Chunk) -> np.ndarray:
     import torch
 
     signed = chunk.acts.view(torch.int32 if chunk.acts.element_size() == 4 else torch.int16)
-    return signed.numpy().view(_UINT[chunk.dtype])
+    return signed.numpy().view(WORD_DTYPES[chunk.dtype])
 
 
 def _moved(source: dict[str, Any], first: int, rows: int) -> dict[str, Any]:

@@ -44,9 +44,9 @@ from saestream.common.metrics import serve_metrics
 from saestream.common.recording import Entry, Recording, RecordingError, Shard
 from saestream.common.transport import push_socket
 from saestream.common.wire import (
-    _ITEMSIZE,
     DTYPES,
     HEADER_FIELDS,
+    ITEMSIZE,
     KIND,
     MAX_SOURCE_KEY_LEN,
     MAX_SOURCE_KEYS,
@@ -54,7 +54,7 @@ from saestream.common.wire import (
     WIRE_VERSION,
     DecodeLimits,
     WireError,
-    _check_source,
+    check_source,
 )
 from saestream.producer.config import ProducerConfig
 from saestream.producer.control import ControlClient, where_request
@@ -347,13 +347,13 @@ def header_problem(producer: str, run: str, model: str, hook: str, shard: Shard,
     n, top = entry.n, MAX_POS - 1
     source = replay_source(stream, entry, top, top - n, top, 0)
     try:
-        _check_source(source, n)
+        check_source(source, n)
     except WireError as exc:
         return str(exc)
     header = {"v": WIRE_VERSION, "kind": KIND, "producer": producer, "run": run,
               "seq": (1 << 63) - 1, "model": model, "hook": hook, "d": shard.d, "n": n,
               "dtype": shard.dtype, "codec": codec,
-              "raw_nbytes": n * shard.d * _ITEMSIZE[shard.dtype], "checksum": (1 << 32) - 1,
+              "raw_nbytes": n * shard.d * ITEMSIZE[shard.dtype], "checksum": (1 << 32) - 1,
               "source": source, "ts": time.time()}
     assert tuple(header) == HEADER_FIELDS, "the wire's header changed: change this too"
     try:

@@ -197,7 +197,7 @@ def test_c_regrouping_equals_numpys(itemsize: int, m: int, seed: int, top: list[
         raw[int(rng.integers(0, m)) * itemsize + itemsize - 1] = byte
     c_shuffled, c_crc = wire._shuffle(raw, itemsize, crc=True)
     assert np.array_equal(shuffle_bytes(raw, itemsize), c_shuffled)
-    cases = [(d, crc) for d, size in wire._ITEMSIZE.items() if size == itemsize
+    cases = [(d, crc) for d, size in wire.ITEMSIZE.items() if size == itemsize
              for crc in (False, True)]
     c_back = [wire._unshuffle(bytes(c_shuffled), itemsize, d, crc=crc) for d, crc in cases]
     with mock.patch.dict(os.environ, {"SAESTREAM_NATIVE": "0"}):  # numpy, in a test body
