@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     import torch
 
 DEVICE_HELP = "auto (CUDA if present), cpu, cuda or cuda:N."
+THREADS_ENV = "SAESTREAM_THREADS"
+MAX_THREADS = 1024
+"""Most torch threads $SAESTREAM_THREADS may ask for: torch takes any number and then hangs
+creating them (100000 did), so a larger one is a typo, not a setting."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -39,9 +43,26 @@ def set_threads(threads: int = 0) -> None:
     cores), so several processes on one machine can share its cores."""
     import torch
 
-    n = threads or int(os.environ.get("SAESTREAM_THREADS", "0") or 0)
+    n = threads or env_threads()
     if n > 0:
         torch.set_num_threads(n)
+
+
+def env_threads() -> int:
+    """$SAESTREAM_THREADS: 0 when unset or empty (torch's default); UserError unless it is a
+    whole number from 0 to `MAX_THREADS`, rather than a traceback from int() or a silent
+    negative (ignored) or huge (a hang) count."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_THREADS:
+        raise UserError(f"{THREADS_ENV}={raw[:40]!r}: not a number of threads (use 1 to "
+                        f"{MAX_THREADS}, or 0 or unset for torch's default)")
+    return n
 
 
 def available_cpus() -> int:

@@ -37,12 +37,15 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from saestream.common.errors import UserError
 from saestream.common.files import cache_root
 
 log = logging.getLogger(__name__)
 
 ENV = "SAESTREAM_NATIVE"
-"""0/false/no/off: no C library is built or loaded."""
+"""0/false/no/off: no C library is built or loaded (1/true/yes/on, empty or unset: they are)."""
+_OFF = frozenset({"0", "false", "no", "off"})
+_ON = frozenset({"1", "true", "yes", "on"})
 _COMPILE_TIMEOUT_S = 60
 
 
@@ -50,10 +53,43 @@ class _CompileError(Exception):
     """The compiler failed with these flags (another folder would not help)."""
 
 
+def switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable: unset or empty is `default`, 0/false/no/off and
+    1/true/yes/on (any case) say so; UserError for anything else, since a typo
+    (`SAESTREAM_NATIVE=of`) would otherwise mean whichever way the code leans."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in _OFF or value in _ON:
+        return value in _ON
+    raise UserError(f"{name}={raw[:40]!r}: not on or off (use 0/false/no/off or "
+                    "1/true/yes/on, or leave it unset)")
+
+
 def enabled() -> bool:
-    """False when SAESTREAM_NATIVE is 0/false/no/off (the pure-Python paths then run)."""
-    value = os.environ.get(ENV, "1").strip().lower()
-    return value not in {"0", "false", "no", "off"}
+    """False when SAESTREAM_NATIVE is 0/false/no/off (the pure-Python paths then run);
+    UserError for a value that is neither on nor off (`switch`)."""
+    return switch(ENV)
+
+
+_bad_switch_logged: list[str] = []
+
+
+def _enabled_here() -> bool:
+    """`enabled()` for `load()`. On the main thread a bad value raises (commands read it at
+    start-up, by `load_kernels` and the like, and print one line); on another thread, where
+    nothing would turn it into that line (an encode or decode pool reading it first), it is
+    one error in the log and the pure-Python paths, which give the same results."""
+    try:
+        return enabled()
+    except UserError as exc:
+        if threading.current_thread() is threading.main_thread():
+            raise
+        if str(exc) not in _bad_switch_logged:
+            _bad_switch_logged.append(str(exc))
+            log.error("%s: C kernels off", exc)
+        return False
 
 
 class NativeLibrary:
@@ -89,8 +125,9 @@ class NativeLibrary:
         """Where the loaded build lives (None before `load()` or without one); for logs."""
 
     def load(self) -> ctypes.CDLL | None:
-        """The compiled library, building it on first call; None where it cannot be had."""
-        if not enabled():
+        """The compiled library, building it on first call; None where it cannot be had.
+        UserError (on the main thread) for a SAESTREAM_NATIVE that is neither on nor off."""
+        if not _enabled_here():
             return None
         if self._loaded:
             return self._lib
@@ -205,6 +242,8 @@ def _cache_dirs() -> list[Path]:
             dirs.append(where())
         except (OSError, RuntimeError, KeyError):
             pass
+        except UserError as exc:  # a bad $SAESTREAM_CACHE: say so, and build elsewhere
+            log.warning("%s: C kernels built elsewhere", exc)
     return dirs
 
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import platform
+
+from saestream.common.native import switch
 
 log = logging.getLogger(__name__)
 
 ENV = "SAESTREAM_KEEP_FREED_MEMORY"
-"""0/false/no/off: leave glibc's malloc as it is."""
+"""0/false/no/off: leave glibc's malloc as it is (1/true/yes/on, empty or unset: configure it;
+anything else is a UserError, `native.switch`)."""
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 _M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1
@@ -40,10 +42,10 @@ _applied: list[bool] = []
 def keep_freed_memory() -> bool:
     """Configure this process's malloc as the module docstring says (once); returns whether
     the setting is in force. Does nothing where the C library is not glibc, or where
-    SAESTREAM_KEEP_FREED_MEMORY turns it off."""
+    SAESTREAM_KEEP_FREED_MEMORY turns it off; UserError where it is neither on nor off."""
     if _applied:
         return _applied[0]
-    on = os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    on = switch(ENV)
     if on and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
             mallopt = ctypes.CDLL(None).mallopt

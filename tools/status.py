@@ -3,21 +3,35 @@
 Each URL is scraped once and parsed with prometheus_client's text parser. A consumer (it
 exports `saestream_train_steps_total`) gets a summary of training, buffer, producers,
 rejects and checkpoints; a producer one of what it sent; anything else a compact list of
-its `saestream_*` values. An unreachable URL gets one line saying so. Exit code: 0 if at
-least one URL answered, 1 if none did.
+its `saestream_*` values. An endpoint that cannot be read (refused, slower than --timeout in
+all, not HTTP, a body over `MAX_BODY_BYTES`, not Prometheus text) gets one line saying why.
+Exit code: 0 if at least one URL answered, 1 if none did.
 """
 
 from __future__ import annotations
 
+import http.client
+import math
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import click
 
 from saestream.common.errors import cli_errors
+
+MAX_BODY_BYTES = 64 << 20
+"""Most bytes of /metrics read: a daemon's are a few KiB, so more is not a daemon of ours
+(and reading on would only eat memory)."""
+MAX_TIMEOUT_S = 86400.0
+"""Longest --timeout (a day): beyond what timers and sockets take, and no scrape's business."""
+_MAX_REASON = 200
+"""Most characters of a reason shown (a parser's message may quote a whole line)."""
 
 
 @dataclass(frozen=True)
@@ -42,18 +56,152 @@ def metrics_url(target: str) -> str:
     return t
 
 
+def escaped(text: str) -> str:
+    """`text` with its unprintable characters escaped (`\\n`, `\\x1b`): what a peer sent may
+    hold newlines or terminal escapes, which must not reach the screen as they are."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def printable(text: str, limit: int = _MAX_REASON) -> str:
+    """`text` `escaped`, on one line of at most `limit` characters."""
+    out = escaped(text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+class _Deadline:
+    """One overall deadline for a scrape. A socket's timeout bounds each recv only, so a peer
+    sending a byte at a time would hold the scrape forever; at the deadline a timer shuts
+    down the sockets this scrape opened (through duplicates, which also reach the socket
+    after TLS took it over), which wakes whatever read is blocked on them."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for s in self._socks:
+                _shutdown(s)
+
+    def error(self) -> TimeoutError:
+        return TimeoutError(f"no complete answer within {self.timeout:g}s")
+
+    def connect(self, address: tuple[str, int], timeout: Any = None,
+                source_address: Any = None) -> socket.socket:
+        """`socket.create_connection`, with no step allowed past the deadline."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise self.error()
+        step = left if not isinstance(timeout, (int, float)) else min(timeout, left)
+        sock = socket.create_connection(address, step, source_address)
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.expired:
+                _shutdown(sock)
+        return sock
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's usual opener for http and https (proxies from the environment, redirects),
+    whose connections are opened by `deadline.connect`. No ftp, file or data handler: those
+    reads no deadline reaches (a FIFO, a slow ftp server), nor a redirect to them."""
+
+    def via_deadline(cls: type[http.client.HTTPConnection]) -> Any:
+        def make(*args: Any, **kwargs: Any) -> http.client.HTTPConnection:
+            conn = cls(*args, **kwargs)
+            conn._create_connection = deadline.connect  # type: ignore[attr-defined]
+            return conn
+        return make
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(via_deadline(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(via_deadline(http.client.HTTPSConnection), req,
+                                context=self._context)  # type: ignore[attr-defined]
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), Http(),
+                    Https(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def fetch_text(url: str, timeout: float = 3.0, max_bytes: int = MAX_BODY_BYTES) -> str:
+    """The body at `url` (see `metrics_url`), read within `timeout` seconds in all. OSError
+    if it cannot be had: unreachable, an HTTP error, not an HTTP answer, over `max_bytes`,
+    or not whole by the deadline (TimeoutError)."""
+    with _Deadline(timeout) as deadline:
+        try:
+            with _opener(deadline).open(metrics_url(url), timeout=timeout) as resp:
+                if resp.length is not None and resp.length > max_bytes:
+                    raise OSError(f"answer of {resp.length:,} bytes, over the "
+                                  f"{max_bytes >> 20} MiB a /metrics page may have")
+                body, size = [], 0
+                while chunk := resp.read(1 << 16):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise OSError(f"answer over the {max_bytes >> 20} MiB a /metrics "
+                                      "page may have")
+                    body.append(chunk)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if deadline.expired:  # the shutdown ended the read: say why it happened
+                raise deadline.error() from None
+            if isinstance(exc, OSError):
+                raise
+            if isinstance(exc, http.client.InvalidURL):  # a port that is no number, ...
+                raise OSError(f"bad URL: {exc}") from None
+            if isinstance(exc, http.client.HTTPException):  # e.g. a peer that says "hello"
+                raise OSError(f"not an HTTP answer ({type(exc).__name__}: {exc})") from None
+            raise OSError(str(exc)) from None  # a URL urllib cannot take
+        if deadline.expired:  # a read ended early by the shutdown looks like the end
+            raise deadline.error()
+    return b"".join(body).decode("utf-8", errors="replace")
+
+
 def fetch_samples(url: str, timeout: float = 3.0) -> list[Sample]:
-    """Scrape `url` (see `metrics_url`) and return every sample; raises OSError if unreachable
-    and ValueError if the body is not Prometheus text."""
+    """Scrape `url` (see `metrics_url`) and return every sample; raises OSError if it cannot
+    be read (`fetch_text`) and ValueError if the body is not Prometheus text. Label values
+    are `escaped`, since they are shown as they are."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(metrics_url(url), timeout=timeout) as resp:
-        text = resp.read().decode("utf-8", errors="replace")
-    return [
-        Sample(s.name, dict(s.labels), float(s.value))
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    ]
+    text = fetch_text(url, timeout)
+    try:
+        return [
+            Sample(s.name, {k: escaped(v) for k, v in s.labels.items()}, float(s.value))
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        ]
+    except Exception as exc:  # a third-party parser fed whatever the peer sent
+        raise ValueError(f"not Prometheus text ({exc})") from None
 
 
 def by_name(samples: list[Sample]) -> dict[str, list[Sample]]:
@@ -63,8 +211,9 @@ def by_name(samples: list[Sample]) -> dict[str, list[Sample]]:
     return out
 
 
-def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float | None:
-    """Sum of the samples of `name` whose labels include `labels` (None if there are none)."""
+def value(samples: dict[str, list[Sample]], name: str, /, **labels: str) -> float | None:
+    """Sum of the samples of `name` whose labels include `labels` (None if there are none).
+    Positional-only, so that a series may have labels called `name` or `samples`."""
     hits = [
         s.value for s in samples.get(name, [])
         if all(s.labels.get(k) == v for k, v in labels.items())
@@ -73,14 +222,37 @@ def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float |
 
 
 def _num(x: float | None) -> str:
+    """A value, short: `-` for none, `nan`/`inf`/`-inf` as such (a peer may send them)."""
     if x is None:
         return "-"
-    if x != x:  # NaN
-        return "nan"
+    if not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 1e12:
+        return f"{x:.3g}"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.4g}"
+
+
+def _int(x: float | None) -> str:
+    """A count in full (`1,234`), where it is one; else as `_num` has it (int() would raise
+    on NaN and infinities, and print hundreds of digits for 1e300)."""
+    if x is None or not math.isfinite(x) or abs(x) >= 1e15:
+        return _num(x)
+    return f"{int(x):,}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%" if math.isfinite(x) else _num(x)
+
+
+def _seconds(total: float | None, n: float | None) -> str:
+    """The mean of a histogram in seconds, `-` without observations (or a finite mean)."""
+    if not n or total is None:
+        return "-"
+    mean = total / n if math.isfinite(n) else math.nan
+    return f"{mean:.3f}s" if math.isfinite(mean) else _num(mean)
 
 
 def _bytes(x: float | None) -> str:
@@ -90,25 +262,28 @@ def _bytes(x: float | None) -> str:
 def _ago(ts: float | None, now: float) -> str:
     if not ts:
         return "never"
+    if not math.isfinite(ts):
+        return _num(ts)
     return f"{max(0.0, now - ts):.0f}s ago"
 
 
 def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
     lines = []
     saes = sorted({(x.labels["hook"], x.labels["sae"])
-                   for x in s.get("saestream_train_steps_total", [])})
+                   for x in s.get("saestream_train_steps_total", [])
+                   if "hook" in x.labels and "sae" in x.labels})  # not ours without them
     for hook, sae in saes:
         lab = {"hook": hook, "sae": sae}
         steps = value(s, "saestream_train_steps_total", **lab)
         n_obs = value(s, "saestream_train_step_seconds_count", **lab)
         t_sum = value(s, "saestream_train_step_seconds_sum", **lab)
         dead = value(s, "saestream_dead_latent_fraction", **lab)
-        step_s = f"{t_sum / n_obs:.3f}s" if n_obs and t_sum is not None else "-"
+        step_s = _seconds(t_sum, n_obs)
         lines.append(
-            f"  sae {sae} ({hook}): step {'-' if steps is None else f'{int(steps):,}'}, "
+            f"  sae {sae} ({hook}): step {_int(steps)}, "
             f"{_num(value(s, 'saestream_trained_tokens_total', **lab))} tokens, "
             f"nmse {_num(value(s, 'saestream_normalized_mse', **lab))}, "
-            f"dead {'-' if dead is None else f'{100 * dead:.1f}%'}, "
+            f"dead {_pct(dead)}, "
             f"L0 {_num(value(s, 'saestream_l0', **lab))}, "
             f"auxk {_num(value(s, 'saestream_auxk_loss', **lab))}, step time {step_s}"
         )
@@ -117,8 +292,9 @@ def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
     for x in s.get("saestream_buffer_tokens", []):
         hook = x.labels.get("hook", "")
         cap = value(s, "saestream_buffer_capacity_tokens", hook=hook) or 0
-        pct = f" ({100 * x.value / cap:.0f}%)" if cap else ""
-        lines.append(f"  buffer {hook}: {int(x.value):,}/{int(cap):,} tokens{pct}")
+        fill = x.value / cap if cap and math.isfinite(cap) else math.nan
+        pct = f" ({100 * fill:.0f}%)" if math.isfinite(fill) else ""
+        lines.append(f"  buffer {hook}: {_int(x.value)}/{_int(cap)} tokens{pct}")
     n_ck = value(s, "saestream_checkpoints_total") or 0
     last = value(s, "saestream_last_checkpoint_timestamp_seconds")
     checkpoints = f"  checkpoints: {_num(n_ck)} written, last {_ago(last, now)}"
@@ -174,7 +350,7 @@ def summarize_producer(s: dict[str, list[Sample]]) -> list[str]:
         )
     n = value(s, "saestream_producer_forward_seconds_count")
     total = value(s, "saestream_producer_forward_seconds_sum")
-    fwd = f"{total / n:.3f}s mean over {_num(n)} batches" if n and total is not None else "-"
+    fwd = f"{_seconds(total, n)} mean over {_num(n)} batches" if n and total is not None else "-"
     lines.append(
         f"  forward {fwd}, send blocked "
         f"{_num(value(s, 'saestream_producer_send_blocked_seconds_total'))}s, "
@@ -198,8 +374,9 @@ def summarize_other(samples: list[Sample], max_lines: int = 14) -> list[str]:
             shown = f"{short}{{{lab}}}" if lab else short
             if name.endswith("_sum"):
                 cnt = value(s, name[: -len("_sum")] + "_count", **r.labels)
+                mean = r.value / cnt if cnt and math.isfinite(cnt) else None
                 lines.append(f"  {shown[:-4] if not lab else shown} mean "
-                             f"{_num(r.value / cnt) if cnt else '-'} over {_num(cnt)}")
+                             f"{_num(mean)} over {_num(cnt)}")
             else:
                 lines.append(f"  {shown} {_num(r.value)}")
     if len(lines) > max_lines:
@@ -219,16 +396,25 @@ def summarize(url: str, samples: list[Sample], now: float | None = None) -> list
     return [f"{metrics_url(url)}  daemon", *summarize_other(samples)]
 
 
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """FloatRange lets NaN through (every comparison with it is false)."""
+    if value != value:
+        raise click.BadParameter("nan is not a number of seconds")
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("urls", nargs=-1, required=True)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3.0,
-              show_default=True, help="Seconds to wait for each endpoint.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT_S),
+              callback=_not_nan, default=3.0, show_default=True,
+              help="Seconds each endpoint may take in all (connect, answer, whole body).")
 @cli_errors
 def status(urls: tuple[str, ...], timeout: float) -> None:
     """One-screen summary from the daemons' /metrics endpoints.
 
-    URL may be a port (9101), host:port, or a full URL. Exits 0 if at least one endpoint
-    answered, 1 if none did.
+    URL may be a port (9101), host:port, or a full URL. An endpoint that cannot be read
+    (refused, not whole within --timeout, not HTTP, over 64 MiB, not Prometheus text) gets a
+    line `URL  unreachable: reason`. Exits 0 if at least one endpoint answered, 1 if none did.
     """
     ok = 0
     for url in urls:
@@ -236,7 +422,7 @@ def status(urls: tuple[str, ...], timeout: float) -> None:
             samples = fetch_samples(url, timeout)
         except (OSError, urllib.error.URLError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
-            click.echo(f"{metrics_url(url)}  unreachable: {reason}")
+            click.echo(f"{printable(metrics_url(url))}  unreachable: {printable(str(reason))}")
             continue
         ok += 1
         for line in summarize(url, samples):
