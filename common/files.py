@@ -1,10 +1,12 @@
-"""Directories the commands write to, checked before any work that would be lost."""
+"""Directories the commands write to, checked before any work that would be lost; files
+they read that someone else may have put there, opened without ever blocking."""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,6 +92,74 @@ def check_writable_file(path: Path, flag: str) -> None:
 
 def cache_root() -> Path:
     """Where saestream caches what it builds (model copies, compiled kernels):
-    `$SAESTREAM_CACHE`, else `~/.cache/saestream`."""
-    root = os.environ.get("SAESTREAM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "saestream"
+    `$SAESTREAM_CACHE` (`~` expanded: environment files set it unexpanded), else
+    `~/.cache/saestream`. UserError when it names something that is not a folder, which
+    every use would otherwise trip over in its own way."""
+    raw = os.environ.get("SAESTREAM_CACHE", "")
+    if not raw.strip():
+        return Path.home() / ".cache" / "saestream"
+    root = Path(raw).expanduser()
+    if os.path.exists(root) and not os.path.isdir(root):  # neither raises, for any path
+        raise UserError(f"SAESTREAM_CACHE={raw[:200]!r}: not a folder (name a folder, or one "
+                        "to be made, or leave it unset for ~/.cache/saestream)")
+    return root
+
+
+class NotRegularFile(OSError):
+    """A path that should be a file and is a FIFO, a device, a socket or a directory."""
+
+    def __init__(self, path: Path | str, mode: int) -> None:
+        self.kind = file_kind(mode)
+        super().__init__(f"{path}: not a regular file ({self.kind})")
+
+
+class FileTooLarge(OSError):
+    """A file longer than its reader's limit: not one of the small files it expects."""
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular `st_mode` is, for messages: "a FIFO", "a directory", ..."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def open_regular(path: Path | str) -> int:
+    """A (blocking) read descriptor of `path`, through symlinks, if it is a regular file;
+    NotRegularFile if not, else OSError as open(2) gives it.
+
+    Opened non-blocking and checked on the descriptor: open() of a FIFO put where a file
+    should be waits for a writer forever (SIGTERM unheard), a device may never reach EOF,
+    and checking the path first alone leaves a race. The first stat names a socket, which
+    cannot be opened at all."""
+    if not stat.S_ISREG(mode := os.stat(path).st_mode):
+        raise NotRegularFile(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):  # swapped since the stat
+            raise NotRegularFile(path, mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path | str, limit: int) -> bytes:
+    """The whole of a regular file of at most `limit` bytes (`open_regular`); FileTooLarge
+    beyond, so a hostile file cannot make its reader allocate without bound."""
+    fd = open_regular(path)
+    try:
+        if (size := os.fstat(fd).st_size) > limit:
+            raise FileTooLarge(f"{path}: {size:,} bytes, more than the {limit:,} such a file "
+                               "may have")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew since the fstat
+        raise FileTooLarge(f"{path}: more than the {limit:,} bytes such a file may have")
+    return data

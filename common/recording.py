@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 
 from saestream.common.errors import UserError
-from saestream.common.files import check_writable_dir
+from saestream.common.files import NotRegularFile, check_writable_dir, open_regular
 from saestream.common.logs import shown
 from saestream.common.wire import (
     DTYPES,
@@ -410,19 +410,12 @@ def read_shard(path: Path) -> Shard:
 
 def _open_regular(path: Path) -> BinaryIO:
     """`path` opened for reading if it is a regular file (through symlinks), else
-    RecordingError. Opened non-blocking and checked on the descriptor, so a FIFO or a
-    device named like a shard never blocks the open or a read, whatever races."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    RecordingError; never blocks on a FIFO or a device named like a shard (`open_regular`)."""
     try:
-        mode = os.fstat(fd).st_mode
-    except BaseException:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise _fail(path, kind)
-    return os.fdopen(fd, "rb")
+        return os.fdopen(open_regular(path), "rb")
+    except NotRegularFile as exc:
+        raise _fail(path, exc.kind if exc.kind == "a directory" else "not a regular file") \
+            from None
 
 
 def _wire_str(value: object) -> bool:

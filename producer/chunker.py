@@ -33,12 +33,18 @@ class Prefetch:
 
     `depth` 0 iterates inline instead: for corpora that are cheap to read (arrays, synthetic
     ids) a second Python thread costs the model loop more in GIL hand-overs than it saves.
+
+    `stop`, when set, ends the iteration early even while the reader is stuck (a slow or hung
+    file system): the caller checks its stop flag after the loop, so SIGTERM is always heard.
     """
 
     _END = object()
+    WAKE_SECONDS = 0.1
 
-    def __init__(self, items: Iterable, depth: int = 4) -> None:
+    def __init__(self, items: Iterable, depth: int = 4,
+                 stop: threading.Event | None = None) -> None:
         self._items = items
+        self._stop = stop
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._closed = threading.Event()
         if depth > 0:
@@ -70,7 +76,12 @@ class Prefetch:
             yield from self._items
             return
         while True:
-            item, exc = self._queue.get()
+            try:
+                item, exc = self._queue.get(timeout=self.WAKE_SECONDS)
+            except queue.Empty:
+                if self._stop is not None and self._stop.is_set():
+                    return
+                continue
             if exc is not None:
                 raise exc
             if item is self._END:

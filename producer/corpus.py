@@ -13,17 +13,21 @@ The split is applied before cutting contexts, so the two splits share no documen
 from __future__ import annotations
 
 import bz2
+import fnmatch
 import glob
 import itertools
 import json
 import logging
+import os
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from saestream.common.files import NotRegularFile, open_regular
 from saestream.common.logs import RateLimitedLog
 
 log = logging.getLogger("saestream.producer")
@@ -36,6 +40,12 @@ WIKI_MIN_WORDS = 50  # gensim's ARTICLE_MIN_WORDS: shorter pages (stubs, lists) 
 SPLITS = ("train", "eval", "all")
 EVAL_EVERY = 10
 """Unit u (document, or context of an id corpus) is in the eval split iff u % 10 == 9."""
+DROP_UNREADABLE = "unreadable_file"
+DROP_NOT_REGULAR = "not_a_regular_file"
+DROP_BAD_JSONL = "bad_jsonl_line"
+DROP_TRUNCATED = "truncated_tokens"
+DROP_REASONS = (DROP_UNREADABLE, DROP_NOT_REGULAR, DROP_BAD_JSONL, DROP_TRUNCATED)
+"""`reason` labels of what a corpus drops while it is read (the daemon adds bad_token_ids)."""
 
 
 class CorpusError(ValueError):
@@ -97,6 +107,12 @@ class Corpus:
     seq_len: int
     read_ahead: bool = False
     """Worth reading on a thread of its own (tokenising text), ahead of the model."""
+    on_drop: Callable[[str, int], None] = staticmethod(lambda reason, n: None)
+    """Told of input skipped while reading (reason, count): the daemon counts it in a metric."""
+
+    def dropped(self, reason: str, n: int = 1) -> None:
+        """Report `n` inputs skipped for `reason` (one of `DROP_REASONS`)."""
+        self.on_drop(reason, n)
 
     def contexts(self) -> Iterator[np.ndarray]:
         """Every context in corpus order, each an int64 array of shape [seq_len]."""
@@ -108,39 +124,90 @@ class Corpus:
         return itertools.islice(self.contexts(), first, None, shard.count)
 
 
+class TokenFile:
+    """A `tokens:` file read with `pread` from a descriptor opened at start-up, never mapped.
+
+    A memory map of a file that shrinks kills the process with SIGBUS on the next touch of a
+    lost page (MAP_PRIVATE too: pages not yet copied still come from the file). A read just
+    comes back short, so a truncated file costs the contexts past its new end (counted as
+    dropped), and a file deleted or replaced meanwhile is still read as it was at start-up.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int,
+                 fd: int) -> None:
+        self.path, self.dtype, self.shape, self.offset, self.fd = path, dtype, shape, offset, fd
+        self.ndim = len(shape)
+        weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def read(self, first: int, count: int) -> np.ndarray | None:
+        """Elements first..first+count-1, or None when the file no longer holds them all."""
+        want, at = count * self.dtype.itemsize, self.offset + first * self.dtype.itemsize
+        data = b""
+        while len(data) < want:
+            part = os.pread(self.fd, want - len(data), at + len(data))
+            if not part:
+                return None
+            data += part
+        return np.frombuffer(data, dtype=self.dtype)
+
+
 class ArrayCorpus(Corpus):
-    """Contexts sliced out of a token array (a memmap, a loaded file, a tokenised sample).
+    """Contexts sliced out of a token array (a `TokenFile`, a loaded file, a tokenised sample).
 
     :param split: which contexts of the array to serve (see `SPLITS`); for a tokenised text
         sample the split is applied to its documents beforehand and this is `all`.
     """
 
-    def __init__(self, spec: str, tokens: np.ndarray, seq_len: int, split: str = "all") -> None:
+    def __init__(self, spec: str, tokens: np.ndarray | TokenFile, seq_len: int,
+                 split: str = "all") -> None:
         self.spec = spec
         self.split = check_split(split)
+        self._tokens = tokens
+        self._warn = RateLimitedLog(log)
         if tokens.ndim == 2:
-            self._rows = tokens
-            self.seq_len = int(tokens.shape[1])
+            self._n, self.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+            if self.seq_len < 2:  # a context of 0 or 1 ids leaves nothing to train on
+                raise CorpusError(f"{spec}: 2-D token array of width {self.seq_len}: each row "
+                                  f"is a context and needs at least 2 ids")
         elif tokens.ndim == 1:
-            n = len(tokens) // seq_len
-            self._rows = tokens[: n * seq_len].reshape(n, seq_len)
-            self.seq_len = seq_len
+            self._n, self.seq_len = int(tokens.shape[0]) // seq_len, seq_len
         else:
             raise CorpusError(f"{spec}: token array must be 1-D or 2-D, not {tokens.ndim}-D")
-        if len(self._rows) == 0:
+        if self._n == 0:
             raise CorpusError(f"{spec}: fewer tokens than one context of {seq_len}")
         if len(self) == 0:
             raise CorpusError(f"{spec}: no context in the {split} split")
 
     def __len__(self) -> int:
-        return split_size(len(self._rows), self.split)
+        return split_size(self._n, self.split)
+
+    def _row(self, i: int) -> np.ndarray | None:
+        w = self.seq_len
+        if isinstance(self._tokens, TokenFile):
+            row = self._tokens.read(i * w, w)
+        elif self._tokens.ndim == 2:
+            row = self._tokens[i]
+        else:
+            row = self._tokens[i * w : (i + 1) * w]
+        return None if row is None else np.asarray(row, dtype=np.int64)
 
     def contexts(self) -> Iterator[np.ndarray]:
         return self.shard_contexts(Shard(), 0)
 
     def shard_contexts(self, shard: Shard, start: int = 0) -> Iterator[np.ndarray]:
-        for j in range(shard.index + start * shard.count, len(self), shard.count):
-            yield np.asarray(self._rows[split_unit(j, self.split)], dtype=np.int64)
+        todo = range(shard.index + start * shard.count, len(self), shard.count)
+        for k, j in enumerate(todo):
+            row = self._row(split_unit(j, self.split))
+            if row is None:  # the file shrank under us: this pass ends where its data does
+                self.dropped(DROP_TRUNCATED, len(todo) - k)
+                self._warn.warning("truncated", "%s: the file is shorter than at start-up; "
+                                   "dropping its last %d context(s) of this pass", self.spec,
+                                   len(todo) - k)
+                return
+            yield row
 
 
 class SyntheticCorpus(Corpus):
@@ -189,7 +256,7 @@ class DocumentCorpus(Corpus):
     def __init__(
         self,
         spec: str,
-        documents: Callable[[], Iterable[str]],
+        documents: Callable[[], Iterable[str | None]],
         encode: Callable[[str], list[int]],
         separator: int,
         seq_len: int,
@@ -198,48 +265,137 @@ class DocumentCorpus(Corpus):
         self._documents, self._encode, self._separator = documents, encode, separator
 
     def contexts(self) -> Iterator[np.ndarray]:
+        # Contexts are read at an offset and the buffer is compacted once per document (what
+        # is left then is under one context): deleting each context from the front instead
+        # moves the rest of the buffer every time, quadratic in the length of a document.
         buf: list[int] = []
+        seq_len, off = self.seq_len, 0
         for text in self._documents():
+            if text is None:  # a document that could not be read (already counted)
+                continue
             buf.extend(self._encode(text))
             buf.append(self._separator)
-            while len(buf) >= self.seq_len:
-                yield np.asarray(buf[: self.seq_len], dtype=np.int64)
-                del buf[: self.seq_len]
+            while len(buf) - off >= seq_len:
+                yield np.asarray(buf[off : off + seq_len], dtype=np.int64)
+                off += seq_len
+            if off:
+                del buf[:off]
+                off = 0
 
 
 def text_files(pattern: str) -> list[Path]:
-    """Files named by a path, a directory (its *.txt and *.jsonl, recursively) or a glob; sorted."""
+    """Files named by a path, a directory (its *.txt and *.jsonl, recursively) or a glob; sorted.
+
+    Neither form descends into a symlinked directory while recursing (`**`, a directory's
+    subfolders): a link back up the tree would repeat the walk until paths hit the OS limit.
+    """
     path = Path(pattern).expanduser()
-    if path.is_dir():
+    if path.is_dir():  # Path.rglob does not follow symlinked directories
         files = [p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()]
     elif path.is_file():
         files = [path]
     else:
-        files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+        files = [Path(p) for p in set(_glob(str(path))) if Path(p).is_file()]
     return sorted(files)
 
 
-def read_text_documents(files: list[Path], warn: RateLimitedLog) -> Iterator[str]:
-    """One document per .txt file; one per line of a .jsonl file (its "text" field)."""
+def _glob(pattern: str) -> Iterator[str]:
+    """`glob.glob(pattern, recursive=True)`, except that `**` does not enter symlinked folders
+    (glob's does, and loops on a link to a parent); hidden names need a pattern with a dot."""
+    parts = Path(pattern).parts
+
+    def names(base: str, part: str) -> list[str]:
+        try:
+            with os.scandir(base or ".") as it:
+                found = [e.name for e in it]
+        except OSError:
+            return []
+        if not part.startswith("."):
+            found = [n for n in found if not n.startswith(".")]
+        return fnmatch.filter(found, part)
+
+    def real_subdirs(base: str) -> Iterator[str]:
+        try:
+            with os.scandir(base or ".") as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError:
+            return
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    sub = os.path.join(base, e.name)
+                    yield sub
+                    yield from real_subdirs(sub)
+            except OSError:
+                continue
+
+    def walk(base: str, i: int) -> Iterator[str]:
+        if i == len(parts):
+            yield base
+            return
+        part = parts[i]
+        if part == "**":
+            for sub in itertools.chain([base], real_subdirs(base)):
+                yield from walk(sub, i + 1)
+        elif glob.has_magic(part):
+            for name in names(base, part):
+                yield from walk(os.path.join(base, name), i + 1)
+        else:
+            yield from walk(os.path.join(base, part), i + 1)
+
+    return walk("", 0)
+
+
+def read_text_documents(
+    files: list[Path], warn: RateLimitedLog,
+    dropped: Callable[[str, int], None] = lambda reason, n: None,
+) -> Iterator[str | None]:
+    """One document per .txt file; one per line of a .jsonl file (its "text" field).
+
+    A file that cannot be read (deleted, unreadable, no longer a regular file) is logged,
+    reported to `dropped` and skipped. It yields None in place of each document it held when
+    last read (a .txt file: one), so the documents after it keep their numbers, and with them
+    their train/eval split; a skipped bad .jsonl line takes no number (as it never did).
+    """
+    units: dict[Path, int] = {}  # documents each .jsonl file held the last time it was read
     for path in files:
-        if path.suffix != ".jsonl":
-            yield path.read_text(encoding="utf-8", errors="replace")
+        count = 0
+        try:
+            fd = open_regular(path)
+            with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
+                if path.suffix != ".jsonl":
+                    text = fh.read()
+                    count = 1
+                    yield text
+                    continue
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                        if not isinstance(text, str):
+                            raise TypeError("text is not a string")
+                    except (ValueError, KeyError, TypeError) as exc:
+                        dropped(DROP_BAD_JSONL, 1)
+                        warn.warning(
+                            f"jsonl:{path}", "skipping %s:%d: no string 'text' field (%s)",
+                            path, lineno, exc,
+                        )
+                        continue
+                    count += 1
+                    yield text
+        except OSError as exc:
+            reason = DROP_NOT_REGULAR if isinstance(exc, NotRegularFile) else DROP_UNREADABLE
+            dropped(reason, 1)
+            why = "not a regular file" if isinstance(exc, NotRegularFile) else (
+                exc.strerror or str(exc))
+            warn.warning(f"file:{path}", "skipping corpus file %s (%s)", path, why)
+            known = 1 if path.suffix != ".jsonl" else units.get(path, 0)
+            for _ in range(known - count):
+                yield None
             continue
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                    if not isinstance(text, str):
-                        raise TypeError("text is not a string")
-                except (ValueError, KeyError, TypeError) as exc:
-                    warn.warning(
-                        f"jsonl:{path}", "skipping %s:%d: no string 'text' field (%s)",
-                        path, lineno, exc,
-                    )
-                    continue
-                yield text
+        if path.suffix == ".jsonl":
+            units[path] = count
 
 
 _WIKI_QUOTES = re.compile(r"'{2,}")
@@ -302,12 +458,18 @@ def parse_corpus_spec(spec: str, token_dtype: str = "uint16") -> CorpusSpec:
     if spec == WIKI_SAMPLE:
         return CorpusSpec("wiki-sample")
     if spec.startswith("text:"):
-        return CorpusSpec("text", target=spec[len("text:") :])
+        target = spec[len("text:") :]
+        if not target.strip():  # Path("") is the current directory: never read it unasked
+            raise CorpusError(f"bad corpus {spec!r}: expected text:PATH_OR_GLOB, the path is "
+                              f"empty")
+        return CorpusSpec("text", target=target)
     if spec.startswith("tokens:"):
         target = spec[len("tokens:") :]
         head, sep, tail = target.rpartition(":")
         if sep and tail in TOKEN_DTYPES:
             target, token_dtype = head, tail
+        if not target.strip():
+            raise CorpusError(f"bad corpus {spec!r}: expected tokens:PATH, the path is empty")
         if token_dtype not in TOKEN_DTYPES:
             raise CorpusError(f"bad token dtype {token_dtype!r} (use uint16 or uint32)")
         return CorpusSpec("tokens", target=target, token_dtype=token_dtype)
@@ -344,10 +506,11 @@ def open_corpus(
         return ArrayCorpus(spec, np.asarray(stream, dtype=np.int64), seq_len)
     files = _text_files_of(spec, parsed)
     warn = RateLimitedLog(log)
-    return DocumentCorpus(
-        spec, lambda: _split_documents(read_text_documents(files, warn), split), encode,
-        separator, seq_len,
+    corpus = DocumentCorpus(
+        spec, lambda: _split_documents(read_text_documents(files, warn, corpus.dropped), split),
+        encode, separator, seq_len,
     )
+    return corpus
 
 
 def precheck_corpus(spec: str, token_dtype: str = "uint16") -> None:
@@ -359,8 +522,9 @@ def precheck_corpus(spec: str, token_dtype: str = "uint16") -> None:
         ArrayCorpus(spec, _load_tokens(spec, parsed), 2)  # shape and size
 
 
-def _split_documents(documents: Iterable[str], split: str) -> Iterator[str]:
-    return (doc for i, doc in enumerate(documents) if in_split(i, split))
+def _split_documents(documents: Iterable[str | None], split: str) -> Iterator[str]:
+    """The documents of `split`; a None (a document that could not be read) keeps its number."""
+    return (doc for i, doc in enumerate(documents) if doc is not None and in_split(i, split))
 
 
 def _text_files_of(spec: str, parsed: CorpusSpec) -> list[Path]:
@@ -370,21 +534,48 @@ def _text_files_of(spec: str, parsed: CorpusSpec) -> list[Path]:
     return files
 
 
-def _load_tokens(spec: str, parsed: CorpusSpec) -> np.ndarray:
-    """The id array of a `tokens:` corpus, memory-mapped (never read whole)."""
+def _load_tokens(spec: str, parsed: CorpusSpec) -> TokenFile:
+    """The id array of a `tokens:` corpus: its header checked, its ids read as needed."""
     path = Path(parsed.target).expanduser()
     if not path.is_file():
         raise CorpusError(f"corpus {spec}: file {str(path)!r} not found")
+    if path.suffix not in (".npy", ".bin"):
+        raise CorpusError(f"corpus {spec}: expected a .npy or .bin file")
     try:
-        if path.suffix == ".npy":
-            tokens = np.load(path, mmap_mode="r")
-            if not np.issubdtype(tokens.dtype, np.integer):
-                raise CorpusError(f"corpus {spec}: {tokens.dtype} array, expected integer ids")
-            return tokens
+        fd = open_regular(path)
+    except OSError as exc:
+        why = "not a regular file" if isinstance(exc, NotRegularFile) else exc.strerror or str(exc)
+        raise CorpusError(f"corpus {spec}: cannot read {str(path)!r}: {why}") from None
+    try:
+        size = os.fstat(fd).st_size
         if path.suffix == ".bin":
-            return np.memmap(path, dtype=TOKEN_DTYPES[parsed.token_dtype], mode="r")
+            dtype = np.dtype(TOKEN_DTYPES[parsed.token_dtype])
+            if size % dtype.itemsize:
+                raise CorpusError(f"corpus {spec}: {str(path)!r} holds {size:,} bytes, not a "
+                                  f"whole number of {parsed.token_dtype} ids")
+            return TokenFile(path, dtype, (size // dtype.itemsize,), 0, os.dup(fd))
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = fh.tell()
+        if not np.issubdtype(dtype, np.integer):
+            raise CorpusError(f"corpus {spec}: {dtype} array, expected integer ids")
+        if fortran and len(shape) > 1:
+            raise CorpusError(f"corpus {spec}: a Fortran-ordered array; save it C-ordered "
+                              f"(numpy.ascontiguousarray) so each context is one run of ids")
+        need = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if size < need:
+            raise CorpusError(f"corpus {spec}: {str(path)!r} is truncated ({size:,} of "
+                              f"{need:,} bytes)")
+        return TokenFile(path, dtype, tuple(int(d) for d in shape), offset, os.dup(fd))
     except (OSError, ValueError) as exc:
         if isinstance(exc, CorpusError):
             raise
-        raise CorpusError(f"corpus {spec}: cannot read {str(path)!r}: {exc}") from exc
-    raise CorpusError(f"corpus {spec}: expected a .npy or .bin file")
+        raise CorpusError(f"corpus {spec}: cannot read {str(path)!r}: {exc}") from None
+    finally:
+        os.close(fd)

@@ -34,7 +34,7 @@ from saestream.common.wire import DTYPES, MAX_STR_LEN, DecodeLimits, load_kernel
 from saestream.producer.chunker import Chunker, Prefetch, batched
 from saestream.producer.config import ProducerConfig
 from saestream.producer.control import ControlClient, where_request
-from saestream.producer.corpus import Corpus, CorpusError, Shard, open_corpus
+from saestream.producer.corpus import DROP_REASONS, Corpus, CorpusError, Shard, open_corpus
 from saestream.producer.hooks import HookedModel, HookError, validate_hooks
 from saestream.producer.metrics import ProducerMetrics
 from saestream.producer.models import Interrupted, LoadedModel, load_model
@@ -60,6 +60,8 @@ CONSUMER_DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 """A consumer's default --max-chunk-bytes: larger chunks would be rejected."""
 SAVE_RETRY_SECONDS = 5.0
 """After a failed save of the state file, the next one comes this soon (or --state-every)."""
+BAD_IDS = "bad_token_ids"
+"""`reason` of saestream_producer_dropped_inputs_total for contexts with ids off the vocabulary."""
 
 
 class RunSummary(NamedTuple):
@@ -156,6 +158,10 @@ class ProducerRun:
             separator=lm.separator_id, seed=cfg.seed, token_dtype=cfg.token_dtype,
             split=cfg.split,
         )
+        if lm.max_positions is not None and self.corpus.seq_len > lm.max_positions:
+            raise UserError(f"corpus {cfg.corpus}: contexts of {self.corpus.seq_len} tokens (the "
+                            f"width of its 2-D array): model {lm.name} takes at most "
+                            f"{lm.max_positions} positions")
         self.first = 0 if cfg.keep_first_token else 1
         self.per_ctx = self.corpus.seq_len - self.first
         chunk_bytes = cfg.chunk_tokens * lm.d_model * DTYPES[cfg.wire_dtype].itemsize
@@ -184,6 +190,7 @@ class ProducerRun:
         self.started_at = self.resume
         """Where this process began emitting: every row it sends is at or after it."""
         self.voids: list[tuple[int, int, int]] = []
+        self._scanning = False
         self.emitted = self.since = self.resume
         self.end: Progress | None = None
         self.left: int | None = None
@@ -192,6 +199,9 @@ class ProducerRun:
     def _serve(self, registry: CollectorRegistry) -> None:
         cfg = self.cfg
         self.metrics = ProducerMetrics.create(registry)
+        for reason in (*DROP_REASONS, BAD_IDS):  # every series exists from the start, at 0
+            self.metrics.dropped_inputs.labels(reason=reason)
+        self.corpus.on_drop = self._count_drop
         serve_metrics(registry, cfg.metrics_port, cfg.metrics_addr)
         self.zctx = zmq.Context()
         self.sock = push_socket(self.zctx, list(cfg.connect), hwm=cfg.hwm, curve=cfg.curve,
@@ -319,7 +329,8 @@ class ProducerRun:
         start_ctx = done // per_ctx
         pos, seen, usable = start_ctx * per_ctx, 0, 0
         batches = Prefetch(batched(self.corpus.shard_contexts(self.shard, start_ctx),
-                                   cfg.batch_size), depth=4 if self.corpus.read_ahead else 0)
+                                   cfg.batch_size), depth=4 if self.corpus.read_ahead else 0,
+                           stop=self.stop)
         try:
             for ids in batches:
                 if self.stop.is_set():
@@ -341,6 +352,8 @@ class ProducerRun:
                 self._periodic_save()
                 if stop_at is not None and pos >= stop_at:
                     return self._flush("end")
+            if self.stop.is_set():  # the read-ahead gave up waiting: not the end of the epoch
+                return self._flush("stop")
         finally:
             batches.close()
         if usable == 0 and start_ctx == 0:
@@ -362,6 +375,7 @@ class ProducerRun:
         lm, per_ctx = self.lm, self.per_ctx
         valid = ((ids >= 0) & (ids < lm.vocab_size)).all(axis=1)
         if not valid.all():
+            self.metrics.dropped_inputs.labels(reason=BAD_IDS).inc(int((~valid).sum()))
             self.bad_ids.warning("ids", "skipping %d context(s) with token ids outside [0, %d)",
                                  int((~valid).sum()), lm.vocab_size)
             for s in starts[~valid].tolist():
@@ -416,8 +430,20 @@ class ProducerRun:
             self.end = Progress(epoch, self.chunker.last_end)
             self._save_state()
 
+    def _count_drop(self, reason: str, n: int) -> None:
+        """Count input the corpus skipped (it logs why); not while `_scan_end` reads ahead."""
+        if not self._scanning:
+            self.metrics.dropped_inputs.labels(reason=reason).inc(n)
+
     def _scan_end(self, start: Progress, rows: int, end: Progress | None) -> Progress:
         """Where `rows` rows from `start` end (contexts with bad ids hold none)."""
+        self._scanning = True  # what it skips is counted when it is streamed
+        try:
+            return self._scan_end_of(start, rows, end)
+        finally:
+            self._scanning = False
+
+    def _scan_end_of(self, start: Progress, rows: int, end: Progress | None) -> Progress:
         per_ctx, vocab = self.per_ctx, self.lm.vocab_size
         epoch, done, left = start.epoch, start.tokens_done, rows
         while end is None or Progress(epoch, done) < end:

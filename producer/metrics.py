@@ -21,6 +21,7 @@ class ProducerMetrics:
     queue_depth: Gauge
     rewinds: Counter
     state_write_failures: Counter
+    dropped_inputs: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ProducerMetrics:
@@ -75,5 +76,12 @@ class ProducerMetrics:
                 "Saves of --state-file the disk refused (full, read-only); streaming goes on "
                 "and the next save tries again.",
                 registry=registry,
+            ),
+            dropped_inputs=Counter(
+                "saestream_producer_dropped_inputs_total",
+                "Inputs (count) skipped while reading the corpus, by reason: unreadable_file, "
+                "not_a_regular_file (corpus files), bad_jsonl_line, truncated_tokens (contexts "
+                "past the end of a tokens: file that shrank), bad_token_ids (contexts).",
+                ["reason"], registry=registry,
             ),
         )

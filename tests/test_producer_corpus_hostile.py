@@ -1,0 +1,343 @@
+"""A corpus that changes under a running producer, or is odd from the start: files deleted or
+swapped for a FIFO mid-run, a tokens file truncated mid-run, 2-D token arrays of a width no
+model can take, an empty path, a glob through a symlink cycle, one huge document. Each is a
+counted, logged drop or a one-line error; never a traceback, a hang or a death by signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from conftest import LoggedProcess, free_tcp_port, run_cli, saestream_cmd
+from test_consumer import child_env
+from test_guarantee_inputs import one_error_line
+
+from saestream.common.logs import RateLimitedLog
+from saestream.producer.chunker import Prefetch
+from saestream.producer.corpus import (
+    DocumentCorpus,
+    open_corpus,
+    read_text_documents,
+    text_files,
+)
+from saestream.producer.models import TinyConfig
+
+SEQ_LEN = 32
+
+
+class Drain:
+    """A bare PULL socket where the producer sends: it takes every message, once `start`ed."""
+
+    def __init__(self) -> None:
+        self.endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PULL)
+        sock.bind(self.endpoint)
+        while not self._stop.is_set():
+            if sock.poll(100):
+                sock.recv_multipart()
+        sock.close(0)
+        ctx.term()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def producer(tmp_path: Path, corpus: str, drain: Drain, metrics: int) -> LoggedProcess:
+    """A producer that holds almost nothing in flight: until `drain` starts, it stops reading
+    the corpus a few contexts in."""
+    return LoggedProcess(saestream_cmd(
+        "producer", "--model", "tiny", "--corpus", corpus, "--connect", drain.endpoint,
+        "--control-connect", "off", "--seq-len", str(SEQ_LEN), "--batch-size", "1",
+        "--chunk-tokens", "31", "--queue-size", "1", "--hwm", "1", "--threads", "1",
+        "--metrics-port", str(metrics), "--epochs", "0",
+    ), tmp_path / "producer.log", child_env())
+
+
+def wait_started(p: LoggedProcess) -> None:
+    deadline = time.monotonic() + 120
+    while " run " not in p.log():
+        assert p.proc.poll() is None and time.monotonic() < deadline, p.log()
+        time.sleep(0.2)
+
+
+def dropped(port: int) -> dict[str, float]:
+    """saestream_producer_dropped_inputs_total by reason, scraped from the producer."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return {}
+    pattern = r'saestream_producer_dropped_inputs_total\{reason="(\w+)"\} (\S+)'
+    return {m[0]: float(m[1]) for m in re.findall(pattern, text.decode())}
+
+
+def wait_dropped(p: LoggedProcess, port: int, want: dict[str, int]) -> dict[str, float]:
+    deadline = time.monotonic() + 60
+    while True:
+        got = dropped(port)
+        if all(got.get(k, 0) >= v for k, v in want.items()):
+            return got
+        assert p.proc.poll() is None, p.log()
+        assert time.monotonic() < deadline, f"{got} after 60 s\n{p.log()}"
+        time.sleep(0.2)
+
+
+def stops_cleanly(p: LoggedProcess) -> None:
+    """SIGTERM ends it with status 0, and nothing in its log is a traceback."""
+    p.proc.send_signal(signal.SIGTERM)
+    try:
+        assert p.proc.wait(30) == 0, p.log()
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the producer ignored SIGTERM for 30 s\n{p.log()}")
+    assert "Traceback" not in p.log(), p.log()
+
+
+@pytest.fixture
+def drain() -> Iterator[Drain]:
+    d = Drain()
+    yield d
+    d.close()
+
+
+# -- files that change under a running producer ------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["deleted", "fifo"])
+def test_a_text_file_deleted_or_swapped_for_a_fifo_mid_run_is_skipped_counted_and_logged(
+    tmp_path: Path, drain: Drain, change: str
+) -> None:
+    """Deleted: the read failed with a traceback. A FIFO: opening it waited for a writer
+    forever, and the model loop waited on the read-ahead without ever seeing SIGTERM.
+    Bad .jsonl lines were logged but not counted."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("first document " * 400)  # ~190 contexts: read first
+    (folder / "b.txt").write_text("changed before it is read " * 20)
+    (folder / "c.jsonl").write_text('{"text": "fine ' + "x" * 100 + '"}\nnot json\n{"t": 1}\n')
+    metrics = free_tcp_port()
+    p = producer(tmp_path, f"text:{folder}", drain, metrics)
+    try:
+        wait_started(p)
+        (folder / "b.txt").unlink()
+        if change == "fifo":
+            os.mkfifo(folder / "b.txt")
+        drain.start()
+        reason = "unreadable_file" if change == "deleted" else "not_a_regular_file"
+        got = wait_dropped(p, metrics, {reason: 1, "bad_jsonl_line": 2})
+        others = set(got) - {reason, "bad_jsonl_line"}
+        assert len(others) == 3 and not any(got[k] for k in others), got
+        stops_cleanly(p)
+        why = "No such file or directory" if change == "deleted" else "not a regular file"
+        assert f"skipping corpus file {folder / 'b.txt'} ({why})" in p.log()
+    finally:
+        p.close()
+
+
+def test_a_text_corpus_whose_every_file_is_gone_ends_with_one_line(
+    tmp_path: Path, drain: Drain
+) -> None:
+    """Nothing left to read is not something to skip forever: the next pass finds no context,
+    and the producer says so in one line (exit 2), with the lost file in its log."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the only document " * 300)
+    p = producer(tmp_path, f"text:{folder}", drain, free_tcp_port())
+    try:
+        wait_started(p)
+        (folder / "a.txt").unlink()
+        drain.start()
+        assert p.proc.wait(60) == 2, p.log()
+        log = p.log()
+        assert "Traceback" not in log, log
+        assert log.rstrip().splitlines()[-1] == (
+            f"saestream: error: shard 0/1 of corpus text:{folder} has no contexts"), log
+        assert f"skipping corpus file {folder / 'a.txt'} (No such file or directory)" in log
+    finally:
+        p.close()
+
+
+def test_a_tokens_file_truncated_mid_run_drops_the_lost_contexts_instead_of_sigbus(
+    tmp_path: Path, drain: Drain
+) -> None:
+    """The file was memory-mapped: touching a page past the new end killed the producer with
+    SIGBUS. Contexts with ids outside the vocabulary were skipped but not counted."""
+    tokens = np.arange(400 * SEQ_LEN, dtype=np.uint16) % 256
+    tokens[SEQ_LEN * 2] = TinyConfig.vocab_size  # context 2 holds an id the model lacks
+    path = tmp_path / "ids.npy"
+    np.save(path, tokens)
+    metrics = free_tcp_port()
+    p = producer(tmp_path, f"tokens:{path}", drain, metrics)
+    try:
+        wait_started(p)
+        with open(path, "r+b") as fh:  # keep the header and 10 contexts
+            fh.truncate(128 + 10 * SEQ_LEN * 2)
+        drain.start()
+        got = wait_dropped(p, metrics, {"truncated_tokens": 300, "bad_token_ids": 1})
+        assert got["unreadable_file"] == 0, got
+        stops_cleanly(p)
+        assert "is shorter than at start-up" in p.log()
+    finally:
+        p.close()
+
+
+def test_a_deleted_text_file_keeps_the_split_of_every_later_document(tmp_path: Path) -> None:
+    """Document numbers decide train/eval: were a lost file's number given to the next one,
+    every later document would change sides and eval text would be trained on."""
+    files = []
+    for i in range(12):
+        files.append(tmp_path / f"{i:02}.txt")
+        files[-1].write_text(f"doc{i:02}")
+    drops: list[tuple[str, int]] = []
+    corpus = open_corpus(f"text:{tmp_path}", seq_len=2, vocab_size=512, separator=0,
+                         encode=lambda t: [ord(c) for c in t], split="eval")
+    corpus.on_drop = lambda reason, n: drops.append((reason, n))
+
+    def eval_text() -> str:  # one pass (an epoch) over the files listed at start-up
+        return "".join(chr(i) for c in corpus.contexts() for i in c if i)
+
+    assert eval_text() == "doc09"
+    files[3].unlink()
+    assert eval_text() == "doc09"
+    assert drops == [("unreadable_file", 1)]
+
+
+def test_nothing_readable_left_yields_no_document_and_reports_each_file(tmp_path: Path) -> None:
+    """When every file is gone, the documents simply end (the daemon then stops with one line:
+    'shard 0/1 of corpus ... has no contexts'); each lost file is reported once."""
+    files = [tmp_path / "a.txt", tmp_path / "b.jsonl"]
+    for f in files:
+        f.write_text('{"text": "x"}\n')
+    reported: list[tuple[str, int]] = []
+    warn = RateLimitedLog(logging.getLogger("test"))
+    docs = read_text_documents(files, warn, lambda reason, n: reported.append((reason, n)))
+    for f in files:
+        f.unlink()
+    assert [d for d in docs if d is not None] == []
+    assert reported == [("unreadable_file", 1), ("unreadable_file", 1)]
+
+
+def test_the_read_ahead_wait_ends_when_the_stop_flag_is_set() -> None:
+    """A reader stuck in the file system (a FIFO, a hung mount) must not keep SIGTERM out."""
+    stuck = threading.Event()
+
+    def hangs() -> Iterator[int]:
+        yield 1
+        stuck.wait()  # never set: the reader is stuck for good
+        yield 2
+
+    stop = threading.Event()
+    got: list[int] = []
+
+    def consume() -> None:
+        for item in Prefetch(hangs(), depth=2, stop=stop):
+            got.append(item)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    t.join(10)
+    assert not t.is_alive() and got == [1]
+    stuck.set()
+
+
+# -- odd corpora refused at start-up ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [0, 1])
+def test_a_2d_tokens_array_too_narrow_for_a_context_is_one_line(tmp_path: Path,
+                                                                 width: int) -> None:
+    path = tmp_path / "ids.npy"
+    np.save(path, np.zeros((8, width), dtype=np.uint16))
+    res = run_cli(["producer", "--model", "tiny", "--corpus", f"tokens:{path}", "--threads",
+                   "1", "--connect", f"tcp://127.0.0.1:{free_tcp_port()}"], timeout=60)
+    one_error_line(res, f"2-D token array of width {width}: each row is a context and needs "
+                        f"at least 2 ids")
+
+
+def test_a_2d_tokens_array_wider_than_the_models_positions_is_one_line(tmp_path: Path) -> None:
+    """--seq-len was checked against the model, but a 2-D array's width replaces it."""
+    longest = TinyConfig.max_position_embeddings
+    path = tmp_path / "ids.npy"
+    np.save(path, np.zeros((2, longest + 1), dtype=np.uint16))
+    res = run_cli(["producer", "--model", "tiny", "--corpus", f"tokens:{path}", "--threads",
+                   "1", "--connect", f"tcp://127.0.0.1:{free_tcp_port()}",
+                   "--control-connect", "off"], timeout=90)
+    one_error_line(res, f"contexts of {longest + 1} tokens (the width of its 2-D array): model "
+                        f"tiny takes at most {longest} positions")
+
+
+@pytest.mark.parametrize("spec", ["text:", "tokens:"])
+def test_an_empty_corpus_path_is_one_line_not_the_current_directory(tmp_path: Path,
+                                                                    spec: str) -> None:
+    """`text:` read the current directory (here: streamed stray.txt); `tokens:` already
+    failed, as "file '.' not found"."""
+    (tmp_path / "stray.txt").write_text("not meant to be a corpus " * 50)
+    res = run_cli(["producer", "--model", "tiny", "--corpus", spec, "--threads", "1",
+                   "--connect", f"tcp://127.0.0.1:{free_tcp_port()}", "--control-connect",
+                   "off"], timeout=60, cwd=tmp_path)
+    one_error_line(res, "the path is empty")
+
+
+def test_a_glob_does_not_follow_a_symlink_cycle(tmp_path: Path) -> None:
+    """glob's `**` followed a link to a parent until the OS said ELOOP: every file came back
+    dozens of times (and two such links multiply: exponential)."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one.txt").write_text("1")
+    (tmp_path / "a" / "b" / "two.txt").write_text("2")
+    (tmp_path / "a" / "b" / ".hidden.txt").write_text("h")
+    (tmp_path / "a" / "b" / "up").symlink_to("..")
+    expected = [tmp_path / "a" / "b" / "two.txt", tmp_path / "a" / "one.txt"]
+    assert text_files(str(tmp_path / "**" / "*.txt")) == sorted(expected)
+    hidden = tmp_path / "a" / "b" / ".hidden.txt"
+    assert text_files(str(tmp_path / "a")) == sorted([*expected, hidden])  # as before
+    assert text_files(str(tmp_path / "a" / "*" / "*.txt")) == [expected[0]]
+    assert text_files(str(tmp_path / "a" / "b" / "up" / "*.txt")) == [  # named: followed
+        tmp_path / "a" / "b" / "up" / "one.txt"]
+
+
+# -- one huge document ----------------------------------------------------------------------
+
+
+def test_cutting_one_huge_document_costs_what_cutting_many_small_ones_does() -> None:
+    """Contexts were deleted from the front of the buffer, which moves the whole rest of it
+    each time: quadratic in a document's length (a 1 GB .txt file never got going).
+
+    No clock is compared with a number: the same tokens are cut twice, as one document and as
+    many small ones (where the buffer never grows, so the old code was linear there too), and
+    the CPU time of the two must be alike. The old code took ~100x longer on the one."""
+    seq_len, total = 4, 400_000
+    ids = list(range(total - 1))
+
+    def cpu_seconds(documents: list[list[int]]) -> float:
+        corpus = DocumentCorpus("text:x", lambda: documents, lambda d: d, 0, seq_len)
+        begin = time.process_time()
+        n = sum(1 for _ in corpus.contexts())
+        assert n == sum(len(d) + 1 for d in documents) // seq_len
+        return time.process_time() - begin
+
+    small = [ids[i : i + 63] for i in range(0, len(ids), 63)]
+    many = min(cpu_seconds(small) for _ in range(3))
+    one = min(cpu_seconds([ids]) for _ in range(2))
+    assert one < 4 * many + 0.05, (one, many)
