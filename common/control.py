@@ -45,23 +45,73 @@ class ControlError(ValueError):
 
 
 class EndpointError(UserError):
-    """No control endpoint follows from a data endpoint (one line, exit 2)."""
+    """An endpoint no other process can use, or no control endpoint follows from a data
+    endpoint (one line, exit 2)."""
+
+
+SCHEMES = ("tcp", "ipc")
+"""Transports that reach another process: inproc:// reaches only its own process (a daemon
+given one would wait forever), and no other ZeroMQ transport carries PUSH/PULL here."""
+MAX_IPC_PATH = 107
+"""Longest ipc:// path in bytes (Linux's sun_path holds 108, with the terminating NUL)."""
+
+
+def check_endpoint(endpoint: str, flag: str, *, bind: bool = False) -> str:
+    """`endpoint` when another process can meet this one there: tcp://HOST:PORT with PORT
+    1..65535 (binding: also `*` or 0, the system's choice, and HOST `*`) or ipc://PATH.
+    EndpointError naming `flag` otherwise, so a typo fails at start-up, not as a daemon that
+    waits forever (inproc://) or connects to a port that cannot exist."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise EndpointError(f"{flag} {endpoint!r}: use tcp://HOST:PORT or ipc://PATH "
+                            "(other transports do not reach another process)")
+    if scheme == "ipc":
+        if not rest or len(rest.encode()) > MAX_IPC_PATH:
+            raise EndpointError(f"{flag} {endpoint!r}: an ipc:// path of 1 to {MAX_IPC_PATH} "
+                                "bytes is needed")
+        return endpoint
+    host, colon, port = rest.rpartition(":")
+    wildcard = bind and (port == "*" or (port.isdigit() and int(port) == 0))
+    if not colon or not host or not (wildcard or (port.isdigit() and 0 < int(port) <= 65535)):
+        raise EndpointError(f"{flag} {endpoint!r}: use tcp://HOST:PORT with PORT 1..65535"
+                            + (" (or * for any)" if bind else ""))
+    if host == "*" and not bind:
+        raise EndpointError(f"{flag} {endpoint!r}: connect to a host, not * (that is for "
+                            "binding)")
+    return endpoint
+
+
+def check_binds(bind: str, control_bind: str | None) -> None:
+    """A consumer's or sink's --bind and --control-bind (comma lists under torchrun, one
+    endpoint per local rank), checked at start-up as `check_endpoint` does a producer's."""
+    for part in bind.split(","):
+        check_endpoint(part.strip(), "--bind", bind=True)
+    for part in () if control_bind in (None, "off") else str(control_bind).split(","):
+        check_endpoint(part.strip(), "--control-bind", bind=True)
 
 
 def control_endpoint(data_endpoint: str) -> str:
     """The control endpoint that goes with a data endpoint: the next TCP port, or the same
-    ipc/inproc path with `.control` appended. EndpointError when none follows (a port
-    chosen by the system, `tcp://HOST:0`)."""
+    ipc path with `.control` appended. EndpointError when none follows (a port chosen by
+    the system, `tcp://HOST:0`, or the last port) or the endpoint reaches no other process."""
     scheme, sep, rest = data_endpoint.partition("://")
-    if not sep:
-        raise EndpointError(f"not an endpoint: {data_endpoint!r}")
+    if not sep or scheme not in SCHEMES:
+        raise EndpointError(f"not an endpoint another process can reach: {data_endpoint!r} "
+                            "(use tcp://HOST:PORT or ipc://PATH)")
     if scheme == "tcp":
         host, colon, port = rest.rpartition(":")
+        if port.isdigit() and int(port) > 65535:
+            raise EndpointError(f"{data_endpoint!r}: port {int(port)} is not a TCP port "
+                                "(1..65535)")
         if not colon or not port.isdigit() or not 0 < int(port) < 65535:
             raise EndpointError(
                 f"cannot derive a control endpoint from {data_endpoint!r} (it is the data "
                 "port + 1): give it (--control-bind, --control-connect) or `off`")
         return f"tcp://{host}:{int(port) + 1}"
+    if len(f"{rest}.control".encode()) > MAX_IPC_PATH:
+        raise EndpointError(f"cannot derive a control endpoint from {data_endpoint!r}: "
+                            f"PATH.control is longer than {MAX_IPC_PATH} bytes; give it "
+                            "(--control-bind, --control-connect) or `off`")
     return f"{data_endpoint}.control"
 
 

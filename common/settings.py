@@ -159,13 +159,32 @@ class FiniteFloat(click.ParamType):
         return x
 
 
+def ranged(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    """A dataclass field whose value must lie in [lo, hi] (None: unbounded that side).
+    `config_option` gives its flag that range, in every command sharing the field, so a
+    value the libraries underneath cannot take (an int32 socket option, a uint64 seed) is
+    refused at the edge rather than in a traceback."""
+    return dataclasses.field(default=default, metadata={"range": (lo, hi)})
+
+
+def field_range(cls: type, name: str) -> tuple[float | None, float | None] | None:
+    """(lo, hi) of a field made with `ranged`, else None."""
+    return fields(cls)[name].metadata.get("range")
+
+
 def config_option(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
     """A click option for field `name` of dataclass `cls`: its default and its docstring as
-    help unless given; the option's value lands under the field's name."""
+    help unless given; the option's value lands under the field's name. A field's own range
+    (`ranged`) replaces any `type` given: the field is the one place a range is written."""
     if "default" not in kw:
         kw["default"] = field_default(cls, name)
     kw.setdefault("help", field_docs(cls).get(name, ""))
     base, _ = field_type(cls, name)
+    bounds = field_range(cls, name)
+    if bounds is not None:
+        lo, hi = bounds
+        kw["type"] = (click.IntRange(lo, hi) if base is int  # type: ignore[arg-type]
+                      else FiniteFloat(lo, max=hi))
     if base is bool and "type" not in kw:
         kw.setdefault("is_flag", True)
     elif kw["default"] is not None and not kw.get("multiple"):

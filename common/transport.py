@@ -57,7 +57,11 @@ log = logging.getLogger("saestream.transport")
 
 DEFAULT_HWM = 16
 """Messages queued per peer (each a chunk of a few MB) before senders block."""
+MAX_HWM = 2**31 - 1
+"""Largest high-water mark: ZeroMQ's SNDHWM/RCVHWM are C ints."""
 DEFAULT_PUSH_LINGER_MS = 5000
+MAX_LINGER_MS = 2**31 - 1
+"""Largest LINGER in ms (a C int)."""
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 5000
 TCP_KEEPALIVE_IDLE_S = 60
@@ -140,6 +144,15 @@ def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
 
 
+def _check_limits(hwm: int, linger_ms: int = 0) -> None:
+    """UserError for a high-water mark or linger ZeroMQ cannot take (its options are C ints:
+    pyzmq raises OverflowError otherwise); every daemon's --hwm and --linger end here."""
+    if not 0 <= hwm <= MAX_HWM:
+        raise UserError(f"--hwm {hwm}: a high-water mark is 1 to {MAX_HWM} messages")
+    if not -1 <= linger_ms <= MAX_LINGER_MS:
+        raise UserError(f"--linger: {linger_ms} ms is beyond ZeroMQ's limit ({MAX_LINGER_MS})")
+
+
 def push_socket(
     ctx: zmq.Context,
     endpoints: Sequence[str],
@@ -159,6 +172,7 @@ def push_socket(
         endpoints = [endpoints]
     if not endpoints:
         raise UserError("a producer needs at least one endpoint to connect to")
+    _check_limits(hwm, linger_ms)
     sock = _new_socket(ctx, zmq.PUSH, monitor, "producer socket")
     try:
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -362,6 +376,7 @@ def pull_socket(
     """
     if max_connections is not None and not monitor:
         raise ValueError("max_connections needs the connection monitor")
+    _check_limits(hwm)
     sock = _new_socket(ctx, zmq.PULL, monitor, "consumer socket")
     try:
         sock.setsockopt(zmq.RCVHWM, hwm)

@@ -48,7 +48,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "metrics_addr")
 @config_option(C, "metrics_window", type=_POSITIVE)
 @config_option(C, "device")
-@config_option(C, "hwm", type=_POSITIVE)
+@config_option(C, "hwm")
 @config_option(C, "max_chunk_bytes", type=_POSITIVE)
 @config_option(C, "max_connections", type=_POSITIVE)
 @config_option(C, "max_producers", type=_POSITIVE)
@@ -65,7 +65,7 @@ _POSITIVE = click.IntRange(min=1)
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @config_option(C, "log_every", type=FiniteFloat(0.0, min_open=True))
-@config_option(C, "seed", type=int)
+@config_option(C, "seed")
 @config_option(C, "dist_timeout", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "latent_shards", type=_POSITIVE)
 @config_option(C, "snapshot_shards", type=click.Choice(LAYOUTS))
@@ -123,10 +123,12 @@ def _adopt_init(source: Path, specs: list[SAESpec], d_in: int | None) -> list[SA
 
 def build_config(opts: dict[str, Any]) -> ConsumerConfig:
     """Validate the options as a whole and map them onto `ConsumerConfig`."""
+    from saestream.common.control import check_binds
     from saestream.common.devices import resolve_device
     from saestream.common.transport import CurveServerKeys
     from saestream.consumer.distributed import rank_endpoints
 
+    check_binds(opts["bind"], opts["control_bind"])
     hooks, specs = build_sae_specs(opts["saes"], opts["hooks"])
     if opts["init_from"] is not None:
         specs = _adopt_init(opts["init_from"], specs, opts["d_in"])

@@ -21,11 +21,12 @@ from saestream.common.settings import (
     field_default,
     field_docs,
     parse_setting,
+    ranged,
     render_default,
 )
-from saestream.common.transport import DEFAULT_HWM, CurveServerKeys
+from saestream.common.transport import DEFAULT_HWM, MAX_HWM, CurveServerKeys
 from saestream.consumer.sae import SAEConfig
-from saestream.consumer.trainer import TrainerConfig
+from saestream.consumer.trainer import MAX_SEED, TrainerConfig
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
 MAX_DECODE_THREADS = 64
@@ -118,7 +119,7 @@ class ConsumerConfig:
     """Steps over which saestream_normalized_mse is computed."""
     device: str = "auto"
     """auto (CUDA if present), cpu, cuda or cuda:N."""
-    hwm: int = DEFAULT_HWM
+    hwm: int = ranged(DEFAULT_HWM, 1, MAX_HWM)
     """Receive high-water mark: messages queued per producer connection before it blocks."""
     max_chunk_bytes: int = 16 << 20
     """Largest chunk accepted, in raw bytes (n · d · itemsize); bounds every receive
@@ -151,8 +152,8 @@ class ConsumerConfig:
     record_shard_tokens: int = 1 << 16
     """Rows per recording shard: the unit written atomically, and the most a SIGKILL loses
     per hook."""
-    seed: int = 0
-    """Seed of the buffer's batch sampling."""
+    seed: int = ranged(0, 0, MAX_SEED)
+    """Seed of the buffer's batch sampling (each hook's buffer takes seed + its index)."""
     dist_timeout: float = 300.0
     """Under torchrun: seconds a rank waits for the others (joining, and in every
     collective) before it exits 1 with a one-line error; a rank that dies is noticed at
@@ -312,7 +313,14 @@ def sae_train_bytes(spec: SAESpec, d_in: int, batch_size: int, shards: int = 1) 
 
 def check_fits(cfg: ConsumerConfig, device: str, d_in: int | None = None) -> None:
     """UserError when the buffers and SAEs cannot fit this machine's memory (with d_in
-    unknown, at the width 1: a lower bound that still catches absurd sizes)."""
+    unknown, at the width 1: a lower bound that still catches absurd sizes), or when an SAE
+    cannot have the width once it is known (`layer_norm` over one dimension)."""
+    if d_in or cfg.d_in:
+        for spec in cfg.saes:
+            try:
+                spec.sae_config(d_in or cfg.d_in).validate()  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise UserError(f"--sae {spec.name}: at d_in {d_in or cfg.d_in}: {exc}") from None
     d = d_in or cfg.d_in or 1
     total = machine_memory_bytes("cpu")
     buffers = len(cfg.hooks) * cfg.buffer_tokens * d * 2

@@ -28,7 +28,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "d_in", type=_POSITIVE)
 @config_option(C, "metrics_port", type=click.IntRange(0, 65535))
 @config_option(C, "metrics_addr")
-@config_option(C, "hwm", type=_POSITIVE)
+@config_option(C, "hwm")
 @config_option(C, "max_chunk_bytes", type=_POSITIVE)
 @config_option(C, "max_connections", type=_POSITIVE)
 @config_option(C, "max_producers", type=_POSITIVE)
@@ -50,11 +50,15 @@ def record(**opts: Any) -> None:
     and exit 0. A SIGKILL loses the rows held (at most --record-shard-tokens per hook),
     never a written shard.
     """
+    from saestream.common.control import check_binds
     from saestream.common.logs import setup_logging
+    from saestream.common.native import enabled as native_enabled
     from saestream.common.signals import SignalFlags
     from saestream.common.transport import CurveServerKeys
 
     setup_logging(opts.pop("log_level"), "saestream.record")
+    native_enabled()  # a bad $SAESTREAM_NATIVE is one line now, not a decode thread's log
+    check_binds(opts["bind"], opts["control_bind"])
     if not opts["hooks"]:
         raise UserError("give at least one --hook to record")
     key, keys_dir = opts.pop("curve_secret_key"), opts.pop("curve_authorized_dir")

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from saestream.common.settings import ranged
 from saestream.consumer import cpu_kernels, sharding
 from saestream.consumer.distributed import SINGLE, DataParallel
 from saestream.consumer.geometric_median import geometric_median
@@ -23,6 +24,9 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
 # Rows of the first sample used for b_dec's geometric median and the normalisation constants.
 INIT_SAMPLE_ROWS = 8192
+MAX_SEED = 2**63 - 1
+"""Largest seed of training (SAE initialisation, batch order, the consumer's buffers): torch's
+generators take at most 2^64 − 1, and a consumer's buffers add their hook's index to it."""
 
 
 @dataclass
@@ -47,7 +51,7 @@ class TrainerConfig:
     """Run the SAE's forward under bf16 autocast (CUDA only; ignored on CPU): the encoder
     matmul and AuxK's dense decode over the dead latents in bf16, the top-k values, sparse
     decodes and losses in fp32."""
-    seed: int = 0
+    seed: int = ranged(0, 0, MAX_SEED)
     """Seed of the decoder initialisation."""
 
     def validate(self) -> None:
@@ -66,6 +70,8 @@ class TrainerConfig:
             raise ValueError(f"grad_clip must be a positive number, got {self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
 
 
 def default_lr(n_latents: int) -> float:

@@ -85,7 +85,7 @@ class ProgressBar:
               help="Positions (from the ablated one on) whose logits the effect is measured on.")
 @click.option("--explanation-latents", default=64, show_default=True,
               type=click.IntRange(min=1), help="Latents sampled for explanations.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seed of the samples (latents, baseline channels, wildcard replacements).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help=f"JSON file to write [default: {DEFAULT_OUT} beside each SAE's cfg.json].")

@@ -38,39 +38,53 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "device")
 @config_option(P, "model_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @config_option(P, "keep_first_token")
-@config_option(P, "seed", type=int)
+@config_option(P, "seed")
 @click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="This producer's CURVE key pair (NAME.key_secret).")
 @click.option("--curve-server-key", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="The consumer's CURVE public key (NAME.key).")
 @config_option(P, "cache_dir", type=click.Path(file_okay=False, path_type=Path))
 @config_option(P, "token_dtype", type=click.Choice(["uint16", "uint32"]))
-@config_option(P, "threads", type=click.IntRange(min=0))
+@config_option(P, "threads")
 @config_option(P, "queue_size", type=_POSITIVE)
 @config_option(P, "encode_threads", type=click.IntRange(0, MAX_ENCODE_THREADS))
-@config_option(P, "hwm", type=_POSITIVE)
-@config_option(P, "linger", type=FiniteFloat(0.0))
+@config_option(P, "hwm")
+@config_option(P, "linger")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @cli_errors
 def producer(**kw: object) -> None:
     """Run a language model over a corpus and stream its residual activations to consumers."""
-    from saestream.common.control import control_endpoint
+    from saestream.common.control import check_endpoint, control_endpoint
+    from saestream.common.devices import env_threads
     from saestream.common.logs import setup_logging
+    from saestream.common.native import enabled as native_enabled
     from saestream.common.signals import SignalFlags
     from saestream.producer.corpus import CorpusError, Shard, precheck_corpus
     from saestream.producer.state import StateError, check_writable, read_state
 
     setup_logging(str(kw.pop("log_level")))
+    native_enabled()  # a bad $SAESTREAM_NATIVE is one line now, not an encode thread's log
     secret, server = kw.pop("curve_secret_key"), kw.pop("curve_server_key")
     if (secret is None) != (server is None):
         raise UserError("--curve-secret-key and --curve-server-key go together")
     for path in (secret, server):
         if path is not None and not Path(str(path)).is_file():
             raise UserError(f"{path}: no such key file")
+    _check_hooks(kw["hooks"])  # type: ignore[arg-type]
+    if not kw["threads"]:
+        env_threads()  # $SAESTREAM_THREADS stands in for --threads 0: same range, checked now
     if not kw["control_connect"]:
         for endpoint in kw["connect"]:  # type: ignore[attr-defined]
             control_endpoint(str(endpoint))  # EndpointError: a port with no port + 1
+    for endpoint in kw["connect"]:  # type: ignore[attr-defined]
+        check_endpoint(str(endpoint), "--connect")
+    controls = list(kw["control_connect"])  # type: ignore[call-overload]
+    if controls != ["off"]:
+        if "off" in controls:
+            raise UserError("--control-connect off cannot be combined with endpoints")
+        for endpoint in controls:
+            check_endpoint(str(endpoint), "--control-connect")
     try:  # cheap checks first: a typo should not wait for torch and the model to load
         Shard.parse(str(kw["shard"]))
         precheck_corpus(str(kw["corpus"]), str(kw["token_dtype"]))
@@ -95,3 +109,12 @@ def producer(**kw: object) -> None:
     except StateWriteError as exc:
         click.echo(f"saestream: error: {exc}", err=True)
         raise SystemExit(1) from None
+
+
+def _check_hooks(hooks: tuple[str, ...]) -> None:
+    """An empty --hook names the model itself (`get_submodule("")`), whose output is no
+    hidden state: refused before the model loads."""
+    for hook in hooks:
+        if not hook.strip():
+            raise UserError(f"--hook {hook!r}: give a module path, e.g. model.layers.4")
+

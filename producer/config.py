@@ -7,12 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saestream.common.transport import DEFAULT_HWM, CurveClientKeys
+from saestream.common.devices import MAX_THREADS
+from saestream.common.settings import ranged
+from saestream.common.transport import DEFAULT_HWM, MAX_HWM, CurveClientKeys
 
 EMBEDDED_MODEL = "smollm2-135m"
 DEFAULT_CONNECT = "tcp://127.0.0.1:5557"
 MAX_ENCODE_THREADS = 64
 """Most encode threads: each may hold two chunks in flight, so the count bounds memory."""
+MAX_SEED = 2**64 - 1
+"""Largest seed: torch.manual_seed takes a uint64 (numpy's generator any int >= 0)."""
+MAX_LINGER = 86_400.0
+"""Longest --linger, in seconds (a day): it becomes ZeroMQ's int32 LINGER in ms (at most
+~24.8 days: common.transport.MAX_LINGER_MS), and a drain longer than a day is a hang."""
 
 
 @dataclass
@@ -73,7 +80,7 @@ class ProducerConfig:
     """auto = bfloat16 on CUDA, float32 on CPU."""
     keep_first_token: bool = False
     """Also send position 0 of each context (dropped by default: outlier norm)."""
-    seed: int = 0
+    seed: int = ranged(0, 0, MAX_SEED)
     """Seed of random models and the synthetic corpus."""
     curve: CurveClientKeys | None = None
     """CURVE client keys; None = plaintext."""
@@ -82,7 +89,7 @@ class ProducerConfig:
     or ~/.cache/saestream/models]."""
     token_dtype: str = "uint16"
     """Element type of tokens:FILE.bin corpora."""
-    threads: int = 0
+    threads: int = ranged(0, 0, MAX_THREADS)  # as $SAESTREAM_THREADS; 99999 crashed OpenMP
     """torch CPU threads; 0 = $SAESTREAM_THREADS or torch's default."""
     queue_size: int = 8
     """Chunks queued for the sending thread before the model loop blocks."""
@@ -90,9 +97,9 @@ class ProducerConfig:
     """Threads encoding chunks (lz4 and crc32 release the GIL); messages still go out in
     sequence order. 0 = half the CPUs this process may use, 1 to 4; at most
     MAX_ENCODE_THREADS."""
-    hwm: int = DEFAULT_HWM
+    hwm: int = ranged(DEFAULT_HWM, 1, MAX_HWM)
     """ZeroMQ send high-water mark (messages per consumer)."""
-    linger: float = 5.0
-    """Seconds allowed after SIGTERM/SIGINT to send what is queued."""
+    linger: float = ranged(5.0, 0.0, MAX_LINGER)
+    """Seconds allowed after SIGTERM/SIGINT to send what is queued, at most 86400."""
     extra_source: dict = field(default_factory=dict)
     """More provenance to put in every header's `source` (library use)."""

@@ -11,7 +11,8 @@ from torch import nn
 
 
 class HookError(ValueError):
-    """A hook name that is not a module of the model; the message is one line."""
+    """A hook name that is not a module of the model, or a module whose output is not a
+    hidden state; the message is one line."""
 
 
 class _StopForward(Exception):
@@ -31,6 +32,8 @@ def validate_hooks(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Check every name is a module path of `model`; returns them deduplicated, order kept."""
     seen: list[str] = []
     for name in names:
+        if not name.strip():  # get_submodule("") is the model itself: its output is logits
+            raise HookError(f"hook {name!r}: give a module path, e.g. model.layers.4")
         try:
             model.get_submodule(name)
         except AttributeError:
@@ -58,6 +61,11 @@ class HookedModel:
         self.hooks = validate_hooks(model, hooks)
         self.early_stop = early_stop
         self._captured: dict[str, torch.Tensor] = {}
+        width = getattr(getattr(model, "config", None), "hidden_size", None)
+        self._width = width if isinstance(width, int) else None
+        """d_model, the last dimension every hooked output must have (None: unknown)."""
+        self._ids_shape: tuple[int, ...] = ()
+        """[batch, seq] of the forward in progress."""
         self._handles = [
             model.get_submodule(name).register_forward_hook(self._make_hook(name))
             for name in self.hooks
@@ -65,16 +73,39 @@ class HookedModel:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
-            self._captured[name] = hidden_state(output)
+            self._captured[name] = self._checked(name, output)
             if self.early_stop and len(self._captured) == len(self.hooks):
                 raise _StopForward
 
         return hook
 
+    def _checked(self, name: str, output: object) -> torch.Tensor:
+        """The hidden state in `output`, or HookError naming the hook and what it produced:
+        a module that is not a residual-stream module (`model.rotary_emb` returns (cos,
+        sin) of shape [1, seq, head_dim]) would otherwise stream wrong data, or fail later
+        in a traceback. Raised inside the forward, before any of it reaches a chunk."""
+        try:
+            h = hidden_state(output)
+        except TypeError:
+            raise HookError(f"hook {name!r} produced a {type(output).__name__}, not a "
+                            "[batch, seq, d_model] tensor: hook a transformer block instead"
+                            ) from None
+        width = self._width if self._width is not None else (h.shape[-1] if h.ndim else -1)
+        expected = (*self._ids_shape, width)
+        if tuple(h.shape) != expected:
+            shape = ", ".join(str(n) for n in h.shape)
+            what = (f"a tensor of shape [{shape}]" if isinstance(output, torch.Tensor) else
+                    f"a {type(output).__name__} whose first tensor has shape [{shape}]")
+            want = ", ".join(str(n) for n in expected)
+            raise HookError(f"hook {name!r} produced {what}, not [batch, seq, d_model] = "
+                            f"[{want}]: hook a transformer block instead")
+        return h
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """:param input_ids: [batch, seq] token ids. Returns hook name -> [batch, seq, d_model]."""
         self._captured = {}
+        self._ids_shape = tuple(input_ids.shape)
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _StopForward:

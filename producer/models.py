@@ -165,13 +165,21 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         n_layers=n_layers,
-        d_model=int(cfg.hidden_size),
-        vocab_size=int(cfg.vocab_size),
+        d_model=_config_size(spec, cfg, "hidden_size"),
+        vocab_size=_config_size(spec, cfg, "vocab_size"),
         block_prefix=prefix,
         device=dev,
         dtype=dt,
         max_positions=_max_positions(cfg),
     )
+
+
+def _config_size(spec: str, cfg: Any, attr: str) -> int:
+    """A positive int the producer needs from the model's config (ModelError if absent)."""
+    value = getattr(cfg, attr, None)
+    if type(value) is not int or value <= 0:
+        raise ModelError(f"model {spec!r}: its config has no usable {attr} ({value!r})")
+    return value
 
 
 def _max_positions(cfg: Any) -> int | None:
@@ -210,13 +218,20 @@ def _build_from_config_file(path: Path, seed: int) -> nn.Module:
 
     if not path.is_file():
         raise ModelError(f"model config {str(path)!r} not found (random:CONFIG.json)")
+    # A malformed config surfaces as many types: huggingface_hub's StrictDataclassError for
+    # a wrong type, TypeError/ZeroDivisionError/RuntimeError from the model's constructor
+    # for sizes no layer can have. Each is one line for the person who wrote the file.
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:
         raise ModelError(f"cannot read model config {str(path)!r}: {_first_line(exc)}") from exc
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config).eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config).eval()
+    except Exception as exc:
+        raise ModelError(f"cannot build a model from {str(path)!r}: {_first_line(exc)}"
+                         ) from exc
 
 
 def find_blocks(model: nn.Module) -> tuple[str, int]:
@@ -413,14 +428,20 @@ def _load_hf(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
             f"unknown model {spec!r}: not {EMBEDDED_MODEL!r}, {TINY_MODEL!r}, a model directory, "
             f"or a Hugging Face hub id with files in the local cache ({_first_line(exc)})"
         ) from exc
+    except Exception as exc:  # a malformed config.json or weights: StrictDataclassError, ...
+        raise ModelError(f"model {spec!r} does not load: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        log.warning("model %s has no tokenizer: only tokens: and synthetic corpora work", spec)
+    except Exception as exc:  # missing (OSError) or malformed (many types) tokenizer files
+        log.warning("model %s has no usable tokenizer (%s): only tokens: and synthetic "
+                    "corpora work", spec, _first_line(exc))
         tokenizer = None
     return model, tokenizer
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    """`exc`'s message as one line of at most 200 characters (a multi-line message, such as
+    huggingface_hub's validation errors, keeps its detail from the lines after the first)."""
+    text = " ".join(str(exc).split())
+    return text[:200] if text else type(exc).__name__

@@ -58,11 +58,13 @@ def replay(recording: Path, loop: bool, verify: bool, **kw: Any) -> None:
     until SIGTERM/SIGINT, which send what is queued within --linger and exit 0).
     """
     from saestream.common.logs import setup_logging
+    from saestream.common.native import enabled as native_enabled
     from saestream.common.signals import SignalFlags
     from saestream.common.transport import CurveClientKeys
     from saestream.producer.replay import run_replay
 
     setup_logging(str(kw.pop("log_level")), "saestream.replay")
+    native_enabled()  # a bad $SAESTREAM_NATIVE is one line now, not an encode thread's log
     secret, server = kw.pop("curve_secret_key"), kw.pop("curve_server_key")
     if (secret is None) != (server is None):
         raise UserError("--curve-secret-key and --curve-server-key go together")

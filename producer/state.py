@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from saestream.common.files import probe_dir
+from saestream.common.files import FileTooLarge, NotRegularFile, probe_dir, read_regular
 
 STATE_VERSION = 1
 
@@ -67,12 +67,30 @@ class ProducerState:
         return (self.corpus, self.split, self.shard, self.seq_len, self.keep_first_token)
 
 
+MAX_STATE_BYTES = 64 << 20
+"""Largest state file read: a real one is a few kB (20 run ids, one origin per consumer run)."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file (never opened blocking: a FIFO, whose
+    open waits for a writer, or a device is refused at once instead of hanging the start)."""
+    try:
+        return read_regular(path, MAX_STATE_BYTES)
+    except NotRegularFile:
+        raise StateError(f"state file {str(path)!r} is not a regular file") from None
+    except FileTooLarge:
+        raise StateError(f"state file {str(path)!r} is larger than {MAX_STATE_BYTES:,} bytes: "
+                         "not a state file") from None
+
+
 def read_state(path: Path) -> ProducerState | None:
     """The saved state, or None when the file does not exist."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(_read_regular(Path(path)).decode())
     except FileNotFoundError:
         return None
+    except StateError:
+        raise
     except (OSError, ValueError) as exc:
         raise StateError(f"state file {str(path)!r} is unreadable: {exc}") from exc
     try:
