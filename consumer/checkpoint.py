@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from saestream import __version__
 from saestream.common.errors import UserError
+from saestream.common.files import FileTooLarge, NotRegularFile, read_regular
 from saestream.consumer.buffer import Batch
 from saestream.consumer.sae import LAYER_NORM_EPS, SAEConfig, SparseAutoencoder
 from saestream.consumer.shard_files import (
@@ -61,8 +62,97 @@ LATEST = "latest"
 TEMP_PREFIXES = (".tmp-", ".old-", f".{LATEST}.tmp")
 
 
-class CheckpointError(Exception):
-    """A snapshot that cannot be read (missing or corrupt file, inconsistent contents)."""
+class CheckpointError(UserError):
+    """A snapshot that cannot be read (missing or corrupt file, inconsistent contents).
+
+    A `UserError`: one that reaches a command's top is its one-line error, exit code 2."""
+
+
+class NotAFile(CheckpointError):
+    """Where a checkpoint file should be, something no writer of ours leaves (a FIFO, a
+    device, a directory): refused outright, never skipped as mere garbage."""
+
+
+MAX_SMALL_FILE = 64 << 20
+"""The most bytes `read_small_file` reads: every JSON or text file of a checkpoint is far
+smaller; a larger one is not ours."""
+
+
+def read_small_file(path: Path) -> str:
+    """The text of a small regular file: `latest`, run.json and the JSON files of a snapshot.
+
+    FileNotFoundError when there is none (callers may treat that as "absent"); NotAFile for
+    a FIFO, device or directory (never opened blocking: it must not hang a consumer);
+    CheckpointError for anything else that is not a readable UTF-8 file of at most
+    MAX_SMALL_FILE bytes."""
+    try:
+        data = read_regular(path, MAX_SMALL_FILE)
+    except FileNotFoundError:
+        raise
+    except NotRegularFile as exc:
+        raise NotAFile(str(exc)) from None
+    except FileTooLarge as exc:
+        raise CheckpointError(str(exc)) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text") from None
+
+
+def read_json_file(path: Path) -> Any:
+    """`read_small_file`, parsed as JSON: FileNotFoundError when missing, CheckpointError
+    when it is no JSON (nesting too deep to parse is no JSON we write)."""
+    text = read_small_file(path)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{path}: not JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not JSON ({exc})") from None
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message`, cut to its first line (a C++ error carries a stack trace) and to
+    `limit` characters: what a one-line error may embed of a foreign exception."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def json_int(cfg: Mapping[str, Any], key: str, where: object) -> int:
+    """`cfg[key]` as a whole number: an int, or a float with no fraction (JSON writers may
+    write 768.0); CheckpointError for anything else (NaN, Infinity, 16.5, "16", true)."""
+    if key not in cfg:
+        raise CheckpointError(f"{where}: no {key}")
+    value = cfg[key]
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if type(value) is not int:
+        raise CheckpointError(f"{where}: {key} {value!r} is not a whole number")
+    return value
+
+
+def sae_config_of(cfg: Any, where: object) -> SAEConfig:
+    """The SAEConfig a cfg.json describes (sparsify's keys, our input normalisation),
+    validated; CheckpointError for a file that describes no SAE."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
+    multi = cfg.get("multi_topk", False)
+    norm = cfg.get("input_normalization", "none")
+    if not isinstance(multi, bool):
+        raise CheckpointError(f"{where}: multi_topk {multi!r} is not true or false")
+    if not isinstance(norm, str):
+        raise CheckpointError(f"{where}: input_normalization {norm!r} is not a string")
+    out = SAEConfig(d_in=json_int(cfg, "d_in", where),
+                    n_latents=json_int(cfg, "num_latents", where),
+                    k=json_int(cfg, "k", where), multi_topk=multi, input_normalization=norm)
+    try:
+        out.validate()
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    return out
 
 
 def snapshot_name(step: int) -> str:
@@ -217,8 +307,12 @@ def load_snapshot(
     (`load_trainer`). Raises CheckpointError."""
     path = Path(path)
     try:
-        extra_file = path / "extra.json"
-        extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
+        try:
+            extra = read_json_file(path / "extra.json")
+        except FileNotFoundError:
+            extra = {}
+        if not isinstance(extra, dict):
+            raise CheckpointError(f"{path}: extra.json is not an object")
         names = sae_names(path, extra)
         return {n: load_trainer(path / n, device, shard) for n in names}, extra
     except CheckpointError:
@@ -235,7 +329,7 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
     when `shard` refuses the SAE's latent count."""
     d = Path(directory)
     try:
-        meta = json.loads((d / "trainer.json").read_text())
+        meta = read_json_file(d / "trainer.json")
         sae_cfg = SAEConfig(**meta["sae"])
         cfg = TrainerConfig(**meta["trainer"])
         mine = shard(sae_cfg.n_latents) if shard is not None else None
@@ -244,6 +338,8 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
         shards = _saved_shards(d)
         if shards == 1 and not (d / "sae.safetensors").is_file():
             raise CheckpointError(f"{d}: no sae.safetensors")
+        if not (d / "trainer.pt").is_file():  # torch.load would wait on a FIFO forever
+            raise CheckpointError(f"{d}: trainer.pt is missing or not a regular file")
         state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
         reader = RowReader(d, sae_cfg, shards, state)
         lo, hi = (mine.lo, mine.hi) if mine is not None else (0, sae_cfg.n_latents)
@@ -262,7 +358,7 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
     except (CheckpointError, UserError):
         raise
     except Exception as exc:  # corrupt files surface as many exception types
-        raise CheckpointError(f"{d}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{d}: {one_line(exc)}") from exc
 
 
 def check_complete(path: Path) -> dict[str, Any]:
@@ -270,8 +366,10 @@ def check_complete(path: Path) -> dict[str, Any]:
     (saying what is missing) otherwise. Cheap: nothing but extra.json is read."""
     path = Path(path)
     try:
-        extra = json.loads((path / "extra.json").read_text())
-    except (OSError, ValueError) as exc:
+        extra = read_json_file(path / "extra.json")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no extra.json") from None
+    except CheckpointError as exc:
         raise CheckpointError(f"{path}: no readable extra.json ({exc})") from None
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path}: extra.json is not an object")
@@ -305,10 +403,15 @@ def run_of(extra: Mapping[str, Any]) -> str | None:
 
 def latest_name(root: Path) -> str | None:
     """The snapshot `root/latest` names; None when there is no such file or it names none
-    (garbage, bytes that are not text)."""
+    (garbage, bytes that are not text). NotAFile when it is no file at all (a FIFO, a
+    device, a directory): we never write such a thing, so a person should look."""
     try:
-        name = (Path(root) / LATEST).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        name = read_small_file(Path(root) / LATEST).strip()
+    except FileNotFoundError:
+        return None
+    except NotAFile:
+        raise
+    except CheckpointError:
         return None
     return name if SNAPSHOT_RE.match(name) else None
 
@@ -380,7 +483,7 @@ def load_buffers(path: Path, extra: Mapping[str, Any]) -> dict[str, Batch]:
             t = load_file(str(Path(path) / str(rel)))
             out[hook] = Batch(t["rows"], t["sources"])
         except Exception as exc:  # corrupt files surface as many exception types
-            raise CheckpointError(f"{path}/{rel}: {type(exc).__name__}: {exc}") from exc
+            raise CheckpointError(f"{path}/{rel}: {one_line(exc)}") from exc
     return out
 
 
@@ -430,11 +533,23 @@ def holds_a_run(root: Path) -> bool:
 
 
 def read_run_id(root: Path) -> str | None:
+    """The run id of the run file; None when there is none or it is garbage (a warning
+    then). NotAFile when it is no regular file (as `latest_name`)."""
+    path = Path(root) / RUN_FILE
     try:
-        run = json.loads((Path(root) / RUN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
+        run = read_json_file(path)
+    except FileNotFoundError:
         return None
-    return run if isinstance(run, str) and run else None
+    except NotAFile:
+        raise
+    except CheckpointError as exc:
+        log.warning("ignoring %s", exc)
+        return None
+    run = run.get("run_id") if isinstance(run, dict) else None
+    if not (isinstance(run, str) and run):
+        log.warning("ignoring %s: it holds no run id", path)
+        return None
+    return run
 
 
 def write_run_id(root: Path, run_id: str) -> None:
@@ -494,12 +609,8 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
     CheckpointError."""
     d = Path(directory)
     try:
-        cfg = json.loads((d / "cfg.json").read_text())
-        sae_cfg = SAEConfig(
-            d_in=int(cfg["d_in"]), n_latents=int(cfg["num_latents"]), k=int(cfg["k"]),
-            multi_topk=bool(cfg.get("multi_topk", False)),
-            input_normalization=str(cfg.get("input_normalization", "none")),
-        )
+        cfg = read_json_file(d / "cfg.json")
+        sae_cfg = sae_config_of(cfg, d / "cfg.json")
         sae = SparseAutoencoder(sae_cfg, device="meta")  # shapes only; filled below
         if (d / "sae.safetensors").exists() and not (d / "sae.safetensors").is_file():
             raise CheckpointError(f"{d}: sae.safetensors is not a regular file")  # a FIFO
@@ -536,7 +647,7 @@ def load_sae(directory: Path, device: str | torch.device = "cpu") -> LoadedSAE:
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or foreign files surface as many exception types
-        raise CheckpointError(f"{d}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{d}: {one_line(exc)}") from exc
     return LoadedSAE(d.name, d, sae.eval().requires_grad_(False), cfg)
 
 
@@ -562,8 +673,8 @@ def _saved_shards(directory: Path) -> int:
     readable trainer.json: the file checks report that). CheckpointError for a count that
     is no count."""
     try:
-        value = json.loads((directory / "trainer.json").read_text()).get("shards", 1)
-    except (OSError, ValueError, TypeError, AttributeError):
+        value = read_json_file(directory / "trainer.json").get("shards", 1)
+    except (OSError, CheckpointError, AttributeError):
         return 1
     if not isinstance(value, int) or isinstance(value, bool) or \
             not 1 <= value <= MAX_SHARD_FILES:
@@ -580,7 +691,7 @@ def _check_name(name: str) -> None:
 def record_stop_reason(path: Path, stop_reason: str) -> None:
     """Add `stop_reason` to a written snapshot's extra.json (atomically: a reader sees the
     old file or the new one), for a run that stops in a state that snapshot already holds."""
-    extra = json.loads((path / "extra.json").read_text())
+    extra = read_json_file(path / "extra.json")
     extra["stop_reason"] = stop_reason
     # the temporary beside the snapshots, where a resuming consumer removes what a crash left
     _replace_file(path / "extra.json", _json_text(extra),

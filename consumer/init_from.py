@@ -11,7 +11,6 @@ snapshot's cfg.json records the origin, the source's own origin nested in it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +23,8 @@ from saestream.consumer.checkpoint import (
     CheckpointError,
     LoadedSAE,
     load_sae,
+    read_json_file,
+    sae_config_of,
     sae_dirs,
 )
 from saestream.consumer.sae import SAEConfig
@@ -139,12 +140,13 @@ def start(trainer: Trainer, source: InitSource) -> None:
 
 
 def _source_cfg(d: Path) -> dict[str, Any]:
+    """The source SAE's shape and sparsity from its cfg.json, checked as `load_sae` checks
+    them (whole numbers, a valid SAE): UserError in one line for a hostile file."""
     try:
-        cfg = json.loads((Path(d) / "cfg.json").read_text())
-        return {
-            "d_in": int(cfg["d_in"]), "n_latents": int(cfg["num_latents"]), "k": int(cfg["k"]),
-            "multi_topk": bool(cfg.get("multi_topk", False)),
-            "input_normalization": str(cfg.get("input_normalization", "none")),
-        }
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        cfg = read_json_file(Path(d) / "cfg.json")
+        sae_cfg = sae_config_of(cfg, Path(d) / "cfg.json")
+    except (OSError, CheckpointError) as exc:
         raise UserError(f"--init-from {d}: unreadable cfg.json ({exc})") from None
+    return {"d_in": sae_cfg.d_in, "n_latents": sae_cfg.n_latents, "k": sae_cfg.k,
+            "multi_topk": sae_cfg.multi_topk,
+            "input_normalization": sae_cfg.input_normalization}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,6 +30,11 @@ from saestream.consumer.sparse_ops import (
 )
 
 INPUT_NORMALIZATIONS = ("none", "layer_norm", "scalar")
+MAX_WEIGHTS = 1 << 48
+"""The most weights one of an SAE's matrices may hold (1 PiB of float32, far beyond any
+machine; the memory checks refuse far less): a larger size is a typo or a hostile file,
+refused before torch sees it (it would overflow its size arithmetic, or fail with a page
+of C++ stack trace)."""
 LAYER_NORM_EPS = 1e-5
 """Added to the per-token standard deviation that `layer_norm` divides by. The way back
 multiplies by the standard deviation alone: that is OpenAI's released SAEs' `LN` and
@@ -53,10 +59,21 @@ class SAEConfig:
 
     def validate(self) -> None:
         """Raise ValueError for a configuration no SAE can have (d_in may still be None)."""
+        for key in ("d_in", "n_latents", "k"):
+            value = getattr(self, key)
+            if value is None and key == "d_in":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{key} must be a whole number, got {value!r}")
         if self.d_in is not None and self.d_in < 1:
             raise ValueError(f"d_in must be positive, got {self.d_in}")
         if self.n_latents < 1:
             raise ValueError(f"n_latents must be positive, got {self.n_latents}")
+        if self.n_latents * (self.d_in or 1) > MAX_WEIGHTS:
+            raise ValueError(
+                f"n_latents {self.n_latents} × d_in {self.d_in or 1} is more than the "
+                f"{MAX_WEIGHTS:,} weights a matrix of the SAE can have"
+            )
         if not 1 <= self.k <= self.n_latents:
             raise ValueError(f"need 1 <= k <= n_latents ({self.n_latents}), got k={self.k}")
         if self.multi_topk and 4 * self.k > self.n_latents:
@@ -66,6 +83,9 @@ class SAEConfig:
                 f"input_normalization must be one of {', '.join(INPUT_NORMALIZATIONS)}, "
                 f"got {self.input_normalization!r}"
             )
+        if self.input_normalization == "layer_norm" and self.d_in == 1:
+            raise ValueError("input_normalization layer_norm needs d_in >= 2 (the standard "
+                             "deviation of one value is undefined); use none or scalar")
 
 
 class NormStats(NamedTuple):

@@ -40,6 +40,10 @@ _ST_DTYPES = {
     "BF16": (np.uint16, True),
 }
 _SCAN_ROWS = 1 << 16
+NPY_FLOAT_SIZES = (2, 4, 8)
+"""Item sizes of the .npy float dtypes training reads (either byte order)."""
+SAVE_ATTEMPTS = 3
+"""Tries of the final snapshot, a second apart, before it goes to the rescue directory."""
 S, T = SAEConfig, TrainerConfig
 """Every SAE and trainer option's default and help come from these dataclass fields."""
 _POSITIVE = click.IntRange(min=1)
@@ -61,6 +65,8 @@ class Activations:
         import torch
 
         block = np.ascontiguousarray(self.array[index])
+        if not block.dtype.isnative:  # a big-endian .npy: torch reads native bytes only
+            block = block.astype(block.dtype.newbyteorder("="))
         t = torch.from_numpy(block)
         if self.bf16:
             t = t.view(torch.int16).view(torch.bfloat16)
@@ -91,8 +97,10 @@ def open_activations(path: Path, tensor: str | None) -> Activations | Recording:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise UserError(f"--input {path}: not a readable .npy file ({exc})") from None
-        if array.dtype.kind != "f":
-            raise UserError(f"--input {path}: dtype {array.dtype}, expected floating point")
+        if array.dtype.kind != "f" or array.dtype.itemsize not in NPY_FLOAT_SIZES:
+            # float128 (long double) and complex have no torch dtype to train in
+            raise UserError(f"--input {path}: dtype {array.dtype}, expected float16, float32 "
+                            "or float64")
         act = Activations(array, False, str(path))
     elif suffix == ".safetensors":
         act = _open_safetensors(path, tensor)
@@ -120,6 +128,9 @@ def _open_safetensors(path: Path, tensor: str | None) -> Activations:
         header.pop("__metadata__", None)
         for key, info in header.items():
             _check_tensor_entry(key, info, size - 8 - n)
+    except RecursionError:
+        raise UserError(f"--input {path}: not a readable .safetensors file (its header is "
+                        "nested too deeply)") from None
     except (OSError, ValueError, struct.error) as exc:
         raise UserError(f"--input {path}: not a readable .safetensors file ({exc})") from None
     if tensor is None:
@@ -313,7 +324,6 @@ def train(
     """Train a TopK SAE on activations stored on disk, then write a checkpoint to --out."""
     import torch
 
-    from saestream.consumer.checkpoint import save_snapshot
     from saestream.consumer.distributed import mesh_from_env, rank_slice
     from saestream.consumer.heap import keep_freed_memory, release_freed_memory
     from saestream.consumer.trainer import Trainer
@@ -417,17 +427,75 @@ def train(
         "seed": seed,
         "init_from": None if init_from is None else str(init_from),
     }
+    failure = None
     if shard is not None and _layout(snapshot_shards, trainer, mesh) == "per-rank":
         path = _save_per_rank(out, trainer, extra, mesh)
     else:
         whole = trainer.unsharded() if dp.rank == 0 else None  # collective over the shards
         # every data-parallel rank holds the same SAE: rank 0 writes it
-        path = save_snapshot(out, trainer.step, {name: whole}, extra=extra) \
-            if whole is not None else None
+        path, failure = _save_final(out, trainer.step, name, whole, extra) \
+            if whole is not None else (None, None)
     dp.finish()
+    if failure is not None:
+        click.echo(f"saestream: error: {failure}", err=True)
+        sys.exit(1)
     if path is not None:
         click.echo(f"checkpoint: {path / name}")
         sys.stdout.flush()
+
+
+def _save_final(out: Path, step: int, name: str, trainer: Trainer, extra: dict
+                ) -> tuple[Path | None, str | None]:
+    """Write the run's one snapshot to --out: (its path, None), or, when that fails
+    SAVE_ATTEMPTS times (a full or broken disk), (None, the one-line error). Hours of
+    training are not dropped for want of disk space: the snapshot then goes to a fresh
+    `saestream-rescue-*` directory in the system's temporary directory (TMPDIR), and the
+    error says where. A failed attempt leaves nothing in --out (`save_snapshot`)."""
+    import shutil
+    import tempfile
+
+    from saestream.consumer.checkpoint import CheckpointError, check_complete, save_snapshot
+
+    final = out / f"step-{step:08d}"
+    existed = final.exists()  # a snapshot of this step from an earlier run, to be replaced
+    error: Exception | None = None
+    for attempt in range(SAVE_ATTEMPTS):
+        if attempt:
+            time.sleep(1.0)
+        try:
+            return save_snapshot(out, step, {name: trainer}, extra=extra), None
+        except Exception as exc:  # OSError, or safetensors' own error for the same causes
+            error = exc
+    assert error is not None
+    why = _reason(error)
+    if not existed:
+        try:  # renamed into place, complete, but `latest` could not be replaced
+            check_complete(final)
+            return None, (f"wrote the snapshot {final}, but could not point {out}/latest at "
+                          f"it ({why})")
+        except CheckpointError:
+            pass
+    rescue = None
+    try:
+        rescue = Path(tempfile.mkdtemp(prefix="saestream-rescue-"))
+        path = save_snapshot(rescue, step, {name: trainer}, extra=extra)
+    except Exception as exc:
+        if rescue is not None:
+            shutil.rmtree(rescue, ignore_errors=True)
+        return None, (f"could not write the snapshot to {out} ({why}; {SAVE_ATTEMPTS} tries), "
+                      f"nor to a rescue directory ({_reason(exc)}): the training is lost")
+    return None, (f"could not write the snapshot to {out} ({why}; {SAVE_ATTEMPTS} tries): "
+                  f"wrote it to {path} instead; move it into {out} once there is room")
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a write failed, in a few words: an OSError's strerror, else the first line."""
+    from saestream.consumer.checkpoint import one_line
+
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = one_line(exc)
+    return "No space left on device" if "StorageFull" in text else text
 
 
 def _layout(asked: str, trainer: Trainer, mesh: Mesh) -> str:
