@@ -143,6 +143,8 @@ class ConsumerRun:
         released by the caller however the run ends, in this constructor too."""
         self.cfg, self.flags, self.metrics, self.mesh = cfg, flags, metrics, mesh
         self.held = held
+        self._started = False
+        """Set up in full: the sockets bound, the threads running."""
         self.world = mesh.world
         """Every rank: the step-boundary agreement, the split of a global batch's rows."""
         self.shard_peers = DataParallel(mesh.shard_group) if mesh.shard_size > 1 else SINGLE
@@ -190,6 +192,7 @@ class ConsumerRun:
         self._saved_version = -1
         self._failed_at = -float("inf")
         self._at_log = (self.stats.steps, self.stats.tokens)
+        self._started = True
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -246,7 +249,14 @@ class ConsumerRun:
             log.info("--resume: no run in %s, starting a new one", root)
         self.stats.run_id = uuid.uuid4().hex[:12]
         ckpt.write_run_id(root, self.stats.run_id)  # before any data is accepted
+        self.held.callback(self._forget_unstarted_run, root)
         return None
+
+    def _forget_unstarted_run(self, root: Path) -> None:
+        """A new run whose set-up failed after its run file was written (a port taken, say)
+        takes the file back: the same command again must not meet "already holds a run"."""
+        if not self._started and not ckpt.list_snapshots(root):
+            (root / ckpt.RUN_FILE).unlink(missing_ok=True)
 
     def _restore(self, root: Path) -> Ledger:
         """Trainers, buffers, ledger, counters from the snapshot `latest` names (or nothing
@@ -333,8 +343,14 @@ class ConsumerRun:
         if control != "off":
             # Data parallel: each rank is a consumer run of its own to the producers (its own
             # ledger), and its positions are never in a snapshot (not durable).
-            router = router_socket(self.ctx, control, curve=cfg.curve,
-                                   max_connections=cfg.max_connections)
+            try:
+                router = router_socket(self.ctx, control, curve=cfg.curve,
+                                       max_connections=cfg.max_connections)
+            except UserError as exc:
+                if cfg.control_bind is not None:
+                    raise
+                raise UserError(f"{exc} (the control endpoint, which is --bind's port + 1 unless "
+                                "--control-bind says otherwise)") from None
             m.refused_connections.watch("control", router.refused)
             self.control = ControlServer(
                 router, self.ledger, m,
@@ -744,8 +760,9 @@ class ConsumerRun:
         self._failed_at = time.monotonic()
         self.metrics.checkpoint_failures.labels(reason=why).inc()
         self.stats.failed_snapshots += 1
-        log.error("%s snapshot at step %d failed (%s: %s); the previous snapshot stays, "
-                  "training goes on", reason, self.stats.steps, why, exc)
+        log.error("%s snapshot at step %d failed (%s: %s); the previous snapshot stays%s",
+                  reason, self.stats.steps, why, exc,
+                  "" if reason == "final" else ", training goes on")
 
     def _ledger_cut(self) -> tuple[dict[str, Any], Ledger]:
         """Under the buffers' lock: the ledger as JSON and a copy for the control channel's

@@ -322,3 +322,30 @@ def test_resumable_offers_latest_then_older_ones_of_its_run_only(tmp_path: Path,
     (tmp_path / "step-00000004" / "extra.json").unlink()
     write_run_id(tmp_path, "mine")
     assert [p.name for p, _ in resumable(tmp_path, read_run_id(tmp_path))] == ["step-00000001"]
+
+
+def test_a_start_that_fails_to_bind_leaves_no_run_behind(tmp_path: Path) -> None:
+    """The run file was written before the sockets were bound: a consumer whose control
+    port (--bind + 1) was taken exited 2 and left a run with no snapshot, so the same
+    command again met "already holds a run". Its message now names the control endpoint."""
+    import socket
+
+    port = free_tcp_port()
+    ckpt = tmp_path / "ckpt"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 1))
+        taken.listen()
+        res = run_cli(["consumer", "--bind", f"tcp://127.0.0.1:{port}", "--hook", HOOK,
+                       "--sae", f"hook={HOOK},latents=64,k=4", "--buffer-tokens", "1024",
+                       "--batch-size", "64", "--checkpoint-dir", str(ckpt)], timeout=120)
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("saestream: error: cannot bind") and "control endpoint" in line
+    assert not (ckpt / "run.json").exists()
+    again = Consumer(tmp_path, ckpt=ckpt)  # the same directory, free ports: it starts
+    try:
+        again.wait_for("metrics", lambda: again.metrics() is not None)
+        again.signal(signal.SIGTERM)
+        assert again.wait_exit() == 0, again.log()
+    finally:
+        again.close()
