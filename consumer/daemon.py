@@ -26,6 +26,7 @@ train on the same rows, and rank 0 gathers the shards to write a snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -49,7 +50,7 @@ from saestream.common.wire import REJECT_REASONS, DecodeLimits, load_kernels, lz
 from saestream.consumer import checkpoint as ckpt
 from saestream.consumer import init_from
 from saestream.consumer.buffer import Batch, BufferSet
-from saestream.consumer.config import ConsumerConfig, SAESpec, check_fits
+from saestream.consumer.config import SAE_KEYS, ConsumerConfig, SAESpec, check_fits
 from saestream.consumer.control import ControlServer
 from saestream.consumer.distributed import (
     SINGLE,
@@ -292,8 +293,13 @@ class ConsumerRun:
             if tr.hook != specs[name].hook:
                 raise UserError(f"SAE {name} in {path} reads hook {tr.hook}, --sae says "
                                 f"{specs[name].hook}")
+        for name, tr in trainers.items():
+            _say_overridden(specs[name], tr, path)
         for hook, saved in extra.get("hooks", {}).items():
             if hook in cfg.hooks:
+                if cfg.d_in is not None and cfg.d_in != saved["d_in"]:
+                    log.warning("--d-in %d ignored for %s: the snapshot %s was trained on "
+                                "width %d, which stands", cfg.d_in, hook, path, saved["d_in"])
                 self.hook_info[hook] = HookInfo(saved["d_in"], saved.get("dtype"),
                                                 saved.get("model"))
         if self.world.rank == 0:  # a one-process snapshot's ledger and buffers: rank 0's
@@ -818,3 +824,15 @@ def _renumber_sources(buffers: dict[str, Batch], ordinals: dict[int, int]) -> di
         lut[index] = ordinal
     return {h: Batch(b.x, lut[b.sources.long().where(b.sources >= 0, top - 1)])
             for h, b in buffers.items()}
+
+
+def _say_overridden(spec: SAESpec, tr: Trainer, path: Path) -> None:
+    """A resumed SAE keeps the snapshot's hyper-parameters (README: --resume); a `--sae`
+    key given with another value is said, not dropped without a word."""
+    saved = {**dataclasses.asdict(tr.sae_cfg), **dataclasses.asdict(tr.cfg)}
+    asked = {**dataclasses.asdict(spec.sae), **dataclasses.asdict(spec.trainer)}
+    for key, (_, field_name) in SAE_KEYS.items():
+        if field_name in spec.given and saved.get(field_name) != asked.get(field_name):
+            log.warning("--sae %s: %s=%s ignored, the snapshot %s has %s=%s, which stands",
+                        spec.name, key, asked.get(field_name), path, key, saved.get(field_name))
+

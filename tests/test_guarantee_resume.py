@@ -349,3 +349,27 @@ def test_a_start_that_fails_to_bind_leaves_no_run_behind(tmp_path: Path) -> None
         assert again.wait_exit() == 0, again.log()
     finally:
         again.close()
+
+
+@pytest.mark.slow
+def test_resume_says_which_given_settings_the_snapshot_overrides(run_dir, tmp_path) -> None:
+    """A resumed SAE keeps the snapshot's hyper-parameters; --sae keys and --d-in given with
+    other values were dropped without a word."""
+    ckpt, run_id = run_dir
+    c = Consumer(tmp_path, "--sae", "name=k4,latents=512,k=4,k_aux=32,lr=0.001", "--sae",
+                 "name=k8,latents=256,k=8,k_aux=32", "--d-in", "7", "--resume",
+                 "--max-steps", "8", ckpt=ckpt)
+    s = Sender(c.endpoint)
+    try:
+        s.in_background(200, run="r2")
+        assert c.wait_exit() == 0, c.log()
+        log = c.log()
+        assert resumed_from(c, ckpt / "step-00000006", run_id, 6), log
+        assert "--sae k4: latents=512 ignored, the snapshot" in log and "latents=128" in log
+        assert "--sae k4: lr=0.001 ignored" in log
+        assert "--sae k8:" not in log  # what it gives agrees with the snapshot
+        assert f"--d-in 7 ignored for {HOOK}" in log
+        final_state(latest(ckpt), run_id, 8)
+    finally:
+        s.close()
+        c.close()
