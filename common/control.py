@@ -25,7 +25,7 @@ are dropped, never answered.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -56,6 +56,26 @@ MAX_IPC_PATH = 107
 """Longest ipc:// path in bytes (Linux's sun_path holds 108, with the terminating NUL)."""
 
 
+def _is_port_number(port: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and full-width
+    digits (which ZeroMQ does)."""
+    return port.isascii() and port.isdigit()
+
+
+def check_connects(connect: Sequence[str], control_connect: Sequence[str]) -> None:
+    """A producer's or replayer's --connect and --control-connect, checked at start-up."""
+    for endpoint in connect:
+        check_endpoint(endpoint, "--connect")
+    if not control_connect:
+        for endpoint in connect:
+            control_endpoint(endpoint)  # EndpointError: a port with no port + 1
+    if list(control_connect) != ["off"]:
+        if "off" in control_connect:
+            raise EndpointError("--control-connect off cannot be combined with endpoints")
+        for endpoint in control_connect:
+            check_endpoint(endpoint, "--control-connect")
+
+
 def check_endpoint(endpoint: str, flag: str, *, bind: bool = False) -> str:
     """`endpoint` when another process can meet this one there: tcp://HOST:PORT with PORT
     1..65535 (binding: also `*` or 0, the system's choice, and HOST `*`) or ipc://PATH.
@@ -71,8 +91,9 @@ def check_endpoint(endpoint: str, flag: str, *, bind: bool = False) -> str:
                                 "bytes is needed")
         return endpoint
     host, colon, port = rest.rpartition(":")
-    wildcard = bind and (port == "*" or (port.isdigit() and int(port) == 0))
-    if not colon or not host or not (wildcard or (port.isdigit() and 0 < int(port) <= 65535)):
+    wildcard = bind and (port == "*" or (_is_port_number(port) and int(port) == 0))
+    real = _is_port_number(port) and 0 < int(port) <= 65535
+    if not colon or not host or not (wildcard or real):
         raise EndpointError(f"{flag} {endpoint!r}: use tcp://HOST:PORT with PORT 1..65535"
                             + (" (or * for any)" if bind else ""))
     if host == "*" and not bind:
@@ -100,10 +121,10 @@ def control_endpoint(data_endpoint: str) -> str:
                             "(use tcp://HOST:PORT or ipc://PATH)")
     if scheme == "tcp":
         host, colon, port = rest.rpartition(":")
-        if port.isdigit() and int(port) > 65535:
+        if _is_port_number(port) and int(port) > 65535:
             raise EndpointError(f"{data_endpoint!r}: port {int(port)} is not a TCP port "
                                 "(1..65535)")
-        if not colon or not port.isdigit() or not 0 < int(port) < 65535:
+        if not colon or not _is_port_number(port) or not 0 < int(port) < 65535:
             raise EndpointError(
                 f"cannot derive a control endpoint from {data_endpoint!r} (it is the data "
                 "port + 1): give it (--control-bind, --control-connect) or `off`")

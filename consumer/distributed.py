@@ -328,7 +328,7 @@ def rank_endpoints(bind: str, control_bind: str | None, rank: int, ranks: int
     if data is None and ranks > 1:
         scheme, _, rest = bind.partition("://")
         host, colon, port = rest.rpartition(":")
-        if scheme == "tcp" and colon and port.isdigit():
+        if scheme == "tcp" and colon and port.isascii() and port.isdigit():
             data = f"tcp://{host}:{int(port) + rank}"
             if control_bind is None:
                 control_bind = f"tcp://{host}:{int(port) + ranks + 1 + rank}"

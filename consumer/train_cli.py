@@ -324,10 +324,12 @@ def train(
     """Train a TopK SAE on activations stored on disk, then write a checkpoint to --out."""
     import torch
 
+    from saestream.common.native import enabled as native_enabled
     from saestream.consumer.distributed import mesh_from_env, rank_slice
     from saestream.consumer.heap import keep_freed_memory, release_freed_memory
     from saestream.consumer.trainer import Trainer
 
+    native_enabled()  # a bad $SAESTREAM_NATIVE now, not at the first step after the scan
     if tokens is not None and steps is not None:
         raise UserError("give --tokens or --steps, not both")
     for flag, value in (("--batch-size", batch_size), ("--tokens", tokens), ("--steps", steps)):

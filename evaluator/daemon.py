@@ -92,8 +92,15 @@ def run_evaluator(cfg: EvaluatorConfig, stop: threading.Event,
     watcher = Publisher(metrics)
     seen: str | None = None
     log.info("watching %s/latest every %.1fs", cfg.checkpoint_dir, cfg.poll_seconds)
+    said: str | None = None
     while not stop.is_set():
-        name = latest_name(cfg.checkpoint_dir)
+        try:
+            name = latest_name(cfg.checkpoint_dir)
+        except CheckpointError as exc:  # `latest` a FIFO or directory: say so once, keep watching
+            if str(exc) != said:
+                said = str(exc)
+                log.warning("%s; waiting for a readable one", exc)
+            name = None
         if name is not None and name != seen:
             seen = name
             t0 = time.perf_counter()

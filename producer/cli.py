@@ -55,7 +55,7 @@ _POSITIVE = click.IntRange(min=1)
 @cli_errors
 def producer(**kw: object) -> None:
     """Run a language model over a corpus and stream its residual activations to consumers."""
-    from saestream.common.control import check_endpoint, control_endpoint
+    from saestream.common.control import check_connects
     from saestream.common.devices import env_threads
     from saestream.common.logs import setup_logging
     from saestream.common.native import enabled as native_enabled
@@ -74,17 +74,7 @@ def producer(**kw: object) -> None:
     _check_hooks(kw["hooks"])  # type: ignore[arg-type]
     if not kw["threads"]:
         env_threads()  # $SAESTREAM_THREADS stands in for --threads 0: same range, checked now
-    if not kw["control_connect"]:
-        for endpoint in kw["connect"]:  # type: ignore[attr-defined]
-            control_endpoint(str(endpoint))  # EndpointError: a port with no port + 1
-    for endpoint in kw["connect"]:  # type: ignore[attr-defined]
-        check_endpoint(str(endpoint), "--connect")
-    controls = list(kw["control_connect"])  # type: ignore[call-overload]
-    if controls != ["off"]:
-        if "off" in controls:
-            raise UserError("--control-connect off cannot be combined with endpoints")
-        for endpoint in controls:
-            check_endpoint(str(endpoint), "--control-connect")
+    check_connects(list(kw["connect"]), list(kw["control_connect"]))  # type: ignore[call-overload]
     try:  # cheap checks first: a typo should not wait for torch and the model to load
         Shard.parse(str(kw["shard"]))
         precheck_corpus(str(kw["corpus"]), str(kw["token_dtype"]))

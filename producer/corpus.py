@@ -300,8 +300,9 @@ def text_files(pattern: str) -> list[Path]:
 
 
 def _glob(pattern: str) -> Iterator[str]:
-    """`glob.glob(pattern, recursive=True)`, except that `**` does not enter symlinked folders
-    (glob's does, and loops on a link to a parent); hidden names need a pattern with a dot."""
+    """`glob.glob(pattern, recursive=True)`, except that `**` enters each real folder once:
+    glob's follows a symlink back to a parent again and again (exponential with two).
+    Symlinked folders are followed otherwise; hidden names need a pattern with a dot."""
     parts = Path(pattern).parts
 
     def names(base: str, part: str) -> list[str]:
@@ -314,18 +315,24 @@ def _glob(pattern: str) -> Iterator[str]:
             found = [n for n in found if not n.startswith(".")]
         return fnmatch.filter(found, part)
 
-    def real_subdirs(base: str) -> Iterator[str]:
+    def real_subdirs(base: str, seen: set[tuple[int, int]]) -> Iterator[str]:
         try:
+            st = os.stat(base or ".")
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
             with os.scandir(base or ".") as it:
                 entries = [e for e in it if not e.name.startswith(".")]
         except OSError:
             return
         for e in entries:
             try:
-                if e.is_dir(follow_symlinks=False):
+                if e.is_dir():
                     sub = os.path.join(base, e.name)
-                    yield sub
-                    yield from real_subdirs(sub)
+                    st = os.stat(sub)
+                    if (st.st_dev, st.st_ino) not in seen:
+                        yield sub
+                        yield from real_subdirs(sub, seen)
             except OSError:
                 continue
 
@@ -335,7 +342,9 @@ def _glob(pattern: str) -> Iterator[str]:
             return
         part = parts[i]
         if part == "**":
-            for sub in itertools.chain([base], real_subdirs(base)):
+            for sub in itertools.chain([base], real_subdirs(base, set())):
+                if i + 1 == len(parts):  # a trailing ** matches files too, as glob's does
+                    yield from (os.path.join(sub, name) for name in names(sub, "*"))
                 yield from walk(sub, i + 1)
         elif glob.has_magic(part):
             for name in names(base, part):
@@ -349,6 +358,7 @@ def _glob(pattern: str) -> Iterator[str]:
 def read_text_documents(
     files: list[Path], warn: RateLimitedLog,
     dropped: Callable[[str, int], None] = lambda reason, n: None,
+    units: dict[Path, int] | None = None,
 ) -> Iterator[str | None]:
     """One document per .txt file; one per line of a .jsonl file (its "text" field).
 
@@ -356,8 +366,10 @@ def read_text_documents(
     reported to `dropped` and skipped. It yields None in place of each document it held when
     last read (a .txt file: one), so the documents after it keep their numbers, and with them
     their train/eval split; a skipped bad .jsonl line takes no number (as it never did).
+    :param units: documents each .jsonl file held when last read, kept by the caller from
+        pass to pass (a file gone in the next pass then keeps its documents' numbers).
     """
-    units: dict[Path, int] = {}  # documents each .jsonl file held the last time it was read
+    units = {} if units is None else units
     for path in files:
         count = 0
         try:
@@ -506,8 +518,10 @@ def open_corpus(
         return ArrayCorpus(spec, np.asarray(stream, dtype=np.int64), seq_len)
     files = _text_files_of(spec, parsed)
     warn = RateLimitedLog(log)
+    units: dict[Path, int] = {}
     corpus = DocumentCorpus(
-        spec, lambda: _split_documents(read_text_documents(files, warn, corpus.dropped), split),
+        spec, lambda: _split_documents(
+            read_text_documents(files, warn, corpus.dropped, units), split),
         encode, separator, seq_len,
     )
     return corpus

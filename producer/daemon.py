@@ -218,7 +218,7 @@ class ProducerRun:
             self.control = ControlClient(self.zctx, endpoints, curve=cfg.curve,
                                          request=self._where)
             self.control.start()
-        self.hooked = HookedModel(self.lm.model, self.hooks)  # removed again in `close`
+        self.hooked = HookedModel(self.lm.model, self.hooks, residual=True)  # removed in `close`
         self.chunker = Chunker(self.hooks, cfg.chunk_tokens, {
             **cfg.extra_source, "corpus": cfg.corpus, "split": cfg.split,
             "shard": str(self.shard)})

@@ -56,14 +56,18 @@ class HookedModel:
     With `early_stop` (the default) the forward is abandoned once every hook has fired.
     """
 
-    def __init__(self, model: nn.Module, hooks: Sequence[str], *, early_stop: bool = True) -> None:
+    def __init__(self, model: nn.Module, hooks: Sequence[str], *, early_stop: bool = True,
+                 residual: bool = False) -> None:
+        """:param residual: every hooked output must be d_model wide (the producer streams
+            the residual stream); otherwise any [batch, seq, width] passes (the evaluators
+            read SAEs trained on any module, e.g. an MLP's up-projection)."""
         self.model = model
         self.hooks = validate_hooks(model, hooks)
         self.early_stop = early_stop
         self._captured: dict[str, torch.Tensor] = {}
         width = getattr(getattr(model, "config", None), "hidden_size", None)
-        self._width = width if isinstance(width, int) else None
-        """d_model, the last dimension every hooked output must have (None: unknown)."""
+        self._width = width if residual and isinstance(width, int) else None
+        """d_model, the last dimension every hooked output must have (None: any)."""
         self._ids_shape: tuple[int, ...] = ()
         """[batch, seq] of the forward in progress."""
         self._handles = [

@@ -57,6 +57,7 @@ def replay(recording: Path, loop: bool, verify: bool, **kw: Any) -> None:
     One pass, then wait until the consumer holds it and exit 0 (--loop: pass after pass
     until SIGTERM/SIGINT, which send what is queued within --linger and exit 0).
     """
+    from saestream.common.control import check_connects
     from saestream.common.logs import setup_logging
     from saestream.common.native import enabled as native_enabled
     from saestream.common.signals import SignalFlags
@@ -64,6 +65,7 @@ def replay(recording: Path, loop: bool, verify: bool, **kw: Any) -> None:
     from saestream.producer.replay import run_replay
 
     setup_logging(str(kw.pop("log_level")), "saestream.replay")
+    check_connects(list(kw["connect"]), list(kw["control_connect"]))
     native_enabled()  # a bad $SAESTREAM_NATIVE is one line now, not an encode thread's log
     secret, server = kw.pop("curve_secret_key"), kw.pop("curve_server_key")
     if (secret is None) != (server is None):

@@ -337,7 +337,8 @@ def test_a_start_that_fails_to_bind_leaves_no_run_behind(tmp_path: Path) -> None
         taken.listen()
         res = run_cli(["consumer", "--bind", f"tcp://127.0.0.1:{port}", "--hook", HOOK,
                        "--sae", f"hook={HOOK},latents=64,k=4", "--buffer-tokens", "1024",
-                       "--batch-size", "64", "--checkpoint-dir", str(ckpt)], timeout=120)
+                       "--batch-size", "64", "--metrics-port", "0",
+                       "--checkpoint-dir", str(ckpt)], timeout=120)
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("saestream: error: cannot bind") and "control endpoint" in line

@@ -317,6 +317,40 @@ def test_a_glob_does_not_follow_a_symlink_cycle(tmp_path: Path) -> None:
         tmp_path / "a" / "b" / "up" / "one.txt"]
 
 
+def test_a_glob_follows_a_symlinked_folder_once_and_a_trailing_star_star_matches_files(
+        tmp_path: Path) -> None:
+    """`**` reached files under a symlinked data folder and a trailing `**` matched files
+    with glob; the cycle-safe walk must keep both (it once dropped them silently)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "t.txt").write_text("t")
+    (tmp_path / "real" / "x.txt").write_text("x")
+    (tmp_path / "real" / "sub" / "y.txt").write_text("y")
+    (tmp_path / "data" / "linked").symlink_to("../real")
+    linked = tmp_path / "data" / "linked"
+    expected = sorted([tmp_path / "data" / "t.txt", linked / "x.txt", linked / "sub" / "y.txt"])
+    assert text_files(str(tmp_path / "data" / "**" / "*.txt")) == expected
+    assert text_files(str(tmp_path / "data" / "**")) == expected
+
+
+def test_a_jsonl_file_gone_in_a_later_pass_keeps_the_split_of_later_documents(
+        tmp_path: Path) -> None:
+    """The documents a .jsonl held are counted across passes: the count lived in each pass's
+    generator, so a file gone in the next pass renumbered everything after it."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(f'{{"text": "a{i}"}}\n' for i in range(5)))
+    b.write_text("".join(f'{{"text": "b{i}"}}\n' for i in range(10)))
+    corpus = open_corpus(f"text:{tmp_path}", seq_len=2, vocab_size=512, separator=0,
+                         encode=lambda t: [ord(c) for c in t], split="eval")
+
+    def eval_text() -> str:
+        return "".join(chr(i) for c in corpus.contexts() for i in c if i)
+
+    assert eval_text() == "b4"
+    a.unlink()
+    assert eval_text() == "b4"
+
+
 # -- one huge document ----------------------------------------------------------------------
 
 

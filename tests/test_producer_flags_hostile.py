@@ -81,10 +81,11 @@ def test_an_empty_hook_is_refused(hook: str) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--connect", "inproc://x"], "'inproc://x' (use tcp://HOST:PORT or ipc://PATH)"),
+        (["--connect", "inproc://x"], "--connect 'inproc://x': use tcp://HOST:PORT or ipc://PATH"),
         (["--connect", "inproc://x", "--control-connect", "off"],
          "--connect 'inproc://x': use tcp://HOST:PORT or ipc://PATH"),
-        (["--connect", "tcp://127.0.0.1:99999"], "port 99999 is not a TCP port (1..65535)"),
+        (["--connect", "tcp://127.0.0.1:99999"],
+         "--connect 'tcp://127.0.0.1:99999': use tcp://HOST:PORT with PORT 1..65535"),
         (["--connect", "tcp://127.0.0.1:99999", "--control-connect", "off"],
          "--connect 'tcp://127.0.0.1:99999': use tcp://HOST:PORT with PORT 1..65535"),
         (["--connect", "tcp://*:5557", "--control-connect", "off"],
@@ -139,7 +140,9 @@ def test_a_consumer_or_sink_refuses_endpoints_and_numbers_like_a_producer(
 
 @pytest.mark.parametrize("command", [["producer", "--model", "tiny", "--corpus", "synthetic"],
                                      ["replay", "/nonexistent"],
-                                     ["record", "--hook", "h", "--out", "/nonexistent/x"]])
+                                     ["record", "--hook", "h", "--out", "/nonexistent/x"],
+                                     ["train", "--input", "/nonexistent.npy", "--hook", "h",
+                                      "--out", "/nonexistent/x"]])
 def test_a_bad_native_switch_is_one_line_before_any_thread_reads_it(command: list[str]) -> None:
     """Read first by an encode or decode thread (raw or lz4 chunks, a recording sink), a
     bad $SAESTREAM_NATIVE was only an error in the log; every streaming command reads it at
@@ -218,3 +221,34 @@ def test_the_largest_values_of_each_range_still_stream() -> None:
                            "--linger", "86400"])
     assert res.returncode == 0, res.stderr  # type: ignore[attr-defined]
     assert chunks == 2  # 30 rows in chunks of 16
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:\u00b2", "tcp://127.0.0.1:\uff15\uff15"])
+@pytest.mark.parametrize("command", [["producer", "--model", "tiny", "--corpus", "synthetic"],
+                                     ["replay", "/nonexistent"]])
+def test_a_port_of_unicode_digits_is_one_line(command: list[str], endpoint: str) -> None:
+    """str.isdigit() takes '²' (int() then raised: a traceback) and full-width digits (which
+    ZeroMQ cannot take); replay had none of the producer's endpoint checks."""
+    for flag in ("--connect", "--control-connect"):
+        res = run_cli([*command, flag, endpoint], timeout=120)
+        one_error_line(res, f"{flag} {endpoint!r}: use tcp://HOST:PORT with PORT 1..65535")
+
+
+def test_an_evaluator_hook_may_be_of_any_width_while_a_producer_hook_is_residual() -> None:
+    """The d_model check is the producer's (it streams the residual stream); the evaluators
+    read SAEs trained on any module, such as an MLP's up-projection."""
+    import torch
+
+    from saestream.producer.hooks import HookedModel, HookError
+    from saestream.producer.models import load_model
+
+    lm = load_model("tiny", device="cpu")
+    ids = torch.randint(0, 256, (2, 8))
+    hook = "model.layers.0.mlp.up_proj"
+    any_width = HookedModel(lm.model, [hook])
+    wide = any_width(ids)[hook]
+    any_width.remove()
+    assert wide.shape[:2] == (2, 8) and wide.shape[2] != lm.model.config.hidden_size
+    with pytest.raises(HookError, match="not \\[batch, seq, d_model\\]"):
+        HookedModel(lm.model, [hook], residual=True)(ids)
+
