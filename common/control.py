@@ -64,11 +64,11 @@ def _is_port_number(port: str) -> bool:
 
 def check_connects(connect: Sequence[str], control_connect: Sequence[str]) -> None:
     """A producer's or replayer's --connect and --control-connect, checked at start-up."""
-    for endpoint in connect:
-        check_endpoint(endpoint, "--connect")
     if not control_connect:
         for endpoint in connect:
             control_endpoint(endpoint)  # EndpointError: a port with no port + 1
+    for endpoint in connect:
+        check_endpoint(endpoint, "--connect")
     if list(control_connect) != ["off"]:
         if "off" in control_connect:
             raise EndpointError("--control-connect off cannot be combined with endpoints")

@@ -81,11 +81,10 @@ def test_an_empty_hook_is_refused(hook: str) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--connect", "inproc://x"], "--connect 'inproc://x': use tcp://HOST:PORT or ipc://PATH"),
+        (["--connect", "inproc://x"], "'inproc://x' (use tcp://HOST:PORT or ipc://PATH)"),
         (["--connect", "inproc://x", "--control-connect", "off"],
          "--connect 'inproc://x': use tcp://HOST:PORT or ipc://PATH"),
-        (["--connect", "tcp://127.0.0.1:99999"],
-         "--connect 'tcp://127.0.0.1:99999': use tcp://HOST:PORT with PORT 1..65535"),
+        (["--connect", "tcp://127.0.0.1:99999"], "port 99999 is not a TCP port (1..65535)"),
         (["--connect", "tcp://127.0.0.1:99999", "--control-connect", "off"],
          "--connect 'tcp://127.0.0.1:99999': use tcp://HOST:PORT with PORT 1..65535"),
         (["--connect", "tcp://*:5557", "--control-connect", "off"],
@@ -229,9 +228,12 @@ def test_the_largest_values_of_each_range_still_stream() -> None:
 def test_a_port_of_unicode_digits_is_one_line(command: list[str], endpoint: str) -> None:
     """str.isdigit() takes '²' (int() then raised: a traceback) and full-width digits (which
     ZeroMQ cannot take); replay had none of the producer's endpoint checks."""
-    for flag in ("--connect", "--control-connect"):
-        res = run_cli([*command, flag, endpoint], timeout=120)
+    for flag, other in (("--connect", "--control-connect"), ("--control-connect", "--connect")):
+        given = "off" if other == "--control-connect" else "tcp://127.0.0.1:5557"
+        res = run_cli([*command, flag, endpoint, other, given], timeout=120)
         one_error_line(res, f"{flag} {endpoint!r}: use tcp://HOST:PORT with PORT 1..65535")
+    res = run_cli([*command, "--connect", endpoint], timeout=120)  # control port derived
+    one_error_line(res, f"cannot derive a control endpoint from {endpoint!r}")
 
 
 def test_an_evaluator_hook_may_be_of_any_width_while_a_producer_hook_is_residual() -> None:
