@@ -56,7 +56,7 @@ MAX_IPC_PATH = 107
 """Longest ipc:// path in bytes (Linux's sun_path holds 108, with the terminating NUL)."""
 
 
-def _is_port_number(port: str) -> bool:
+def is_port_number(port: str) -> bool:
     """ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and full-width
     digits (which ZeroMQ does)."""
     return port.isascii() and port.isdigit()
@@ -91,8 +91,8 @@ def check_endpoint(endpoint: str, flag: str, *, bind: bool = False) -> str:
                                 "bytes is needed")
         return endpoint
     host, colon, port = rest.rpartition(":")
-    wildcard = bind and (port == "*" or (_is_port_number(port) and int(port) == 0))
-    real = _is_port_number(port) and 0 < int(port) <= 65535
+    wildcard = bind and (port == "*" or (is_port_number(port) and int(port) == 0))
+    real = is_port_number(port) and 0 < int(port) <= 65535
     if not colon or not host or not (wildcard or real):
         raise EndpointError(f"{flag} {endpoint!r}: use tcp://HOST:PORT with PORT 1..65535"
                             + (" (or * for any)" if bind else ""))
@@ -121,10 +121,10 @@ def control_endpoint(data_endpoint: str) -> str:
                             "(use tcp://HOST:PORT or ipc://PATH)")
     if scheme == "tcp":
         host, colon, port = rest.rpartition(":")
-        if _is_port_number(port) and int(port) > 65535:
+        if is_port_number(port) and int(port) > 65535:
             raise EndpointError(f"{data_endpoint!r}: port {int(port)} is not a TCP port "
                                 "(1..65535)")
-        if not colon or not _is_port_number(port) or not 0 < int(port) < 65535:
+        if not colon or not is_port_number(port) or not 0 < int(port) < 65535:
             raise EndpointError(
                 f"cannot derive a control endpoint from {data_endpoint!r} (it is the data "
                 "port + 1): give it (--control-bind, --control-connect) or `off`")

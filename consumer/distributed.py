@@ -312,6 +312,7 @@ def rank_endpoints(bind: str, control_bind: str | None, rank: int, ranks: int
     control endpoint reaches another rank's control socket); ipc/inproc paths get `-r<r>`
     appended (control: the data path + `.control`). UserError for a list of the wrong
     length."""
+    from saestream.common.control import is_port_number
     from saestream.common.errors import UserError
 
     def pick(value: str, flag: str) -> str | None:
@@ -328,7 +329,7 @@ def rank_endpoints(bind: str, control_bind: str | None, rank: int, ranks: int
     if data is None and ranks > 1:
         scheme, _, rest = bind.partition("://")
         host, colon, port = rest.rpartition(":")
-        if scheme == "tcp" and colon and port.isascii() and port.isdigit():
+        if scheme == "tcp" and colon and is_port_number(port):
             data = f"tcp://{host}:{int(port) + rank}"
             if control_bind is None:
                 control_bind = f"tcp://{host}:{int(port) + ranks + 1 + rank}"
