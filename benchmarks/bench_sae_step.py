@@ -16,7 +16,8 @@ In one run, interleaved (so the machine's load hits all of them alike), medians 
       skip, so (b + d)/b is the ratio no step with AuxK at that dead fraction can beat;
   (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, the decoder's
       projection, Adam step and renormalisation by torch's three, the loss statistics by
-      torch's ops), on a second trainer in the same state, so a/a″ is what the compiled
+      torch's ops, the CSR pattern by a stable argsort, the backward's sparse products by
+      torch's sparse × dense and sampled products), on a second trainer in the same state, so a/a″ is what the compiled
       kernels buy.
 Ratios are medians of the per-repetition ratios (each pair run back to back).
 Targets (issue 15): a/b ≤ 1.6 at 256×4096 and ≤ 1.3 at 768×16384; c/a ≥ 2. fp32 on CPU.
@@ -227,7 +228,8 @@ def main() -> None:
         "output kept between calls, as the step's own matmul is; (c) whole dense-reference "
         "step; (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, "
         "the decoder's projection, Adam step and renormalisation by torch's three, the loss "
-        "statistics by torch's ops; "
+        "statistics by torch's ops, the CSR pattern by a stable argsort, the backward's "
+        "sparse products by torch's sparse × dense and sampled products); "
         "(d) AuxK's four dense products over the dead latents alone (its decode, and in "
         "backward ∂W_dec and ∂Z over the dead latents and their ∂W_enc), matmul work the step "
         "cannot skip: (b + d)/b is the ratio no step with AuxK at that dead fraction can "

@@ -21,7 +21,10 @@ import torch
 from saestream.common import native
 from saestream.common.native import enabled
 
-__all__ = ["decoder_adam_", "enabled", "library_path", "load", "loss_stats", "topk_rows"]
+__all__ = [
+    "csr_backward", "csr_pattern", "decoder_adam_", "enabled", "library_path", "load",
+    "loss_stats", "topk_rows",
+]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAG_SETS = (
@@ -52,6 +55,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.decoder_adam_f32.restype = None
     lib.loss_stats_f32.argtypes = [p, p, p, i64, i64, p, p, p, ctypes.c_int]
     lib.loss_stats_f32.restype = ctypes.c_int
+    lib.csr_pattern_i64.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.csr_pattern_i64.restype = ctypes.c_int
+    lib.csr_backward_f32.argtypes = [p, p, p, p, p, p, i64, i64, p, ctypes.c_int, p, ctypes.c_int]
+    lib.csr_backward_f32.restype = None
     return lib
 
 
@@ -162,3 +169,90 @@ def loss_stats(
     ):  # fmt: skip
         return None  # out of memory for the partial sums
     return e, esum, sums[0], xsum, sums[1]
+
+
+def csr_pattern(
+    indices: torch.Tensor, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For int64 CPU latent ids [batch, k]: (crow [n_latents + 1], cols, order) of their CSR
+    pattern [n_latents, batch], by one counting sort — exactly what a stable argsort of the
+    flattened ids, a bincount and a cumulative sum give (`sparse_ops.LatentPattern`). None
+    where the kernel does not apply (other dtypes or devices, an id out of range, no build,
+    no memory)."""
+    if indices.dim() != 2 or indices.device.type != "cpu" or indices.dtype != torch.int64:
+        return None
+    if indices.shape[1] < 1 or n_latents < 1:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    flat = indices.contiguous().view(-1)
+    crow = torch.empty(n_latents + 1, dtype=torch.int64)
+    order = torch.empty(flat.numel(), dtype=torch.int64)
+    cols = torch.empty(flat.numel(), dtype=torch.int64)
+    if lib.csr_pattern_i64(
+        flat.data_ptr(), flat.numel(), n_latents, indices.shape[1], crow.data_ptr(),
+        order.data_ptr(),
+        cols.data_ptr(),
+    ):  # fmt: skip
+        return None
+    return crow, cols, order
+
+
+def csr_backward(
+    pattern: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    coef: torch.Tensor | None,
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The sparse products of a backward over the CSR pattern (crow, cols, order) of latent
+    ids [batch, k] (`csr_pattern`), in one walk over it (C kernel `csr_backward_f32`):
+
+    - with `coef` [batch, k]: ∂W [n, d], ∂W[l] = Σ_{(b,j): ids[b,j]=l} coef[b,j] · rows[b]
+      (added into `grad` when given, else a new tensor) — `spmm` of the pattern's matrix;
+    - with `weight` [n, d]: gv [batch, k], gv[b,j] = rows[b] · weight[ids[b,j]] —
+      `gathered_dot`.
+
+    Returns (∂W or None, gv or None); None where the kernel does not apply (not contiguous
+    float32 CPU tensors of matching shapes, no build)."""
+    crow, cols, order = pattern
+    n = crow.numel() - 1
+    if rows.dim() != 2 or (coef is None and weight is None):
+        return None
+    if any(
+        t.device.type != "cpu" or t.dtype != torch.int64 or not t.is_contiguous()
+        for t in pattern
+    ) or cols.numel() != order.numel():
+        return None
+    batch, d = rows.shape
+    if batch == 0 or order.numel() % batch:
+        return None
+    k = order.numel() // batch
+    floats = [t for t in (coef, rows, weight, grad) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in floats):
+        return None
+    if coef is not None and coef.numel() != order.numel():
+        return None
+    if weight is not None and weight.shape != (n, d):
+        return None
+    if grad is not None and (grad.shape != (n, d) or not grad.is_contiguous() or coef is None):
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    rows = rows.detach().contiguous()
+    c = None if coef is None else coef.detach().contiguous()
+    w = None if weight is None else weight.detach().contiguous()
+    out = grad
+    if out is None and coef is not None:
+        out = torch.empty(n, d)
+    gv = None if w is None else torch.empty(batch, k)
+    lib.csr_backward_f32(
+        crow.data_ptr(), cols.data_ptr(), order.data_ptr(),
+        None if c is None else c.data_ptr(), rows.data_ptr(),
+        None if w is None else w.data_ptr(), n, d,
+        None if out is None else out.data_ptr(), int(grad is not None),
+        None if gv is None else gv.data_ptr(), _threads(n),
+    )  # fmt: skip
+    return out, gv

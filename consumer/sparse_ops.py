@@ -18,8 +18,9 @@ Two autograd functions:
       ∂v[b,j]   = ∂x̂_b · W_dec[idx[b,j]]                            (gathered row dot products)
   accumulated into one W_dec gradient.
 
-The sparse matrices are CSR [n_latents, batch], built by sorting the flattened indices
-(`LatentPattern`, built once per step and shared by both backward passes), so the
+The sparse matrices are CSR [n_latents, batch], built by one counting sort of the flattened
+indices (`LatentPattern`, built once per step and shared by both backward passes; a stable
+argsort where the C kernels are not built), so the
 scatter-add runs as one `sparse @ dense` product (`spmm`: an `embedding_bag` over the CSR
 arrays on CPU, cuSPARSE on CUDA).
 """
@@ -197,15 +198,15 @@ class LatentPattern:
             and mine.stride() == indices.stride()
         )
 
-    def matrix(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CSR matrix S [n_latents, batch] with S[indices[b, j], b] = coef[b, j], and the
-        permutation `order` such that S.values() == coef.reshape(-1)[order].
-
-        `S @ rows` ([batch, d] -> [n_latents, d]) scatters each token's row, weighted, into
-        the latents it activated."""
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(crow [n_latents + 1], cols, order): the CSR pattern, entries grouped by latent,
+        token order kept within one; `cols` holds each entry's token and `order` its flat
+        position in `indices`."""
         if self.indices is None:
             raise RuntimeError("LatentPattern used before bind()")
-        batch, k = self.indices.shape
+        k = self.indices.shape[1]
+        if self._csr is None:  # one counting sort in C where it can be had
+            self._csr = cpu_kernels.csr_pattern(self.indices, self.n_latents)
         if self._csr is None:
             flat = self.indices.reshape(-1)
             # stable: token order within a latent; int32 keys sort in fewer radix passes
@@ -215,7 +216,16 @@ class LatentPattern:
             crow = torch.zeros(self.n_latents + 1, dtype=torch.int64, device=flat.device)
             torch.cumsum(counts, dim=0, out=crow[1:])
             self._csr = crow, torch.div(order, k, rounding_mode="floor"), order
-        crow, cols, order = self._csr
+        return self._csr
+
+    def matrix(self, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR matrix S [n_latents, batch] with S[indices[b, j], b] = coef[b, j], and the
+        permutation `order` such that S.values() == coef.reshape(-1)[order].
+
+        `S @ rows` ([batch, d] -> [n_latents, d]) scatters each token's row, weighted, into
+        the latents it activated."""
+        crow, cols, order = self.arrays()
+        batch = self.indices.shape[0]  # type: ignore[union-attr]  # bound: arrays() checked
         with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
             S = torch.sparse_csr_tensor(
@@ -386,7 +396,8 @@ class TopKEncode(Function):
         pattern = ctx.pattern  # type: ignore[attr-defined]
         if not pattern.serves(indices, n_latents):  # e.g. saved tensors moved meanwhile
             pattern = LatentPattern(indices, n_latents)
-        grad_W = spmm(pattern.matrix(g_values)[0], xc)
+        fused = cpu_kernels.csr_backward(pattern.arrays(), g_values, xc, None)
+        grad_W = spmm(pattern.matrix(g_values)[0], xc) if fused is None else fused[0]
         # The AuxK part separately: a dead latent may be in both sets for one token.
         if g_aux is None or not aux_local.numel():  # no AuxK, or it fed no loss
             pass
@@ -523,6 +534,14 @@ class _Decode(Function):
             g = g.to(W_dec.dtype).contiguous()
             if pattern is None or not pattern.serves(ids, n_latents):
                 pattern = LatentPattern(ids, n_latents)
+            fused = cpu_kernels.csr_backward(  # both products in one C walk, where built
+                pattern.arrays(), v if want_W else None, g, W_dec if want_v else None,
+                grad_W if want_W else None,
+            )  # fmt: skip
+            if fused is not None:
+                grad_W = fused[0] if want_W else grad_W
+                grad_values.append(fused[1])
+                continue
             csr = pattern.matrix(v)
             grad_values.append(gathered_dot(ids, W_dec, g, csr) if want_v else None)
             if not want_W:

@@ -75,6 +75,90 @@ def test_topk_with_bias_on_torch_threads(shape, k, threads) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("n", [4096, 4111])
+@pytest.mark.parametrize("k", [1, 32, 200])
+def test_topk_of_wide_rows_with_few_and_with_many_candidates(n, k) -> None:
+    """Both ways the kernel orders the candidates above its threshold: by counting (few,
+    as on random rows) and by quickselect (many: rows of ties, a constant row, a row where
+    the bias makes most columns equal), over widths with and without a partial vector."""
+    g = torch.Generator().manual_seed(n + k)
+    pre = torch.randn(6, n, generator=g)
+    pre[1] = pre[1].mul(2).round()  # a few values, each thousands of times
+    pre[2] = 0.0  # every column a candidate
+    pre[3, ::3] = float("inf")
+    pre[4] = -pre[4].abs()
+    for bias in (None, torch.randn(n, generator=g), -pre[5].clone()):
+        check_topk(pre, k, bias)
+
+
+@pytest.mark.parametrize("batch,k,n", [(0, 3, 5), (1, 1, 1), (37, 5, 11), (1024, 32, 4096)])
+def test_csr_pattern_equals_a_stable_argsort(batch, k, n) -> None:
+    """The counting sort gives the very arrays of torch's stable argsort, bincount and
+    cumsum, repeated ids in a row included; ids out of range are declined."""
+    g = torch.Generator().manual_seed(batch + k + n)
+    ids = torch.randint(n, (batch, k), generator=g)
+    got = cpu_kernels.csr_pattern(ids, n)
+    assert got is not None
+    crow, cols, order = got
+    flat = ids.reshape(-1)
+    ref_order = torch.argsort(flat, stable=True)
+    ref_crow = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=ref_crow[1:])
+    assert torch.equal(order, ref_order) and torch.equal(crow, ref_crow)
+    assert torch.equal(cols, torch.div(ref_order, k, rounding_mode="floor"))
+    if batch:
+        for bad in (-1, n):
+            hostile = ids.clone()
+            hostile[batch // 2, k - 1] = bad
+            assert cpu_kernels.csr_pattern(hostile, n) is None
+    assert cpu_kernels.csr_pattern(ids.to(torch.int32), n) is None
+    assert cpu_kernels.csr_pattern(ids[:, :0], n) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,k,n,d", [(1, 1, 1, 1), (37, 5, 11, 7), (256, 32, 1024, 96)])
+def test_csr_backward_equals_torchs_sparse_products(batch, k, n, d, threads) -> None:
+    """∂W (written, and added into a given one) and the gathered dot products equal torch's
+    sparse × dense and sampled products over the same pattern, up to rounding."""
+    from saestream.consumer.sparse_ops import LatentPattern, gathered_dot, spmm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(batch * k + n)
+        ids = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])
+        coef, rows = torch.randn(batch, k, generator=g), torch.randn(batch, d, generator=g)
+        W, acc = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+        pattern = LatentPattern(ids, n)
+        S, _ = pattern.matrix(coef)
+        want_W = spmm(S, rows)
+        want_v = gathered_dot(ids, W, rows, pattern.matrix(torch.ones(batch, k)))
+        got = cpu_kernels.csr_backward(pattern.arrays(), coef, rows, W)
+        assert got is not None
+        torch.testing.assert_close(got[0], want_W)
+        torch.testing.assert_close(got[1], want_v)
+        into = acc.clone()
+        got_W, no_v = cpu_kernels.csr_backward(pattern.arrays(), coef, rows, None, into)
+        assert got_W is into and no_v is None
+        torch.testing.assert_close(into, acc + want_W)
+        no_W, only_v = cpu_kernels.csr_backward(pattern.arrays(), None, rows, W)
+        assert no_W is None
+        torch.testing.assert_close(only_v, want_v)
+    finally:
+        torch.set_num_threads(before)
+    arrays = pattern.arrays()
+    for declined in (
+        (arrays, None, rows, None),  # nothing asked
+        (arrays, coef.double(), rows, W),
+        (arrays, coef, rows, W[:, :-1] if d > 1 else W[:-1]),
+        (arrays, coef[:, :-1] if k > 1 else coef[:0], rows, W),
+        (arrays, coef, rows, W, acc.t() if n != d else acc[:, :0]),
+        (tuple(t.to(torch.int32) for t in arrays), coef, rows, W),
+        (arrays, coef, rows[:0], W),
+    ):
+        assert cpu_kernels.csr_backward(*declined) is None
+
+
 @pytest.mark.parametrize(
     "shape,threads,eps", [((1, 1), 1, 6.25e-10), ((37, 5), 1, 1e-2), ((300, 96), 2, 6.25e-10)]
 )
