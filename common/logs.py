@@ -39,6 +39,12 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def warning(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.INFO, key, msg, *args)
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(key)
@@ -49,4 +55,4 @@ class RateLimitedLog:
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg = f"{msg} ({suppressed} similar suppressed)"
-        self.logger.warning(msg, *args)
+        self.logger.log(level, msg, *args)

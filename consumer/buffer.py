@@ -243,6 +243,14 @@ class BufferSet:
                 self.buffers[hook] = buf
             return buf
 
+    def dtype_of(self, hook: str, first: torch.dtype) -> torch.dtype:
+        """The dtype `hook`'s rows are kept in: its buffer's (made by its first accepted
+        chunk, or restored by a snapshot), or `first` before it has one. A chunk in another
+        dtype is converted to it."""
+        with self._cond:
+            buf = self.buffers.get(hook)
+        return first if buf is None else buf.dtype
+
     def items(self) -> list[tuple[str, ShuffleBuffer]]:
         with self._cond:
             return list(self.buffers.items())

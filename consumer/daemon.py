@@ -43,6 +43,7 @@ from saestream.common.control import MAX_CONTROL_BYTES, control_endpoint
 from saestream.common.devices import resolve_device
 from saestream.common.errors import UserError
 from saestream.common.files import dir_locked
+from saestream.common.logs import RateLimitedLog
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
 from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
@@ -166,6 +167,7 @@ class ConsumerRun:
         self.stats = RunStats()
         self.trainers: dict[str, Trainer] = {}
         self.windows = {s.name: MSEWindow(cfg.metrics_window) for s in cfg.saes}
+        self._rlog = RateLimitedLog(log, cfg.reject_log_interval)
         self.hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks} if cfg.d_in \
             else {}
         self.init_sources = init_from.load_sources(
@@ -286,7 +288,11 @@ class ConsumerRun:
                buffered: dict[str, Batch]) -> None:
         cfg = self.cfg
         specs = {s.name: s for s in cfg.saes}
-        if trainers and set(trainers) != set(specs):
+        # An SAE is made at its hook's first step, all of the hook's at once: one missing
+        # from the snapshot is on a hook that had not trained yet, and starts fresh then.
+        trained_hooks = {tr.hook for tr in trainers.values()}
+        unmade = {n for n, s in specs.items() if n not in trainers and s.hook not in trained_hooks}
+        if trainers and set(trainers) | unmade != set(specs):
             raise UserError(f"snapshot {path} holds SAEs {sorted(trainers)}, but --sae "
                             f"configures {sorted(specs)}")
         for name, tr in trainers.items():
@@ -610,6 +616,14 @@ class ConsumerRun:
     def _record(self, labels: dict[str, str], m: StepMetrics) -> None:
         """Export one step's StepMetrics; normalized MSE over the window of recent steps."""
         mt = self.metrics
+        if m.skipped:  # the SAE is as it was: the gauges keep the last real step's figures
+            mt.skipped_steps.labels(**labels).inc()
+            mt.skipped_tokens.labels(**labels).inc(m.tokens)
+            self._rlog.warning(f"skip:{labels['sae']}", "SAE %s: skipped a step of %d tokens, "
+                               "its loss not finite (values in the batch whose squares pass "
+                               "float32's range); the weights are unchanged", labels["sae"],
+                               m.tokens)
+            return
         window = self.windows[labels["sae"]]
         window.add(m)
         mt.normalized_mse.labels(**labels).set(window.value())

@@ -73,6 +73,17 @@ class ConsumerMetrics:
             "Optimizer steps (count) of this SAE, including those before a --resume.",
             sae, registry=r,
         )
+        self.skipped_steps = Counter(
+            "saestream_skipped_steps_total",
+            "Steps (count) skipped with the SAE left as it was, because their loss was not "
+            "finite (values in the batch whose squares pass float32's range); since start-up.",
+            sae, registry=r,
+        )
+        self.skipped_tokens = Counter(
+            "saestream_skipped_tokens_total",
+            "Tokens (count) of the skipped steps: taken from the buffer, never trained on.",
+            sae, registry=r,
+        )
         self.train_step_seconds = Histogram(
             "saestream_train_step_seconds",
             "Wall time (seconds) of one training step of this SAE: forward, backward, update "
@@ -226,7 +237,8 @@ class ConsumerMetrics:
             return self.registry
         training = {f.name for m in (self.normalized_mse, self.dead_latent_fraction, self.l0,
                                      self.auxk_loss, self.loss, self.trained_tokens,
-                                     self.train_steps, self.train_step_seconds)
+                                     self.train_steps, self.train_step_seconds,
+                                     self.skipped_steps, self.skipped_tokens)
                     for f in m.describe()}
         view = CollectorRegistry(auto_describe=False)
         view.register(_RankLabelled(self.registry, str(rank), training))  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import zmq
 
 from saestream.common.devices import codec_threads
@@ -178,6 +179,14 @@ class Receiver(threading.Thread):
         info = self._hook_info(chunk)
         if isinstance(info, str):
             return self._reject(info.partition(":")[0], info)
+        dtype = self.buffers.dtype_of(chunk.hook, DTYPES[info.dtype or chunk.dtype])
+        acts = chunk.acts if dtype is None else chunk.acts.to(dtype)
+        if acts.dtype != chunk.acts.dtype and acts.dtype != torch.float32 and not bool(
+            torch.isfinite(acts).all()
+        ):  # narrowed past the range of the buffer's dtype: inf after the wire's check
+            return self._reject("nonfinite", f"nonfinite: {chunk.dtype} values beyond the "
+                                f"range of {str(acts.dtype).removeprefix('torch.')}, the dtype of "
+                                f"hook {chunk.hook}'s buffer (its first chunk's)")
         try:
             adm = self.ledger.admit(chunk.producer, chunk.hook, chunk.n, chunk.source)
         except LedgerFull:
@@ -188,15 +197,16 @@ class Receiver(threading.Thread):
         except ValueError as exc:
             return self._reject("positions", f"positions: producer {chunk.producer!r:.100}: "
                                 f"{exc}")
+        self._learn(chunk, info)
         self._track(chunk, adm)
         if self.recorder is not None and adm.parts:
             self.recorder.add(chunk, adm.parts, self.stop_event.is_set)
-        buf = self.buffers.get_or_create(chunk.hook, info.d, DTYPES[info.dtype or chunk.dtype])
+        buf = self.buffers.get_or_create(chunk.hook, info.d, acts.dtype)
         for first, rows in adm.parts:
             def commit(written: int, m: int, first: int = first) -> None:
                 self.ledger.commit(adm, chunk.hook, first + written, m)
 
-            buf.put(chunk.acts[first : first + rows], source=adm.producer.index,
+            buf.put(acts[first : first + rows], source=adm.producer.index,
                     should_stop=self.stop_event.is_set, on_commit=commit)
         return True
 
@@ -211,22 +221,32 @@ class Receiver(threading.Thread):
         return decode_chunk(frames, limits=self.limits, expect_hook=self.hooks, expect_d=expect_d)
 
     def _hook_info(self, chunk: Chunk) -> HookInfo | str:
-        """The hook's width, dtype and model (learned from its first message), or a reject."""
+        """The hook's width, dtype and model (what its first accepted message set; for a
+        hook new to this one, the chunk's own), or a reject. Changes nothing: a message the
+        ledger refuses next must not set a hook (`_learn` records them once admitted)."""
         info = self.hook_info.get(chunk.hook)
         if info is None:
-            with self.lock:
-                info = self.hook_info[chunk.hook] = HookInfo(chunk.d, chunk.dtype, chunk.model)
-            log.info("hook %s: d_in=%d dtype=%s model=%s (from producer %s)", shown(chunk.hook),
-                     chunk.d, chunk.dtype, shown(chunk.model), shown(chunk.producer))
-        elif chunk.d != info.d:
+            return HookInfo(chunk.d, chunk.dtype, chunk.model)
+        if chunk.d != info.d:
             return f"dim: d={chunk.d} for hook {chunk.hook}, expected {info.d}"
-        elif info.model is not None and chunk.model != info.model:
+        if info.model is not None and chunk.model != info.model:
             return f"model: {chunk.model!r:.100} on hook {chunk.hook}, not {info.model!r}"
-        else:
-            with self.lock:
+        return info
+
+    def _learn(self, chunk: Chunk, info: HookInfo) -> None:
+        """Record what an admitted chunk says about its hook: all of it for a new hook, the
+        model and dtype where a checkpoint or `--d-in` left them open."""
+        with self.lock:
+            if chunk.hook not in self.hook_info:
+                self.hook_info[chunk.hook] = info
+                new = True
+            else:
+                new = False
                 info.model = info.model or chunk.model
                 info.dtype = info.dtype or chunk.dtype
-        return info
+        if new:
+            log.info("hook %s: d_in=%d dtype=%s model=%s (from producer %s)", shown(chunk.hook),
+                     chunk.d, chunk.dtype, shown(chunk.model), shown(chunk.producer))
 
     def _reject(self, reason: str, msg: str) -> bool:
         self.metrics.rejected_messages.labels(reason=reason).inc()
@@ -241,7 +261,8 @@ class Receiver(threading.Thread):
             log.info("new producer %s (run %s)", shown(name), shown(chunk.run))
         elif status == "restart":
             m.producer_restarts.labels(producer=name).inc()
-            log.info("producer %s restarted: run %s", shown(name), shown(chunk.run))
+            self._rlog.info(f"restart:{name}", "producer %s restarted: run %s", shown(name),
+                            shown(chunk.run))
         elif status == "gap" and not self.dealt:
             m.sequence_gaps.labels(producer=name).inc()
             self._rlog.warning(f"gap:{name}", "producer %s run %s: seq %d after %d",

@@ -48,6 +48,9 @@ class Discard:
     def get_or_create(self, hook: str, d: int, dtype: torch.dtype) -> Discard:
         return self
 
+    def dtype_of(self, hook: str, first: torch.dtype) -> None:
+        return None  # each chunk is recorded in its own dtype: nothing is converted
+
     def put(self, acts: torch.Tensor, *, source: int, should_stop: Any,
             on_commit: Any) -> int:
         on_commit(0, int(acts.shape[0]))

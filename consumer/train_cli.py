@@ -44,6 +44,8 @@ NPY_FLOAT_SIZES = (2, 4, 8)
 """Item sizes of the .npy float dtypes training reads (either byte order)."""
 SAVE_ATTEMPTS = 3
 """Tries of the final snapshot, a second apart, before it goes to the rescue directory."""
+MAX_SKIP_LINES = 10
+"""Skipped steps named one by one; later ones only in the progress lines' count."""
 S, T = SAEConfig, TrainerConfig
 """Every SAE and trainer option's default and help come from these dataclass fields."""
 _POSITIVE = click.IntRange(min=1)
@@ -414,10 +416,14 @@ def train(
     for step in range(1, total_steps + 1):
         index = batches.next()  # the same global batch on every rank; each takes its part
         m = trainer.train_step(act.rows(index[rank_slice(len(index), dp.rank, dp.size)]))
-        window.append(m)
+        if m.skipped and trainer.skipped_steps <= MAX_SKIP_LINES:
+            echo(f"step {step}: skipped, its loss not finite (values whose squares pass "
+                 f"float32's range); the weights are unchanged", err=True)
+        window += [] if m.skipped else [m]
         now = time.perf_counter()
         if now - last >= log_interval or step == total_steps:
-            echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window))
+            echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window,
+                           trainer.skipped_steps))
             window, last = [], now
     extra = {
         "source": "saestream train",
@@ -426,6 +432,7 @@ def train(
         "hook": hook,
         "model": model,
         "tokens": trainer.tokens_seen,
+        "skipped_steps": trainer.skipped_steps,
         "seed": seed,
         "init_from": None if init_from is None else str(init_from),
     }
@@ -551,13 +558,15 @@ def _init_source(path: Path, sae_cfg: SAEConfig, name: str) -> tuple[SAEConfig, 
     return sae_cfg, init.load_sources(path, [name])[name]
 
 
-def _progress(step: int, total: int, tokens: int, seconds: float, window: list) -> str:
-    sse = sum(m.sse for m in window)
-    sst = sum(m.sst for m in window)
-    last = window[-1]
-    nmse = sse / sst if sst > 0 else float("nan")
-    return (
-        f"step {step}/{total}  tokens {tokens}  {tokens / max(seconds, 1e-9):,.0f} tok/s  "
-        f"nmse {nmse:.4f}  dead {100 * last.dead_fraction:.1f}%  L0 {last.l0:.1f}  "
-        f"auxk {last.auxk_loss:.4f}"
-    )
+def _progress(
+    step: int, total: int, tokens: int, seconds: float, window: list, skipped: int = 0
+) -> str:
+    line = f"step {step}/{total}  tokens {tokens}  {tokens / max(seconds, 1e-9):,.0f} tok/s"
+    if window:
+        sse = sum(m.sse for m in window)
+        sst = sum(m.sst for m in window)
+        last = window[-1]
+        nmse = sse / sst if sst > 0 else float("nan")
+        line += (f"  nmse {nmse:.4f}  dead {100 * last.dead_fraction:.1f}%  "
+                 f"L0 {last.l0:.1f}  auxk {last.auxk_loss:.4f}")
+    return line + (f"  skipped {skipped}" if skipped else "")

@@ -98,6 +98,10 @@ class StepMetrics(NamedTuple):
     """Σ‖x − x̄‖² over this batch (normalised space), x̄ the batch mean."""
     tokens: int
     """Tokens in this batch."""
+    skipped: bool = False
+    """The step was skipped, the SAE left as it was: its loss was not finite (an inf or NaN
+    in the batch, or values whose squares pass float32's range). The other figures are then
+    NaN, except `tokens` and `dead_fraction`."""
 
 
 class MSEWindow:
@@ -194,6 +198,8 @@ class Trainer:
         )
         self.fired_tokens = torch.zeros_like(self.tokens_since_fired)
         self.counted_tokens = 0
+        self.skipped_steps = 0
+        """Steps skipped since this process started, their loss not finite (`train_step`)."""
         self.origin: dict[str, Any] | None = None
 
     # -- initialisation ------------------------------------------------------------------------
@@ -310,6 +316,12 @@ class Trainer:
         sae = self.sae
         self.optimizer.zero_grad(set_to_none=True)
         out = self.losses(x, self.dead_mask() if self.cfg.k_aux else None)
+        finite, n_batch = self._finite(out.total, x.shape[0])
+        if not finite:  # one bad batch must not turn every weight into NaN for good
+            self.skipped_steps += 1
+            nan = float("nan")
+            dead = float(self.dead_mask().double().mean())
+            return StepMetrics(nan, nan, dead, nan, nan, nan, nan, nan, n_batch, skipped=True)
         out.total.backward()
         with torch.no_grad():
             self.dp.sum_grads_(list(sae.parameters()))
@@ -357,6 +369,17 @@ class Trainer:
             sst=sst,
             tokens=n,
         )
+
+    def _finite(self, total: torch.Tensor, rows: int) -> tuple[bool, int]:
+        """Whether the loss is finite on every data-parallel rank (they must agree, or the
+        ranks that step would wait for the others' gradients for ever), and the global
+        batch's token count: one small all-reduce (none in one process) and one read of
+        two numbers from the device."""
+        check = torch.stack([(~torch.isfinite(total.detach())).to(torch.float64),
+                             torch.tensor(float(rows), dtype=torch.float64, device=total.device)])
+        self.dp.sum_([check])
+        bad, n = check.tolist()
+        return bad == 0, int(n)
 
     def _step_decoder_fused(self) -> bool:
         """The optimiser step with the decoder's projection, Adam update and renormalisation
