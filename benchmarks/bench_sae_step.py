@@ -17,8 +17,8 @@ In one run, interleaved (so the machine's load hits all of them alike), medians 
   (a″) step (a) without the C kernels (SAESTREAM_NATIVE=0: top-k by torch ops, the decoder's
       projection, Adam step and renormalisation by torch's three, the loss statistics by
       torch's ops, the CSR pattern by a stable argsort, the backward's sparse products by
-      torch's sparse × dense and sampled products), on a second trainer in the same state, so a/a″ is what the compiled
-      kernels buy.
+      torch's sparse × dense and sampled products), on a second trainer in the same state, so
+      a/a″ is what the compiled kernels buy.
 Ratios are medians of the per-repetition ratios (each pair run back to back).
 Targets (issue 15): a/b ≤ 1.6 at 256×4096 and ≤ 1.3 at 768×16384; c/a ≥ 2. fp32 on CPU.
 

@@ -351,6 +351,78 @@ int csr_pattern_i64(const int64_t *idx, int64_t N, int64_t n, int64_t k, int64_t
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* One latent's entries e0..e1 with 64 columns of d at a time in registers: the gradient
+ * row's four vectors accumulate over the entries before one store, and each entry's dot
+ * product keeps a vector of partial sums (dv, m of them), summed once at the end. */
+static void csr_latent_avx512(const int64_t *cols, const int64_t *order, int64_t e0,
+                              int64_t e1, const float *coef, const float *R, const float *w,
+                              int64_t d, float *out, int accumulate, float *gv, __m512 *dv) {
+    const int64_t m = e1 - e0;
+    int64_t i = 0;
+    for (int64_t j = 0; j < m; j++) dv[j] = _mm512_setzero_ps();
+    for (; i + 64 <= d; i += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m512 w0 = a0, w1 = a0, w2 = a0, w3 = a0;
+        if (out != NULL && accumulate) {
+            a0 = _mm512_loadu_ps(out + i);
+            a1 = _mm512_loadu_ps(out + i + 16);
+            a2 = _mm512_loadu_ps(out + i + 32);
+            a3 = _mm512_loadu_ps(out + i + 48);
+        }
+        if (gv != NULL) {
+            w0 = _mm512_loadu_ps(w + i);
+            w1 = _mm512_loadu_ps(w + i + 16);
+            w2 = _mm512_loadu_ps(w + i + 32);
+            w3 = _mm512_loadu_ps(w + i + 48);
+        }
+        for (int64_t j = 0; j < m; j++) {
+            if (j + 2 < m) { /* the row two entries on: its lines of this block */
+                const char *next = (const char *)(R + cols[e0 + j + 2] * d + i);
+                _mm_prefetch(next, _MM_HINT_T0);
+                _mm_prefetch(next + 64, _MM_HINT_T0);
+                _mm_prefetch(next + 128, _MM_HINT_T0);
+                _mm_prefetch(next + 192, _MM_HINT_T0);
+            }
+            const float *r = R + cols[e0 + j] * d + i;
+            const __m512 r0 = _mm512_loadu_ps(r), r1 = _mm512_loadu_ps(r + 16);
+            const __m512 r2 = _mm512_loadu_ps(r + 32), r3 = _mm512_loadu_ps(r + 48);
+            if (out != NULL) {
+                const __m512 c = _mm512_set1_ps(coef[order[e0 + j]]);
+                a0 = _mm512_fmadd_ps(c, r0, a0);
+                a1 = _mm512_fmadd_ps(c, r1, a1);
+                a2 = _mm512_fmadd_ps(c, r2, a2);
+                a3 = _mm512_fmadd_ps(c, r3, a3);
+            }
+            if (gv != NULL) {
+                __m512 t = _mm512_fmadd_ps(r0, w0, dv[j]);
+                t = _mm512_fmadd_ps(r1, w1, t);
+                t = _mm512_fmadd_ps(r2, w2, t);
+                dv[j] = _mm512_fmadd_ps(r3, w3, t);
+            }
+        }
+        if (out != NULL) {
+            _mm512_storeu_ps(out + i, a0);
+            _mm512_storeu_ps(out + i + 16, a1);
+            _mm512_storeu_ps(out + i + 32, a2);
+            _mm512_storeu_ps(out + i + 48, a3);
+        }
+    }
+    if (out != NULL && !accumulate)
+        for (int64_t t = i; t < d; t++) out[t] = 0.0f;
+    for (int64_t j = 0; j < m; j++) { /* the last d % 64 columns, one at a time */
+        const float *r = R + cols[e0 + j] * d;
+        float dot = 0.0f;
+        const float c = out != NULL ? coef[order[e0 + j]] : 0.0f;
+        for (int64_t t = i; t < d; t++) {
+            if (gv != NULL) dot += r[t] * w[t];
+            if (out != NULL) out[t] += c * r[t];
+        }
+        if (gv != NULL) gv[order[e0 + j]] = _mm512_reduce_add_ps(dv[j]) + dot;
+    }
+}
+#endif
+
 /* The sparse products of a TopK step's backward over one CSR pattern [n, batch] (crow,
  * cols = token of each entry, order = the entry's flat position in the [batch, k] ids), for
  * coefficients coef [batch·k], dense rows R [batch, d] and weights W [n, d]:
@@ -360,30 +432,52 @@ int csr_pattern_i64(const int64_t *idx, int64_t N, int64_t n, int64_t k, int64_t
  * One walk over the pattern does both, each token row read once per entry, where torch
  * needs a sparse × dense product and a sampled dense × dense product, and a gather and a
  * scatter by `order`. Latents are split over `threads` OpenMP threads; each writes only its
- * own rows of grad and, order being a permutation, its own entries of gv. */
-void csr_backward_f32(const int64_t *crow, const int64_t *cols, const int64_t *order,
-                      const float *coef, const float *R, const float *W, int64_t n, int64_t d,
-                      float *grad, int accumulate, float *gv, int threads) {
+ * own rows of grad and, order being a permutation, its own entries of gv. Returns 0, or -1
+ * (nothing written) when per-thread scratch cannot be allocated. */
+int csr_backward_f32(const int64_t *crow, const int64_t *cols, const int64_t *order,
+                     const float *coef, const float *R, const float *W, int64_t n, int64_t d,
+                     float *grad, int accumulate, float *gv, int threads) {
     if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 64)
-    for (int64_t l = 0; l < n; l++) {
-        float *restrict out = grad == NULL ? NULL : grad + l * d;
-        const float *restrict w = W + l * d;
-        if (out != NULL && !accumulate) memset(out, 0, sizeof(float) * (size_t)d);
-        for (int64_t e = crow[l]; e < crow[l + 1]; e++) {
-            const int64_t pos = order[e];
-            const float *restrict r = R + cols[e] * d;
-            if (gv != NULL) {
-                float dot = 0.0f;
+    int64_t widest = 0; /* the most entries of one latent: the scratch each thread needs */
+    for (int64_t l = 0; l < n; l++)
+        widest = crow[l + 1] - crow[l] > widest ? crow[l + 1] - crow[l] : widest;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+#if defined(__AVX512F__)
+        __m512 *dv = aligned_alloc(64, 64 * (size_t)(widest > 0 ? widest : 1));
+        failed = dv == NULL;
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t l = 0; l < n; l++) {
+            if (dv == NULL) continue;
+            csr_latent_avx512(cols, order, crow[l], crow[l + 1], coef, R,
+                              W == NULL ? NULL : W + l * d, d,
+                              grad == NULL ? NULL : grad + l * d, accumulate, gv, dv);
+        }
+        free(dv);
+#else
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t l = 0; l < n; l++) {
+            float *restrict out = grad == NULL ? NULL : grad + l * d;
+            const float *restrict w = W == NULL ? NULL : W + l * d;
+            if (out != NULL && !accumulate) memset(out, 0, sizeof(float) * (size_t)d);
+            for (int64_t e = crow[l]; e < crow[l + 1]; e++) {
+                const int64_t pos = order[e];
+                const float *restrict r = R + cols[e] * d;
+                if (gv != NULL) {
+                    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < d; i++) dot += r[i] * w[i];
-                gv[pos] = dot;
-            }
-            if (out != NULL) {
-                const float c = coef[pos];
+                    for (int64_t i = 0; i < d; i++) dot += r[i] * w[i];
+                    gv[pos] = dot;
+                }
+                if (out != NULL) {
+                    const float c = coef[pos];
 #pragma omp simd
-                for (int64_t i = 0; i < d; i++) out[i] += c * r[i];
+                    for (int64_t i = 0; i < d; i++) out[i] += c * r[i];
+                }
             }
         }
+#endif
     }
+    return failed ? -1 : 0;
 }

@@ -58,7 +58,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_pattern_i64.argtypes = [p, i64, i64, i64, p, p, p]
     lib.csr_pattern_i64.restype = ctypes.c_int
     lib.csr_backward_f32.argtypes = [p, p, p, p, p, p, i64, i64, p, ctypes.c_int, p, ctypes.c_int]
-    lib.csr_backward_f32.restype = None
+    lib.csr_backward_f32.restype = ctypes.c_int
     return lib
 
 
@@ -215,7 +215,7 @@ def csr_backward(
       `gathered_dot`.
 
     Returns (∂W or None, gv or None); None where the kernel does not apply (not contiguous
-    float32 CPU tensors of matching shapes, no build)."""
+    float32 CPU tensors of matching shapes, no build, no memory)."""
     crow, cols, order = pattern
     n = crow.numel() - 1
     if rows.dim() != 2 or (coef is None and weight is None):
@@ -248,11 +248,12 @@ def csr_backward(
     if out is None and coef is not None:
         out = torch.empty(n, d)
     gv = None if w is None else torch.empty(batch, k)
-    lib.csr_backward_f32(
+    if lib.csr_backward_f32(
         crow.data_ptr(), cols.data_ptr(), order.data_ptr(),
         None if c is None else c.data_ptr(), rows.data_ptr(),
         None if w is None else w.data_ptr(), n, d,
         None if out is None else out.data_ptr(), int(grad is not None),
         None if gv is None else gv.data_ptr(), _threads(n),
-    )  # fmt: skip
+    ):  # fmt: skip
+        return None  # no memory for the scratch: nothing written
     return out, gv
