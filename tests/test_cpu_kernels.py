@@ -393,3 +393,34 @@ def test_concurrent_first_builds_share_one_cache(tmp_path: Path) -> None:
     assert all(out.splitlines()[0] == "native" for out, _ in outs)
     files = sorted(f.name for f in (cache / "kernels").iterdir())
     assert len(files) == 1 and files[0].endswith(".so"), files  # no temporaries left
+
+
+@pytest.mark.parametrize("isa", [[], ["-mavx2", "-mfma"]], ids=["portable C", "AVX2"])
+def test_the_builds_for_other_cpus_give_the_same_results(isa, monkeypatch, tmp_path) -> None:
+    """The kernels' paths for CPUs without AVX-512 (built here with those flags alone, as a
+    build for another machine would be): top-k, the CSR pattern and the backward products
+    equal torch's as the AVX-512 build's do."""
+    from saestream.common import native
+    from saestream.consumer.sparse_ops import LatentPattern, gathered_dot, spmm
+
+    monkeypatch.setenv("SAESTREAM_CACHE", str(tmp_path))
+    flags = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-fopenmp", *isa]
+    lib = native.NativeLibrary(cpu_kernels.SOURCE, [flags], cpu_kernels._bind,
+                               what="CPU kernels", fallback="torch ops")
+    monkeypatch.setattr(cpu_kernels, "_LIBRARY", lib)
+    assert cpu_kernels.load() is lib.load() is not None
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(40, 4111, generator=g)
+    pre[1] = pre[1].round()
+    pre[2] = 0.0
+    pre[3, 9] = float("nan")
+    for k in (1, 32, 300):
+        check_topk(pre, k, None)
+        check_topk(pre, k, torch.randn(4111, generator=g))
+    ids = torch.stack([torch.randperm(300, generator=g)[:16] for _ in range(50)])
+    coef, rows = torch.randn(50, 16, generator=g), torch.randn(50, 100, generator=g)
+    W = torch.randn(300, 100, generator=g)
+    pattern = LatentPattern(ids, 300)
+    got_W, got_v = cpu_kernels.csr_backward(pattern.arrays(), coef, rows, W)
+    torch.testing.assert_close(got_W, spmm(pattern.matrix(coef)[0], rows))
+    torch.testing.assert_close(got_v, gathered_dot(ids, W, rows))
