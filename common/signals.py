@@ -1,7 +1,7 @@
 """Signals as flags the main loop polls at safe points (a step or chunk boundary).
 
-Handlers only set flags: no I/O, no locks, so a signal can never interrupt a checkpoint
-half-written or a message half-sent.
+Handlers only set flags: no I/O, no locks (not even an Event's: `SignalFlag`), so a signal
+can never interrupt a checkpoint half-written or a message half-sent, nor hang the process.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import signal
 import threading
+import time
 
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 """Each asks for a graceful stop (final snapshot, saved state). SIGHUP is here because its
@@ -16,13 +17,49 @@ default action kills the process with nothing saved: a closed terminal or an ssh
 that drops must not cost a daemon its training state."""
 
 
+POLL_SECONDS = 0.05
+"""How often `SignalFlag.wait` looks at its flag: the latency of a stop, at most."""
+
+
+class SignalFlag(threading.Event):
+    """A `threading.Event` that a signal handler can set: setting, clearing and reading it
+    assign or read one bool, and `wait` polls it (every POLL_SECONDS), so no lock is ever
+    taken. `Event.set` takes the event's lock, which is not reentrant; Python runs a
+    handler on the main thread between two bytecodes, also while that thread holds the
+    lock — inside `Event.wait`, or inside another handler's `set` when signals come fast —
+    and the process hung for good (a burst of SIGUSR1 froze training and made SIGTERM do
+    nothing; a longer one ended in RecursionError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._is = False
+
+    def is_set(self) -> bool:
+        return self._is
+
+    def set(self) -> None:
+        self._is = True
+
+    def clear(self) -> None:
+        self._is = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._is:
+            left = POLL_SECONDS if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(POLL_SECONDS, left))
+        return True
+
+
 class SignalFlags:
     """`stop` is set by SIGTERM/SIGINT/SIGHUP, `snapshot` by SIGUSR1 (cleared by whoever
     handles it)."""
 
     def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.snapshot = threading.Event()
+        self.stop = SignalFlag()
+        self.snapshot = SignalFlag()
 
     def install_snapshot(self) -> SignalFlags:
         """SIGUSR1 only, as early as a command can: its default action kills the process,

@@ -104,3 +104,71 @@ def test_sigusr1_while_the_consumer_starts_does_not_kill_it(tmp_path: Path) -> N
         if p is not None:
             p.close()
         c.close()
+
+
+STORM_SCRIPT = """
+import os, signal, subprocess, sys
+from saestream.common.signals import SignalFlags
+
+flags = SignalFlags().install()
+# Another process sends them, as an operator's would: not held back by this one's GIL.
+storm = subprocess.Popen([sys.executable, "-c", "import os, signal, sys\\n"
+                          "pid = int(sys.argv[1])\\n"
+                          "for _ in range(100000):\\n"
+                          "    if os.getppid() != pid: sys.exit(1)  # never a reused pid\\n"
+                          "    os.kill(pid, signal.SIGUSR1)\\n"
+                          "os.kill(pid, signal.SIGTERM)", str(os.getpid())])
+handled = 0
+while not flags.stop.is_set():  # the main thread waits on, reads and clears the flags
+    if flags.snapshot.wait(0.001):
+        flags.snapshot.clear()
+        handled += 1
+assert storm.wait(60) == 0 and handled > 0
+print("handled", handled)
+"""
+
+
+def test_a_storm_of_signals_neither_hangs_nor_overflows_the_stack() -> None:
+    """Signal handlers run on the main thread between bytecodes, also inside a lock the
+    main thread holds (Event.wait's, another handler's Event.set's): with an Event set by
+    the handler, a burst of SIGUSR1 hung the process for good or ended in RecursionError."""
+    done = subprocess.run([sys.executable, "-c", STORM_SCRIPT], capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "handled" in done.stdout
+
+
+def test_a_consumer_trains_through_a_sigusr1_storm_and_stops_cleanly(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from test_consumer import Sender
+
+    c = Consumer(tmp_path, "--keep", "2")
+    s = Sender(c.endpoint)
+    try:
+        s.in_background(2000)
+        c.wait_for("training", lambda: c.steps() >= 1)
+        stop = threading.Event()
+
+        def storm() -> None:
+            while not stop.is_set():
+                os.kill(c.proc.pid, signal.SIGUSR1)
+                time.sleep(0.002)
+
+        t = threading.Thread(target=storm, daemon=True)
+        t.start()
+        time.sleep(4)
+        stop.set()
+        t.join()
+        steps = c.steps()
+        c.wait_for("training after the storm", lambda: c.steps() > steps + 2)
+        c.signal(signal.SIGTERM)
+        assert c.wait_exit(60) == 0
+        log = c.log()
+        assert "RecursionError" not in log and "recursion" not in log
+        assert "signal snapshot" in log
+        assert len(list(c.ckpt.glob("step-*"))) <= 2
+    finally:
+        s.close()
+        c.close()
