@@ -59,7 +59,9 @@ BUFFER_RE = re.compile(r"buffers/\d+\.safetensors")
 WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 SAE_FILES = ("sae.safetensors", "cfg.json", "trainer.json", "trainer.pt")
 LATEST = "latest"
-TEMP_PREFIXES = (".tmp-", ".old-", f".{LATEST}.tmp")
+TEMP_PREFIXES = (".tmp-", ".old-", ".del-", f".{LATEST}.tmp")
+"""Names of what a snapshot write (`.tmp-`, `.old-`: the one it replaces), a prune (`.del-`)
+or a `latest` update leaves behind when killed; removed at the next start."""
 
 
 class CheckpointError(UserError):
@@ -418,12 +420,16 @@ def latest_name(root: Path) -> str | None:
 
 def resumable(root: Path, run_id: str | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Complete snapshots to resume from, best first: the one `latest` names, then older
-    ones of the same run, newest first (a warning for each one skipped). The run is
+    ones of the same run, newest first (a warning for each one skipped), then — only when
+    none of those is readable — newer ones, oldest first. The run is
     `run_id` (the directory's run file) when given, else the one `latest` names, else the
     newest complete snapshot's. Other runs' snapshots are never offered."""
     root = Path(root)
     snaps = list_snapshots(root)
     name = latest_name(root)
+    if name is None and os.path.lexists(root / LATEST):
+        log.warning("%s/%s names no snapshot (garbage in it): resuming from the newest "
+                    "complete snapshot", root, LATEST)
     target = root / name if name else None
     if target is None or not target.is_dir():
         if name:
@@ -439,15 +445,17 @@ def resumable(root: Path, run_id: str | None = None) -> Iterator[tuple[Path, dic
         except CheckpointError as exc:
             log.warning("skipping incomplete snapshot %s: %s", target, exc)
     step = int(SNAPSHOT_RE.match(target.name).group(1))  # type: ignore[union-attr]
-    for path, extra in _complete(
-        (p for p in reversed(snaps) if int(SNAPSHOT_RE.match(p.name).group(1)) <= step),
-        warn=True,
-    ):
+    older = [p for p in reversed(snaps) if int(SNAPSHOT_RE.match(p.name).group(1)) <= step]
+    newer = [p for p in snaps if int(SNAPSHOT_RE.match(p.name).group(1)) > step]
+    for path, extra in _complete(iter(older + newer), warn=True):
         if run is None and path != target and run_of(extra) is not None:
             run = run_of(extra)  # `latest` itself was unreadable: its run is the next one's
         if run_of(extra) != run:
             log.warning("skipping %s: it belongs to run %s, not %s", path, run_of(extra), run)
             continue
+        if path in newer:  # the last resort, still better than starting over
+            log.warning("no snapshot %s names or older is readable: resuming from %s, a "
+                        "newer one", LATEST, path)
         yield path, extra
 
 
@@ -509,16 +517,42 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete what interrupted writes left in `root` (`.tmp-*`, `.old-*`); returns them."""
+    """Delete what interrupted writes left in `root` (`.tmp-*`, `.old-*`, `.del-*`); returns
+    them. First, a snapshot that `latest` names and that a kill caught between the two
+    renames of its replacement (`save_snapshot`: the one it held moved to `.old-`, the new
+    one not yet out of `.tmp-`) is put back — the complete one `latest` stood for, else the
+    complete new one — so neither copy of the run's newest state is deleted."""
     root = Path(root)
-    stale = [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIXES)] if root.is_dir() \
-        else []
+    if not root.is_dir():
+        return []
+    _restore_caught_between_renames(root)
+    stale = [p for p in root.iterdir() if p.name.startswith(TEMP_PREFIXES)]
     for p in stale:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
     return stale
+
+
+def _restore_caught_between_renames(root: Path) -> None:
+    try:
+        name = latest_name(root)
+    except NotAFile:
+        return  # refused with one line by whoever resumes
+    if name is None or (root / name).exists():
+        return
+    for prefix in (".old-", ".tmp-"):  # what `latest` was written for first
+        for candidate in sorted(root.glob(f"{prefix}{name}-*")):
+            try:
+                check_complete(candidate)
+            except CheckpointError:
+                continue
+            os.rename(candidate, root / name)
+            _fsync(root)
+            log.warning("put %s back from %s: a snapshot write was killed between its "
+                        "renames", name, candidate.name)
+            return
 
 
 RUN_FILE = "run.json"
@@ -660,8 +694,13 @@ def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]
     pinned = latest_name(root)
     ours = [p for p, e in _complete(iter(list_snapshots(root)), warn=False) if run_of(e) == run]
     doomed = [p for p in ours[:-keep] if p.name != pinned]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+    for path in doomed:  # out of the snapshots' names first: a kill leaves a `.del-*`
+        gone = root / f".del-{path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, gone)
+        except OSError:
+            continue
+        shutil.rmtree(gone, ignore_errors=True)
     return doomed
 
 

@@ -178,6 +178,8 @@ class ConsumerRun:
         self.ledger = Ledger(cfg.max_producers, cfg.producer_expiry_seconds)
         self.buffers = BufferSet(cfg.buffer_tokens, pin_memory=self.device.type == "cuda",
                                  seed=cfg.seed)
+        self._saved_version = -1  # the ledger version the newest snapshot holds (`_adopt`)
+        self._resumed_from: Path | None = None
         restored = self._open_checkpoint_dir()
         self.recorder = Recorder(cfg.record, cfg.hooks, cfg.record_shard_tokens, metrics,
                                  flag="--record") if cfg.record is not None else None
@@ -192,7 +194,6 @@ class ConsumerRun:
             keep_freed_memory()
         self._last_save = self._last_flush_save = self._last_log = time.monotonic()
         self._periodic_step = self.stats.steps
-        self._saved_version = -1
         self._failed_at = -float("inf")
         self._at_log = (self.stats.steps, self.stats.tokens)
         self._started = True
@@ -207,7 +208,6 @@ class ConsumerRun:
             return self._open_here()
         outcome: tuple[str, str, str | None]
         if self.world.rank == 0:
-            self._resumed_from: Path | None = None
             try:
                 self._open_here()
                 outcome = ("ok", self.stats.run_id or uuid.uuid4().hex[:12],
@@ -273,6 +273,7 @@ class ConsumerRun:
         for path, _ in ckpt.resumable(root, run_id):  # never another run's
             try:
                 trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
+                _check_finite(trainers, path)
                 buffered = ckpt.load_buffers(path, extra)
             except ckpt.CheckpointError as exc:
                 log.warning("skipping unreadable snapshot %s: %s", path, exc)
@@ -322,6 +323,8 @@ class ConsumerRun:
             tr.dp = self.mesh.dp
         self.trainers = trainers
         self.stats.steps, self.stats.tokens = int(extra.get("step", 0)), int(extra["tokens"])
+        self.stats.saved_step = self.stats.steps  # that state is saved: in `path` (`_newest`)
+        self._saved_version = self.ledger.version if self.world.size == 1 else 0
         self.stats.run_id = ckpt.run_of(extra) or ""
         for name, tr in trainers.items():
             self.metrics.train_steps.labels(hook=tr.hook, sae=name).inc(tr.step)
@@ -658,9 +661,9 @@ class ConsumerRun:
             ledger_json, version = {}, 0
         else:
             return None
-        if s.snapshots and (s.saved_step, self._saved_version) == (s.steps, version):
+        if self._newest() and (s.saved_step, self._saved_version) == (s.steps, version):
             log.info("%s snapshot: step %d already saved in %s", reason, s.steps,
-                     s.snapshots[-1])
+                     self._newest())
             self._stood_final(reason)
             return None
         if not self.trainers and not any(b.x.shape[0] for b in (buffers or {}).values()):
@@ -706,7 +709,7 @@ class ConsumerRun:
         """Rank 0: None (nothing to write), `gather` or `per-rank` (--snapshot-shards;
         `auto`: per-rank when gathering would not fit half of this device's free memory)."""
         s = self.stats
-        if (s.snapshots and s.saved_step == s.steps) or not self.trainers:
+        if (self._newest() and s.saved_step == s.steps) or not self.trainers:
             log.info("%s snapshot skipped: %s", reason, f"step {s.steps} already saved"
                      if self.trainers else "nothing trained yet")
             if self.trainers:
@@ -768,10 +771,15 @@ class ConsumerRun:
         if reason != "final" or not self.stats.stop_reason:
             return
         try:
-            ckpt.record_stop_reason(self.stats.snapshots[-1], self.stats.stop_reason)
+            ckpt.record_stop_reason(self._newest(), self.stats.stop_reason)  # type: ignore[arg-type]
         except (OSError, ValueError) as exc:
-            log.warning("could not record the stop reason in %s: %s", self.stats.snapshots[-1],
-                        exc)
+            log.warning("could not record the stop reason in %s: %s", self._newest(), exc)
+
+    def _newest(self) -> Path | None:
+        """The snapshot holding the state saved last: written by this process, else the one
+        it resumed from (until a step or new data changes the state, rewriting it would only
+        open a window in which a kill could cost the run its newest snapshot)."""
+        return self.stats.snapshots[-1] if self.stats.snapshots else self._resumed_from
 
     def _failed(self, reason: str, exc: BaseException, why: str | None = None) -> None:
         """A snapshot that could not be written: counted (by `why`, else the reason `exc`
@@ -850,3 +858,11 @@ def _say_overridden(spec: SAESpec, tr: Trainer, path: Path) -> None:
             log.warning("--sae %s: %s=%s ignored, the snapshot %s has %s=%s, which stands",
                         spec.name, key, asked.get(field_name), path, key, saved.get(field_name))
 
+
+def _check_finite(trainers: dict[str, Trainer], path: Path) -> None:
+    """A snapshot whose weights hold an inf or NaN (a damaged file that still parses) would
+    have every step skipped: it is no snapshot to resume."""
+    for name, tr in trainers.items():
+        for key, p in tr.sae.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise ckpt.CheckpointError(f"{path}: SAE {name}'s {key} holds inf or NaN")

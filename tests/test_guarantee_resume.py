@@ -273,9 +273,11 @@ def test_a_second_consumer_on_a_checkpoint_dir_in_use_is_refused_until_the_first
 @pytest.mark.slow
 def test_stale_temporaries_are_removed_at_start_up(run_dir, tmp_path: Path) -> None:
     ckpt, run_id = run_dir
-    stale = [ckpt / ".tmp-step-00000008-0badc0de", ckpt / ".old-step-00000004-0ddba11e"]
+    stale = [ckpt / ".tmp-step-00000008-0badc0de", ckpt / ".old-step-00000004-0ddba11e",
+             ckpt / ".del-step-00000002-5ca1ab1e"]  # a prune killed midway
     for d in stale:
         shutil.copytree(ckpt / "step-00000004", d)  # as big as a real one
+    (stale[-1] / "extra.json").unlink()
     (ckpt / ".latest.tmp").write_text("step-00000008\n")
     (ckpt / ".tmp-run.json").write_text("{")
     c = Consumer(tmp_path, *SAES, "--resume", ckpt=ckpt)
@@ -289,6 +291,82 @@ def test_stale_temporaries_are_removed_at_start_up(run_dir, tmp_path: Path) -> N
         assert c.wait_exit() == 0, c.log()
     finally:
         c.close()
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_renames_of_a_rewrite_loses_no_snapshot(run_dir, resume) -> None:
+    """Rewriting step 6 moves the old one to `.old-` before the new one leaves `.tmp-`; a
+    kill -9 between the two renames left `latest` naming nothing, and the next start
+    deleted both complete copies: the run was gone (found by a probe, with strace)."""
+    ckpt, run_id = run_dir
+    old = ckpt / ".old-step-00000006-deadbeef"
+    (ckpt / "step-00000006").rename(old)
+    shutil.copytree(old, ckpt / ".tmp-step-00000006-feedface")
+    for older in ("step-00000002", "step-00000004"):
+        shutil.rmtree(ckpt / older)  # the only snapshot, as with --keep 1
+    c = resume(ckpt, "--max-steps", "8")
+    assert f"put step-00000006 back from {old.name}" in c.log()
+    assert resumed_from(c, ckpt / "step-00000006", run_id, 6), c.log()
+    final_state(latest(ckpt), run_id, 8)
+
+
+@pytest.mark.slow
+def test_garbage_in_latest_is_named_and_the_newest_snapshot_resumed(run_dir, resume) -> None:
+    ckpt, run_id = run_dir
+    (ckpt / "latest").write_bytes(b"\xff\x00not a snapshot name")
+    c = resume(ckpt, "--max-steps", "8")
+    assert "latest names no snapshot (garbage in it)" in c.log()
+    assert resumed_from(c, ckpt / "step-00000006", run_id, 6), c.log()
+
+
+@pytest.mark.slow
+def test_a_torn_latest_with_only_newer_snapshots_readable_resumes_a_newer_one(
+    run_dir, resume
+) -> None:
+    """`latest` naming an older snapshot that is torn, nothing older readable: the newer
+    complete ones are the last resort, not "no readable snapshot … --overwrite"."""
+    ckpt, run_id = run_dir
+    (ckpt / "latest").write_text("step-00000002\n")
+    (ckpt / "step-00000002" / "extra.json").unlink()
+    c = resume(ckpt, "--max-steps", "8")
+    assert "resuming from" in c.log() and "a newer one" in c.log()
+    assert resumed_from(c, ckpt / "step-00000004", run_id, 4), c.log()
+
+
+@pytest.mark.slow
+def test_a_snapshot_whose_weights_hold_nan_is_skipped(run_dir, resume) -> None:
+    """A damaged file that still parses: resuming it would skip every step."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt, run_id = run_dir
+    weights = ckpt / "step-00000006" / "k4" / "sae.safetensors"
+    tensors = load_file(str(weights))
+    tensors["encoder.weight"][3, :5] = float("nan")
+    save_file(tensors, str(weights))
+    c = resume(ckpt, "--max-steps", "8")
+    assert "encoder.weight holds inf or NaN" in c.log()
+    assert resumed_from(c, ckpt / "step-00000004", run_id, 4), c.log()
+
+
+@pytest.mark.slow
+def test_a_stop_right_after_resume_does_not_rewrite_the_snapshot_it_resumed(
+    run_dir, tmp_path: Path
+) -> None:
+    """Rewriting the very state it resumed from gains nothing and opens the window of the
+    renames above on every restart of an idle consumer."""
+    ckpt, _ = run_dir
+    inode = (ckpt / "step-00000006").stat().st_ino
+    idle = ("--buffer-tokens", "65536", "--batch-size", "256", "--min-fill", "1")  # no step
+    c = Consumer(tmp_path, *SAES, "--resume", *idle, ckpt=ckpt)
+    try:
+        c.wait_for("resumed", lambda: "resumed from" in c.log())
+        c.signal(signal.SIGTERM)
+        assert c.wait_exit() == 0, c.log()
+    finally:
+        c.close()
+    assert "final snapshot: step 6 already saved in" in c.log(), c.log()
+    assert (ckpt / "step-00000006").stat().st_ino == inode
+    assert extra_of(ckpt / "step-00000006")["stop_reason"]
 
 
 # -- unit level --------------------------------------------------------------------------------
