@@ -518,10 +518,10 @@ def failure_reason(exc: BaseException) -> str:
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
     """Delete what interrupted writes left in `root` (`.tmp-*`, `.old-*`, `.del-*`); returns
-    them. First, a snapshot that `latest` names and that a kill caught between the two
-    renames of its replacement (`save_snapshot`: the one it held moved to `.old-`, the new
-    one not yet out of `.tmp-`) is put back — the complete one `latest` stood for, else the
-    complete new one — so neither copy of the run's newest state is deleted."""
+    them. First, a snapshot that a kill caught between the two renames of its replacement
+    (`save_snapshot`: the one it held moved to `.old-`, the new one not yet out of `.tmp-`)
+    is put back — the complete old copy, else the complete new one — so neither copy of
+    that state is deleted."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -536,23 +536,26 @@ def remove_stale_temporaries(root: Path) -> list[Path]:
 
 
 def _restore_caught_between_renames(root: Path) -> None:
-    try:
-        name = latest_name(root)
-    except NotAFile:
-        return  # refused with one line by whoever resumes
-    if name is None or (root / name).exists():
-        return
-    for prefix in (".old-", ".tmp-"):  # what `latest` was written for first
-        for candidate in sorted(root.glob(f"{prefix}{name}-*")):
+    """`.old-step-N-*` exists only between the two renames of a rewrite of step N: with
+    `step-N` missing, put back the complete old copy, else the complete new one (`.tmp-`),
+    of this directory's run."""
+    run = read_run_id(root) if (root / RUN_FILE).is_file() else None
+    for old in sorted(root.glob(".old-step-*")):
+        name = old.name[len(".old-"):].rsplit("-", 1)[0]
+        if not SNAPSHOT_RE.match(name) or os.path.lexists(root / name):
+            continue
+        for candidate in [old, *sorted(root.glob(f".tmp-{name}-*"))]:
             try:
-                check_complete(candidate)
-            except CheckpointError:
+                extra = check_complete(candidate)
+                if run is not None and run_of(extra) != run:
+                    continue
+                os.rename(candidate, root / name)
+                _fsync(root)
+            except (CheckpointError, OSError):
                 continue
-            os.rename(candidate, root / name)
-            _fsync(root)
             log.warning("put %s back from %s: a snapshot write was killed between its "
                         "renames", name, candidate.name)
-            return
+            break
 
 
 RUN_FILE = "run.json"
@@ -694,6 +697,7 @@ def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]
     pinned = latest_name(root)
     ours = [p for p, e in _complete(iter(list_snapshots(root)), warn=False) if run_of(e) == run]
     doomed = [p for p in ours[:-keep] if p.name != pinned]
+    deleted = []
     for path in doomed:  # out of the snapshots' names first: a kill leaves a `.del-*`
         gone = root / f".del-{path.name}-{uuid.uuid4().hex[:8]}"
         try:
@@ -701,7 +705,8 @@ def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]
         except OSError:
             continue
         shutil.rmtree(gone, ignore_errors=True)
-    return doomed
+        deleted.append(path)
+    return deleted
 
 
 MAX_SHARD_FILES = 1 << 16

@@ -102,7 +102,7 @@ static inline int64_t rank_of(const uint64_t *keys, int64_t m, uint64_t x) {
     return r;
 }
 
-/* The k-th largest of m distinct keys; reorders them. */
+/* The k-th largest of m distinct keys (quickselect, for many, reorders them). */
 static uint64_t kth_largest(uint64_t *keys, int64_t m, int64_t k) {
     if (m <= RANK_MAX) {
         uint64_t kth = 0;
@@ -117,7 +117,7 @@ static uint64_t kth_largest(uint64_t *keys, int64_t m, int64_t k) {
 
 /* One row of p + b (b: a bias per column, or NULL for none), added as torch adds it (one
  * float add per element) but never written back: 0, or 1 if it holds a NaN.
- * mx has m floats, keys n + m slots, cand 2n + 32 floats (AVX-512 only). */
+ * mx has m floats, keys n + m slots, cand 2n + 32 floats (used by the AVX-512 path). */
 static int row_topk(const float *p, const float *b, int64_t n, int64_t k, int64_t m, float *mx,
                     uint64_t *keys, float *cand, float *values, int64_t *indices) {
     int64_t i, c;
@@ -433,7 +433,7 @@ static void csr_latent_avx512(const int64_t *cols, const int64_t *order, int64_t
  * needs a sparse × dense product and a sampled dense × dense product, and a gather and a
  * scatter by `order`. Latents are split over `threads` OpenMP threads; each writes only its
  * own rows of grad and, order being a permutation, its own entries of gv. Returns 0, or -1
- * (nothing written) when per-thread scratch cannot be allocated. */
+ * (nothing written) when the threads' scratch cannot be allocated. */
 int csr_backward_f32(const int64_t *crow, const int64_t *cols, const int64_t *order,
                      const float *coef, const float *R, const float *W, int64_t n, int64_t d,
                      float *grad, int accumulate, float *gv, int threads) {
@@ -441,20 +441,25 @@ int csr_backward_f32(const int64_t *crow, const int64_t *cols, const int64_t *or
     int64_t widest = 0; /* the most entries of one latent: the scratch each thread needs */
     for (int64_t l = 0; l < n; l++)
         widest = crow[l + 1] - crow[l] > widest ? crow[l + 1] - crow[l] : widest;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#if defined(__AVX512F__)
+    /* every thread's scratch before anything is written: a failure leaves grad untouched */
+    const size_t per_thread = (size_t)(widest > 0 ? widest : 1);
+    __m512 *scratch = aligned_alloc(64, 64 * per_thread * (size_t)threads);
+    if (scratch == NULL) return -1;
+#endif
+#pragma omp parallel num_threads(threads)
     {
 #if defined(__AVX512F__)
-        __m512 *dv = aligned_alloc(64, 64 * (size_t)(widest > 0 ? widest : 1));
-        failed = dv == NULL;
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        __m512 *dv = scratch + per_thread * (size_t)tid;
 #pragma omp for schedule(dynamic, 64)
-        for (int64_t l = 0; l < n; l++) {
-            if (dv == NULL) continue;
+        for (int64_t l = 0; l < n; l++)
             csr_latent_avx512(cols, order, crow[l], crow[l + 1], coef, R,
                               W == NULL ? NULL : W + l * d, d,
                               grad == NULL ? NULL : grad + l * d, accumulate, gv, dv);
-        }
-        free(dv);
 #else
 #pragma omp for schedule(dynamic, 64)
         for (int64_t l = 0; l < n; l++) {
@@ -479,5 +484,8 @@ int csr_backward_f32(const int64_t *crow, const int64_t *cols, const int64_t *or
         }
 #endif
     }
-    return failed ? -1 : 0;
+#if defined(__AVX512F__)
+    free(scratch);
+#endif
+    return 0;
 }

@@ -290,7 +290,8 @@ class ConsumerRun:
         cfg = self.cfg
         specs = {s.name: s for s in cfg.saes}
         # An SAE is made at its hook's first step, all of the hook's at once: one missing
-        # from the snapshot is on a hook that had not trained yet, and starts fresh then.
+        # from the snapshot is on a hook that had not trained yet (or that the run did not
+        # have), and starts fresh then. One missing beside its hook's trained SAEs is not.
         trained_hooks = {tr.hook for tr in trainers.values()}
         unmade = {n for n, s in specs.items() if n not in trainers and s.hook not in trained_hooks}
         if trainers and set(trainers) | unmade != set(specs):

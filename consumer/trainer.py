@@ -311,17 +311,17 @@ class Trainer:
         rank's part of the global batch, and the step, the counters and the returned metrics
         are the global batch's."""
         x = self._check_input(x)
-        if not self.initialized:
+        if not self.initialized:  # its constants (mse_scale, input_scale, b_dec) last the run
+            finite, n_batch = self._finite(x.pow(2).sum(), x.shape[0])
+            if not finite:
+                return self._skipped(n_batch)
             self.initialize(x)
         sae = self.sae
         self.optimizer.zero_grad(set_to_none=True)
         out = self.losses(x, self.dead_mask() if self.cfg.k_aux else None)
         finite, n_batch = self._finite(out.total, x.shape[0])
         if not finite:  # one bad batch must not turn every weight into NaN for good
-            self.skipped_steps += 1
-            nan = float("nan")
-            dead = float(self.dead_mask().double().mean())
-            return StepMetrics(nan, nan, dead, nan, nan, nan, nan, nan, n_batch, skipped=True)
+            return self._skipped(n_batch)
         out.total.backward()
         with torch.no_grad():
             self.dp.sum_grads_(list(sae.parameters()))
@@ -369,6 +369,12 @@ class Trainer:
             sst=sst,
             tokens=n,
         )
+
+    def _skipped(self, tokens: int) -> StepMetrics:
+        self.skipped_steps += 1
+        nan = float("nan")
+        dead = float(self.dead_mask().double().mean())
+        return StepMetrics(nan, nan, dead, nan, nan, nan, nan, nan, tokens, skipped=True)
 
     def _finite(self, total: torch.Tensor, rows: int) -> tuple[bool, int]:
         """Whether the loss is finite on every data-parallel rank (they must agree, or the

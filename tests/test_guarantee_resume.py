@@ -372,6 +372,24 @@ def test_a_stop_right_after_resume_does_not_rewrite_the_snapshot_it_resumed(
 # -- unit level --------------------------------------------------------------------------------
 
 
+def test_a_rewrite_killed_between_its_renames_is_put_back_whatever_latest_names(
+    tmp_path: Path,
+) -> None:
+    """A retried rewrite of step 2 (its `latest` update had failed) or one after a resume
+    from a fallback snapshot: `latest` names another step, and both copies were deleted."""
+    t = trained(steps=1)
+    write_run_id(tmp_path, "mine")
+    for step in (2, 3):
+        save_snapshot(tmp_path, step, {"h": t}, extra={"run_id": "mine", "saes": {"h": {}}})
+    (tmp_path / "step-00000002").rename(tmp_path / ".old-step-00000002-0badc0de")
+    shutil.copytree(tmp_path / "step-00000003", tmp_path / ".old-step-00000009-0ddba11e")
+    set_run(tmp_path / ".old-step-00000009-0ddba11e", OTHER_RUN)  # never another run's
+    removed = ckpt_mod.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in list_snapshots(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert [p.name for p in removed] == [".old-step-00000009-0ddba11e"]
+    check_complete(tmp_path / "step-00000002")
+
+
 def test_prune_counts_only_complete_snapshots_of_this_run(tmp_path: Path) -> None:
     t = trained(steps=1)
     for step in (1, 2, 3, 4):

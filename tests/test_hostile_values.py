@@ -76,6 +76,22 @@ def test_a_step_whose_loss_is_not_finite_is_skipped_and_the_sae_left_as_it_was()
     assert all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())
 
 
+def test_a_first_batch_that_would_set_the_runs_constants_from_huge_values_is_skipped() -> None:
+    """The first batch sets constants that last the run (the loss's scale, `scalar`'s c,
+    b_dec's start): from a 1e30 value they would have silenced the loss for good."""
+    for norm in ("none", "scalar"):
+        t = Trainer(SAEConfig(d_in=16, n_latents=64, k=4, input_normalization=norm),
+                    TrainerConfig(), name="s", hook="h")
+        x = torch.randn(64, 16)
+        bad = x.clone()
+        bad[0, 0] = 1e30
+        assert t.train_step(bad).skipped and not t.initialized
+        first = t.train_step(x)
+        assert not first.skipped and t.initialized and 0 < t.mse_scale < float("inf")
+        later = [t.train_step(x).loss for _ in range(20)]
+        assert later[-1] < first.loss  # the loss still trains
+
+
 def test_a_huge_finite_value_costs_one_step_not_the_run(start_consumer, sender_for) -> None:
     c = start_consumer("--sae", "latents=256,k=8,input_normalization=none")
     s = sender_for(c)
