@@ -596,9 +596,13 @@ def write_run_id(root: Path, run_id: str) -> None:
 
 
 def remove_run(root: Path) -> None:
-    """`--overwrite`: delete every snapshot, the `latest` pointer and the run file."""
+    """`--overwrite`: delete every snapshot, the `latest` pointer and the run file. Each
+    snapshot leaves its name first (`.del-*`, removed at the next start if a kill comes
+    before its deletion ends), so no half-deleted `step-*` directory outlives a kill."""
     for path in list_snapshots(root):
-        shutil.rmtree(path)
+        gone = Path(root) / f".del-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, gone)
+        shutil.rmtree(gone)
     (Path(root) / LATEST).unlink(missing_ok=True)
     (Path(root) / RUN_FILE).unlink(missing_ok=True)
 

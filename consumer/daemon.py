@@ -861,9 +861,14 @@ def _say_overridden(spec: SAESpec, tr: Trainer, path: Path) -> None:
 
 
 def _check_finite(trainers: dict[str, Trainer], path: Path) -> None:
-    """A snapshot whose weights hold an inf or NaN (a damaged file that still parses) would
-    have every step skipped: it is no snapshot to resume."""
+    """A snapshot whose weights, their EMA or Adam's moments hold an inf or NaN (a damaged
+    file that still parses) would have every step skipped, or its first step poison the
+    weights: it is no snapshot to resume."""
     for name, tr in trainers.items():
-        for key, p in tr.sae.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                raise ckpt.CheckpointError(f"{path}: SAE {name}'s {key} holds inf or NaN")
+        state = [(f"Adam's {k} of {key}", v)
+                 for key, p in tr.sae.named_parameters()
+                 for k, v in tr.optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
+        ema = [(f"EMA of parameter {i}", t) for i, t in enumerate(tr.ema or [])]
+        for what, t in [*tr.sae.named_parameters(), *ema, *state]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ckpt.CheckpointError(f"{path}: SAE {name}'s {what} holds inf or NaN")

@@ -470,3 +470,33 @@ def test_resume_says_which_given_settings_the_snapshot_overrides(run_dir, tmp_pa
     finally:
         s.close()
         c.close()
+
+
+def test_adam_moments_or_ema_with_nan_make_a_snapshot_unresumable(tmp_path: Path) -> None:
+    from saestream.consumer.daemon import _check_finite
+
+    t = trained(steps=2)
+    _check_finite({"h": t}, tmp_path)  # a sound one passes
+    t.optimizer.state[t.sae.W_dec]["exp_avg_sq"][0, 0] = float("nan")
+    with pytest.raises(ckpt_mod.CheckpointError, match="Adam's exp_avg_sq of W_dec holds inf"):
+        _check_finite({"h": t}, tmp_path)
+
+
+def test_overwrite_leaves_no_half_deleted_snapshot_behind(tmp_path: Path, monkeypatch) -> None:
+    """A kill during --overwrite's deletion leaves a `.del-*` (removed at the next start),
+    never a `step-*` missing some of its files."""
+    t = trained(steps=1)
+    for step in (1, 2):
+        save_snapshot(tmp_path, step, {"h": t}, extra={"run_id": "old", "saes": {"h": {}}})
+
+    def killed(path, *a, **kw):
+        raise KeyboardInterrupt  # as a kill in the middle of the deletion
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_mod.remove_run(tmp_path)
+    monkeypatch.undo()
+    assert [p.name for p in list_snapshots(tmp_path)] == ["step-00000002"]
+    assert [p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".del-*")] == [".del-step-00000001"]
+    ckpt_mod.remove_stale_temporaries(tmp_path)
+    assert not list(tmp_path.glob(".del-*"))
