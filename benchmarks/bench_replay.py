@@ -179,6 +179,9 @@ class Timed:
     def get_or_create(self, hook: str, d: int, dtype: torch.dtype) -> Timed:
         return self
 
+    def dtype_of(self, hook: str, first: torch.dtype) -> None:
+        return None  # rows kept in their own dtype: nothing converted
+
     def put(self, acts: torch.Tensor, *, source: int, should_stop, on_commit) -> int:
         n = int(acts.shape[0])
         on_commit(0, n)

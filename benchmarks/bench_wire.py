@@ -323,6 +323,9 @@ class _Discard:
     def get_or_create(self, hook: str, d: int, dtype: torch.dtype) -> _Discard:
         return self
 
+    def dtype_of(self, hook: str, first: torch.dtype) -> None:
+        return None  # rows kept in their own dtype: nothing converted
+
     def put(self, acts: torch.Tensor, *, source: int, should_stop: object,
             on_commit: Callable[[int, int], None]) -> int:
         n = int(acts.shape[0])

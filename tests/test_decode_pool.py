@@ -49,6 +49,9 @@ class Sink:
     def get_or_create(self, hook: str, d: int, dtype: torch.dtype) -> Sink:
         return self
 
+    def dtype_of(self, hook: str, first: torch.dtype) -> None:
+        return None  # rows kept in their own dtype: nothing converted
+
     def put(self, acts: torch.Tensor, *, source: int, should_stop: Callable[[], bool],
             on_commit: Callable[[int, int], None]) -> int:
         while not self.gate.wait(0.01):
