@@ -600,9 +600,7 @@ def remove_run(root: Path) -> None:
     snapshot leaves its name first (`.del-*`, removed at the next start if a kill comes
     before its deletion ends), so no half-deleted `step-*` directory outlives a kill."""
     for path in list_snapshots(root):
-        gone = Path(root) / f".del-{path.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, gone)
-        shutil.rmtree(gone)
+        _delete_snapshot(path)
     (Path(root) / LATEST).unlink(missing_ok=True)
     (Path(root) / RUN_FILE).unlink(missing_ok=True)
 
@@ -702,15 +700,22 @@ def prune_snapshots(root: Path, keep: int, run: str | None = None) -> list[Path]
     ours = [p for p, e in _complete(iter(list_snapshots(root)), warn=False) if run_of(e) == run]
     doomed = [p for p in ours[:-keep] if p.name != pinned]
     deleted = []
-    for path in doomed:  # out of the snapshots' names first: a kill leaves a `.del-*`
-        gone = root / f".del-{path.name}-{uuid.uuid4().hex[:8]}"
+    for path in doomed:
         try:
-            os.rename(path, gone)
-        except OSError:
+            _delete_snapshot(path, ignore_errors=True)
+        except OSError:  # it could not even be renamed: still there
             continue
-        shutil.rmtree(gone, ignore_errors=True)
         deleted.append(path)
     return deleted
+
+
+def _delete_snapshot(path: Path, *, ignore_errors: bool = False) -> None:
+    """Out of the snapshots' names first (`.del-*`, which the next start removes), then
+    deleted: a kill midway never leaves a half-deleted `step-*`. OSError if the rename
+    fails; errors of the deletion itself only unless `ignore_errors`."""
+    gone = path.parent / f".del-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, gone)
+    shutil.rmtree(gone, ignore_errors=ignore_errors)
 
 
 MAX_SHARD_FILES = 1 << 16

@@ -192,8 +192,7 @@ def csr_pattern(
     cols = torch.empty(flat.numel(), dtype=torch.int64)
     if lib.csr_pattern_i64(
         flat.data_ptr(), flat.numel(), n_latents, indices.shape[1], crow.data_ptr(),
-        order.data_ptr(),
-        cols.data_ptr(),
+        order.data_ptr(), cols.data_ptr(),
     ):  # fmt: skip
         return None
     return crow, cols, order

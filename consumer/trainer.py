@@ -376,13 +376,13 @@ class Trainer:
         dead = float(self.dead_mask().double().mean())
         return StepMetrics(nan, nan, dead, nan, nan, nan, nan, nan, tokens, skipped=True)
 
-    def _finite(self, total: torch.Tensor, rows: int) -> tuple[bool, int]:
-        """Whether the loss is finite on every data-parallel rank (they must agree, or the
-        ranks that step would wait for the others' gradients for ever), and the global
-        batch's token count: one small all-reduce (none in one process) and one read of
-        two numbers from the device."""
-        check = torch.stack([(~torch.isfinite(total.detach())).to(torch.float64),
-                             torch.tensor(float(rows), dtype=torch.float64, device=total.device)])
+    def _finite(self, value: torch.Tensor, rows: int) -> tuple[bool, int]:
+        """Whether `value` (the loss; before initialisation, the first batch's sum of
+        squares) is finite on every data-parallel rank (they must agree, or the ranks that
+        step would wait for the others' gradients for ever), and the global batch's token
+        count: one small all-reduce (none in one process) and one read of two numbers."""
+        check = torch.stack([(~torch.isfinite(value.detach())).to(torch.float64),
+                             torch.tensor(float(rows), dtype=torch.float64, device=value.device)])
         self.dp.sum_([check])
         bad, n = check.tolist()
         return bad == 0, int(n)
