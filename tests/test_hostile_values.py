@@ -100,11 +100,18 @@ def test_a_huge_finite_value_costs_one_step_not_the_run(start_consumer, sender_f
     huge = sparse_acts(CHUNK, torch.Generator().manual_seed(99))
     huge[7, 3] = 1e30
     assert s.send(chunk_frames(16, acts=huge))
-    s.send_chunks(16, seq0=17, seed=1)
+    # The shuffle buffer draws the poisoned token at a random step, and stops drawing below
+    # its minimum fill: feed it until that step comes (each step leaves the token behind with
+    # probability ~0.9, so 200 chunks leave it undrawn with odds ~1e-9).
+    seq = 17
+    while c.value("saestream_skipped_steps_total") != 1 and seq < 217:
+        s.send_chunks(4, seq0=seq, seed=seq)
+        seq += 4
+        c.wait_for("the buffer drained", lambda: c.value("saestream_buffer_tokens") < 3072)
     c.wait_for("the poisoned step skipped",
                lambda: c.value("saestream_skipped_steps_total") == 1)
     steps = c.steps()
-    s.send_chunks(16, seq0=33, seed=2)
+    s.send_chunks(16, seq0=seq, seed=2)
     c.wait_for("training after it", lambda: c.steps() > steps)
     assert c.value("saestream_skipped_tokens_total") == 256  # one --batch-size batch
     loss = c.value("saestream_loss")
