@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,24 +34,49 @@ def _malloc_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
 _handed_out: set[int] = set()
 
 
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, whose next port is free too (a
-    consumer binds its control socket on its data port + 1), and that neither this nor its
-    next port was handed out before in this test session: ports picked one after another are
-    often neighbours, and a metrics port on a consumer's data port + 1 fails its start."""
+def _port_range() -> range:
+    """Where this test process picks ports: below the kernel's ephemeral range (which every
+    outgoing connection on the machine draws from, so a port found free there can be taken
+    by some connect() before the test's daemon binds it), one disjoint slice per xdist
+    worker (so two workers never hand out the same port)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker) if worker.isdigit() else 0
+    width = (low - 10000) // max(workers, 1)
+    return range(10000 + index * width, 10000 + (index + 1) * width)
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive TCP ports on 127.0.0.1, each free a moment ago and none
+    handed out before in this session (daemons bind neighbours of the ports they are given:
+    a consumer's control socket on its data port + 1, a rank's on its data port + ranks + 1).
+    Picked at random in `_port_range`; the kernel's own picks come from elsewhere."""
+    span = _port_range()
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535 or {port, port + 1} & _handed_out:
+        base = rng.randrange(span.start, span.stop - n)
+        ports = set(range(base, base + n))
+        if ports & _handed_out:
             continue
         try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
         except OSError:
             continue
-        _handed_out.update((port, port + 1))
-        return port
+        _handed_out.update(ports)
+        return base
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, whose next port is free too (a
+    consumer binds its control socket on its data port + 1): `free_ports(2)`."""
+    return free_ports(2)
 
 
 def send_unless_stopped(

@@ -14,14 +14,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-import conftest
 import pytest
-from conftest import LoggedProcess, free_tcp_port, saestream_cmd
+from conftest import LoggedProcess, free_ports, free_tcp_port, saestream_cmd
 from test_consumer import HOOK, SAE, SMALL, Consumer, child_env
 
 from saestream.tools.status import by_name, fetch_samples, value
@@ -30,26 +28,6 @@ pytestmark = pytest.mark.slow
 
 TIMEOUT = 90.0
 DIST_TIMEOUT = "20"
-
-
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive TCP ports on 127.0.0.1, free a moment ago and not handed
-    out before in this session (rank r of 2 binds data base + r, control base + 3 + r)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        ports = set(range(base, base + n))
-        if base + n > 65535 or ports & conftest._handed_out:
-            continue
-        try:
-            for port in range(base + 1, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        conftest._handed_out.update(ports)
-        return base
 
 
 class Rank(LoggedProcess):
@@ -87,8 +65,9 @@ def wait_for(what: str, pred, procs: list[LoggedProcess], timeout: float = TIMEO
     while time.monotonic() < deadline:
         if pred():
             return
-        for p in procs:
-            assert p.proc.poll() is None, f"{p.log_path.name} exited during {what}:\n{p.log()}"
+        exited = [p for p in procs if p.proc.poll() is not None]
+        assert not exited, f"exited during {what}:\n" + "\n".join(
+            f"{p.log_path.name}:\n{p.log()}" for p in exited)
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(p.log() for p in procs))
 
