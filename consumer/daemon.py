@@ -187,6 +187,8 @@ class ConsumerRun:
             log.info("recording accepted chunks to %s/<hook>/ in shards of %d rows", cfg.record,
                      cfg.record_shard_tokens)
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
+        for spec in cfg.saes:
+            metrics.declare_sae(spec.hook, spec.name)
         load_kernels()  # built now, not inside the first lz4-shuffle chunk's decode
         self.stats.run_id = self.stats.run_id or uuid.uuid4().hex[:12]
         self._serve(restored)

@@ -249,6 +249,12 @@ class ConsumerMetrics:
         for reason in reasons:
             self.rejected_messages.labels(reason=reason)
 
+    def declare_sae(self, hook: str, sae: str) -> None:
+        """Export the SAE's skip counters from the start (at 0): a dashboard panel and an
+        alert's `increase` need the series before the first skip, not from it."""
+        self.skipped_steps.labels(hook=hook, sae=sae)
+        self.skipped_tokens.labels(hook=hook, sae=sae)
+
     def declare_hook(self, hook: str, capacity: int,
                      fill: Callable[[], float] | None = None) -> None:
         """The hook's buffer gauges: capacity, and the fill (read at scrape time if given)."""

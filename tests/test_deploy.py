@@ -295,6 +295,7 @@ REQUIRED_PANELS = {
     "Received tokens/s by producer": "saestream_received_tokens_total",
     "Shuffle buffer fill": "saestream_buffer_capacity_tokens",
     "Training step time": "saestream_train_step_seconds_bucket",
+    "Skipped steps (loss not finite)": "saestream_skipped_steps_total",
     "Compression ratio": "saestream_producer_wire_bytes_total",
     "Send-blocked time": "saestream_producer_send_blocked_seconds_total",
     "Rejected messages/s by reason": "saestream_rejected_messages_total",

@@ -18,6 +18,7 @@ from test_consumer import CHUNK, HOOK, Consumer, Sender, chunk_frames, latest, s
 from saestream.common.wire import encode_chunk
 from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import Trainer, TrainerConfig
+from saestream.tools.status import value
 
 
 @pytest.fixture
@@ -97,6 +98,12 @@ def test_a_huge_finite_value_costs_one_step_not_the_run(start_consumer, sender_f
     s = sender_for(c)
     s.send_chunks(16)
     c.wait_for("training", lambda: c.steps() >= 2)
+    # the skip counters are there at 0 before any skip: the dashboard's panel and the
+    # alert's increase() see a series from the start
+    m = c.metrics()
+    assert m is not None
+    for name in ("saestream_skipped_steps_total", "saestream_skipped_tokens_total"):
+        assert value(m, name, hook=HOOK, sae=HOOK) == 0, name
     huge = sparse_acts(CHUNK, torch.Generator().manual_seed(99))
     huge[7, 3] = 1e30
     assert s.send(chunk_frames(16, acts=huge))
