@@ -55,11 +55,19 @@ def free_ports(n: int) -> int:
     """The first of `n` consecutive TCP ports on 127.0.0.1, each free a moment ago and none
     handed out before in this session (daemons bind neighbours of the ports they are given:
     a consumer's control socket on its data port + 1, a rank's on its data port + ranks + 1).
-    Picked at random in `_port_range`; the kernel's own picks come from elsewhere."""
+    Picked at random in `_port_range`; the kernel's own picks come from elsewhere. Should
+    that slice run out (a machine whose ephemeral range starts low), the kernel's picks."""
     span = _port_range()
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    while True:
-        base = rng.randrange(span.start, span.stop - n)
+    for attempt in range(1_000_000):
+        if attempt < 20_000:
+            base = rng.randrange(span.start, span.stop - n)
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
+            if base + n > 65536:
+                continue
         ports = set(range(base, base + n))
         if ports & _handed_out:
             continue
@@ -71,6 +79,7 @@ def free_ports(n: int) -> int:
             continue
         _handed_out.update(ports)
         return base
+    raise RuntimeError(f"no {n} consecutive free TCP ports on 127.0.0.1")
 
 
 def free_tcp_port() -> int:
