@@ -419,7 +419,8 @@ def train(
         if m.skipped and trainer.skipped_steps <= MAX_SKIP_LINES:
             echo(f"step {step}: skipped, its loss not finite (values whose squares pass "
                  f"float32's range); the weights are unchanged", err=True)
-        window += [] if m.skipped else [m]
+        if not m.skipped:
+            window.append(m)
         now = time.perf_counter()
         if now - last >= log_interval or step == total_steps:
             echo(_progress(step, total_steps, trainer.tokens_seen, now - start, window,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
@@ -32,8 +33,10 @@ def _malloc_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 _handed_out: set[int] = set()
+_port_rng = random.Random(os.getpid() ^ time.monotonic_ns())
 
 
+@functools.cache
 def _port_range() -> range:
     """Where this test process picks ports: below the kernel's ephemeral range (which every
     outgoing connection on the machine draws from, so a port found free there can be taken
@@ -58,10 +61,9 @@ def free_ports(n: int) -> int:
     Picked at random in `_port_range`; the kernel's own picks come from elsewhere. Should
     that slice run out (a machine whose ephemeral range starts low), the kernel's picks."""
     span = _port_range()
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for attempt in range(1_000_000):
         if attempt < 20_000:
-            base = rng.randrange(span.start, span.stop - n)
+            base = _port_rng.randrange(span.start, span.stop - n)
         else:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
