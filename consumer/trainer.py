@@ -319,10 +319,13 @@ class Trainer:
         sae = self.sae
         self.optimizer.zero_grad(set_to_none=True)
         out = self.losses(x, self.dead_mask() if self.cfg.k_aux else None)
+        out.total.backward()
+        # Checked after backward, so that an accelerator has the backward queued behind the
+        # forward while the host waits for the verdict; nothing has been changed yet.
         finite, n_batch = self._finite(out.total, x.shape[0])
         if not finite:  # one bad batch must not turn every weight into NaN for good
+            self.optimizer.zero_grad(set_to_none=True)
             return self._skipped(n_batch)
-        out.total.backward()
         with torch.no_grad():
             self.dp.sum_grads_(list(sae.parameters()))
             if not self._step_decoder_fused():

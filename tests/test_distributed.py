@@ -20,9 +20,14 @@ from saestream.consumer.trainer import Trainer, TrainerConfig
 D, N, K, BATCH, STEPS = 24, 192, 6, 96, 4
 
 
-def batches() -> list[torch.Tensor]:
+def batches(poison: bool = False) -> list[torch.Tensor]:
+    """With `poison`, the third batch's last row (the last rank's part) holds a value whose
+    square is not finite in float32: that step's loss is not finite."""
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(BATCH, D, generator=g) * 3 + 1 for _ in range(STEPS)]
+    out = [torch.randn(BATCH, D, generator=g) * 3 + 1 for _ in range(STEPS)]
+    if poison:
+        out[2][-1, 5] = 1e30
+    return out
 
 
 def make(norm: str, multi: bool, dp: DataParallel) -> Trainer:
@@ -33,9 +38,9 @@ def make(norm: str, multi: bool, dp: DataParallel) -> Trainer:
                    name="s", hook="h", dp=dp)
 
 
-def run(trainer: Trainer, rank: int, size: int) -> dict:
+def run(trainer: Trainer, rank: int, size: int, poison: bool = False) -> dict:
     metrics = []
-    for b in batches():
+    for b in batches(poison):
         m = trainer.train_step(b[rank_slice(BATCH, rank, size)])
         metrics.append(m._asdict())
     state = trainer.optimizer.state_dict()["state"]
@@ -48,24 +53,25 @@ def run(trainer: Trainer, rank: int, size: int) -> dict:
     }
 
 
-def _rank(rank: int, size: int, port: int, case: tuple, queue) -> None:
+def _rank(rank: int, size: int, port: int, case: tuple, queue, poison: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)
     try:
         buf = io.BytesIO()  # bytes, not tensors: shared-memory handles die with the process
-        torch.save(run(make(*case, DataParallel()), rank, size), buf)
+        torch.save(run(make(*case, DataParallel()), rank, size, poison), buf)
         queue.put((rank, buf.getvalue()))
         dist.barrier()  # as DataParallel.finish(): no rank leaves while another still talks
     finally:
         dist.destroy_process_group()
 
 
-def data_parallel(case: tuple, size: int) -> list[dict]:
+def data_parallel(case: tuple, size: int, poison: bool = False) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_tcp_port()
-    procs = [ctx.Process(target=_rank, args=(r, size, port, case, queue)) for r in range(size)]
+    procs = [ctx.Process(target=_rank, args=(r, size, port, case, queue, poison))
+             for r in range(size)]
     for p in procs:
         p.start()
     results = {r: torch.load(io.BytesIO(b), weights_only=False)
@@ -88,6 +94,21 @@ def test_a_data_parallel_step_equals_one_process_on_the_global_batch(norm, multi
     want = run(make(norm, multi, SINGLE), 0, 1)
     got = data_parallel((norm, multi), size)
     assert sum(m["auxk_loss"] > 0 for m in want["metrics"]) >= 2  # AuxK did run
+    assert_same(got, want, BATCH * STEPS)
+
+
+def test_a_batch_poisoned_on_one_rank_is_skipped_by_every_rank_as_by_one_process() -> None:
+    """The ranks agree to skip (the rank with finite figures too: stepping alone it would
+    wait for the other's gradients for ever), and nothing of the skipped step stays."""
+    torch.set_num_threads(1)
+    want = run(make("none", False, SINGLE), 0, 1, poison=True)
+    assert [m["skipped"] for m in want["metrics"]] == [False, False, True, False]
+    got = data_parallel(("none", False), 2, poison=True)
+    assert_same(got, want, BATCH * (STEPS - 1))
+
+
+def assert_same(got: list[dict], want: dict, tokens: int) -> None:
+    """Every rank's parameters, Adam state, counters and metrics are one process's."""
     for r, res in enumerate(got):
         for n, p in want["params"].items():
             close(res["params"][n], p, f"rank {r} {n}")
@@ -99,10 +120,10 @@ def test_a_data_parallel_step_equals_one_process_on_the_global_batch(norm, multi
         assert res["scale"] == pytest.approx(want["scale"], rel=1e-6)
         assert res["input_scale"] == pytest.approx(want["input_scale"], rel=1e-6) \
             if want["input_scale"] is not None else res["input_scale"] is None
-        assert res["tokens"] == want["tokens"] == BATCH * STEPS
+        assert res["tokens"] == want["tokens"] == tokens
         for mg, mw in zip(res["metrics"], want["metrics"], strict=True):
             for key, value in mw.items():
-                assert mg[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+                assert mg[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
 
 
 def test_rank_slices_cover_the_batch_in_order() -> None:

@@ -64,6 +64,9 @@ def test_a_step_whose_loss_is_not_finite_is_skipped_and_the_sae_left_as_it_was()
     x = torch.randn(64, 16)
     t.train_step(x)
     before = {k: v.clone() for k, v in t.sae.state_dict().items()}
+    adam = {i: {k: v.clone() for k, v in s.items()}
+            for i, s in t.optimizer.state_dict()["state"].items()}
+    counters = (t.tokens_since_fired.clone(), t.fired_tokens.clone())
     step, tokens = t.step, t.tokens_seen
     bad = x.clone()
     bad[3, 5] = 1e30  # finite in float32; its square is not
@@ -72,6 +75,12 @@ def test_a_step_whose_loss_is_not_finite_is_skipped_and_the_sae_left_as_it_was()
     assert (t.step, t.tokens_seen) == (step, tokens)
     for k, v in t.sae.state_dict().items():
         assert torch.equal(v, before[k]), k
+    for i, s in t.optimizer.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, adam[i][k]), (i, k)
+    assert torch.equal(t.tokens_since_fired, counters[0])
+    assert torch.equal(t.fired_tokens, counters[1])
+    assert all(p.grad is None for p in t.sae.parameters())  # the bad gradients not kept
     m = t.train_step(x)
     assert not m.skipped and t.step == step + 1
     assert all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())
