@@ -325,6 +325,36 @@ int loss_stats_f32(const float *xn, const float *xh, float *e, int64_t n, int64_
     return 0;
 }
 
+/* layer_norm_f32: each row of x [n, d] (d >= 2) centred and divided by its unbiased
+ * standard deviation plus eps, into y [n, d], with the row's mean mu [n] and standard
+ * deviation sd [n] (without eps, for mapping back): `SparseAutoencoder.normalize`, which
+ * with torch's ops takes five passes over [n, d] (the mean, the centring, the squares' sum,
+ * the division), here three over a row while it sits in L1. The sums in float64, so rows
+ * whose squares overflow float32 still get a finite deviation. */
+void layer_norm_f32(const float *x, float *y, float *mu, float *sd, int64_t n, int64_t d,
+                    float eps, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict a = x + r * d;
+        float *restrict out = y + r * d;
+        double s = 0.0, q = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < d; i++) s += (double)a[i];
+        const float m = (float)(s / (double)d);
+#pragma omp simd reduction(+ : q)
+        for (int64_t i = 0; i < d; i++) {
+            const double c = (double)(a[i] - m);
+            q += c * c;
+        }
+        const float st = (float)sqrt(q / (double)(d - 1));
+        const float den = st + eps;
+        for (int64_t i = 0; i < d; i++) out[i] = (a[i] - m) / den;
+        mu[r] = m;
+        sd[r] = st;
+    }
+}
+
 /* The CSR pattern [n, batch] of the latent ids idx [batch, k] (row-major, N = batch·k
  * entries), by one counting sort: crow [n + 1], order [N] (flat positions grouped by latent,
  * token order kept within a latent: what a stable argsort of idx gives), cols [N] = order / k.

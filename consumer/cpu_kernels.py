@@ -22,8 +22,8 @@ from saestream.common import native
 from saestream.common.native import enabled
 
 __all__ = [
-    "csr_backward", "csr_pattern", "decoder_adam_", "enabled", "library_path", "load",
-    "loss_stats", "topk_rows",
+    "csr_backward", "csr_pattern", "decoder_adam_", "enabled", "layer_norm", "library_path",
+    "load", "loss_stats", "topk_rows",
 ]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -55,6 +55,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.decoder_adam_f32.restype = None
     lib.loss_stats_f32.argtypes = [p, p, p, i64, i64, p, p, p, ctypes.c_int]
     lib.loss_stats_f32.restype = ctypes.c_int
+    lib.layer_norm_f32.argtypes = [p, p, p, p, i64, i64, f32, ctypes.c_int]
+    lib.layer_norm_f32.restype = None
     lib.csr_pattern_i64.argtypes = [p, i64, i64, i64, p, p, p]
     lib.csr_pattern_i64.restype = ctypes.c_int
     lib.csr_backward_f32.argtypes = [p, p, p, p, p, p, i64, i64, p, ctypes.c_int, p, ctypes.c_int]
@@ -169,6 +171,27 @@ def loss_stats(
     ):  # fmt: skip
         return None  # out of memory for the partial sums
     return e, esum, sums[0], xsum, sums[1]
+
+
+def layer_norm(
+    x: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(x − μ) / (σ + eps) per row of a float32 CPU matrix [n, d], d >= 2 (σ: the unbiased
+    standard deviation), with μ and σ [n, 1]: one C pass per row where torch's ops take five
+    over the matrix. None where the kernel does not apply (other dtypes or devices, an input
+    that needs a gradient, no build)."""
+    if x.dim() != 2 or x.shape[1] < 2 or x.device.type != "cpu" or \
+            x.dtype != torch.float32 or x.requires_grad:
+        return None
+    lib = load()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    n, d = x.shape
+    y, mu, sd = torch.empty(n, d), torch.empty(n, 1), torch.empty(n, 1)
+    lib.layer_norm_f32(x.data_ptr(), y.data_ptr(), mu.data_ptr(), sd.data_ptr(), n, d, eps,
+                       _threads(n))
+    return y, mu, sd
 
 
 def csr_pattern(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saestream.consumer import cpu_kernels
 from saestream.consumer.sparse_ops import (
     DecodeTerm,
     LatentPattern,
@@ -102,8 +103,10 @@ class ForwardOutput(NamedTuple):
     """What one forward pass computes. `normalized_*` tensors are in the SAE's own space (after
     `input_normalization`), where the training losses are measured."""
 
-    x_hat: torch.Tensor
-    """Reconstruction in the raw input space (shape [batch, d_in])."""
+    x_hat: torch.Tensor | None
+    """Reconstruction in the raw input space (shape [batch, d_in]); None from a forward asked
+    not to map back (`map_back=False`: training measures its losses in the normalised
+    space)."""
     latent_acts: torch.Tensor
     """Values of the kept latents, ReLU applied (shape [batch, k])."""
     latent_indices: torch.Tensor
@@ -172,6 +175,10 @@ class SparseAutoencoder(nn.Module):
         """Raw activations [batch, d_in] -> the space the SAE works in, and what was removed."""
         mode = self.cfg.input_normalization
         if mode == "layer_norm":
+            fused = cpu_kernels.layer_norm(x, LAYER_NORM_EPS)  # CPU float32: one C pass
+            if fused is not None:
+                xn, mu, std = fused
+                return xn, NormStats(mu, std)
             mu = x.mean(dim=-1, keepdim=True)
             xc = x - mu
             # The unbiased std from the centred values (needed anyway): on CPU a dozen times
@@ -217,6 +224,7 @@ class SparseAutoencoder(nn.Module):
         k_aux: int = 0,
         dense: bool = False,
         autocast_bf16: bool = False,
+        map_back: bool = True,
     ) -> ForwardOutput:
         """Normalise, encode, decode, map back; with the extra reconstructions training needs.
 
@@ -229,6 +237,8 @@ class SparseAutoencoder(nn.Module):
         :param autocast_bf16: run this forward under bf16 autocast (CUDA only): the encoder
             matmul and the dense decodes (AuxK's over the dead latents; the dense path's)
             in bf16, the top-k values and sparse decodes in fp32.
+        :param map_back: map the reconstruction back to the raw space (`x_hat`); training
+            does not need it (two passes over [batch, d_in] saved).
         """
         xn, stats = self.normalize(x.to(self.W_dec.dtype))
         k = self.cfg.k
@@ -242,7 +252,7 @@ class SparseAutoencoder(nn.Module):
         with amp:
             vals, idx, x_hat, x_hat_4k, aux = path(xn, k, k_top, dead if k_aux else None, k_aux)
         return ForwardOutput(
-            x_hat=self.denormalize(x_hat, stats),
+            x_hat=self.denormalize(x_hat, stats) if map_back else None,
             latent_acts=vals[:, :k],
             latent_indices=idx[:, :k],
             normalized_x=xn,

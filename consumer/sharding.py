@@ -161,6 +161,7 @@ class ShardedSAE(nn.Module):
         k_aux: int = 0,
         dense: bool = False,
         autocast_bf16: bool = False,
+        map_back: bool = True,
     ) -> ForwardOutput:
         """`SparseAutoencoder.forward` over the shard group: the same arguments (`dead_mask`
         over all n_latents, as every rank's trainer keeps it) and the same outputs, replicated
@@ -205,7 +206,7 @@ class ShardedSAE(nn.Module):
         sums = _SumPartials.apply(shard, *partials)
         x_hat = sums[0] + self.b_dec
         return ForwardOutput(
-            x_hat=self.denormalize(x_hat, stats),
+            x_hat=self.denormalize(x_hat, stats) if map_back else None,
             latent_acts=vals[:, :k],
             latent_indices=idx[:, :k],
             normalized_x=xn,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
+from torch.autograd import Function
+from torch.autograd.function import FunctionCtx
 
 from saestream.common.settings import ranged
 from saestream.consumer import cpu_kernels, sharding
@@ -265,12 +266,11 @@ class Trainer:
         :param dead_mask: bool [n_latents] of dead latents for AuxK (None = no AuxK).
         """
         cfg = self.cfg
-        out = self.sae(
-            x, dead_mask, k_aux=cfg.k_aux, dense=not cfg.sparse, autocast_bf16=cfg.autocast_bf16
-        )
+        out = self.sae(x, dead_mask, k_aux=cfg.k_aux, dense=not cfg.sparse,
+                       autocast_bf16=cfg.autocast_bf16, map_back=False)
         xn, x_hat = out.normalized_x, out.normalized_x_hat
-        # Fused squared-error losses (mse_loss: one kernel each way, no [batch, d] residual
-        # kept for autograd); the statistics in float64, from detached values (`_loss_stats`).
+        # The statistics in float64, from detached values (`_loss_stats`); the main loss from
+        # them (`_ResidualLoss`), the others by one pass each way (`_SquaredDistance`).
         with torch.no_grad():
             # e: the residual AuxK reconstructs; its sums and xn's in float64
             e, e_sum, sse, xn_sum, xn_sq = _loss_stats(xn, x_hat)
@@ -280,12 +280,12 @@ class Trainer:
         self.dp.sum_([stats])
         n = stats[0]
         scale = (n * (xn.shape[1] * self.mse_scale)).to(xn.dtype)  # global tokens × d_in × c
-        main = F.mse_loss(x_hat, xn, reduction="sum") / scale
+        main = _ResidualLoss.apply(x_hat, e, sse, scale)
         total = main
         zero = xn.new_zeros(())
         multi = zero
         if out.multi_topk_x_hat is not None:
-            multi = F.mse_loss(out.multi_topk_x_hat, xn, reduction="sum") / scale
+            multi = _SquaredDistance.apply(out.multi_topk_x_hat, xn, scale)
             total = total + multi / 8
         auxk = zero
         if out.auxk_recon is not None:
@@ -293,7 +293,7 @@ class Trainer:
             # removed, and the aux reconstruction is decoded without it). The normaliser is
             # the residual's squared deviation from its mean over the global batch.
             den = (stats[-1] - stats[1:-1].pow(2).sum() / n).to(xn.dtype)
-            auxk = F.mse_loss(out.auxk_recon, e, reduction="sum") / den
+            auxk = _SquaredDistance.apply(out.auxk_recon, e, den)
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
             total = total + cfg.auxk_coef * auxk
         with torch.no_grad():
@@ -528,6 +528,43 @@ class Trainer:
         if not x.is_floating_point():
             raise ValueError(f"expected floating-point activations, got {x.dtype}")
         return x.to(self.device, torch.float32)
+
+
+class _ResidualLoss(Function):
+    """Σ‖x̂ − xn‖² / scale as a function of x̂, from the residual e = xn − x̂ and its sum of
+    squares that `_loss_stats` has already computed: no pass over the batch forward, one
+    backward (∂x̂ = −2e·g/scale), where `mse_loss` takes one forward and, zero-filling its
+    output first, two backward."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x_hat: torch.Tensor, e: torch.Tensor, sse: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(e, scale)
+        return (sse / scale).to(x_hat.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        e, scale = ctx.saved_tensors  # type: ignore[attr-defined]
+        return e * (g * (-2.0) / scale).to(e.dtype), None, None, None
+
+
+class _SquaredDistance(Function):
+    """Σ‖r − t‖² / den for a reconstruction r and a target t that takes no gradient: the
+    difference made once, and kept for backward (∂r = 2(r − t)·g/den)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, r: torch.Tensor, t: torch.Tensor,
+                den: torch.Tensor) -> torch.Tensor:
+        diff = r - t
+        ctx.save_for_backward(diff, den)
+        ctx.dtype = r.dtype  # type: ignore[attr-defined]
+        return (_sq_norm(diff) / den).to(r.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        diff, den = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = diff * (g * 2.0 / den).to(diff.dtype)
+        return grad.to(ctx.dtype), None, None  # type: ignore[attr-defined]
 
 
 def _loss_stats(

@@ -424,3 +424,38 @@ def test_the_builds_for_other_cpus_give_the_same_results(isa, monkeypatch, tmp_p
     got_W, got_v = cpu_kernels.csr_backward(pattern.arrays(), coef, rows, W)
     torch.testing.assert_close(got_W, spmm(pattern.matrix(coef)[0], rows))
     torch.testing.assert_close(got_v, gathered_dot(ids, W, rows))
+
+
+def torch_layer_norm(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """`SparseAutoencoder.normalize`'s torch path, in float64."""
+    x = x.double()
+    mu = x.mean(dim=1, keepdim=True)
+    sd = (x - mu).pow(2).sum(dim=1, keepdim=True).div(x.shape[1] - 1).sqrt()
+    return (x - mu) / (sd + eps), mu, sd
+
+
+@pytest.mark.parametrize("shape,threads", [((1, 2), 1), ((5, 3), 2), ((300, 96), 2),
+                                           ((64, 777), 1), ((0, 8), 1)])
+def test_layer_norm_equals_torchs(shape, threads, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g) * 5 + 2
+    if shape[0] > 2:
+        x[1] = 7.0  # a constant row: deviation 0, divided by eps alone
+        x[2] *= 1e25  # squares beyond float32: the float64 sums keep the deviation finite
+    y, mu, sd = cpu_kernels.layer_norm(x, 1e-5)
+    ry, rmu, rsd = torch_layer_norm(x, 1e-5)
+    assert y.shape == x.shape and mu.shape == sd.shape == (shape[0], 1)
+    torch.testing.assert_close(mu, rmu.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sd, rsd.float(), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(y, ry.float(), rtol=1e-5, atol=1e-5)
+    if shape[0] > 2:
+        assert torch.equal(y[1], torch.zeros(shape[1])) and y[2].isfinite().all()
+
+
+def test_layer_norm_declines_what_it_does_not_take() -> None:
+    x = torch.randn(4, 3)
+    assert cpu_kernels.layer_norm(x.double(), 1e-5) is None
+    assert cpu_kernels.layer_norm(x[:, :1], 1e-5) is None  # one value has no deviation
+    assert cpu_kernels.layer_norm(x[0], 1e-5) is None
+    assert cpu_kernels.layer_norm(x.requires_grad_(), 1e-5) is None  # torch's path differentiates

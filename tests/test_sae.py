@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+from saestream.consumer import cpu_kernels
 from saestream.consumer.geometric_median import geometric_median
 from saestream.consumer.sae import SAEConfig, SparseAutoencoder
 
@@ -82,6 +83,22 @@ def test_forward_reconstructs_in_the_raw_space():
     values, indices = sae.encode(xn)
     torch.testing.assert_close(out.x_hat, sae.denormalize(sae.decode(values, indices), stats))
     torch.testing.assert_close(out.latent_indices, indices)
+    bare = sae(x, map_back=False)  # training's forward: the normalised space only
+    assert bare.x_hat is None
+    assert torch.equal(bare.normalized_x_hat, out.normalized_x_hat)
+    assert torch.equal(bare.normalized_x, out.normalized_x)
+
+
+def test_layer_norm_takes_the_same_values_with_and_without_the_c_kernel(monkeypatch):
+    sae = make_sae()
+    x = torch.randn(50, 16) * 3 + 1
+    xn, stats = sae.normalize(x)
+    monkeypatch.setattr(cpu_kernels, "layer_norm", lambda x, eps: None)
+    rn, rstats = sae.normalize(x)
+    torch.testing.assert_close(xn, rn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.shift, rstats.shift, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.scale, rstats.scale, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(sae.denormalize(xn, stats), x, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

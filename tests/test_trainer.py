@@ -438,3 +438,37 @@ def test_two_stage_topk_returns_the_same_values_as_torch_topk(ties: bool) -> Non
     assert torch.equal(values, ref_values)
     assert torch.equal(pre.gather(1, indices), values)
     assert all(len(set(row)) == 32 for row in indices.tolist())  # distinct latents per token
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_the_loss_nodes_equal_mse_loss_in_value_and_gradient(multi_topk) -> None:
+    """`losses` builds its terms from the statistics it has (`_ResidualLoss`) and one
+    difference each (`_SquaredDistance`): the values and every gradient are mse_loss's."""
+    import torch.nn.functional as F
+
+    t = make_trainer(True, dict(multi_topk=multi_topk), k_aux=8, dead_tokens=50)
+    x = batch(64)
+    t.initialize(x)
+    dead = as_mask(torch.arange(LATENTS - 20, LATENTS))
+    got = t.losses(x, dead)
+    got.total.backward()
+    grads = {n: p.grad.clone() for n, p in t.sae.named_parameters()}
+    t.optimizer.zero_grad(set_to_none=True)
+    out = t.sae(x, dead, k_aux=8)
+    xn, x_hat = out.normalized_x, out.normalized_x_hat
+    scale = x.shape[0] * D_IN * t.mse_scale
+    main = F.mse_loss(x_hat, xn, reduction="sum") / scale
+    e = (xn - x_hat).detach()
+    den = ((e.double() - e.double().mean(dim=0)).pow(2).sum()).float()
+    auxk = F.mse_loss(out.auxk_recon, e, reduction="sum") / den
+    total = main + t.cfg.auxk_coef * auxk
+    if multi_topk:
+        multi = F.mse_loss(out.multi_topk_x_hat, xn, reduction="sum") / scale
+        total = total + multi / 8
+        assert float(got.multi_topk.detach()) == pytest.approx(float(multi.detach()), rel=1e-5)
+    assert float(got.main.detach()) == pytest.approx(float(main.detach()), rel=1e-5)
+    assert float(got.auxk.detach()) == pytest.approx(float(auxk.detach()), rel=1e-5)
+    assert float(auxk.detach()) > 0
+    total.backward()
+    for n, p in t.sae.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
