@@ -8,11 +8,12 @@ import logging
 import os
 import stat
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from saestream.common.errors import UserError
+from saestream.common.errors import UserError, escaped
 
 log = logging.getLogger("saestream.files")
 
@@ -20,7 +21,14 @@ log = logging.getLogger("saestream.files")
 def check_writable_dir(path: Path, flag: str) -> None:
     """UserError (`FLAG PATH: not writable (reason)`) unless `path` exists, or can be made,
     as a directory where a file can be written and synced: checked at start-up, so a
-    read-only, full or misnamed directory costs no training time."""
+    read-only, full or misnamed directory costs no training time. A path that is not UTF-8
+    is refused too: safetensors cannot open files under it, so what was written there could
+    not be read back."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {escaped(str(path))}: not a UTF-8 path (safetensors files "
+                        "under it could not be read back)") from None
     try:
         probe_dir(path)
     except OSError as exc:
@@ -163,3 +171,34 @@ def read_regular(path: Path | str, limit: int) -> bytes:
     if len(data) > limit:  # grew since the fstat
         raise FileTooLarge(f"{path}: more than the {limit:,} bytes such a file may have")
     return data
+
+
+class UnsafeArchive(ValueError):
+    """A torch.save file that torch.load could be made to inflate beyond its own size."""
+
+
+def check_torch_archive(path: Path | str) -> None:
+    """UnsafeArchive unless `path` is a zip archive (torch.save's format since torch 1.6)
+    whose entries are all stored, not compressed, with sizes within the file.
+
+    torch.load allocates each storage at the size the archive states and inflates it before
+    any caller can check a shape, so a few compressed megabytes could ask for gigabytes (and
+    the legacy, non-zip format allocates what its pickle says before reading). torch.save
+    never compresses, so this refuses no file it wrote."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            if not zipfile.is_zipfile(fh):
+                raise UnsafeArchive(f"{path}: not a torch.save zip archive")
+            fh.seek(0)
+            size = os.fstat(fd).st_size
+            with zipfile.ZipFile(fh) as archive:
+                for info in archive.infolist():
+                    if info.compress_type != zipfile.ZIP_STORED or \
+                            info.file_size != info.compress_size or info.file_size > size:
+                        raise UnsafeArchive(f"{path}: entry {info.filename!r} is compressed "
+                                            "(torch.save stores every entry as it is)")
+    except zipfile.BadZipFile as exc:
+        raise UnsafeArchive(f"{path}: not a readable zip archive ({exc})") from None
+    finally:
+        os.close(fd)

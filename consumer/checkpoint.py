@@ -34,11 +34,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from saestream import __version__
 from saestream.common.errors import UserError
-from saestream.common.files import FileTooLarge, NotRegularFile, read_regular
+from saestream.common.files import (
+    FileTooLarge,
+    NotRegularFile,
+    UnsafeArchive,
+    check_torch_archive,
+    read_regular,
+)
+from saestream.common.wire import DTYPES
 from saestream.consumer.buffer import Batch
 from saestream.consumer.sae import LAYER_NORM_EPS, SAEConfig, SparseAutoencoder
 from saestream.consumer.shard_files import (
@@ -53,7 +61,9 @@ from saestream.consumer.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger("saestream.checkpoint")
 
-SNAPSHOT_RE = re.compile(r"^step-(\d{8,})$")
+SNAPSHOT_RE = re.compile(r"^step-(\d{8,19})$")
+"""A snapshot's directory name: a step of int64 (at most 19 digits), so a `latest` naming
+hundreds of digits is garbage, not a path too long to probe."""
 BUFFER_RE = re.compile(r"buffers/\d+\.safetensors")
 """A shuffle buffer's file, relative to its snapshot (`extra.json`'s `buffers`)."""
 WEIGHT_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
@@ -159,6 +169,16 @@ def sae_config_of(cfg: Any, where: object) -> SAEConfig:
 
 def snapshot_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def _is_dir(path: Path) -> bool:
+    """`path.is_dir()`, but False where probing it fails (a name too long, a permission):
+    a path that cannot be probed names no snapshot, and must not end a command in a
+    traceback."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
 
 
 def sae_cfg_json(trainer: Trainer) -> dict[str, Any]:
@@ -334,16 +354,24 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
         meta = read_json_file(d / "trainer.json")
         sae_cfg = SAEConfig(**meta["sae"])
         cfg = TrainerConfig(**meta["trainer"])
-        mine = shard(sae_cfg.n_latents) if shard is not None else None
-        trainer = Trainer(sae_cfg, cfg, name=meta["name"], hook=meta["hook"],
-                          model=meta["model"], device=device, shard=mine)
+        sae_cfg.validate()
         shards = _saved_shards(d)
         if shards == 1 and not (d / "sae.safetensors").is_file():
             raise CheckpointError(f"{d}: no sae.safetensors")
         if not (d / "trainer.pt").is_file():  # torch.load would wait on a FIFO forever
             raise CheckpointError(f"{d}: trainer.pt is missing or not a regular file")
+        try:  # a few compressed bytes must not make torch.load allocate gigabytes
+            check_torch_archive(d / "trainer.pt")
+        except UnsafeArchive as exc:
+            raise CheckpointError(str(exc)) from None
         state = torch.load(d / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
-        reader = RowReader(d, sae_cfg, shards, state)
+        reader = RowReader(d, sae_cfg, shards, state)  # checks the shard files' shapes
+        if shards == 1:
+            _check_weight_shapes(d / "sae.safetensors", reader)
+        # Only now, trainer.json's sizes agreeing with the weights', is the SAE allocated.
+        mine = shard(sae_cfg.n_latents) if shard is not None else None
+        trainer = Trainer(sae_cfg, cfg, name=meta["name"], hook=meta["hook"],
+                          model=meta["model"], device=device, shard=mine)
         lo, hi = (mine.lo, mine.hi) if mine is not None else (0, sae_cfg.n_latents)
         names = [n for n, _ in trainer.sae.named_parameters()]
         weights = {n: reader.rows("weights", n, lo, hi) for n in names}
@@ -361,6 +389,21 @@ def load_trainer(directory: Path, device: str | torch.device = "cpu",
         raise
     except Exception as exc:  # corrupt files surface as many exception types
         raise CheckpointError(f"{d}: {one_line(exc)}") from exc
+
+
+def _check_weight_shapes(path: Path, reader: RowReader) -> None:
+    """ValueError unless sae.safetensors holds the four weights at the shapes trainer.json
+    gives: read from its header alone, before a Trainer of those sizes is allocated (a
+    trainer.json saying d_in 2^22 must not cost gigabytes to refuse)."""
+    with safe_open(str(path), framework="pt") as f:
+        for name in WEIGHT_NAMES:
+            want = reader.whole_shape(name)
+            if name not in f.keys():
+                raise ValueError(f"{path.name} lacks {name}")
+            got = tuple(f.get_slice(name).get_shape())
+            if got != want:
+                raise ValueError(f"{path.name}: {name} has shape {got}, trainer.json says "
+                                 f"{want}")
 
 
 def check_complete(path: Path) -> dict[str, Any]:
@@ -431,7 +474,7 @@ def resumable(root: Path, run_id: str | None = None) -> Iterator[tuple[Path, dic
         log.warning("%s/%s names no snapshot (garbage in it): resuming from the newest "
                     "complete snapshot", root, LATEST)
     target = root / name if name else None
-    if target is None or not target.is_dir():
+    if target is None or not _is_dir(target):
         if name:
             log.warning("%s/%s names %s, which is missing", root, LATEST, name)
         complete = [(p, e) for p, e in _complete(reversed(snaps), warn=False)]
@@ -489,9 +532,17 @@ def load_buffers(path: Path, extra: Mapping[str, Any]) -> dict[str, Batch]:
     for hook, rel in (extra.get("buffers") or {}).items():
         try:
             t = load_file(str(Path(path) / str(rel)))
-            out[hook] = Batch(t["rows"], t["sources"])
+            rows, sources = t["rows"], t["sources"]
         except Exception as exc:  # corrupt files surface as many exception types
             raise CheckpointError(f"{path}/{rel}: {one_line(exc)}") from exc
+        # what `ShuffleBuffer.restore` takes: [n, d] rows of a wire dtype, n integer tags
+        if rows.ndim != 2 or rows.dtype not in DTYPES.values() or sources.shape != \
+                rows.shape[:1] or sources.dtype not in (torch.int32, torch.int64):
+            raise CheckpointError(
+                f"{path}/{rel}: rows {str(rows.dtype).removeprefix('torch.')} "
+                f"{tuple(rows.shape)} and sources {str(sources.dtype).removeprefix('torch.')} "
+                f"{tuple(sources.shape)} are no buffer's ([n, d] activations, n tags)")
+        out[hook] = Batch(rows, sources)
     return out
 
 
@@ -627,7 +678,7 @@ def sae_dirs(path: Path, name: str | None = None) -> list[Path]:
         raise CheckpointError(f"{path}: {what}")
     if (path / LATEST).is_file() and not (path / "cfg.json").exists():
         target = latest_name(path)
-        if target is None or not (path / target).is_dir():
+        if target is None or not _is_dir(path / target):
             raise CheckpointError(f"{path}/{LATEST} does not name a snapshot of {path}")
         path = path / target
     if (path / "cfg.json").is_file():

@@ -47,7 +47,7 @@ from saestream.common.logs import RateLimitedLog
 from saestream.common.metrics import serve_metrics
 from saestream.common.signals import SignalFlags
 from saestream.common.transport import CONTROL_HWM, pull_socket, router_socket
-from saestream.common.wire import REJECT_REASONS, DecodeLimits, load_kernels, lz4_bound
+from saestream.common.wire import DTYPES, REJECT_REASONS, DecodeLimits, load_kernels, lz4_bound
 from saestream.consumer import checkpoint as ckpt
 from saestream.consumer import init_from
 from saestream.consumer.buffer import Batch, BufferSet
@@ -225,10 +225,11 @@ class ConsumerRun:
             path = Path(outcome[2])
             try:
                 trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
+                hooks = _saved_hooks(path, extra, trainers, {})
             except ckpt.CheckpointError as exc:  # rank 0 read its part; this one cannot
                 raise UserError(f"rank {self.world.rank} cannot read its part of the snapshot "
                                 f"rank 0 resumed: {exc}") from None
-            self._adopt(path, trainers, extra, {})
+            self._adopt(path, trainers, extra, {}, hooks, None)
         return None  # ranks' ledgers are not in the snapshots: nothing is `committed`
 
     def _open_here(self) -> Ledger | None:
@@ -277,10 +278,12 @@ class ConsumerRun:
                 trainers, extra = ckpt.load_snapshot(path, self.device, self._shard_of)
                 _check_finite(trainers, path)
                 buffered = ckpt.load_buffers(path, extra)
+                hooks = _saved_hooks(path, extra, trainers, buffered)
+                ledger = _saved_ledger(path, extra, self.cfg)
             except ckpt.CheckpointError as exc:
                 log.warning("skipping unreadable snapshot %s: %s", path, exc)
                 continue
-            self._adopt(path, trainers, extra, buffered)
+            self._adopt(path, trainers, extra, buffered, hooks, ledger)
             return self.ledger.copy()
         raise UserError(
             f"--resume: no readable snapshot of the run in {root} (see the warnings above); "
@@ -288,7 +291,10 @@ class ConsumerRun:
         )
 
     def _adopt(self, path: Path, trainers: dict[str, Trainer], extra: dict[str, Any],
-               buffered: dict[str, Batch]) -> None:
+               buffered: dict[str, Batch], hooks: dict[str, HookInfo],
+               ledger: Ledger | None) -> None:
+        """Take on a snapshot read and checked (`_saved_hooks`, `_saved_ledger`): UserError
+        only where it disagrees with this run's settings."""
         cfg = self.cfg
         specs = {s.name: s for s in cfg.saes}
         # An SAE is made at its hook's first step, all of the hook's at once: one missing
@@ -305,16 +311,18 @@ class ConsumerRun:
                                 f"{specs[name].hook}")
         for name, tr in trainers.items():
             _say_overridden(specs[name], tr, path)
-        for hook, saved in extra.get("hooks", {}).items():
+        lost = sorted(h for h in buffered if h not in cfg.hooks)
+        if lost:
+            raise UserError(f"snapshot {path} buffers rows of hook(s) {', '.join(lost)}, which "
+                            "--hook does not name")
+        for hook, saved in hooks.items():
             if hook in cfg.hooks:
-                if cfg.d_in is not None and cfg.d_in != saved["d_in"]:
+                if cfg.d_in is not None and cfg.d_in != saved.d:
                     log.warning("--d-in %d ignored for %s: the snapshot %s was trained on "
-                                "width %d, which stands", cfg.d_in, hook, path, saved["d_in"])
-                self.hook_info[hook] = HookInfo(saved["d_in"], saved.get("dtype"),
-                                                saved.get("model"))
-        if self.world.rank == 0:  # a one-process snapshot's ledger and buffers: rank 0's
-            self.ledger = Ledger.from_json(extra.get("producers", {}), cfg.max_producers,
-                                           cfg.producer_expiry_seconds)
+                                "width %d, which stands", cfg.d_in, hook, path, saved.d)
+                self.hook_info[hook] = saved
+        if ledger is not None:  # a one-process snapshot's ledger and buffers: rank 0's
+            self.ledger = ledger
         self._resumed_from = path
         for hook, batch in buffered.items():
             info = self.hook_info[hook]
@@ -325,7 +333,7 @@ class ConsumerRun:
         for tr in trainers.values():
             tr.dp = self.mesh.dp
         self.trainers = trainers
-        self.stats.steps, self.stats.tokens = int(extra.get("step", 0)), int(extra["tokens"])
+        self.stats.steps, self.stats.tokens = extra.get("step", 0), extra["tokens"]
         self.stats.saved_step = self.stats.steps  # that state is saved: in `path` (`_newest`)
         self._saved_version = self.ledger.version if self.world.size == 1 else 0
         self.stats.run_id = ckpt.run_of(extra) or ""
@@ -860,6 +868,56 @@ def _say_overridden(spec: SAESpec, tr: Trainer, path: Path) -> None:
         if field_name in spec.given and saved.get(field_name) != asked.get(field_name):
             log.warning("--sae %s: %s=%s ignored, the snapshot %s has %s=%s, which stands",
                         spec.name, key, asked.get(field_name), path, key, saved.get(field_name))
+
+
+def _saved_hooks(path: Path, extra: dict[str, Any], trainers: dict[str, Trainer],
+                 buffered: dict[str, Batch]) -> dict[str, HookInfo]:
+    """The hooks' widths, dtypes and models a snapshot's extra.json records, checked against
+    its SAEs and buffers, with its step and token counts: CheckpointError (a damaged
+    snapshot, skipped for an older one) for any that is no count, or a width its SAEs or
+    buffers do not have (a shuffle buffer is allocated at that width)."""
+    for key in ("step", "tokens"):
+        value = extra.get(key, 0 if key == "step" else None)
+        if type(value) is not int or value < 0:
+            raise ckpt.CheckpointError(f"{path}: extra.json's {key} {value!r:.60} is not a "
+                                       "whole number >= 0")
+    saved = extra.get("hooks", {})
+    if not isinstance(saved, dict):
+        raise ckpt.CheckpointError(f"{path}: extra.json's hooks is not a map of hook to width")
+    widths = {tr.hook: tr.sae_cfg.d_in for tr in trainers.values()}
+    widths.update({h: b.x.shape[1] for h, b in buffered.items()})
+    top = DecodeLimits().max_d
+    out = {}
+    for hook, info in saved.items():
+        d = info.get("d_in") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        model = info.get("model") if isinstance(info, dict) else None
+        if type(d) is not int or not 1 <= d <= top:
+            raise ckpt.CheckpointError(f"{path}: extra.json's hooks[{hook!r:.60}] has no width "
+                                       f"(d_in of 1..{top})")
+        if hook in widths and widths[hook] != d:
+            raise ckpt.CheckpointError(f"{path}: extra.json's hooks[{hook!r:.60}] says d_in "
+                                       f"{d}, its SAEs and buffer have {widths[hook]}")
+        if (dtype is not None and dtype not in DTYPES) or \
+                (model is not None and not isinstance(model, str)):
+            raise ckpt.CheckpointError(f"{path}: extra.json's hooks[{hook!r:.60}] has a dtype "
+                                       "or model that is no name")
+        out[hook] = HookInfo(d, dtype, model)
+    unknown = sorted(h for h in buffered if h not in out)
+    if unknown:
+        raise ckpt.CheckpointError(f"{path}: extra.json's hooks gives no width for the "
+                                   f"buffered hook(s) {', '.join(unknown)}")
+    return out
+
+
+def _saved_ledger(path: Path, extra: dict[str, Any], cfg: ConsumerConfig) -> Ledger:
+    """The ledger a snapshot's extra.json records; CheckpointError (a damaged snapshot) for
+    one no ledger wrote."""
+    try:
+        return Ledger.from_json(extra.get("producers", {}), cfg.max_producers,
+                                cfg.producer_expiry_seconds)
+    except ValueError as exc:
+        raise ckpt.CheckpointError(f"{path}: extra.json's producers: {exc}") from None
 
 
 def _check_finite(trainers: dict[str, Trainer], path: Path) -> None:

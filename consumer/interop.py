@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from saestream.consumer.checkpoint import WEIGHT_NAMES, CheckpointError, load_sae
+from saestream.common.files import NotRegularFile, UnsafeArchive, check_torch_archive
+from saestream.consumer.checkpoint import (
+    WEIGHT_NAMES,
+    CheckpointError,
+    load_sae,
+    read_json_file,
+)
 from saestream.consumer.sae import LAYER_NORM_EPS
 
 SAELENS_CFG = "cfg.json"
@@ -133,10 +139,11 @@ def _read_counters(p: PortableSAE, path: Path) -> None:
     """The firing counters of a snapshot's trainer.pt into `p`, checked (a state dict; int64
     [n] counts; `counted_tokens` a whole number >= every count). Raises InteropError."""
     fix = "(remove it to export without firing counts)"
+    _check_archive(path, fix)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # corrupt files surface as many exception types
         raise InteropError(f"{path}: not a trainer state torch.load reads with weights_only=True "
                            f"({type(exc).__name__}: {_first_line(exc)}) {fix}") from None
@@ -175,10 +182,15 @@ def _is_counts(t: object, n: int) -> bool:
 def snapshot_context(snapshot: Path, warn: Callable[[str], None] | None = None) -> int | None:
     """The context length the snapshot's producers read (`seq_len` of every stream its ledger
     holds), when there is exactly one; None otherwise (e.g. `saestream train` snapshots).
-    Optional metadata: a ledger of the wrong shape gives None, and says why to `warn`."""
-    try:
-        extra = json.loads((Path(snapshot) / "extra.json").read_text())
-    except (OSError, ValueError):
+    Optional metadata: a missing extra.json gives None; one that is unreadable (a FIFO, too
+    large, not JSON) or a ledger of the wrong shape gives None, and says why to `warn`."""
+    try:  # checkpoint's reader: never blocks on a FIFO, bounded, RecursionError caught
+        extra = read_json_file(Path(snapshot) / "extra.json")
+    except FileNotFoundError:
+        return None
+    except CheckpointError as exc:
+        if warn is not None:
+            warn(f"{exc}: no context size recorded (give --context-size)")
         return None
     producers = extra.get("producers") if isinstance(extra, dict) else None
     if producers is None:
@@ -312,8 +324,11 @@ def read_saelens(directory: Path, *, name: str | None = None) -> PortableSAE:
     b_dec = _tensor(tensors, "b_dec", (d_in,), what)
     _check_k(k, n, f"{d}/{SAELENS_CFG}")
     ours = meta.get("saestream") if isinstance(meta.get("saestream"), dict) else {}
+    where = f"{d}/{SAELENS_CFG}"
+    apply_b_dec = _flag(cfg, "apply_b_dec_to_input", True, where)
+    rescale = _flag(cfg, "rescale_acts_by_decoder_norm", False, where)
     p = PortableSAE(
-        name=name or str(ours.get("name") or d.name),
+        name=name or _name(ours.get("name"), "metadata.saestream.name", where) or d.name,
         hook=meta.get("hook_name", cfg.get("hook_name", cfg.get("hook_point"))),
         model=meta.get("model_name", cfg.get("model_name")), k=k,
         weights={"encoder.weight": w_enc.t().contiguous(), "encoder.bias": b_enc,
@@ -324,13 +339,13 @@ def read_saelens(directory: Path, *, name: str | None = None) -> PortableSAE:
     if cfg.get("dtype", "float32") != "float32":
         p.notes.append(f"{p.name}: SAELens runs it in {cfg.get('dtype')}; imported in float32")
     p.input_normalization = _saelens_normalization(cfg.get("normalize_activations", "none"), p)
-    if not cfg.get("apply_b_dec_to_input", True):
+    if not apply_b_dec:
         # Their encoder reads x′ (b_dec not subtracted): b_enc + b_dec·W_enc compensates ours.
         p.weights["encoder.bias"] = _f32(b_enc.double() + b_dec.double() @ w_enc.double())
         _check_finite(p.weights, f"{what}: folding apply_b_dec_to_input false "
                       "(b_enc + b_dec·W_enc)")
         p.notes.append(f"{p.name}: apply_b_dec_to_input false: b_dec·W_enc is folded into b_enc")
-    if cfg.get("rescale_acts_by_decoder_norm", False):
+    if rescale:
         _fold_decoder_norms(p, what)
         _check_finite(p.weights, f"{what}: folding rescale_acts_by_decoder_norm (W_enc and b_enc "
                       "times the decoder norms)")
@@ -471,9 +486,11 @@ def _read_sparsify_sae(d: Path, run: Mapping[str, Any]) -> PortableSAE:
     if cfg.get("activation", "topk") != "topk":
         raise InteropError(f"{d}: activation {cfg.get('activation')!r} is not TopK: only TopK "
                            "SAEs import")
+    where = f"{d}/cfg.json"
+    multi_topk = _flag(cfg, "multi_topk", False, where)
     for flag, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection"),
                        ("signed", "signed activations")):
-        if cfg.get(flag):
+        if _flag(cfg, flag, False, where):
             raise InteropError(f"{d}: {flag} true ({what}) has no equivalent in a TopK SAE")
     what = f"{d}/{SPARSIFY_WEIGHTS}"
     tensors = _load_safetensors(d / SPARSIFY_WEIGHTS, "sparsify")
@@ -505,10 +522,10 @@ def _read_sparsify_sae(d: Path, run: Mapping[str, Any]) -> PortableSAE:
         raise InteropError(f"{d}/cfg.json: scalar input normalisation without a valid "
                            "input_scale")
     p = PortableSAE(
-        name=str(cfg.get("name") or d.name), hook=cfg.get("hook") or d.name,
+        name=_name(cfg.get("name"), "name", where) or d.name, hook=cfg.get("hook") or d.name,
         model=cfg.get("model") or run.get("model"), k=k, weights=weights,
         input_normalization=mode, input_scale=float(scale) if mode == "scalar" else None,
-        multi_topk=bool(cfg.get("multi_topk", False)) and 4 * k <= n,
+        multi_topk=multi_topk and 4 * k <= n,
         origin=cfg.get("origin") if isinstance(cfg.get("origin"), dict) else None,
     )
     _note_dtype(p, tensors, what)
@@ -527,12 +544,14 @@ def read_openai(path: Path, *, tokens_per_step: int = OPENAI_TOKENS_PER_STEP) ->
     `stats_last_nonzero` counts steps: times `tokens_per_step` it is our dead-latent counter."""
     path = Path(path)
     if not path.is_file():
-        what = "a directory" if path.is_dir() else "no such file"
+        what = "a directory" if path.is_dir() else \
+            "not a regular file" if path.exists() else "no such file"
         raise InteropError(f"{path}: {what} (an openai SAE is one torch.save file)")
+    _check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # pickles and zip archives fail in many ways
         raise InteropError(f"{path}: not a state dict torch.load reads with weights_only=True "
                            f"({type(exc).__name__}: {_first_line(exc)})") from None
@@ -621,15 +640,50 @@ def _load_safetensors(path: Path, fmt: str) -> dict[str, torch.Tensor]:
 
 
 def _read_json(path: Path, fmt: str) -> dict[str, Any]:
+    """A JSON object file of the source, read as checkpoint.py reads ours: a FIFO or device
+    refused without blocking, at most MAX_SMALL_FILE bytes, nesting too deep for the parser
+    one line; InteropError for all of them."""
     try:
-        obj = json.loads(path.read_text())
+        obj = read_json_file(path)
     except FileNotFoundError:
         raise InteropError(f"{path}: no such file (a {fmt} SAE folder holds it)") from None
-    except (OSError, ValueError) as exc:
-        raise InteropError(f"{path}: not readable JSON ({exc})") from None
+    except CheckpointError as exc:
+        raise InteropError(str(exc)) from None
     if not isinstance(obj, dict):
         raise InteropError(f"{path}: not a JSON object")
     return obj
+
+
+def _check_archive(path: Path, fix: str = "") -> None:
+    """InteropError unless `path` is a zip archive of stored entries (`check_torch_archive`):
+    torch.load inflates compressed entries to the size they state, however small the file,
+    and mmap=True would read compressed bytes as values."""
+    try:
+        check_torch_archive(path)
+    except (UnsafeArchive, NotRegularFile) as exc:
+        raise InteropError(f"{exc} {fix}".rstrip()) from None
+    except OSError as exc:
+        raise InteropError(f"{path}: cannot read it ({exc.strerror or exc}) {fix}".rstrip()) \
+            from None
+
+
+def _flag(cfg: Mapping[str, Any], key: str, default: bool, where: object) -> bool:
+    """`cfg[key]` when it is a JSON boolean, `default` when missing: a string, a number or
+    NaN is no flag (truthiness would turn "false" and NaN into true)."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise InteropError(f"{where}: {key} {value!r:.100} is not true or false")
+    return value
+
+
+def _name(value: object, what: str, where: object) -> str | None:
+    """A name from a source's config: a string, or None when absent or empty (the folder's
+    name is used then); a number or a list is refused, not turned into a string."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InteropError(f"{where}: {what} {value!r:.100} is not a string")
+    return value or None
 
 
 def _int(value: object, what: str) -> int:

@@ -24,11 +24,57 @@ MAX_POS = 1 << 62
 """End of a void range that closes an epoch: every later position of it is void."""
 KEEP_EPOCHS = 16
 """Epochs kept in full behind a producer's frontier (older ones are wholly accounted for)."""
+STREAM_KEYS = ("corpus", "split", "shard")
+"""What a producer's `stream` must hold: the keys `admit` compares chunks with."""
 MAX_RANGES = 1024
 """Most disjoint ranges kept per (producer, hook, epoch); a chunk that would open more is
 refused (the producer rewinds to the first hole and fills it)."""
 
 Range = list[int]  # [start, end), end > start
+
+
+class LedgerError(ValueError):
+    """A saved ledger (a snapshot's `producers`) that no ledger of ours wrote: restoring it
+    would fail later, in the receiver or the control channel, so it is refused at once."""
+
+
+def _count(value: Any, what: str, top: int = MAX_POS) -> int:
+    """`value` as an int in 0..top (JSON's, never a bool); LedgerError otherwise."""
+    if type(value) is not int or not 0 <= value <= top:
+        raise LedgerError(f"{what} {value!r:.60} is not a whole number in 0..{top}")
+    return value
+
+
+def _map(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise LedgerError(f"{what} is not a map")
+    return value
+
+
+def _position(value: Any, what: str) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise LedgerError(f"{what} {value!r:.60} is not [epoch, position]")
+    return _count(value[0], what), _count(value[1], what)
+
+
+def _table(value: Any, what: str) -> dict[int, list[Range]]:
+    """epoch -> sorted, disjoint [start, end) ranges (what `_add` keeps and relies on)."""
+    out: dict[int, list[Range]] = {}
+    for key, ranges in _map(value, what).items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise LedgerError(f"{what}: epoch {key!r:.60} is not a whole number")
+        epoch = _count(int(key), f"{what} epoch")
+        if not isinstance(ranges, list):
+            raise LedgerError(f"{what}[{epoch}] is not a list of ranges")
+        kept: list[Range] = []
+        for r in ranges:
+            a, b = _position(r, f"{what}[{epoch}] range")
+            if a >= b or (kept and kept[-1][1] > a):
+                raise LedgerError(f"{what}[{epoch}]: ranges are not sorted, disjoint and "
+                                  "non-empty")
+            kept.append([a, b])
+        out[epoch] = kept
+    return out
 
 
 def _subtract(ranges: list[Range], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -157,15 +203,15 @@ class HookLedger:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> HookLedger:
-        def table(t: Mapping[str, Any]) -> dict[int, list[Range]]:
-            return {int(e): [[int(a), int(b)] for a, b in rs] for e, rs in t.items()}
-
+    def from_json(cls, d: Any, what: str = "hook") -> HookLedger:
+        """Inverse of `to_json`; LedgerError for anything it would not write."""
+        d = _map(d, what)
         return cls(
-            table(d.get("data", {})), table(d.get("void", {})),
-            int(d.get("received_tokens", 0)), int(d.get("trained_tokens", 0)),
-            int(d.get("duplicate_tokens", 0)),
-            None if d.get("low") is None else (int(d["low"][0]), int(d["low"][1])),
+            _table(d.get("data", {}), f"{what} data"), _table(d.get("void", {}), f"{what} void"),
+            _count(d.get("received_tokens", 0), f"{what} received_tokens"),
+            _count(d.get("trained_tokens", 0), f"{what} trained_tokens"),
+            _count(d.get("duplicate_tokens", 0), f"{what} duplicate_tokens"),
+            None if d.get("low") is None else _position(d["low"], f"{what} low"),
         )
 
 
@@ -204,16 +250,29 @@ class ProducerLedger:
         }
 
     @classmethod
-    def from_json(cls, index: int, d: Mapping[str, Any]) -> ProducerLedger:
+    def from_json(cls, index: int, d: Any, what: str = "producer") -> ProducerLedger:
+        """Inverse of `to_json`; LedgerError for anything it would not write (a stream
+        without the keys `admit` compares, a hook's `low` that is no position, ...)."""
+        d = _map(d, what)
+        run, last_seq, stream = d.get("run"), d.get("last_seq"), d.get("stream")
+        if run is not None and not isinstance(run, str):
+            raise LedgerError(f"{what} run {run!r:.60} is not a string")
+        if last_seq is not None and type(last_seq) is not int:
+            raise LedgerError(f"{what} last_seq {last_seq!r:.60} is not a whole number")
+        if stream is not None and not (isinstance(stream, dict)
+                                       and all(k in stream for k in STREAM_KEYS)):
+            raise LedgerError(f"{what} stream is not a map of {', '.join(STREAM_KEYS)}")
         origin = d.get("origin")
         return cls(
-            index=index, run=d.get("run"), last_seq=d.get("last_seq"),
-            received_messages=int(d.get("received_messages", 0)),
-            received_tokens=int(d.get("received_tokens", 0)),
-            trained_tokens=int(d.get("trained_tokens", 0)), source=dict(d.get("source", {})),
-            stream=d.get("stream"),
-            origin=None if origin is None else (int(origin[0]), int(origin[1])),
-            hooks={h: HookLedger.from_json(v) for h, v in d.get("hooks", {}).items()},
+            index=index, run=run, last_seq=last_seq,
+            received_messages=_count(d.get("received_messages", 0),
+                                     f"{what} received_messages"),
+            received_tokens=_count(d.get("received_tokens", 0), f"{what} received_tokens"),
+            trained_tokens=_count(d.get("trained_tokens", 0), f"{what} trained_tokens"),
+            source=dict(_map(d.get("source", {}), f"{what} source")), stream=stream,
+            origin=None if origin is None else _position(origin, f"{what} origin"),
+            hooks={h: HookLedger.from_json(v, f"{what} hook {h!r:.60}")
+                   for h, v in _map(d.get("hooks", {}), f"{what} hooks").items()},
         )
 
 
@@ -452,12 +511,13 @@ class Ledger:
             return {name: self.producers[name].to_json() for name in sorted(self.producers)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], max_producers: int = 256,
+    def from_json(cls, data: Any, max_producers: int = 256,
                   expiry: float = 600.0) -> Ledger:
+        """Inverse of `to_json`; LedgerError (a ValueError) for a map it would not write."""
         ledger = cls(max_producers, expiry)
         now = time.time()
-        for i, (name, d) in enumerate(sorted(data.items())):
-            p = ProducerLedger.from_json(i, d)
+        for i, (name, d) in enumerate(sorted(_map(data, "producers").items())):
+            p = ProducerLedger.from_json(i, d, f"producer {name!r:.60}")
             p.last_seen = now
             ledger.producers[name] = p
             ledger._by_index[i] = name

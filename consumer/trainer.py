@@ -28,6 +28,8 @@ INIT_SAMPLE_ROWS = 8192
 MAX_SEED = 2**63 - 1
 """Largest seed of training (SAE initialisation, batch order, the consumer's buffers): torch's
 generators take at most 2^64 − 1, and a consumer's buffers add their hook's index to it."""
+MAX_DEAD_TOKENS = 2**62
+"""More tokens than any run sees; the counters they are compared with are int64."""
 
 
 @dataclass
@@ -39,8 +41,8 @@ class TrainerConfig:
     dead); 0 turns AuxK off."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead when it has not fired in this many training tokens."""
+    dead_tokens: int = ranged(10_000_000, 1, MAX_DEAD_TOKENS)
+    """A latent is dead when it has not fired in this many training tokens (1 to 2^62)."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None = no clipping."""
     ema_decay: float | None = None
@@ -63,8 +65,9 @@ class TrainerConfig:
             raise ValueError(f"k_aux must be >= 0 (0 = AuxK off), got {self.k_aux}")
         if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
             raise ValueError(f"auxk_coef must be a number >= 0, got {self.auxk_coef}")
-        if self.dead_tokens < 1:
-            raise ValueError(f"dead_tokens must be >= 1, got {self.dead_tokens}")
+        if not 1 <= self.dead_tokens <= MAX_DEAD_TOKENS:
+            raise ValueError(f"dead_tokens must be in 1..{MAX_DEAD_TOKENS} (2^62), got "
+                             f"{self.dead_tokens}")
         if self.grad_clip is not None and not (
             math.isfinite(self.grad_clip) and self.grad_clip > 0
         ):
@@ -498,7 +501,9 @@ class Trainer:
     def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         """Inverse of (`export_weights`, `state_dict`). On a sharded trainer the per-latent
         tensors (weights, Adam moments, raw weights) are this rank's rows already:
-        `checkpoint.load_trainer` reads only those, from a snapshot of any shard count."""
+        `checkpoint.load_trainer` reads only those, from a snapshot of any shard count.
+        ValueError, with nothing changed, for a state no trainer saves (`_check_state`)."""
+        self._check_state(state)
         params = dict(self.sae.named_parameters())
         raw = state.get("params", weights) if self.ema is not None else weights
         with torch.no_grad():
@@ -507,7 +512,11 @@ class Trainer:
             if self.ema is not None:
                 for t, n in zip(self.ema, params, strict=True):
                     t.copy_(weights[n])
+        implementation = [{k: g.get(k) for k in ("fused", "foreach")}
+                          for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, impl in zip(self.optimizer.param_groups, implementation, strict=True):
+            group.update(impl)  # the Adam kernel this machine has, not the saver's
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.initialized = bool(state["initialized"])
@@ -519,6 +528,91 @@ class Trainer:
             self.fired_tokens = state["fired_tokens"].to(self.device, torch.int64)
             self.counted_tokens = int(state["counted_tokens"])
         self.generator.set_state(state["generator"])
+
+    def _check_state(self, state: Any) -> None:
+        """ValueError for a trainer state that would load but break training: counters of
+        the wrong shape fail the first step, a negative step fails the metrics, a zero or
+        NaN loss constant (or Adam setting) skips or poisons every step for good."""
+        if not isinstance(state, dict):
+            raise ValueError("trainer state is not a map")
+        counters = ["step", "tokens_seen"] + (["counted_tokens"] if "fired_tokens" in state
+                                              else [])
+        for key in counters:
+            value = state.get(key)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"trainer state's {key} {value!r:.60} is not a whole "
+                                 "number >= 0")
+        if type(state.get("initialized")) is not bool:
+            raise ValueError("trainer state's initialized is not true or false")
+        self._positive(state.get("mse_scale"), "mse_scale")
+        scale = state.get("input_scale")
+        if scale is not None or (state["initialized"]
+                                 and self.sae_cfg.input_normalization == "scalar"):
+            self._positive(scale, "input_scale")
+        for key in ("tokens_since_fired", "fired_tokens"):
+            if key == "fired_tokens" and key not in state:
+                continue  # a snapshot from before the firing counters
+            t = state.get(key)
+            want = (self.sae_cfg.n_latents,)
+            if not torch.is_tensor(t) or t.dtype != torch.int64 or tuple(t.shape) != want:
+                got = (f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+                       if torch.is_tensor(t) else type(t).__name__)
+                raise ValueError(f"trainer state's {key} is {got}, not int64 {want}")
+            if t.numel() and int(t.min()) < 0:
+                raise ValueError(f"trainer state's {key} holds negative counts")
+        self._check_optimizer_state(state.get("optimizer"))
+
+    def _check_optimizer_state(self, saved: Any) -> None:
+        """ValueError unless `saved` is Adam's state as this trainer's optimiser keeps it:
+        its settings (betas, eps, ...) are loaded with it, and a moment of the wrong shape,
+        a negative second moment or a step that is no count would poison the weights."""
+        fresh = self.optimizer.state_dict()["param_groups"]
+        if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) \
+                or not isinstance(saved.get("state"), dict):
+            raise ValueError("trainer state's optimizer is not Adam's state")
+        groups = saved["param_groups"]
+        if len(groups) != len(fresh) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("trainer state's optimizer has other parameter groups")
+        for got, want in zip(groups, fresh, strict=True):
+            lr = got.get("lr")
+            if type(lr) not in (int, float) or not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"trainer state's Adam lr {lr!r:.60} is not a positive number")
+            for key, value in want.items():
+                if key in ("lr", "fused", "foreach") or key not in got:
+                    continue
+                if (tuple(got[key]) if isinstance(got[key], list | tuple) else got[key]) != \
+                        (tuple(value) if isinstance(value, list | tuple) else value):
+                    raise ValueError(f"trainer state's Adam {key} is {got[key]!r:.60}, not "
+                                     f"{value!r:.60}")
+        params = list(self.sae.parameters())
+        for i, entry in saved["state"].items():
+            if type(i) is not int or not 0 <= i < len(params) or not isinstance(entry, dict):
+                raise ValueError(f"trainer state's Adam state names parameter {i!r:.60}")
+            if not entry:
+                continue
+            step, m, v = (entry.get(k) for k in ("step", "exp_avg", "exp_avg_sq"))
+            if not all(torch.is_tensor(t) for t in (step, m, v)):
+                raise ValueError(f"trainer state's Adam state of parameter {i} lacks step, "
+                                 "exp_avg or exp_avg_sq")
+            if step.numel() != 1 or (not step.is_floating_point()
+                                     and step.dtype not in (torch.int32, torch.int64)):
+                raise ValueError(f"trainer state's Adam step of parameter {i} is no count")
+            count = float(step.reshape(()))
+            if not (math.isfinite(count) and count >= 0 and count.is_integer()):
+                raise ValueError(f"trainer state's Adam step of parameter {i} is {count}")
+            shape = tuple(params[i].shape)
+            if tuple(m.shape) != shape or tuple(v.shape) != shape:
+                raise ValueError(f"trainer state's Adam moments of parameter {i} are not of "
+                                 f"shape {shape}")
+            if v.numel() and not bool(v.min() >= 0):
+                raise ValueError(f"trainer state's Adam exp_avg_sq of parameter {i} holds "
+                                 "negative or NaN values")
+
+    @staticmethod
+    def _positive(value: Any, key: str) -> None:
+        """ValueError unless `value` is a finite number > 0 (a loss or input constant)."""
+        if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"trainer state's {key} {value!r:.60} is not a positive number")
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.sae_cfg.d_in:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import signal
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from conftest import free_tcp_port, run_cli
 from test_checkpoint import trained
 from test_consumer import HOOK, Consumer, Sender, latest, snapshot_dirs
@@ -500,3 +505,159 @@ def test_overwrite_leaves_no_half_deleted_snapshot_behind(tmp_path: Path, monkey
     assert [p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".del-*")] == [".del-step-00000001"]
     ckpt_mod.remove_stale_temporaries(tmp_path)
     assert not list(tmp_path.glob(".del-*"))
+
+
+# -- hostile contents that still parse (issue: D4-D7) -----------------------------------------
+
+
+LONG_LATEST = "step-" + "0" * 300 + "\n"
+"""A `latest` whose name passed the snapshot pattern but is too long to probe (ENAMETOOLONG)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    ["eval", "{ckpt}", "--device", "cpu"],
+    ["export", "{ckpt}", "--format", "sparsify", "--out", "{tmp}/x"],
+    ["features", "{ckpt}", "--out", "{tmp}/f"],
+    ["train", "--input", "{tmp}/acts.npy", "--hook", "h", "--init-from", "{ckpt}",
+     "--out", "{tmp}/t"],
+], ids=["eval", "export", "features", "init-from"])
+def test_a_latest_too_long_to_probe_is_a_one_line_error_for_its_readers(
+    run_dir, tmp_path: Path, argv: list[str]
+) -> None:
+    """It was an OSError (File name too long) traceback, exit 1."""
+    import numpy as np
+
+    ckpt, _ = run_dir
+    (ckpt / "latest").write_text(LONG_LATEST)
+    np.save(tmp_path / "acts.npy", np.zeros((64, 64), np.float32))
+    res = run_cli([a.format(ckpt=ckpt, tmp=tmp_path) for a in argv], timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].endswith(f"{ckpt}/latest does not name a snapshot of "
+                                                 f"{ckpt}"), res.stderr
+
+
+@pytest.mark.slow
+def test_a_latest_too_long_to_probe_is_garbage_the_newest_snapshot_resumed(
+    run_dir, resume
+) -> None:
+    ckpt, run_id = run_dir
+    (ckpt / "latest").write_text(LONG_LATEST)
+    c = resume(ckpt, "--max-steps", "8")
+    assert "latest names no snapshot (garbage in it)" in c.log()
+    assert "Traceback" not in c.log()
+    assert resumed_from(c, ckpt / "step-00000006", run_id, 6), c.log()
+
+
+def _extra(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def damage(snap: Path) -> None:
+        extra = extra_of(snap)
+        edit(extra)
+        (snap / "extra.json").write_text(json.dumps(extra))
+    return damage
+
+
+def _state(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    """Rewrite k4's trainer.pt (128 latents) with `edit` applied, as torch.save writes it."""
+    def damage(snap: Path) -> None:
+        path = snap / "k4" / "trainer.pt"
+        state = torch.load(path, weights_only=True)
+        edit(state)
+        torch.save(state, path)
+    return damage
+
+
+def _compressed(snap: Path) -> None:
+    _compressed_sae(snap / "k4")
+
+
+def _compressed_sae(sae: Path) -> None:
+    """The SAE's trainer.pt with its entries deflated: what a zip bomb looks like to
+    torch.load."""
+    path = sae / "trainer.pt"
+    with zipfile.ZipFile(path) as src:
+        entries = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name, data in entries:
+            dst.writestr(name, data)
+
+
+def _producer_hook_low(extra: dict[str, Any]) -> None:
+    extra["producers"]["p1"]["hooks"][HOOK] = {"low": "x"}
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d.__setitem__(key, value)
+
+
+def _hook_width(d_in: int) -> Callable[[dict[str, Any]], None]:
+    return lambda extra: extra["hooks"][HOOK].__setitem__("d_in", d_in)
+
+
+def _adam_lr(state: dict[str, Any]) -> None:
+    state["optimizer"]["param_groups"][0]["lr"] = math.nan
+
+
+HOSTILE = {  # damage of step 6 -> what the warning that skips it says
+    "producers-list": (_extra(_set("producers", [1, 2])), "producers is not a map"),
+    "producer-hook-low": (_extra(_producer_hook_low), "low 'x' is not [epoch, position]"),
+    "hooks-string": (_extra(_set("hooks", "x")), "hooks is not a map of hook to width"),
+    "d_in-2^40": (_extra(_hook_width(2**40)), "has no width (d_in of 1..32768)"),
+    "d_in-2^22": (_extra(_hook_width(2**22)), "has no width (d_in of 1..32768)"),
+    "d_in-other": (_extra(_hook_width(128)), "says d_in 128, its SAEs and buffer have 64"),
+    "tokens-string": (_extra(_set("tokens", "many")), "tokens 'many' is not a whole number"),
+    "fired-shape": (_state(_set("fired_tokens", torch.zeros(5, dtype=torch.int64))),
+                    "fired_tokens is int64 (5,), not int64 (128,)"),
+    "since-fired-shape": (_state(_set("tokens_since_fired", torch.zeros(5, dtype=torch.int64))),
+                          "tokens_since_fired is int64 (5,), not int64 (128,)"),
+    "since-fired-nan": (_state(_set("tokens_since_fired", torch.full((128,), math.nan))),
+                        "tokens_since_fired is float32 (128,), not int64 (128,)"),
+    "since-fired-negative": (_state(_set("tokens_since_fired",
+                                         torch.full((128,), -1, dtype=torch.int64))),
+                             "tokens_since_fired holds negative counts"),
+    "step-negative": (_state(_set("step", -7)), "step -7 is not a whole number >= 0"),
+    "mse_scale-nan": (_state(_set("mse_scale", math.nan)), "mse_scale nan is not a positive"),
+    "mse_scale-0": (_state(_set("mse_scale", 0.0)), "mse_scale 0.0 is not a positive"),
+    "input_scale-negative": (_state(_set("input_scale", -1.0)),
+                             "input_scale -1.0 is not a positive"),
+    "adam-lr-nan": (_state(_adam_lr), "Adam lr nan is not a positive number"),
+    "compressed-trainer.pt": (_compressed, "is compressed (torch.save stores every entry"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(HOSTILE))
+def test_a_snapshot_whose_contents_would_break_training_is_skipped_for_the_older_one(
+    run_dir, resume, damage: str
+) -> None:
+    """Each was a traceback at start-up (a ledger or width of the wrong type), a crash at the
+    first step after resuming (counters of another shape, a negative step), training that
+    skipped every step for good (a loss constant of 0 or NaN), gigabytes allocated (a width
+    of 2^22, a compressed trainer.pt), or a resume that trusted it all."""
+    ckpt, run_id = run_dir
+    snap = ckpt / "step-00000006"
+    apply, why = HOSTILE[damage]
+    apply(snap)
+    c = resume(ckpt, "--max-steps", "8")
+    log = c.log()
+    assert "Traceback" not in log, log
+    warning = [x for x in log.splitlines() if f"skipping unreadable snapshot {snap}:" in x]
+    assert len(warning) == 1 and why in warning[0], log
+    assert resumed_from(c, ckpt / "step-00000004", run_id, 4), log
+    final_state(latest(ckpt), run_id, 8)
+
+
+def test_a_compressed_trainer_pt_is_refused_before_torch_load_reads_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """torch.load inflates a compressed entry to the size it states (without mmap) or fails
+    on it with "Trying to resize storage" (with): the archive is checked first, and named."""
+    snap = save_snapshot(tmp_path, 1, {"h": trained()}, extra={"saes": {"h": {}}})
+    _compressed_sae(snap / "h")
+    loads: list[Any] = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"trainer\.pt: entry .* is compressed"):
+        ckpt_mod.load_snapshot(snap)
+    assert loads == []

@@ -368,7 +368,7 @@ def test_bad_directories_are_one_line_and_exit_2(tmp_path, snapshot):
         # the wrong format: an SAELens folder read as sparsify, a text file as openai
         (["import", str(jumprelu), "--format", "sparsify"], "holds it"),
         (["import", str(pickle), "--format", "openai", "--hook", "h"],
-         "not a state dict torch.load reads"),
+         "not a torch.save zip archive"),
         (["export", str(tmp_path / "nowhere"), "--format", "saelens"], "no such directory"),
     ]
     for args, message in cases:
