@@ -12,6 +12,19 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def escaped(text: str) -> str:
+    """`text` with its unprintable characters escaped (`\\n`, `\\x1b`, `\\udcff` for a byte
+    of a path that is not UTF-8): a file name or what a peer sent may hold newlines or
+    terminal escapes, which must not reach the screen as they are."""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def error_line(message: object) -> str:
+    """`saestream: error: <message>`, on one line whatever the message holds."""
+    return f"saestream: error: {escaped(str(message))}"
+
+
 class UserError(Exception):
     """Bad input a person can fix (missing file, bad flag value, unknown model).
 
@@ -27,7 +40,7 @@ def cli_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            click.echo(f"saestream: error: {exc}", err=True)
+            click.echo(error_line(exc), err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

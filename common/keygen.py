@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from saestream.common.errors import UserError, cli_errors
+from saestream.common.settings import GivenPath
 
 
 def write_keypair(directory: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
@@ -17,7 +18,8 @@ def write_keypair(directory: Path, name: str, *, force: bool = False) -> tuple[P
     """
     import zmq.auth
 
-    if not name or "/" in name or name.startswith("."):
+    if not name or "/" in name or name.startswith(".") or not name.isprintable() or \
+            len(f"{name}.key_secret".encode(errors="surrogateescape")) > 255:
         raise UserError(f"bad key name {name!r}: use a plain file name such as 'producer-1'")
     directory = Path(directory)
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
@@ -38,7 +40,7 @@ def write_keypair(directory: Path, name: str, *, force: bool = False) -> tuple[P
 
 
 @click.command()
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=GivenPath(file_okay=False, path_type=Path))
 @click.option("--name", default="saestream", show_default=True,
               help="Base name of the files: NAME.key (public) and NAME.key_secret (secret).")
 @click.option("--force", is_flag=True, help="Replace an existing key pair of that name.")

@@ -159,6 +159,17 @@ class FiniteFloat(click.ParamType):
         return x
 
 
+class GivenPath(click.Path):
+    """click.Path that refuses an empty value: `Path("")` is the current directory, which no
+    one means by an empty string (a shell variable that was never set)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("an empty path (write . for the current directory)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def ranged(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
     """A dataclass field whose value must lie in [lo, hi] (None: unbounded that side).
     `config_option` gives its flag that range, in every command sharing the field, so a
@@ -176,7 +187,9 @@ def config_option(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
     """A click option for field `name` of dataclass `cls`: its default and its docstring as
     help unless given; the option's value lands under the field's name. A field's own range
     (`ranged`) replaces any `type` given: the field is the one place a range is written."""
-    if "default" not in kw:
+    if kw.get("required"):  # click (8.5) takes an explicit default=None as a given value
+        kw.pop("default", None)
+    elif "default" not in kw:
         kw["default"] = field_default(cls, name)
     kw.setdefault("help", field_docs(cls).get(name, ""))
     base, _ = field_type(cls, name)
@@ -187,7 +200,7 @@ def config_option(cls: type, name: str, *decls: str, **kw: Any) -> Callable:
                       else FiniteFloat(lo, max=hi))
     if base is bool and "type" not in kw:
         kw.setdefault("is_flag", True)
-    elif kw["default"] is not None and not kw.get("multiple"):
+    elif kw.get("default") is not None and not kw.get("multiple"):
         kw.setdefault("show_default", True)
     if base is float and "type" not in kw:
         kw["type"] = FiniteFloat()

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from saestream.common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors, error_line
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.consumer.config import (
     MAX_DECODE_THREADS,
@@ -96,7 +96,7 @@ def consumer(**opts: Any) -> None:
             _label_logs(mesh.world.rank)
         run_consumer(cfg, flags.install(), mesh=mesh)
     except (FinalSnapshotError, PeerLost) as exc:
-        click.echo(f"saestream: error: {exc}", err=True)
+        click.echo(error_line(exc), err=True)
         raise SystemExit(1) from None
 
 

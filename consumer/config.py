@@ -115,15 +115,16 @@ class ConsumerConfig:
     """Port of the Prometheus /metrics endpoint (0 = off)."""
     metrics_addr: str = "127.0.0.1"
     """Address /metrics listens on (0.0.0.0 for a scraper on another host)."""
-    metrics_window: int = 100
+    metrics_window: int = ranged(100, 1, 1 << 20)
     """Steps over which saestream_normalized_mse is computed."""
     device: str = "auto"
     """auto (CUDA if present), cpu, cuda or cuda:N."""
     hwm: int = ranged(DEFAULT_HWM, 1, MAX_HWM)
     """Receive high-water mark: messages queued per producer connection before it blocks."""
-    max_chunk_bytes: int = 16 << 20
+    max_chunk_bytes: int = ranged(16 << 20, 1, 1 << 40)
     """Largest chunk accepted, in raw bytes (n · d · itemsize); bounds every receive
-    allocation and ZeroMQ's message size cap."""
+    allocation and ZeroMQ's message size cap (an int64 with the header's room: at most
+    2^40)."""
     max_connections: int = 32
     """Most producer connections admitted at once; more are refused at the handshake."""
     max_producers: int = 256

@@ -29,6 +29,7 @@ import click
 import torch
 import torch.distributed as dist
 
+from saestream.common.errors import error_line
 from saestream.consumer.sharding import LatentShard
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -258,7 +259,7 @@ def peer_errors(func: F) -> F:
             message = (f"rank {dist.get_rank()} of {dist.get_world_size()}: another rank is "
                        f"gone (it died, or was silent for --dist-timeout {timeout:g} s): "
                        f"{_reason(exc)}")
-        click.echo(f"saestream: error: {message}", err=True)
+        click.echo(error_line(message), err=True)
         sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

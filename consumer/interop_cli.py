@@ -20,6 +20,7 @@ import click
 from saestream import __version__
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_dir
+from saestream.common.settings import GivenPath
 
 if TYPE_CHECKING:  # torch and the formats load only when a command runs
     from saestream.consumer.interop import PortableSAE
@@ -34,11 +35,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 @click.argument("path", metavar="SNAPSHOT_DIR", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS),
               help="saelens: SAELens 6.x inference folder; sparsify: a sparsify run folder.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=GivenPath(path_type=Path),
               help="Directory to create (must not exist, or be empty).")
 @click.option("--sae", "sae_name", default=None,
               help="Export only this SAE of the snapshot [default: all].")
-@click.option("--context-size", type=click.IntRange(min=1), default=None,
+@click.option("--context-size", type=click.IntRange(1, 1 << 31), default=None,
               help="Context length recorded in the metadata [default: the seq_len of the "
                    "snapshot's producers, when they agree].")
 @click.option("--prepend-bos", is_flag=True,
@@ -116,7 +117,7 @@ def export(path: Path, fmt: str, out: Path, sae_name: str | None, context_size: 
 @click.option("--format", "fmt", required=True, type=click.Choice(IMPORT_FORMATS),
               help="openai: a torch.save file of OpenAI's release; saelens: a SAELens SAE "
                    "folder; sparsify: a sparsify SAE or run folder.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", required=True, type=GivenPath(path_type=Path),
               help="Checkpoint directory to write (DIR/step-00000000/<name>/, DIR/latest); "
                    "must hold no run.")
 @click.option("--sae", "sae_name", default=None,
@@ -141,6 +142,9 @@ def import_command(source: Path, fmt: str, out: Path, sae_name: str | None, name
                    hook: str | None, model: str | None, tokens_per_step: int) -> None:
     """Import SAEs from OpenAI's release, SAELens or sparsify as one of our snapshots, ready
     for `saestream eval` and `--init-from`."""
+    for flag, given in (("--name", name), ("--hook", hook), ("--model", model)):
+        if given == "":
+            raise UserError(f"{flag} '': empty (leave the flag out for the source's own)")
     from saestream.consumer import interop
     from saestream.consumer.checkpoint import holds_a_run, save_snapshot
 

@@ -18,10 +18,10 @@ import click
 import numpy as np
 
 from saestream.common.devices import DEVICE_HELP, resolve_device
-from saestream.common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors, error_line
 from saestream.common.files import check_writable_dir
 from saestream.common.recording import Recording
-from saestream.common.settings import FiniteFloat, config_option
+from saestream.common.settings import FiniteFloat, GivenPath, config_option
 from saestream.consumer.config import ConsumerConfig
 from saestream.consumer.distributed import peer_errors
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
@@ -49,6 +49,8 @@ MAX_SKIP_LINES = 10
 S, T = SAEConfig, TrainerConfig
 """Every SAE and trainer option's default and help come from these dataclass fields."""
 _POSITIVE = click.IntRange(min=1)
+MAX_LENGTH = 1 << 62
+"""The most --tokens or --steps a run may ask for (more than any run sees)."""
 
 
 class Activations:
@@ -92,9 +94,12 @@ def open_activations(path: Path, tensor: str | None) -> Activations | Recording:
             raise UserError(f"--tensor: {path} is a recording, its tensor is fixed")
         return Recording(path)
     if not path.is_file():
-        raise UserError(f"--input {path}: no such file")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise UserError(f"--input {path}: {what}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        if tensor is not None:
+            raise UserError(f"--tensor: {path} is a .npy file, which holds one array")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -227,7 +232,7 @@ class ShuffledBatches:
     "--input",
     "input_path",
     required=True,
-    type=click.Path(path_type=Path),
+    type=GivenPath(path_type=Path),
     help="Activations [tokens, d_in]: a .npy file (memory-mapped), a .safetensors file, or a "
     "recorded hook directory DIR/<hook> (`--record`, `saestream record`).",
 )
@@ -258,11 +263,12 @@ class ShuffledBatches:
 @click.option(
     "--tokens",
     default=None,
-    type=int,
+    type=click.IntRange(1, MAX_LENGTH),
     help="Train on this many tokens (default: one pass over the file).",
 )
 @click.option(
-    "--steps", default=None, type=int, help="Train this many steps (instead of --tokens)."
+    "--steps", default=None, type=click.IntRange(1, MAX_LENGTH),
+    help="Train this many steps (instead of --tokens).",
 )
 @config_option(T, "lr", type=FiniteFloat(0.0, min_open=True))
 @config_option(T, "grad_clip", type=FiniteFloat(0.0, min_open=True))
@@ -271,7 +277,7 @@ class ShuffledBatches:
 @click.option("--dense", is_flag=True, help="Use the dense reference path (slow; for checks).")
 @config_option(T, "autocast_bf16", "--bf16")
 @config_option(T, "seed", help="Seed of the initialisation and of the batch order.")
-@config_option(ConsumerConfig, "init_from", metavar="SNAPSHOT", type=click.Path(path_type=Path))
+@config_option(ConsumerConfig, "init_from", metavar="SNAPSHOT", type=GivenPath(path_type=Path))
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--latent-shards", default=1, show_default=True, type=_POSITIVE,
               help="Under torchrun: split the latents over this many ranks (it must divide "
@@ -281,14 +287,14 @@ class ShuffledBatches:
 @click.option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=GivenPath(path_type=Path),
     help="Checkpoint directory (DIR/step-XXXXXXXX/<name>/, DIR/latest).",
 )
 @click.option(
     "--log-interval",
     default=5.0,
     show_default=True,
-    type=float,
+    type=FiniteFloat(0.0),
     help="Seconds between progress lines.",
 )
 @cli_errors
@@ -327,7 +333,9 @@ def train(
     import torch
 
     from saestream.common.native import enabled as native_enabled
-    from saestream.consumer.distributed import mesh_from_env, rank_slice
+    from saestream.common.signals import SignalFlags
+    from saestream.consumer.checkpoint import RUN_FILE
+    from saestream.consumer.distributed import Agreement, mesh_from_env, rank_slice
     from saestream.consumer.heap import keep_freed_memory, release_freed_memory
     from saestream.consumer.trainer import Trainer
 
@@ -369,6 +377,8 @@ def train(
         cfg.validate()
     except ValueError as exc:
         raise UserError(str(exc).replace("n_latents", "--latents")) from None
+    if name == "":
+        raise UserError("--name '': an empty name (leave the flag out for the hook's)")
     name = name or hook
     if not name or name.startswith(".") or "/" in name or "\\" in name:
         raise UserError(f"--name {name!r}: cannot be a directory name")
@@ -380,9 +390,12 @@ def train(
             err=True,
         )
         batch_size = n_rows
-    total_steps = steps if steps is not None else math.ceil((tokens or n_rows) / batch_size)
+    total_steps = steps if steps is not None else -(-(tokens or n_rows) // batch_size)
     check_memory(sae_cfg, cfg, batch_size, dev, latent_shards)
     check_writable_dir(out, "--out")
+    if (out / RUN_FILE).exists():  # `latest` would then name a snapshot of another run
+        raise UserError(f"--out {out}: holds a consumer's run ({RUN_FILE}); choose another "
+                        "directory")
 
     if latent_shards > 1 and dense:
         raise UserError("--latent-shards needs the sparse path (drop --dense)")
@@ -411,9 +424,18 @@ def train(
         f"tokens from {act.label}, {total_steps} steps of {batch_size} on {dev}{ranks}"
         + (" (freed memory kept for reuse)" if kept else "")
     )
+    # From here a stop signal ends the loop at a step boundary and the checkpoint is written
+    # (before, it ends the process: nothing is trained yet). The ranks agree on it.
+    flags, agreement = SignalFlags().install(), Agreement(mesh.world)
+    stopped = False
     start = last = time.perf_counter()
     window: list = []
     for step in range(1, total_steps + 1):
+        if agreement.max([int(flags.stop.is_set())])[0]:
+            stopped = True
+            echo(f"stopping after step {trainer.step} of {total_steps} (signal): writing the "
+                 "checkpoint", err=True)
+            break
         index = batches.next()  # the same global batch on every rank; each takes its part
         m = trainer.train_step(act.rows(index[rank_slice(len(index), dp.rank, dp.size)]))
         if m.skipped and trainer.skipped_steps <= MAX_SKIP_LINES:
@@ -437,6 +459,12 @@ def train(
         "seed": seed,
         "init_from": None if init_from is None else str(init_from),
     }
+    if stopped:
+        extra["stop_reason"] = "signal"
+    if trainer.step == 0:  # stopped before its first step: nothing trained, nothing written
+        dp.finish()
+        echo("stopped before the first step: no checkpoint written", err=True)
+        return
     failure = None
     if shard is not None and _layout(snapshot_shards, trainer, mesh) == "per-rank":
         path = _save_per_rank(out, trainer, extra, mesh)
@@ -447,7 +475,7 @@ def train(
             if whole is not None else (None, None)
     dp.finish()
     if failure is not None:
-        click.echo(f"saestream: error: {failure}", err=True)
+        click.echo(error_line(failure), err=True)
         sys.exit(1)
     if path is not None:
         click.echo(f"checkpoint: {path / name}")
@@ -473,7 +501,11 @@ def _save_final(out: Path, step: int, name: str, trainer: Trainer, extra: dict
         if attempt:
             time.sleep(1.0)
         try:
-            return save_snapshot(out, step, {name: trainer}, extra=extra), None
+            path = save_snapshot(out, step, {name: trainer}, extra=extra)
+            if existed:
+                click.echo(f"note: replaced {final}, an earlier run's snapshot of the same step",
+                           err=True)
+            return path, None
         except Exception as exc:  # OSError, or safetensors' own error for the same causes
             error = exc
     assert error is not None

@@ -19,6 +19,8 @@ import click
 from saestream import __version__
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_file
+from saestream.common.settings import GivenPath
+from saestream.evaluator.config import MAX_BATCH
 from saestream.evaluator.options import model_text_options, one_model
 
 DEFAULT_CONTEXTS = 64
@@ -70,7 +72,7 @@ class ProgressBar:
               help=f"Contexts to evaluate [default: {DEFAULT_CONTEXTS}].")
 @click.option("--tokens", default=None, type=click.IntRange(min=1),
               help="Evaluate at least N tokens instead: ceil(N / (seq_len - 1)) contexts.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, MAX_BATCH),
               help="Contexts per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--sae", "sae_name", default=None,
@@ -87,7 +89,7 @@ class ProgressBar:
               type=click.IntRange(min=1), help="Latents sampled for explanations.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seed of the samples (latents, baseline channels, wildcard replacements).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=GivenPath(path_type=Path), default=None,
               help=f"JSON file to write [default: {DEFAULT_OUT} beside each SAE's cfg.json].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the JSON (one document per SAE, one per line) instead of the table.")

@@ -6,7 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from saestream.common.settings import ranged
+
 DEFAULT_METRICS_PORT = 9103
+MAX_BATCH = 2**31 - 1
+"""The most contexts one forward may take: beyond int32 no tensor op accepts the count."""
 
 
 @dataclass
@@ -26,7 +30,7 @@ class EvaluatorConfig:
     """Tokens per context (2-D .npy corpora bring their own)."""
     contexts: int = 32
     """Contexts evaluated for every snapshot: the same ones each time, chosen at start-up."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, 1, MAX_BATCH)
     """Contexts per forward pass."""
     device: str = "auto"
     """auto (CUDA if present), cpu, cuda or cuda:N."""

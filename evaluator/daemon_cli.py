@@ -20,7 +20,7 @@ _POSITIVE = click.IntRange(min=1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@config_option(C, "checkpoint_dir", required=True, default=None,
+@config_option(C, "checkpoint_dir", required=True,
                type=click.Path(file_okay=False, path_type=Path))
 @config_option(C, "model")
 @config_option(C, "hook")
@@ -28,7 +28,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "split", type=click.Choice(["train", "eval", "all"]))
 @config_option(C, "seq_len", type=click.IntRange(min=2))
 @config_option(C, "contexts", type=_POSITIVE)
-@config_option(C, "batch_size", type=_POSITIVE)
+@config_option(C, "batch_size")
 @config_option(C, "device", help=DEVICE_HELP)
 @config_option(C, "poll_seconds", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "history", type=click.Path(dir_okay=False, path_type=Path))

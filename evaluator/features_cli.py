@@ -16,6 +16,8 @@ from typing import Any
 import click
 
 from saestream.common.errors import UserError, cli_errors
+from saestream.common.settings import GivenPath
+from saestream.evaluator.config import MAX_BATCH
 from saestream.evaluator.options import model_text_options, one_model
 
 DEFAULT_TOKENS = 200_000
@@ -28,14 +30,14 @@ log = logging.getLogger("saestream.features")
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", type=GivenPath(file_okay=False, path_type=Path), required=True,
               help="Directory of the browser (new, empty, or an earlier browser: a build is "
                    "added and DIR/index.html points at it).")
 @model_text_options
 @click.option("--tokens", default=DEFAULT_TOKENS, show_default=True,
               type=click.IntRange(min=1),
               help="Encode at least N tokens: ceil(N / (seq_len - 1)) contexts.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, MAX_BATCH),
               help="Contexts per forward pass.")
 @click.option("--latents", default="all", show_default=True,
               help="Latents given a page: all, N (the N most frequent) or a comma-separated "

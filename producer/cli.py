@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from saestream.common.errors import UserError, cli_errors
+from saestream.common.errors import UserError, cli_errors, error_line
 from saestream.common.settings import FiniteFloat, config_option
 from saestream.common.wire import CODECS, DTYPES
 from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
@@ -97,7 +97,7 @@ def producer(**kw: object) -> None:
     except (ModelError, HookError, CorpusError, StateError) as exc:
         raise UserError(str(exc)) from exc
     except StateWriteError as exc:
-        click.echo(f"saestream: error: {exc}", err=True)
+        click.echo(error_line(exc), err=True)
         raise SystemExit(1) from None
 
 

@@ -51,7 +51,7 @@ class ProducerConfig:
     """Dtype on the wire: bfloat16, float16 or float32."""
     codec: str = "lz4-shuffle"
     """Payload codec: raw, lz4 or lz4-shuffle."""
-    batch_size: int = 8
+    batch_size: int = ranged(8, 1, 1 << 20)
     """Contexts per forward pass."""
     seq_len: int = 128
     """Tokens per context (2-D .npy corpora bring their own); at most the model's maximum

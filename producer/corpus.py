@@ -35,6 +35,8 @@ log = logging.getLogger("saestream.producer")
 WIKI_SAMPLE = "wiki-sample"
 WIKI_SAMPLE_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SYNTHETIC_DEFAULT_CONTEXTS = 4096
+MAX_SYNTHETIC = 1 << 40
+"""The most contexts `synthetic:N` may name: their token positions stay far below 2^62."""
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 WIKI_MIN_WORDS = 50  # gensim's ARTICLE_MIN_WORDS: shorter pages (stubs, lists) are skipped
 SPLITS = ("train", "eval", "all")
@@ -464,8 +466,9 @@ def parse_corpus_spec(spec: str, token_dtype: str = "uint16") -> CorpusSpec:
     """`text:PATH_OR_GLOB`, `tokens:PATH[:uint16|uint32]`, `wiki-sample`, `synthetic[:N]`."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         count = spec.partition(":")[2] or str(SYNTHETIC_DEFAULT_CONTEXTS)
-        if not count.isdigit() or int(count) < 1:
-            raise CorpusError(f"bad corpus {spec!r}: expected synthetic or synthetic:N_CONTEXTS")
+        if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= MAX_SYNTHETIC:
+            raise CorpusError(f"bad corpus {spec!r}: expected synthetic or synthetic:N_CONTEXTS "
+                              f"(1 to 2^40)")
         return CorpusSpec("synthetic", count=int(count))
     if spec == WIKI_SAMPLE:
         return CorpusSpec("wiki-sample")

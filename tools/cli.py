@@ -13,6 +13,7 @@ import sys
 import click
 
 from saestream import __version__
+from saestream.common.errors import error_line
 
 # name -> ("module:attribute", one-line help shown by `saestream --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -88,7 +89,7 @@ def main() -> None:
     try:
         code = cli.main(prog_name="saestream", standalone_mode=False)
     except click.ClickException as exc:  # usage errors included: their exit code is 2
-        click.echo(f"saestream: error: {exc.format_message()}", err=True)
+        click.echo(error_line(exc.format_message()), err=True)
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("saestream: aborted", err=True)

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 import click
 
-from saestream.common.errors import cli_errors
+from saestream.common.errors import cli_errors, escaped
 
 MAX_BODY_BYTES = 64 << 20
 """Most bytes of /metrics read: a daemon's are a few KiB, so more is not a daemon of ours
@@ -54,13 +55,6 @@ def metrics_url(target: str) -> str:
     if "/" not in rest:
         t = f"{scheme}://{rest}/metrics"
     return t
-
-
-def escaped(text: str) -> str:
-    """`text` with its unprintable characters escaped (`\\n`, `\\x1b`): what a peer sent may
-    hold newlines or terminal escapes, which must not reach the screen as they are."""
-    return text if text.isprintable() else "".join(
-        c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def printable(text: str, limit: int = _MAX_REASON) -> str:
@@ -159,9 +153,16 @@ def fetch_text(url: str, timeout: float = 3.0, max_bytes: int = MAX_BODY_BYTES) 
     """The body at `url` (see `metrics_url`), read within `timeout` seconds in all. OSError
     if it cannot be had: unreachable, an HTTP error, not an HTTP answer, over `max_bytes`,
     or not whole by the deadline (TimeoutError)."""
+    url = metrics_url(url)
+    try:  # http.client would wrap a port past 65535 round to another one, or overflow
+        port = urllib.parse.urlsplit(url).port
+    except ValueError as exc:
+        raise OSError(f"bad URL: {exc}") from None
+    if port == 0:
+        raise OSError("bad URL: port 0")
     with _Deadline(timeout) as deadline:
         try:
-            with _opener(deadline).open(metrics_url(url), timeout=timeout) as resp:
+            with _opener(deadline).open(url, timeout=timeout) as resp:
                 if resp.length is not None and resp.length > max_bytes:
                     raise OSError(f"answer of {resp.length:,} bytes, over the "
                                   f"{max_bytes >> 20} MiB a /metrics page may have")
