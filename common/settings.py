@@ -170,6 +170,14 @@ class GivenPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+def given(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Click callback: an empty string is refused, not taken as "use the default" (the
+    default is had by leaving the option out)."""
+    if value == "":
+        raise click.BadParameter("empty (leave the option out for its default)")
+    return value
+
+
 def ranged(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
     """A dataclass field whose value must lie in [lo, hi] (None: unbounded that side).
     `config_option` gives its flag that range, in every command sharing the field, so a

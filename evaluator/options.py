@@ -10,14 +10,15 @@ from typing import Any
 import click
 
 from saestream.common.errors import UserError
+from saestream.common.settings import given
 
 
 def model_text_options(func: Callable) -> Callable:
     """--model, --hook, --corpus, --split, --seq-len, in that order."""
     options = [
-        click.option("--model", default=None,
+        click.option("--model", default=None, callback=given,
                      help="Model to run [default: the `model` in the SAEs' cfg.json]."),
-        click.option("--hook", default=None,
+        click.option("--hook", default=None, callback=given,
                      help="Module whose output the SAE reads [default: the `hook` in "
                           "cfg.json]."),
         click.option("--corpus", default="wiki-sample", show_default=True,

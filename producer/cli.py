@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from saestream.common.errors import UserError, cli_errors, error_line
-from saestream.common.settings import FiniteFloat, config_option
+from saestream.common.settings import FiniteFloat, config_option, given
 from saestream.common.wire import CODECS, DTYPES
 from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
 
@@ -28,7 +28,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "batch_size", type=_POSITIVE)
 @config_option(P, "seq_len", type=click.IntRange(min=2))
 @config_option(P, "shard")
-@config_option(P, "producer_id")
+@config_option(P, "producer_id", callback=given)
 @config_option(P, "epochs", type=click.IntRange(min=0))
 @config_option(P, "max_tokens", type=click.IntRange(min=0))
 @config_option(P, "state_file", type=click.Path(dir_okay=False, path_type=Path))

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from saestream.common.errors import UserError, cli_errors
-from saestream.common.settings import FiniteFloat, config_option
+from saestream.common.settings import FiniteFloat, config_option, given
 from saestream.common.wire import CODECS
 from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
 from saestream.producer.replay import ReplayConfig
@@ -29,9 +29,10 @@ _POSITIVE = click.IntRange(min=1)
                "recording order), to split it among N replayers.")
 @config_option(R, "loop")
 @config_option(R, "verify")
-@config_option(P, "producer_id", help="Id sent in every header and known to the consumer's "
-               "ledger (restart with the same id to continue where the consumer is); "
-               "default: replay-HOST-PID.")
+@config_option(P, "producer_id", callback=given,
+               help="Id sent in every header and known to the consumer's ledger (restart "
+                    "with the same id to continue where the consumer is); default: "
+                    "replay-HOST-PID.")
 @config_option(P, "codec", type=click.Choice(list(CODECS)), default="raw",
                help="Payload codec: raw, lz4 or lz4-shuffle. Default raw: a replayer encodes "
                "what it sends, and lz4-shuffle encoding costs it more than twice what "

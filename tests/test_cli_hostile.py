@@ -78,6 +78,10 @@ def acts(tmp_path: Path) -> Path:
     (["export", "{tmp}", "--format", "saelens", "--out", ""], "an empty path"),
     (["export", "{tmp}", "--format", "saelens", "--out", "{tmp}/e", "--context-size", HUGE],
      "--context-size"),
+    (["eval", "{tmp}", "--model", ""], "'--model': empty"),
+    (["features", "{tmp}", "--out", "{tmp}/f", "--hook", ""], "'--hook': empty"),
+    (["replay", "{tmp}", "--producer-id", ""], "'--producer-id': empty"),
+    (["producer", "--model", "tiny", "--producer-id", ""], "'--producer-id': empty"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_value_past_what_the_libraries_take_is_one_line_and_exit_2(args, says, tmp_path,
                                                                      acts) -> None:
