@@ -6,6 +6,7 @@ normalisation in play."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +191,53 @@ def test_saestream_train_under_torchrun_equals_one_process(tmp_path, ranks, shar
             enc = coder.encode(xn)
             y = sae.denormalize(coder.decode(enc.top_acts, enc.top_indices), stats)
             close(y, sae(x).x_hat, "sparsify's reconstruction", tol=1e-4)
+
+
+def test_saestream_train_under_torchrun_stops_every_rank_at_one_step_on_sigterm_to_one(
+        tmp_path) -> None:
+    """SIGTERM to one rank (as the deploy files stop data-parallel jobs: to the ranks, not to
+    torchrun): the ranks agree at the next step boundary, rank 0 writes the checkpoint of
+    the steps done, and the job exits 0."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((4096, D))
+            .astype(np.float32))
+    out = tmp_path / "o"
+    with subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", "-m", "saestream", "train", "--input", str(tmp_path / "acts.npy"), "--hook",
+             "h", "--latents", str(N), "--k", str(K), "--batch-size", "128", "--steps",
+             "10000000", "--log-interval", "0.2", "--device", "cpu", "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # rank 0's first progress line: both ranks are training
+            if line.startswith("step "):
+                break
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2, children
+        ranks = {}
+        for pid in children:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next(int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK="))
+            ranks[rank] = int(pid)
+        time.sleep(0.5)
+        os.kill(ranks[1], signal.SIGTERM)
+        rest, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    snapshot = out / (out / "latest").read_text().strip()
+    extra = json.loads((snapshot / "extra.json").read_text())
+    steps = int(snapshot.name.removeprefix("step-"))
+    assert extra["stop_reason"] == "signal" and 0 < steps < 10_000_000
+    assert extra["tokens"] == 128 * steps  # both ranks' parts of every step done
+    assert rest.count("checkpoint: ") == 1 and len(list(out.glob("step-*"))) == 1
 
 
 def test_latent_shards_without_torchrun_is_one_line_and_exit_2(tmp_path) -> None:
