@@ -25,6 +25,7 @@ from saestream.common.settings import (
     render_default,
 )
 from saestream.common.transport import DEFAULT_HWM, MAX_HWM, CurveServerKeys
+from saestream.common.wire import DecodeLimits
 from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import MAX_SEED, TrainerConfig
 
@@ -85,8 +86,9 @@ class ConsumerConfig:
     control_bind: str | None = None
     """ZeroMQ endpoint of the control socket (ROUTER) where producers ask where to continue;
     default: the --bind port + 1 (`off` disables it: no exactly-once rewinds)."""
-    d_in: int | None = None
-    """Width of every hook; default: learned from its first valid message."""
+    d_in: int | None = ranged(None, 1, DecodeLimits().max_d)
+    """Width of every hook (at most 32,768, the widest chunk a receiver takes); default:
+    learned from its first valid message."""
     buffer_tokens: int = 1 << 18
     """Shuffle buffer capacity per hook (tokens)."""
     batch_size: int = 4096

@@ -162,7 +162,7 @@ def loss_stats(
         return None
     xn, x_hat = xn.detach().contiguous(), x_hat.detach().contiguous()
     n, d = xn.shape
-    e = torch.empty(n, d)
+    e = torch.empty(n, d, dtype=torch.float32)
     esum, xsum = torch.empty(d, dtype=torch.float64), torch.empty(d, dtype=torch.float64)
     sums = torch.empty(2, dtype=torch.float64)
     if lib.loss_stats_f32(
@@ -188,7 +188,9 @@ def layer_norm(
         return None
     x = x.contiguous()
     n, d = x.shape
-    y, mu, sd = torch.empty(n, d), torch.empty(n, 1), torch.empty(n, 1)
+    f32 = torch.float32  # whatever torch's default dtype: the C code writes float32
+    y, mu, sd = torch.empty(n, d, dtype=f32), torch.empty(n, 1, dtype=f32), \
+        torch.empty(n, 1, dtype=f32)
     lib.layer_norm_f32(x.data_ptr(), y.data_ptr(), mu.data_ptr(), sd.data_ptr(), n, d, eps,
                        _threads(n))
     return y, mu, sd

@@ -25,7 +25,7 @@ _POSITIVE = click.IntRange(min=1)
                type=click.Path(file_okay=False, path_type=Path),
                help="Recording directory: shards go to DIR/<hook>/.")
 @config_option(C, "record_shard_tokens", type=_POSITIVE)
-@config_option(C, "d_in", type=_POSITIVE)
+@config_option(C, "d_in")
 @config_option(C, "metrics_port", type=click.IntRange(0, 65535))
 @config_option(C, "metrics_addr")
 @config_option(C, "hwm")

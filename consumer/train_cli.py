@@ -461,7 +461,7 @@ def train(
     }
     if stopped:
         extra["stop_reason"] = "signal"
-    if trainer.step == 0:  # stopped before its first step: nothing trained, nothing written
+    if stopped and trainer.step == 0:  # stopped before its first step: nothing to write
         dp.finish()
         echo("stopped before the first step: no checkpoint written", err=True)
         return

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.autograd import Function
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from saestream.common.settings import ranged
 from saestream.consumer import cpu_kernels, sharding
@@ -295,7 +295,13 @@ class Trainer:
             # Dead latents reconstruct the residual; neither side holds b_dec (x − x̂ has it
             # removed, and the aux reconstruction is decoded without it). The normaliser is
             # the residual's squared deviation from its mean over the global batch.
-            den = (stats[-1] - stats[1:-1].pow(2).sum() / n).to(xn.dtype)
+            den = stats[-1] - stats[1:-1].pow(2).sum() / n
+            # A residual (nearly) the same on every token — one token, a constant batch — has
+            # no spread to normalise by: AuxK sits the step out (an infinite normaliser makes
+            # its value and gradient 0) instead of dividing by zero, which would put NaN in
+            # every weight through a loss that nan_to_num had made look finite.
+            den = torch.where(den > 1e-6 * stats[-1], den, torch.full_like(den, math.inf))
+            den = den.to(xn.dtype)
             auxk = _SquaredDistance.apply(out.auxk_recon, e, den)
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
             total = total + cfg.auxk_coef * auxk
@@ -634,9 +640,10 @@ class _ResidualLoss(Function):
     def forward(ctx: FunctionCtx, x_hat: torch.Tensor, e: torch.Tensor, sse: torch.Tensor,
                 scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(e, scale)
-        return (sse / scale).to(x_hat.dtype)
+        return (sse / scale).to(torch.promote_types(x_hat.dtype, e.dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         e, scale = ctx.saved_tensors  # type: ignore[attr-defined]
         return e * (g * (-2.0) / scale).to(e.dtype), None, None, None
@@ -652,9 +659,10 @@ class _SquaredDistance(Function):
         diff = r - t
         ctx.save_for_backward(diff, den)
         ctx.dtype = r.dtype  # type: ignore[attr-defined]
-        return (_sq_norm(diff) / den).to(r.dtype)
+        return (_sq_norm(diff) / den).to(diff.dtype)  # as mse_loss: in the promoted dtype
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         diff, den = ctx.saved_tensors  # type: ignore[attr-defined]
         grad = diff * (g * 2.0 / den).to(diff.dtype)

@@ -152,3 +152,14 @@ def test_train_stopped_by_a_signal_writes_what_it_trained(sig, tmp_path, acts) -
     steps = int(snapshot.name.removeprefix("step-"))
     assert 0 < steps < 1_000_000 and extra["tokens"] == 64 * steps
     assert f"checkpoint: {snapshot / 'h'}" in rest
+
+
+def test_a_run_whose_every_step_was_skipped_still_writes_its_checkpoint(tmp_path) -> None:
+    """No signal, every loss not finite: the run ends as runs end, with its checkpoint (no
+    step taken), not as a run stopped before its first step."""
+    np.save(tmp_path / "huge.npy", np.full((64, 16), 1e30, dtype=np.float32))
+    res = run_cli(["train", "--input", str(tmp_path / "huge.npy"), "--hook", "h", *SMALL,
+                   "--steps", "2", "--input-normalization", "none", "--out",
+                   str(tmp_path / "o")])
+    assert res.returncode == 0 and "skipped" in res.stderr, res.stderr
+    assert "stopped before" not in res.stderr and (tmp_path / "o" / "latest").is_file()

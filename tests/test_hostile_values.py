@@ -86,6 +86,19 @@ def test_a_step_whose_loss_is_not_finite_is_skipped_and_the_sae_left_as_it_was()
     assert all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())
 
 
+def test_a_batch_whose_residual_has_no_spread_leaves_auxk_out_not_nan_in_the_weights() -> None:
+    """One token (or any batch whose residual is the same on every token) makes AuxK's
+    normaliser 0: the step trains without AuxK rather than putting NaN in every weight."""
+    t = Trainer(SAEConfig(d_in=16, n_latents=256, k=2), TrainerConfig(k_aux=8, dead_tokens=1),
+                name="s", hook="h")
+    t.train_step(torch.randn(16, 16))
+    assert bool(t.dead_mask().any())  # AuxK has dead latents to use
+    for _ in range(3):
+        m = t.train_step(torch.randn(1, 16))
+        assert not m.skipped and m.auxk_loss == 0.0
+    assert all(bool(torch.isfinite(p).all()) for p in t.sae.parameters())
+
+
 def test_a_first_batch_that_would_set_the_runs_constants_from_huge_values_is_skipped() -> None:
     """The first batch sets constants that last the run (the loss's scale, `scalar`'s c,
     b_dec's start): from a 1e30 value they would have silenced the loss for good."""

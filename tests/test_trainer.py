@@ -472,3 +472,21 @@ def test_the_loss_nodes_equal_mse_loss_in_value_and_gradient(multi_topk) -> None
     total.backward()
     for n, p in t.sae.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_a_bf16_reconstructions_loss_is_float32_as_mse_loss_makes_it() -> None:
+    """Under CUDA autocast AuxK's reconstruction is bf16: its loss stays in the promoted
+    dtype, not rounded to bf16, and its gradient comes back in bf16."""
+    import torch.nn.functional as F
+
+    from saestream.consumer.trainer import _SquaredDistance
+
+    r = torch.randn(32, 8).bfloat16().requires_grad_()
+    t = torch.randn(32, 8)
+    den = torch.tensor(3.0)
+    got = _SquaredDistance.apply(r, t, den)
+    want = F.mse_loss(r, t, reduction="sum") / den
+    assert got.dtype == want.dtype == torch.float32
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    got.backward()
+    assert r.grad is not None and r.grad.dtype == torch.bfloat16
