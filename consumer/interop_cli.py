@@ -20,7 +20,7 @@ import click
 from saestream import __version__
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_dir
-from saestream.common.settings import GivenPath
+from saestream.common.settings import GivenPath, given
 
 if TYPE_CHECKING:  # torch and the formats load only when a command runs
     from saestream.consumer.interop import PortableSAE
@@ -123,13 +123,13 @@ def export(path: Path, fmt: str, out: Path, sae_name: str | None, context_size: 
 @click.option("--sae", "sae_name", default=None,
               help="sparsify run folder: import only the SAE in this sub-folder [default: "
                    "all].")
-@click.option("--name", default=None,
+@click.option("--name", default=None, callback=given,
               help="Name of the imported SAE (one SAE only) [default: its folder or file "
                    "name].")
-@click.option("--hook", default=None,
+@click.option("--hook", default=None, callback=given,
               help="Hook (module path) the SAE reads, recorded in cfg.json; required for "
                    "openai files, which do not say [default: the source's].")
-@click.option("--model", default=None,
+@click.option("--model", default=None, callback=given,
               help="Model the SAE was trained on, recorded in cfg.json [default: the "
                    "source's].")
 @click.option("--tokens-per-step", type=click.IntRange(min=1), default=131072,
@@ -142,9 +142,6 @@ def import_command(source: Path, fmt: str, out: Path, sae_name: str | None, name
                    hook: str | None, model: str | None, tokens_per_step: int) -> None:
     """Import SAEs from OpenAI's release, SAELens or sparsify as one of our snapshots, ready
     for `saestream eval` and `--init-from`."""
-    for flag, given in (("--name", name), ("--hook", hook), ("--model", model)):
-        if given == "":
-            raise UserError(f"{flag} '': empty (leave the flag out for the source's own)")
     from saestream.consumer import interop
     from saestream.consumer.checkpoint import holds_a_run, save_snapshot
 

@@ -21,7 +21,7 @@ from saestream.common.devices import DEVICE_HELP, resolve_device
 from saestream.common.errors import UserError, cli_errors, error_line
 from saestream.common.files import check_writable_dir
 from saestream.common.recording import Recording
-from saestream.common.settings import FiniteFloat, GivenPath, config_option
+from saestream.common.settings import FiniteFloat, GivenPath, config_option, given
 from saestream.consumer.config import ConsumerConfig
 from saestream.consumer.distributed import peer_errors
 from saestream.consumer.sae import INPUT_NORMALIZATIONS, SAEConfig
@@ -244,14 +244,17 @@ class ShuffledBatches:
 @click.option(
     "--hook",
     default=None,
+    callback=given,
     help="Label of the hook the activations come from (recorded in cfg.json); required "
     "unless --input is a recording, which names its own.",
 )
 @click.option(
-    "--name", default=None, help="SAE name: the checkpoint's sub-directory (default: the hook)."
+    "--name", default=None, callback=given,
+    help="SAE name: the checkpoint's sub-directory (default: the hook).",
 )
 @click.option(
-    "--model", default=None, help="Model the activations come from (recorded; default: unknown)."
+    "--model", default=None, callback=given,
+    help="Model the activations come from (recorded; default: unknown).",
 )
 @config_option(S, "n_latents", "--latents", type=_POSITIVE)
 @config_option(S, "k", type=_POSITIVE)
@@ -377,8 +380,6 @@ def train(
         cfg.validate()
     except ValueError as exc:
         raise UserError(str(exc).replace("n_latents", "--latents")) from None
-    if name == "":
-        raise UserError("--name '': an empty name (leave the flag out for the hook's)")
     name = name or hook
     if not name or name.startswith(".") or "/" in name or "\\" in name:
         raise UserError(f"--name {name!r}: cannot be a directory name")

@@ -74,7 +74,7 @@ def acts(tmp_path: Path) -> Path:
     (["keygen", ""], "an empty path"),
     (["import", "{tmp}", "--format", "saelens", "--out", ""], "an empty path"),
     (["import", "{tmp}", "--format", "saelens", "--out", "{tmp}/i", "--name", ""],
-     "--name '': empty"),
+     "'--name': empty"),
     (["export", "{tmp}", "--format", "saelens", "--out", ""], "an empty path"),
     (["export", "{tmp}", "--format", "saelens", "--out", "{tmp}/e", "--context-size", HUGE],
      "--context-size"),
