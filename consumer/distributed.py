@@ -95,6 +95,16 @@ SINGLE = DataParallel(enabled=False)
 """One process: every collective is the identity."""
 
 
+_joined: list[bool] = []
+
+
+def joined_a_process_group() -> bool:
+    """Whether this process joined a process group (`init_from_env`), even if it has left
+    it since: the command line then ends it without the interpreter's teardown
+    (`saestream.tools.cli`)."""
+    return bool(_joined)
+
+
 def launched_by_torchrun() -> bool:
     """True inside a process that torchrun (or any launcher setting its variables) started
     as one of several ranks."""
@@ -112,6 +122,7 @@ def init_from_env(device: torch.device, timeout: float | None = None) -> DataPar
         try:
             kw.update(_attempt_store(timeout))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+            _joined.append(True)
         except RuntimeError as exc:  # the store timed out: a rank never came
             raise PeerLost(f"rank {os.environ.get('RANK', '?')} could not join the "
                            f"{os.environ.get('WORLD_SIZE')} ranks: {_reason(exc)}") from None

@@ -368,3 +368,34 @@ def os_total_memory() -> int:
     import os
 
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_rank_ends_without_teardown_but_with_its_exit_code_output_and_atexit_handlers(
+        tmp_path) -> None:
+    """A process that joined a process group leaves through os._exit (the interpreter's
+    teardown of torch's C++ state aborted ranks under load, failing finished jobs): its exit
+    code, its unflushed output and its atexit handlers are kept all the same."""
+    import subprocess
+    import sys
+
+    marker, torn_down = tmp_path / "atexit-ran", tmp_path / "torn-down"
+    code = (
+        "import atexit, sys\n"
+        "class Finalised:\n"
+        f"    def __del__(self): open({str(torn_down)!r}, 'w').close()\n"
+        "kept = Finalised()  # finalised by the interpreter's teardown only\n"
+        "from saestream.consumer import distributed\n"
+        "distributed._joined.append(True)\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('unflushed output')\n"
+        "sys.argv = ['saestream', 'train', '--no-such-flag']\n"
+        "from saestream.tools.cli import main\n"
+        "main()\n"
+        "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "unflushed output"
+    assert "no-such-flag" in done.stderr and "Traceback" not in done.stderr
+    assert marker.read_text() == "ran"
+    assert not torn_down.exists()

@@ -8,6 +8,7 @@ import). It stands above both daemons (`tools/`), since it names commands of eac
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -87,14 +88,55 @@ def main() -> None:
     """Console-script entry point. Bad usage (an unknown flag, a value out of range) is one
     line on stderr and exit 2, like every other user error (common/errors.py)."""
     try:
+        sys.exit(_run())
+    except SystemExit as exc:
+        if _joined_a_process_group():
+            _leave_now(exc.code)
+        raise
+
+
+def _run() -> int:
+    try:
         code = cli.main(prog_name="saestream", standalone_mode=False)
     except click.ClickException as exc:  # usage errors included: their exit code is 2
         click.echo(error_line(exc.format_message()), err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.Abort:
         click.echo("saestream: aborted", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def _joined_a_process_group() -> bool:
+    """Whether this process was a torch.distributed rank (consumer/distributed.py), looked
+    up without importing torch where the command never did."""
+    module = sys.modules.get("saestream.consumer.distributed")
+    return module is not None and module.joined_a_process_group()
+
+
+def _leave_now(code: object) -> None:
+    """End a torchrun rank without the interpreter's teardown. After a data-parallel run
+    (process group joined, used and destroyed, every file written and closed), tearing
+    torch's C++ state down at interpreter exit aborts now and then under load ('terminate
+    called without an active exception', SIGABRT), and torchrun then reports the whole job
+    failed, the checkpoint written or not. What a normal exit does that matters here is
+    done first: the atexit handlers, and flushing stdout and stderr."""
+    import atexit
+
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit (no public name)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr, flush=True)
+        status = 1
+    os._exit(status)
 
 
 if __name__ == "__main__":
