@@ -78,6 +78,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sae_step.py
+	$(PY) benchmarks/bench_topk.py
 	$(PY) benchmarks/bench_heap.py
 	$(PY) benchmarks/bench_wire.py
 	$(PY) benchmarks/bench_producer.py

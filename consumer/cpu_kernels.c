@@ -119,6 +119,8 @@ static uint64_t kth_largest(uint64_t *keys, int64_t m, int64_t k) {
     return kth;
 }
 
+#define TILE 16 /* rows per tile of gathered columns: one cache line of floats */
+
 /* One row of p + b (b: a bias per column, or NULL for none), added as torch adds it (one
  * float add per element) but never written back: 0, or 1 if it holds a NaN.
  * mx has m floats, keys n + m slots, cand 2n + 32 floats (used by the AVX-512 path). */
@@ -214,27 +216,57 @@ static int row_topk(const float *p, const float *b, int64_t n, int64_t k, int64_
  * 1 <= k <= m <= n < 2^32. Rows are split over `threads` OpenMP threads: the same runtime
  * and pool as torch's own CPU ops (torch ships libgomp.so.1, which the loader shares), so
  * its workers, still spinning after the encoder matmul, take the rows at once instead of
- * competing with threads of ours. Returns the number of bad rows. */
+ * competing with threads of ours. Returns the number of bad rows.
+ * With n_cols > 0, also out[r·rs + j·cs] = p[r, cols[j]] + b[cols[j]] for every row (NaN
+ * rows too), each 0 <= cols[j] < n: AuxK's columns of the dead latents, gathered while the
+ * row is in cache, where a gather of its own reads one cache line of the matrix per value. */
 int64_t topk_rows_f32(const float *p, const float *b, int64_t batch, int64_t n, int64_t k,
-                      int64_t m, float *values, int64_t *indices, uint8_t *bad, int threads) {
+                      int64_t m, float *values, int64_t *indices, uint8_t *bad, int threads,
+                      const int64_t *cols, int64_t n_cols, float *out, int64_t rs,
+                      int64_t cs) {
     int64_t flagged = 0;
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads) reduction(+ : flagged)
     {
+        int64_t lo = 0, hi = batch; /* this thread's rows: one contiguous block */
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        lo = batch * tid / nt;
+        hi = batch * (tid + 1) / nt;
+#endif
         float *mx = malloc(sizeof(float) * m);
         uint64_t *keys = malloc(sizeof(uint64_t) * (n + m));
         float *cand = malloc(sizeof(float) * (2 * n + 32));
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < batch; r++) {
+        /* Gathered columns go out through a tile of TILE rows when a row's values are far
+         * apart (column-major out): then each column's TILE values are one cache line,
+         * written whole, where writing each row's values at once strides by the batch, a
+         * power of two, so that every value of a row falls in the same few cache sets. */
+        float *tile = cs != 1 && n_cols > 0 ? malloc(sizeof(float) * TILE * n_cols) : NULL;
+        for (int64_t r = lo; r < hi; r++) {
+            const float *row = p + r * n;
             bad[r] = (mx == NULL || keys == NULL || cand == NULL)
                          ? 1
-                         : row_topk(p + r * n, b, n, k, m, mx, keys, cand, values + r * k,
+                         : row_topk(row, b, n, k, m, mx, keys, cand, values + r * k,
                                     indices + r * k);
             flagged += bad[r];
+            if (n_cols == 0) continue;
+            float *o = tile != NULL ? tile + ((r - lo) % TILE) * n_cols : out + r * rs;
+            const int64_t step = tile != NULL ? 1 : cs;
+            if (b == NULL)
+                for (int64_t j = 0; j < n_cols; j++) o[j * step] = row[cols[j]];
+            else
+                for (int64_t j = 0; j < n_cols; j++) o[j * step] = row[cols[j]] + b[cols[j]];
+            if (tile != NULL && ((r - lo) % TILE == TILE - 1 || r == hi - 1)) {
+                const int64_t first = r - (r - lo) % TILE, count = r - first + 1;
+                for (int64_t j = 0; j < n_cols; j++)
+                    for (int64_t i = 0; i < count; i++)
+                        out[(first + i) * rs + j * cs] = tile[i * n_cols + j];
+            }
         }
         free(mx);
         free(keys);
         free(cand);
+        free(tile);
     }
     return flagged;
 }

@@ -48,7 +48,8 @@ def library_path() -> Path | None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.topk_rows_f32.argtypes = [p, p, i64, i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.topk_rows_f32.argtypes = [p, p, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, i64,
+                                  p, i64, i64]
     lib.topk_rows_f32.restype = i64
     f32 = ctypes.c_float
     lib.decoder_adam_f32.argtypes = [p, p, p, p, i64, i64, f32, f32, f32, f32, f32, ctypes.c_int]
@@ -74,11 +75,18 @@ def _threads(rows: int) -> int:
 
 
 def topk_rows(
-    pre: torch.Tensor, k: int, bias: torch.Tensor | None = None
+    pre: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    gather: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`(pre + bias).topk(k, dim=1, sorted=True)` of a float32 CPU matrix [batch, n] and an
     optional float32 bias [n] (ties by column ascending; rows with a NaN ranked by torch),
-    without materialising the sum; None where the kernel does not apply or is not built."""
+    without materialising the sum; None where the kernel does not apply or is not built.
+
+    `gather` = (columns, out): also fill out [batch, len(columns)] (float32, any strides)
+    with `(pre + bias)[:, columns]`, bit for bit, from each row while it is in cache; None
+    (nothing written) for ids outside [0, n)."""
     if pre.dim() != 2 or pre.device.type != "cpu" or pre.dtype != torch.float32:
         return None
     batch, n = pre.shape
@@ -87,6 +95,9 @@ def topk_rows(
     if bias is not None and (
         bias.shape != (n,) or bias.device.type != "cpu" or bias.dtype != torch.float32
     ):
+        return None
+    cols, out = (None, None) if gather is None else gather
+    if gather is not None and not _gather_fits(*gather, batch, n):
         return None
     lib = load()
     if lib is None:
@@ -97,9 +108,13 @@ def topk_rows(
     values = torch.empty(batch, k, dtype=torch.float32)
     indices = torch.empty(batch, k, dtype=torch.int64)
     bad = torch.empty(batch, dtype=torch.uint8)
+    n_cols = 0 if cols is None else cols.numel()
     flagged = lib.topk_rows_f32(
         pre.data_ptr(), None if b is None else b.data_ptr(), batch, n, k, m,
         values.data_ptr(), indices.data_ptr(), bad.data_ptr(), _threads(batch),
+        None if cols is None else cols.data_ptr(), n_cols,
+        None if out is None else out.data_ptr(), 0 if out is None else out.stride(0),
+        0 if out is None else out.stride(1),
     )  # fmt: skip
     if flagged:  # NaN rows: torch ranks NaN first
         rows = bad.nonzero()[:, 0]
@@ -108,6 +123,17 @@ def topk_rows(
             sub += b
         values[rows], indices[rows] = sub.topk(k, dim=1, sorted=True)
     return values, indices
+
+
+def _gather_fits(cols: torch.Tensor, out: torch.Tensor, batch: int, n: int) -> bool:
+    """Whether the kernel can gather columns `cols` of a [batch, n] matrix into `out`."""
+    if cols.dim() != 1 or cols.dtype != torch.int64 or cols.device.type != "cpu" or \
+            not cols.is_contiguous():
+        return False
+    if out.dtype != torch.float32 or out.device.type != "cpu" or \
+            out.shape != (batch, cols.numel()) or out.requires_grad:
+        return False
+    return not cols.numel() or (int(cols.min()) >= 0 and int(cols.max()) < n)
 
 
 def decoder_adam_(

@@ -344,26 +344,34 @@ class TopKEncode(Function):
         xc = x - b_dec
         out = _pre_buffer(xc.shape[0], W_enc.shape[0], torch.result_type(xc, W_enc), xc.device)
         pre = encoder_matmul(xc, W_enc, None, out)
-        ranked = cpu_kernels.topk_rows(pre, k, bias=b_enc)  # adds the bias as it ranks
-        biased = ranked is None
-        if biased:
+        batch = x.shape[0]
+        auxk = dead is not None and k_aux > 0
+        n_dead = dead.numel() if auxk else 0
+        # AuxK over every dead latent (all kept, or dense over them: `use_compact`) wants
+        # their columns column-major (`_Decode`); a top-k among them wants rows.
+        every = auxk and aux_relu and (k_aux >= n_dead or use_compact(batch * k_aux, batch, n_dead))
+        gathered = None
+        if auxk and pre.device.type == "cpu":  # the C top-k gathers them as it ranks each row
+            gathered = pre.new_empty(n_dead, batch).t() if every else pre.new_empty(batch, n_dead)
+        ranked = cpu_kernels.topk_rows(pre, k, bias=b_enc,  # adds the bias as it ranks
+                                       gather=None if gathered is None else (dead, gathered))
+        if ranked is None:
             pre += b_enc
             ranked = topk_rows(pre, k)
+            if auxk:
+                gathered = pre.index_select(1, dead)
+                if every:
+                    gathered = gathered.t().contiguous().t()
         values, indices = ranked
-        if dead is not None and k_aux > 0:
-            aux_values = pre.index_select(1, dead)
-            if not biased:
-                aux_values += b_enc.index_select(0, dead)
-            n_dead = dead.numel()
-            if k_aux < n_dead and aux_relu and use_compact(x.shape[0] * k_aux, x.shape[0], n_dead):
+        if auxk:
+            aux_values = gathered
+            if k_aux < n_dead and every:
                 _zero_outside_topk(aux_values, k_aux)  # dense over `dead` anyway: keep them all
                 aux_local = torch.arange(n_dead, device=dead.device).expand_as(aux_values)
             elif k_aux < n_dead:
                 aux_values, aux_local = aux_values.topk(k_aux, dim=1, sorted=False)
             else:  # every dead latent is kept: no selection needed
                 aux_local = torch.arange(k_aux, device=dead.device).expand_as(aux_values)
-            if aux_relu and aux_local.stride(0) == 0:  # dense over `dead`: column-major (`_Decode`)
-                aux_values = aux_values.t().contiguous().t()
         else:
             dead = indices.new_zeros(0)
             aux_values = values.new_zeros(x.shape[0], 0)

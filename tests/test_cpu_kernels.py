@@ -25,10 +25,18 @@ def _built() -> None:
 
 
 def check_topk(pre: torch.Tensor, k: int, bias: torch.Tensor | None) -> None:
-    got = cpu_kernels.topk_rows(pre, k, bias=bias)
-    assert got is not None
+    """The top k, and the columns gathered beside it (AuxK's dead latents), in rows and in
+    columns, equal torch's bit for bit."""
+    batch, n = pre.shape
+    cols = torch.arange(n - 1, -1, -3).flip(0)  # every third column, the last one included
+    by_row, by_column = torch.full((batch, len(cols)), 7.0), torch.full((len(cols), batch), 7.0)
+    for out in (by_row, by_column.t()):
+        got = cpu_kernels.topk_rows(pre, k, bias=bias, gather=(cols, out))
+        assert got is not None
     values, indices = got
     full = pre if bias is None else pre + bias
+    for out in (by_row, by_column.t()):
+        torch.testing.assert_close(out, full[:, cols], rtol=0, atol=0, equal_nan=True)
     ref = full.topk(k, dim=1, sorted=True).values
     assert values.shape == indices.shape == (pre.shape[0], k) and indices.dtype == torch.int64
     torch.testing.assert_close(values, ref, rtol=0, atol=0, equal_nan=True)
@@ -234,6 +242,12 @@ def test_inputs_the_kernel_does_not_take_are_declined() -> None:
     assert cpu_kernels.topk_rows(x[0], 4) is None
     assert cpu_kernels.topk_rows(x, 0) is None and cpu_kernels.topk_rows(x, 65) is None
     assert cpu_kernels.topk_rows(x, 4, bias=torch.randn(63)) is None
+    cols, out = torch.tensor([0, 5, 63]), torch.empty(x.shape[0], 3)
+    for bad_cols, bad_out in ((torch.tensor([0, 5, 64]), out), (torch.tensor([-1, 5, 6]), out),
+                              (cols.int(), out), (cols, out.double()), (cols, out[:, :2]),
+                              (cols.view(3, 1), out)):
+        assert cpu_kernels.topk_rows(x, 4, gather=(bad_cols, bad_out)) is None
+    assert cpu_kernels.topk_rows(x, 4, gather=(cols, out)) is not None
     values, _ = cpu_kernels.topk_rows(x.t().contiguous().t(), 4)  # strided input: copied
     assert torch.equal(values, x.topk(4, dim=1).values)
 

@@ -320,3 +320,38 @@ def test_auxk_after_relu_keeps_every_dead_latent_with_the_same_values_and_gradie
     (Z_ref, g_ref), (Z_new, g_new) = results
     torch.testing.assert_close(Z_new, Z_ref, rtol=0, atol=0)
     torch.testing.assert_close(g_new, g_ref)
+
+
+@pytest.mark.parametrize("n_dead,k_aux,aux_relu", [
+    (10, 6, True),  # dense over the dead latents (`use_compact`): every one kept
+    (10, 10, True),  # every dead latent kept: no selection
+    (300, 4, True),  # a top-k among many dead latents
+    (10, 6, False),  # no ReLU after: a top-k
+])
+def test_auxk_columns_gathered_by_the_top_k_kernel_equal_torchs_gather(n_dead, k_aux, aux_relu,
+                                                                       monkeypatch) -> None:
+    """The C top-k gathers AuxK's dead columns as it ranks each row; without it, torch's
+    index_select: the same values bit for bit, the same gradients, and column-major where
+    AuxK keeps every dead latent (as `_Decode` wants them)."""
+    from saestream.consumer import cpu_kernels
+    from saestream.consumer.sparse_ops import topk_encode
+
+    g = torch.Generator().manual_seed(n_dead + k_aux)
+    x, W0 = torch.randn(64, 16, generator=g), torch.randn(512, 16, generator=g)
+    b = torch.randn(512, generator=g)
+    dead = torch.sort(torch.randperm(512, generator=g)[:n_dead]).values
+    weights, results = None, []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(cpu_kernels, "topk_rows", lambda *a, **kw: None)
+        W = W0.clone().requires_grad_()
+        _, _, aux, local = topk_encode(x, W, b, torch.zeros(16), 8, dead, k_aux, aux_relu=aux_relu)
+        weights = torch.randn(aux.shape, generator=g) if weights is None else weights
+        (aux * weights).sum().backward()
+        results.append((aux.detach(), local, W.grad, aux.stride()))
+    (aux_c, local_c, grad_c, stride_c), (aux_t, local_t, grad_t, stride_t) = results
+    torch.testing.assert_close(aux_c, aux_t, rtol=0, atol=0)
+    assert torch.equal(local_c, local_t) and stride_c == stride_t
+    if aux_relu and local_c.stride(0) == 0:
+        assert stride_c == (1, 64)  # column-major
+    torch.testing.assert_close(grad_c, grad_t, rtol=0, atol=0)
