@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_tcp_port
+from conftest import free_tcp_port, leave_rank_process
 
 from saestream.consumer.distributed import SINGLE, DataParallel, rank_slice
 from saestream.consumer.sae import SAEConfig
@@ -65,6 +65,9 @@ def _rank(rank: int, size: int, port: int, case: tuple, queue, poison: bool) -> 
         dist.barrier()  # as DataParallel.finish(): no rank leaves while another still talks
     finally:
         dist.destroy_process_group()
+    queue.close()
+    queue.join_thread()  # the result is in the pipe before the process ends
+    leave_rank_process()
 
 
 def data_parallel(case: tuple, size: int, poison: bool = False) -> list[dict]:

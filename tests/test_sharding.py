@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_tcp_port
+from conftest import free_tcp_port, leave_rank_process
 
 from saestream.consumer.sae import ForwardOutput, SAEConfig, SparseAutoencoder
 from saestream.consumer.sharding import (
@@ -98,6 +98,7 @@ def _check_sharded_sae(rank: int, size: int, port: int) -> None:
         dist.barrier()  # as the trainers' finish(): no rank leaves while another still talks
     finally:
         dist.destroy_process_group()
+    leave_rank_process()
 
 
 def _check_forward_and_gradients(shard: LatentShard) -> None:
