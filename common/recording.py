@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
+from saestream.common import bounded_json
 from saestream.common.errors import UserError
 from saestream.common.files import NotRegularFile, check_writable_dir, open_regular
 from saestream.common.logs import shown
@@ -363,7 +364,7 @@ def read_shard(path: Path) -> Shard:
             (n,) = struct.unpack("<Q", raw)
             if n > min(MAX_HEADER_BYTES, size - 8):
                 raise _fail(path, f"header length {n} exceeds the file ({size} bytes)")
-            header = json.loads(fh.read(n))
+            header = bounded_json.loads(fh.read(n))
     except RecursionError:
         raise _fail(path, "its header is nested too deeply") from None
     except (OSError, ValueError) as exc:
@@ -458,9 +459,11 @@ def _entry_problem(e: Any) -> str | None:
 def _read_index(path: Path, meta: dict[str, Any], rows: int) -> list[Entry]:
     """The chunks' index: entries that tile the rows [0, rows) in order."""
     try:
-        raw = json.loads(meta.get("saestream.chunks", ""))
+        raw = bounded_json.loads(meta.get("saestream.chunks", ""))
     except RecursionError:
         raise RecordingError(f"{path}: its chunk index is nested too deeply") from None
+    except bounded_json.TooManyValues as exc:
+        raise RecordingError(f"{path}: its chunk index is refused: {exc}") from None
     except (TypeError, ValueError):
         raise RecordingError(f"{path}: its chunk index is not JSON") from None
     if not isinstance(raw, list) or not raw:

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from saestream import __version__
+from saestream.common import bounded_json
 from saestream.common.errors import UserError
 from saestream.common.files import (
     FileTooLarge,
@@ -118,7 +119,7 @@ def read_json_file(path: Path) -> Any:
     when it is no JSON (nesting too deep to parse is no JSON we write)."""
     text = read_small_file(path)
     try:
-        return json.loads(text)
+        return bounded_json.loads(text)
     except RecursionError:
         raise CheckpointError(f"{path}: not JSON (nested too deeply)") from None
     except ValueError as exc:

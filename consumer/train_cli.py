@@ -6,7 +6,6 @@ drawn in shuffled batches, every token once per pass.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import sys
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
+from saestream.common import bounded_json
 from saestream.common.devices import DEVICE_HELP, resolve_device
 from saestream.common.errors import UserError, cli_errors, error_line
 from saestream.common.files import check_writable_dir
@@ -129,7 +129,7 @@ def _open_safetensors(path: Path, tensor: str | None) -> Activations:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > min(100_000_000, size - 8):
                 raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
-            header = json.loads(fh.read(n))
+            header = bounded_json.loads(fh.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         header.pop("__metadata__", None)

@@ -7,7 +7,6 @@ before the language model loads. Every bad input is a `UserError`: one line
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import click
 
+from saestream.common import bounded_json
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.settings import GivenPath
 from saestream.evaluator.config import MAX_BATCH
@@ -135,7 +135,7 @@ def _evaluated(path: Path, given: bool) -> dict[str, Any]:
     from saestream.evaluator.browser import evaluated_groups
 
     try:
-        doc = json.loads(path.read_text())
+        doc = bounded_json.loads(path.read_text())
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError, RecursionError) as exc:

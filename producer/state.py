@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from saestream.common import bounded_json
 from saestream.common.files import FileTooLarge, NotRegularFile, probe_dir, read_regular
 
 STATE_VERSION = 1
@@ -86,7 +87,7 @@ def _read_regular(path: Path) -> bytes:
 def read_state(path: Path) -> ProducerState | None:
     """The saved state, or None when the file does not exist."""
     try:
-        data = json.loads(_read_regular(Path(path)).decode())
+        data = bounded_json.loads(_read_regular(Path(path)).decode())
     except FileNotFoundError:
         return None
     except StateError:

@@ -232,6 +232,9 @@ def test_state_file_round_trips_and_rejects_another_configuration(tmp_path: Path
     path.write_text("{not json")
     with pytest.raises(StateError):
         read_state(path)
+    path.write_text("[" + "{}," * (1 << 20) + "{}]")  # 3 MB, 64 MB once parsed: refused
+    with pytest.raises(StateError, match="more than 1,048,576 JSON values"):
+        read_state(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -673,6 +673,13 @@ MALFORMED = {  # D4: headers that pass the type checks of old and fail deeper
     "nested header": (lambda h: b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
     "nested index": (_edit_meta("saestream.chunks", "[" * 100_000 + "]" * 100_000),
                      "nested too deeply"),
+    # 3 bytes each, 64 bytes each once parsed: a 64 MiB header of them took over 2 GB
+    "an index of a million empty maps": (
+        _edit_meta("saestream.chunks", "[" + "{}," * (1 << 20) + "{}]"),
+        "its chunk index is refused: it holds more than 1,048,576 JSON values"),
+    "a header of a million empty arrays": (
+        lambda h: {**h, "junk": [[]] * ((1 << 20) + 1)},
+        "it holds more than 1,048,576 JSON values"),
 }
 
 

@@ -101,11 +101,14 @@ def test_resume_with_a_deeply_nested_run_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["deep", "d_in-infinity", "d_in-nan", "d_in-fraction",
-                                    "num_latents-huge", "num_latents-overflow"])
+                                    "num_latents-huge", "num_latents-overflow", "a million"])
 def test_init_from_a_hostile_cfg_json_is_one_line(tmp_path, snapshot, damage):
     cfg_path = snapshot / "h" / "cfg.json"
     if damage == "deep":
         cfg_path.write_text(DEEP)
+    elif damage == "a million":  # values: refused before they are built
+        cfg = json.loads(cfg_path.read_text())
+        cfg_path.write_text(json.dumps({**cfg, "junk": [{}] * (1 << 20)}))
     else:
         key, value = {"d_in-infinity": ("d_in", "Infinity"), "d_in-nan": ("d_in", "NaN"),
                       "d_in-fraction": ("d_in", "16.5"),
@@ -119,7 +122,9 @@ def test_init_from_a_hostile_cfg_json_is_one_line(tmp_path, snapshot, damage):
     res = invoke("--input", str(tmp_path / "a.npy"), "--hook", "h", "--steps", "2",
                  "--init-from", str(snapshot), "--out", str(tmp_path / "out"))
     assert res.exit_code == 2, res.output
-    assert "--init-from" in one_error_line(res.output)
+    line = one_error_line(res.output)
+    assert "--init-from" in line
+    assert damage != "a million" or "more than 1,048,576 JSON values" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -158,6 +163,9 @@ def test_npy_of_a_dtype_training_cannot_read_is_one_line(tmp_path, dtype):
     DEEP.encode(),
     b'{"x": {"dtype": "F32", "shape": ' + DEEP.encode() + b', "data_offsets": [0, 4]}}',
     b'{"__metadata__": ' + ("{\"a\":" * 50_000 + "1" + "}" * 50_000).encode() + b"}",
+    # a million tiny values: 3 bytes each in the file, 64 bytes each once parsed
+    b'{"junk": [' + b"[]," * (1 << 20) + b'[]], "x": {"dtype": "F32", "shape": [1, 1], '
+    b'"data_offsets": [0, 4]}}',
 ])
 def test_safetensors_with_a_deeply_nested_header_is_one_line(tmp_path, header):
     path = tmp_path / "a.safetensors"
@@ -165,7 +173,9 @@ def test_safetensors_with_a_deeply_nested_header_is_one_line(tmp_path, header):
     res = invoke("--input", str(path), "--hook", "h", *SMALL, "--steps", "2",
                  "--out", str(tmp_path / "out"))
     assert res.exit_code == 2, res.output
-    assert "not a readable .safetensors file" in one_error_line(res.output)
+    line = one_error_line(res.output)
+    assert "not a readable .safetensors file" in line
+    assert b"junk" not in header or "more than 1,048,576 JSON values" in line
 
 
 # -- 4: the disk fills up during training ---------------------------------------------------------
