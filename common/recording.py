@@ -58,9 +58,14 @@ SHARD_RE = re.compile(r"^shard-[0-9TZ]+-[0-9a-f]{8}-\d{6,}\.safetensors$")
 TMP_PREFIX = ".tmp-shard-"
 LOCK_NAME = ".lock"
 MAX_SHARD_CHUNKS = 4096
-"""A shard is closed after this many chunks, whatever its rows: keeps its index (the
-safetensors header) well under a megabyte however small the chunks."""
+"""A shard is closed after this many chunks, whatever its rows: keeps the index of small
+chunks with the producer's few provenance fields near a megabyte."""
 MAX_HEADER_BYTES = 64 << 20
+INDEX_BYTES = 16 << 20
+"""A shard is also closed before its index's JSON would pass this many bytes: written into
+the header as a JSON string, quotes and backslashes escaped, it at most doubles, so the
+header stays under MAX_HEADER_BYTES, which readers refuse to pass. Without it, 4,096 chunks
+whose `source` fills the wire's 64 KiB header made a shard no reader would open."""
 _HOOK_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _WIRE_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
@@ -215,6 +220,10 @@ class ShardWriter:
         self.counter = 0
         self._words: list[np.ndarray] = []
         self._entries: list[Entry] = []
+        self._index: list[str] = []
+        """The entries' JSON, joined into the index when the shard is written."""
+        self._index_bytes = 0
+        self._index_values = 1  # the list's own `[`
         self._rows = 0
         self._dtype: str | None = None
         self._model: str | None = None
@@ -230,9 +239,18 @@ class ShardWriter:
         written: list[Written | Lost] = []
         if self._rows and (dtype, model, words.shape[1]) != (self._dtype, self._model, self._d):
             written += self.flush()
+        text = json.dumps(entry._replace(row=self._rows)._asdict(), separators=(",", ":"))
+        values = bounded_json.count_values(text) + 1  # and the comma before it
+        if self._rows and (self._index_bytes + len(text) + 1 > INDEX_BYTES
+                           or self._index_values + values > bounded_json.MAX_VALUES):
+            written += self.flush()  # the index readers accept is full: this chunk starts one
+            text = json.dumps(entry._replace(row=0)._asdict(), separators=(",", ":"))
         self._dtype, self._model, self._d = dtype, model, int(words.shape[1])
         self._words.append(words)
         self._entries.append(entry._replace(row=self._rows))
+        self._index.append(text)
+        self._index_bytes += len(text) + 1
+        self._index_values += values
         self._rows += int(words.shape[0])
         if self._rows >= self.shard_tokens or len(self._entries) >= MAX_SHARD_CHUNKS:
             written += self.flush()
@@ -242,8 +260,9 @@ class ShardWriter:
         """Write the rows held as one shard (nothing when none are held)."""
         if not self._rows:
             return []
-        words, entries, rows = self._words, self._entries, self._rows
-        self._words, self._entries, self._rows = [], [], 0
+        words, entries, rows, index = self._words, self._entries, self._rows, self._index
+        self._words, self._entries, self._rows, self._index = [], [], 0, []
+        self._index_bytes, self._index_values = 0, 1
         self.counter += 1
         name = f"shard-{self.started}-{self.writer}-{self.counter:06d}.safetensors"
         assert self._dtype is not None and self._model is not None
@@ -252,8 +271,7 @@ class ShardWriter:
             nbytes = write_shard(self.dir / name, words, self._dtype, meta={
                 "saestream.format": FORMAT, "saestream.hook": self.hook,
                 "saestream.model": self._model, "saestream.dtype": self._dtype,
-                "saestream.chunks": json.dumps([e._asdict() for e in entries],
-                                               separators=(",", ":")),
+                "saestream.chunks": "[" + ",".join(index) + "]",
             })
         except OSError as exc:
             return [Lost(rows, exc, entries)]

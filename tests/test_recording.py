@@ -342,6 +342,38 @@ def test_replay_shards_split_a_recording_and_loop_repeats_it(tmp_path: Path) -> 
         == summary.tokens == sum(c.n for c in got)
 
 
+@pytest.mark.parametrize("source", ["64 lists of 256 ints", "64 strings of 900 chars"])
+def test_chunks_with_rich_provenance_are_split_into_shards_every_reader_opens(
+        tmp_path: Path, source: str) -> None:
+    """`source` as large as the wire carries: 4,096 such chunks in one shard made a header
+    of about 240 MB (strings) or an index of 67 million values, which readers refuse; the writer
+    closes a shard before its index passes what they accept (recording.INDEX_BYTES, the
+    1,048,576 values of bounded_json), whatever the chunk count."""
+    if source.endswith("ints"):
+        src, chunks = {f"k{j}": list(range(256)) for j in range(64)}, 200  # 16,500 values each
+    else:
+        src, chunks = {f"k{j}": "x" * 900 for j in range(64)}, 700  # 58 KB each
+    frames = encode_chunk(torch.zeros(1, 4).to(torch.bfloat16), producer="p", run="r", seq=0,
+                          model="m", hook=HOOK, source=src)
+    assert decode_chunk(frames).source == src  # the wire carries it
+    root = tmp_path / "rec"
+    lock = RecordingLock(root, "--out")
+    writer = ShardWriter(root / HOOK, HOOK, 1 << 30, *new_writer_id())  # never full by rows
+    words = np.arange(4, dtype=np.uint16).reshape(1, 4)
+    written = []
+    for i in range(chunks):
+        written += writer.add(words, "bfloat16", "m",
+                              Entry("p", "r", i, src, 0, 1, _crc(words), 0.0))
+    written += writer.flush()
+    lock.release()
+    assert all(type(w).__name__ == "Written" for w in written)
+    assert len(written) >= 3  # split by the index's size, not by rows or chunk count
+    rec = Recording(root / HOOK)  # every header and index read and checked
+    assert rec.shape == (chunks, 4)
+    assert [e.seq for shard in rec.shards for e in shard.entries] == list(range(chunks))
+    assert all(e.source == src for shard in rec.shards for e in shard.entries)
+
+
 def test_a_recording_reads_as_one_dataset_across_shards_and_dtypes(tmp_path: Path) -> None:
     root = tmp_path / "rec"
     lock = RecordingLock(root, "--out")
