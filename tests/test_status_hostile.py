@@ -123,6 +123,36 @@ def test_a_body_over_64_mib_is_refused_not_read_into_memory(raw_server) -> None:
     assert "Traceback" not in err
 
 
+def _answer(text: bytes):
+    def handler(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                     + str(len(text)).encode() + b"\r\n\r\n" + text)
+    return handler
+
+
+def test_an_answer_of_more_than_a_million_samples_is_refused(raw_server) -> None:
+    """4 bytes a sample in the body, some 300 once kept: a cap on bytes alone let 64 MiB
+    of them cost gigabytes."""
+    port = raw_server(_answer(b"a 1\n" * ((1 << 20) + 1))).port
+    code, out, err = status("--timeout", "60", str(port))
+    assert code == 1, (out, err)
+    assert out == [f"http://127.0.0.1:{port}/metrics  unreachable: more than 1,048,576 "
+                   "samples"], out
+    assert "Traceback" not in err
+
+
+def test_the_sample_cap_keeps_an_answer_of_exactly_that_many(raw_server, monkeypatch) -> None:
+    from saestream.tools import status as status_module
+
+    monkeypatch.setattr(status_module, "MAX_SAMPLES", 3)
+    at, over = (raw_server(_answer(b"a 1\nb 2\nc 3\n" + extra)).port
+                for extra in (b"", b"d 4\n"))
+    got = status_module.fetch_samples(f"http://127.0.0.1:{at}/metrics")
+    assert [(s.name, s.value) for s in got] == [("a", 1.0), ("b", 2.0), ("c", 3.0)]
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        status_module.fetch_samples(f"http://127.0.0.1:{over}/metrics")
+
+
 @pytest.mark.parametrize("greeting", [b"hello\n", b"SSH-2.0-x\r\n\x1b[2J\x00\xff"],
                          ids=["hello", "binary"])
 def test_a_peer_that_does_not_speak_http_gets_one_line(raw_server, greeting: bytes) -> None:

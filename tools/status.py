@@ -195,14 +195,29 @@ def fetch_samples(url: str, timeout: float = 3.0) -> list[Sample]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = fetch_text(url, timeout)
+    samples: list[Sample] = []
     try:
-        return [
-            Sample(s.name, {k: escaped(v) for k, v in s.labels.items()}, float(s.value))
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        ]
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if len(samples) == MAX_SAMPLES:
+                    raise _TooMany
+                samples.append(Sample(s.name, {k: escaped(v) for k, v in s.labels.items()},
+                                      float(s.value)))
+    except _TooMany:
+        raise ValueError(f"more than {MAX_SAMPLES:,} samples") from None
     except Exception as exc:  # a third-party parser fed whatever the peer sent
         raise ValueError(f"not Prometheus text ({exc})") from None
+    return samples
+
+
+MAX_SAMPLES = 1 << 20
+"""Samples kept from one endpoint: a saestream daemon exports hundreds. A body of 64 MiB
+(the most read) can hold 16 million 4-byte samples (`a 1`), each some 300 bytes once
+kept, so an endpoint answering that, by mistake or not, would cost gigabytes."""
+
+
+class _TooMany(Exception):
+    """MAX_SAMPLES reached (not a parser error)."""
 
 
 def by_name(samples: list[Sample]) -> dict[str, list[Sample]]:
