@@ -250,8 +250,42 @@ class SyntheticCorpus(Corpus):
             yield self.context(split_unit(j, self.split))
 
 
+PIECE_CHARS = 1 << 20
+"""A document is tokenised in pieces of about this many characters (`text_pieces`): a
+tokenizer's own memory grows with the text it is given (SmolLM2's took 6 GB for one 45 MB
+document, so a 1 GB .txt file could not be read), and the document's ids are cut into
+contexts piece by piece instead of held whole."""
+
+_PIECE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+"""Where a piece may end: after a lone newline between two words. Byte-level BPE tokenizers
+(GPT-2's, Llama 3's, SmolLM2's) split their input into words and whitespace runs before
+merging, and make such a newline a unit of its own, at the end of a text too; so pieces cut
+there give the ids of the whole text. (A run of whitespace may not end a piece: at the
+end of a text it is one unit, before a word all but its last character are.)"""
+_WORD_CUT = re.compile(r"(?<=\S)(?= \S)")
+"""Else before a lone space between two words (the space starts the next word's unit)."""
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of `size` to 2 × `size` characters (the last may be shorter),
+    each ending where `_PIECE_CUT` allows within the next `size` characters, else where
+    `_WORD_CUT` does, else at `size` (a text with no lone space or newline between words in
+    `size` characters, such as a base64 blob: there a piece's ids may differ from the whole
+    text's next to the cut).
+    Pieces are sliced as they are asked for: never a second copy of the whole text."""
+    start = 0
+    while len(text) - start > 2 * size:
+        end = start + size
+        cut = _PIECE_CUT.search(text, end, end + size) or _WORD_CUT.search(text, end, end + size)
+        end = cut.end() if cut is not None else end
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
 class DocumentCorpus(Corpus):
-    """Text documents, tokenised lazily as the contexts are consumed."""
+    """Text documents, tokenised lazily as the contexts are consumed, a piece of a long
+    document at a time (`text_pieces`)."""
 
     read_ahead = True
 
@@ -275,14 +309,19 @@ class DocumentCorpus(Corpus):
         for text in self._documents():
             if text is None:  # a document that could not be read (already counted)
                 continue
-            buf.extend(self._encode(text))
-            buf.append(self._separator)
-            while len(buf) - off >= seq_len:
-                yield np.asarray(buf[off : off + seq_len], dtype=np.int64)
-                off += seq_len
-            if off:
-                del buf[:off]
-                off = 0
+            pieces = text_pieces(text, PIECE_CHARS)
+            piece = next(pieces)
+            while piece is not None:
+                buf.extend(self._encode(piece))
+                piece = next(pieces, None)
+                if piece is None:
+                    buf.append(self._separator)
+                while len(buf) - off >= seq_len:
+                    yield np.asarray(buf[off : off + seq_len], dtype=np.int64)
+                    off += seq_len
+                if off:
+                    del buf[:off]
+                    off = 0
 
 
 def text_files(pattern: str) -> list[Path]:

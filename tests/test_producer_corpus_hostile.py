@@ -375,3 +375,23 @@ def test_cutting_one_huge_document_costs_what_cutting_many_small_ones_does() -> 
     many = min(cpu_seconds(small) for _ in range(3))
     one = min(cpu_seconds([ids]) for _ in range(2))
     assert one < 4 * many + 0.05, (one, many)
+
+
+def test_a_document_cut_into_pieces_gives_the_contexts_of_the_whole(monkeypatch) -> None:
+    """Long documents are tokenised a piece at a time (`text_pieces`): the contexts, and
+    where each document's separator falls, are those of tokenising each whole (here bytes,
+    which any cut keeps; SmolLM2's ids across cuts: test_producer_smollm2)."""
+    from saestream.producer import corpus as corpus_module
+
+    docs = ["word " * 5000 + "\n" + "x\ny " * 3000, "short", "a b\nc" * 2000, "z" * 999]
+
+    def contexts() -> list[list[int]]:
+        corpus = DocumentCorpus("text:x", lambda: docs, lambda s: list(s.encode()), 999, 7)
+        return [c.tolist() for c in corpus.contexts()]
+
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", 10**9)
+    whole = contexts()
+    monkeypatch.setattr(corpus_module, "PIECE_CHARS", 50)
+    assert contexts() == whole
+    assert sum(len(d) + 1 for d in docs) == 7 * len(whole) + 3  # a tail of 3 ids is left
+    assert sum(c.count(999) for c in whole) == len(docs) - 1  # the last separator is in it
