@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -275,12 +276,56 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     Pieces are sliced as they are asked for: never a second copy of the whole text."""
     start = 0
     while len(text) - start > 2 * size:
-        end = start + size
-        cut = _PIECE_CUT.search(text, end, end + size) or _WORD_CUT.search(text, end, end + size)
-        end = cut.end() if cut is not None else end
+        end = _cut(text, start, size)
         yield text[start:end]
         start = end
     yield text[start:]
+
+
+def stream_pieces(read: Callable[[int], str], size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text_pieces` of the text that `read(n)` returns n characters at a time ("" at its
+    end), the same pieces, holding at most 3 × `size` characters of it at once."""
+    held, end = "", False
+    while True:
+        while not end and len(held) <= 2 * size:
+            more = read(size)
+            end = not more
+            held += more
+        if end:
+            yield from text_pieces(held, size)
+            return
+        cut = _cut(held, 0, size)
+        yield held[:cut]
+        held = held[cut:]
+
+
+def _cut(text: str, start: int, size: int) -> int:
+    """Where the piece of `text` that starts at `start` ends (`text_pieces`)."""
+    end = start + size
+    found = _PIECE_CUT.search(text, end, end + size) or _WORD_CUT.search(text, end, end + size)
+    return found.end() if found is not None else end
+
+
+class StreamedText:
+    """A .txt file's text, read a piece at a time while `read_text_documents` holds the file
+    open: iterate it before asking for the next document. Reading a file whole held all of
+    it (four bytes a character when it holds one character beyond the BMP: an emoji made a
+    1 GB file 4 GB)."""
+
+    def __init__(self, fh: TextIO, lost: Callable[[OSError], None]) -> None:
+        self._fh, self._lost = fh, lost
+
+    def __iter__(self) -> Iterator[str]:
+        if self._fh.closed:
+            raise RuntimeError("a streamed document is read before the next one is asked for")
+        try:
+            yield from stream_pieces(self._fh.read, PIECE_CHARS)
+        except OSError as exc:  # the rest of the file is lost; what was read is kept
+            self._lost(exc)
+
+
+_Doc = str | Iterable[str]
+"""A document: its text, or its text in pieces (`StreamedText`)."""
 
 
 class DocumentCorpus(Corpus):
@@ -292,7 +337,7 @@ class DocumentCorpus(Corpus):
     def __init__(
         self,
         spec: str,
-        documents: Callable[[], Iterable[str | None]],
+        documents: Callable[[], Iterable[_Doc | None]],
         encode: Callable[[str], list[int]],
         separator: int,
         seq_len: int,
@@ -309,8 +354,8 @@ class DocumentCorpus(Corpus):
         for text in self._documents():
             if text is None:  # a document that could not be read (already counted)
                 continue
-            pieces = text_pieces(text, PIECE_CHARS)
-            piece = next(pieces)
+            pieces = text_pieces(text, PIECE_CHARS) if isinstance(text, str) else iter(text)
+            piece = next(pieces, None)  # None: a streamed file that failed at once, skipped
             while piece is not None:
                 buf.extend(self._encode(piece))
                 piece = next(pieces, None)
@@ -400,8 +445,9 @@ def read_text_documents(
     files: list[Path], warn: RateLimitedLog,
     dropped: Callable[[str, int], None] = lambda reason, n: None,
     units: dict[Path, int] | None = None,
-) -> Iterator[str | None]:
-    """One document per .txt file; one per line of a .jsonl file (its "text" field).
+) -> Iterator[str | StreamedText | None]:
+    """One document per .txt file (a `StreamedText`: iterate it before asking for the next
+    document); one per line of a .jsonl file (its "text" field).
 
     A file that cannot be read (deleted, unreadable, no longer a regular file) is logged,
     reported to `dropped` and skipped. It yields None in place of each document it held when
@@ -411,15 +457,20 @@ def read_text_documents(
         pass to pass (a file gone in the next pass then keeps its documents' numbers).
     """
     units = {} if units is None else units
+
+    def lost_rest(path: Path, exc: OSError) -> None:
+        dropped(DROP_UNREADABLE, 1)
+        warn.warning(f"file:{path}", "skipping the rest of corpus file %s (%s)", path,
+                     exc.strerror or str(exc))
+
     for path in files:
         count = 0
         try:
             fd = open_regular(path)
             with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
                 if path.suffix != ".jsonl":
-                    text = fh.read()
                     count = 1
-                    yield text
+                    yield StreamedText(fh, lambda exc, path=path: lost_rest(path, exc))
                     continue
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
@@ -578,7 +629,7 @@ def precheck_corpus(spec: str, token_dtype: str = "uint16") -> None:
         ArrayCorpus(spec, _load_tokens(spec, parsed), 2)  # shape and size
 
 
-def _split_documents(documents: Iterable[str | None], split: str) -> Iterator[str]:
+def _split_documents(documents: Iterable[_Doc | None], split: str) -> Iterator[_Doc]:
     """The documents of `split`; a None (a document that could not be read) keeps its number."""
     return (doc for i, doc in enumerate(documents) if doc is not None and in_split(i, split))
 
