@@ -5,6 +5,12 @@ A file of at most 64 MiB is small to read but not to parse: `json.loads` turns e
 any check could look at what they were. Counting the values first (every one but the first
 of each object or array follows a comma) costs a pass over the text, and refused the same
 text at a peak of 143 MB (`tests/test_bounded_json.py`).
+
+For files whose writer bounds them: a recording shard's header and index (the recorder
+closes a shard before its index passes the limit), the producer's state file, a snapshot's
+cfg.json and trainer.json, a safetensors header, another format's config. A snapshot's
+extra.json (the ledger's provenance of every producer) and an eval.json (per-latent lists)
+grow with the run: they are read with `limit=None`, bounded by their size only.
 """
 
 from __future__ import annotations
@@ -14,33 +20,41 @@ import re
 from typing import Any
 
 MAX_VALUES = 1 << 20
-"""Values (objects, arrays and the items in them) a document may hold: a shard header of
-4,096 chunks, the most a shard is written with, holds about 50,000, a checkpoint's JSON
-files far fewer; parsing a million costs at most about 100 MB."""
+"""Members and items (each comma separates two; every `{` and `[` counts one more) a
+document may hold: a shard header of 4,096 chunks, the most a shard is written with, holds
+about 50,000 with our producer's provenance; parsing a million costs at most about 100 MB."""
 
-# A JSON string, escapes included ("unrolled": no backtracking on long strings).
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_STRING_BYTES = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A JSON string, escapes included, or an unterminated one up to the end of the text: every
+# quote outside a string starts a match that succeeds, so the scan is linear (a pattern that
+# could fail from a quote, as one requiring the closing quote does on `"\"\"\"…`, is retried
+# from every later quote: quadratic). DOTALL: a backslash may precede any character.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 
 
 class TooManyValues(ValueError):
     """The document holds more values than its reader accepts."""
 
 
-def count_values(text: str | bytes) -> int:
-    """Upper bound on the values `json.loads(text)` would build beyond the first: commas,
-    `{` and `[` outside strings (those in strings are text, not structure)."""
-    if isinstance(text, str):
-        bare = _STRING.sub("", text)
-        return bare.count(",") + bare.count("{") + bare.count("[")
-    raw = _STRING_BYTES.sub(b"", text)
-    return raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+def count_values(text: str) -> int:
+    """What `json.loads(text)` builds beyond the document itself, in members and items: commas,
+    `{` and `[` outside strings (those in strings are text, not structure). An object's
+    member is a key and a value: two Python objects for one counted."""
+    return _structure(_STRING.sub("", text))
 
 
-def loads(text: str | bytes, limit: int = MAX_VALUES) -> Any:
+def _structure(text: str) -> int:
+    return text.count(",") + text.count("{") + text.count("[")
+
+
+def loads(text: str | bytes, limit: int | None = MAX_VALUES) -> Any:
     """`json.loads(text)`, or TooManyValues (a ValueError, as for any text that is no JSON
-    we accept) when it holds more than `limit` values. RecursionError, for nesting too deep,
-    passes through as from `json.loads`."""
-    if count_values(text) > limit:
+    we accept) when it holds more than `limit` values (None: no limit). Bytes must be UTF-8,
+    as JSON files and safetensors headers are: `json.loads` would also take UTF-16 and
+    UTF-32, whose bytes the count cannot read (U+2200 holds a `"` byte). RecursionError, for
+    nesting too deep, passes through as from `json.loads`."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    # strings removed, the count can only fall: most documents need no removal
+    if limit is not None and _structure(text) > limit and count_values(text) > limit:
         raise TooManyValues(f"it holds more than {limit:,} JSON values")
     return json.loads(text)

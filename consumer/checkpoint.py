@@ -114,12 +114,19 @@ def read_small_file(path: Path) -> str:
         raise CheckpointError(f"{path}: not UTF-8 text") from None
 
 
-def read_json_file(path: Path) -> Any:
+EXTRA_JSON_VALUES = None
+"""extra.json's value limit: none but its size (MAX_SMALL_FILE). It holds the ledger: every
+producer's latest `source` (up to 64 lists of 256 values each) and delivered ranges, so it
+grows with the run; 64 producers with full sources made 1,048,576 values."""
+
+
+def read_json_file(path: Path, limit: int | None = bounded_json.MAX_VALUES) -> Any:
     """`read_small_file`, parsed as JSON: FileNotFoundError when missing, CheckpointError
-    when it is no JSON (nesting too deep to parse is no JSON we write)."""
+    when it is no JSON (nesting too deep to parse is no JSON we write) or holds more than
+    `limit` values (`bounded_json`; None: no limit)."""
     text = read_small_file(path)
     try:
-        return bounded_json.loads(text)
+        return bounded_json.loads(text, limit)
     except RecursionError:
         raise CheckpointError(f"{path}: not JSON (nested too deeply)") from None
     except ValueError as exc:
@@ -331,7 +338,7 @@ def load_snapshot(
     path = Path(path)
     try:
         try:
-            extra = read_json_file(path / "extra.json")
+            extra = read_json_file(path / "extra.json", EXTRA_JSON_VALUES)
         except FileNotFoundError:
             extra = {}
         if not isinstance(extra, dict):
@@ -412,7 +419,7 @@ def check_complete(path: Path) -> dict[str, Any]:
     (saying what is missing) otherwise. Cheap: nothing but extra.json is read."""
     path = Path(path)
     try:
-        extra = read_json_file(path / "extra.json")
+        extra = read_json_file(path / "extra.json", EXTRA_JSON_VALUES)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no extra.json") from None
     except CheckpointError as exc:
@@ -796,7 +803,7 @@ def _check_name(name: str) -> None:
 def record_stop_reason(path: Path, stop_reason: str) -> None:
     """Add `stop_reason` to a written snapshot's extra.json (atomically: a reader sees the
     old file or the new one), for a run that stops in a state that snapshot already holds."""
-    extra = read_json_file(path / "extra.json")
+    extra = read_json_file(path / "extra.json", EXTRA_JSON_VALUES)
     extra["stop_reason"] = stop_reason
     # the temporary beside the snapshots, where a resuming consumer removes what a crash left
     _replace_file(path / "extra.json", _json_text(extra),

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from saestream.common.files import NotRegularFile, UnsafeArchive, check_torch_archive
 from saestream.consumer.checkpoint import (
+    EXTRA_JSON_VALUES,
     WEIGHT_NAMES,
     CheckpointError,
     load_sae,
@@ -185,7 +186,7 @@ def snapshot_context(snapshot: Path, warn: Callable[[str], None] | None = None) 
     Optional metadata: a missing extra.json gives None; one that is unreadable (a FIFO, too
     large, not JSON) or a ledger of the wrong shape gives None, and says why to `warn`."""
     try:  # checkpoint's reader: never blocks on a FIFO, bounded, RecursionError caught
-        extra = read_json_file(Path(snapshot) / "extra.json")
+        extra = read_json_file(Path(snapshot) / "extra.json", EXTRA_JSON_VALUES)
     except FileNotFoundError:
         return None
     except CheckpointError as exc:

@@ -135,7 +135,7 @@ def _evaluated(path: Path, given: bool) -> dict[str, Any]:
     from saestream.evaluator.browser import evaluated_groups
 
     try:
-        doc = bounded_json.loads(path.read_text())
+        doc = bounded_json.loads(path.read_text(), limit=None)  # per-latent lists: any size
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError, RecursionError) as exc:

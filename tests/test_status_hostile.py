@@ -132,8 +132,9 @@ def _answer(text: bytes):
 
 def test_an_answer_of_more_than_a_million_samples_is_refused(raw_server) -> None:
     """4 bytes a sample in the body, some 300 once kept: a cap on bytes alone let 64 MiB
-    of them cost gigabytes."""
-    port = raw_server(_answer(b"a 1\n" * ((1 << 20) + 1))).port
+    of them cost gigabytes. Typed: the parser holds a typed family's samples until it ends,
+    so a cap counted while parsing came after the memory was spent (found by review)."""
+    port = raw_server(_answer(b"# TYPE a gauge\n" + b"a 1\n" * ((1 << 20) + 1))).port
     code, out, err = status("--timeout", "60", str(port))
     assert code == 1, (out, err)
     assert out == [f"http://127.0.0.1:{port}/metrics  unreachable: more than 1,048,576 "
@@ -145,8 +146,8 @@ def test_the_sample_cap_keeps_an_answer_of_exactly_that_many(raw_server, monkeyp
     from saestream.tools import status as status_module
 
     monkeypatch.setattr(status_module, "MAX_SAMPLES", 3)
-    at, over = (raw_server(_answer(b"a 1\nb 2\nc 3\n" + extra)).port
-                for extra in (b"", b"d 4\n"))
+    at, over = (raw_server(_answer(b"# HELP a x\n# TYPE a gauge\na 1\nb 2\n# c\nc 3" + extra)).port
+                for extra in (b"\n", b"\nd 4"))
     got = status_module.fetch_samples(f"http://127.0.0.1:{at}/metrics")
     assert [(s.name, s.value) for s in got] == [("a", 1.0), ("b", 2.0), ("c", 3.0)]
     with pytest.raises(ValueError, match="more than 3 samples"):
