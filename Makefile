@@ -79,6 +79,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sae_step.py
 	$(PY) benchmarks/bench_topk.py
+	$(PY) benchmarks/bench_step_parts.py --shape small --shape large
 	$(PY) benchmarks/bench_heap.py
 	$(PY) benchmarks/bench_wire.py
 	$(PY) benchmarks/bench_producer.py
