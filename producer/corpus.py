@@ -16,7 +16,6 @@ import bz2
 import fnmatch
 import glob
 import itertools
-import json
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from typing import TextIO
 
 import numpy as np
 
+from saestream.common import bounded_json
 from saestream.common.files import NotRegularFile, open_regular
 from saestream.common.logs import RateLimitedLog
 
@@ -324,6 +324,31 @@ class StreamedText:
             self._lost(exc)
 
 
+MAX_JSONL_LINE = 1 << 26
+"""Characters a .jsonl line may hold (64 Mi: a long book is a few MB): a longer one is skipped
+and counted, read through in pieces of this size. Read whole, a file that is one JSON array
+on one line, or no JSON at all, was held whole in memory, four bytes a character with one
+emoji."""
+
+
+def _lines(fh: TextIO, limit: int) -> Iterator[tuple[int, str | None]]:
+    """(line number, line) for each line of `fh`; None for a line of more than `limit`
+    characters (its newline included), which is read through without being held."""
+    lineno = 0
+    while line := fh.readline(limit):
+        lineno += 1
+        if len(line) < limit or line.endswith("\n"):
+            yield lineno, line
+            continue
+        rest = fh.readline(limit)
+        if not rest:  # exactly `limit` characters, the last line of the file
+            yield lineno, line
+            return
+        while rest and not rest.endswith("\n"):
+            rest = fh.readline(limit)
+        yield lineno, None
+
+
 _Doc = str | Iterable[str]
 """A document: its text, or its text in pieces (`StreamedText`)."""
 
@@ -472,11 +497,16 @@ def read_text_documents(
                     count = 1
                     yield StreamedText(fh, lambda exc, path=path: lost_rest(path, exc))
                     continue
-                for lineno, line in enumerate(fh, 1):
+                for lineno, line in _lines(fh, MAX_JSONL_LINE):
+                    if line is None:
+                        dropped(DROP_BAD_JSONL, 1)
+                        warn.warning(f"jsonl:{path}", "skipping %s:%d: longer than %s characters",
+                                     path, lineno, f"{MAX_JSONL_LINE:,}")
+                        continue
                     if not line.strip():
                         continue
                     try:
-                        text = json.loads(line)["text"]
+                        text = bounded_json.loads(line)["text"]
                         if not isinstance(text, str):
                             raise TypeError("text is not a string")
                     except (ValueError, KeyError, TypeError) as exc:

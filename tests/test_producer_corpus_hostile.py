@@ -471,3 +471,36 @@ print(json.dumps([n, first, (status("VmHWM") - base) // 1024]))
     assert n == (1 + len(line) * 44_000 + 1) // 4096  # the text, then the separator
     assert first == [ord("😀"), ord("T"), ord("h")]
     assert grew_mib < 100, f"the process grew {grew_mib} MiB"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 8, 64])
+def test_jsonl_lines_longer_than_the_limit_are_read_through_not_held(limit: int) -> None:
+    """`_lines` against str.splitlines(keepends=True): every line of at most `limit`
+    characters (its newline included) comes out whole, every longer one as None, the
+    numbering unchanged, also for the last line with no newline."""
+    import io
+    import random
+
+    from saestream.producer.corpus import _lines
+
+    rng = random.Random(limit)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "bb", "\n", "é😀", "x" * 9])
+                       for _ in range(rng.randrange(30)))
+        want = [(i, line if len(line) <= limit else None)
+                for i, line in enumerate(text.splitlines(keepends=True), 1)]
+        assert list(_lines(io.StringIO(text), limit)) == want, (text, limit)
+
+
+def test_a_jsonl_line_over_the_limit_is_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
+    from saestream.producer import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "MAX_JSONL_LINE", 100)
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "' + "x" * 500 + '"}\n'
+                    '[' + "{}," * 30 + '{}]\n{"text": "two"}')
+    reported: list[tuple[str, int]] = []
+    warn = RateLimitedLog(logging.getLogger("test"))
+    docs = list(read_text_documents([path], warn, lambda r, n: reported.append((r, n))))
+    assert docs == ["one", "two"]
+    assert reported == [("bad_jsonl_line", 1), ("bad_jsonl_line", 1)]  # too long; no text
