@@ -314,14 +314,25 @@ class StreamedText:
 
     def __init__(self, fh: TextIO, lost: Callable[[OSError], None]) -> None:
         self._fh, self._lost = fh, lost
+        self._read = False
 
     def __iter__(self) -> Iterator[str]:
-        if self._fh.closed:
-            raise RuntimeError("a streamed document is read before the next one is asked for")
-        try:
-            yield from stream_pieces(self._fh.read, PIECE_CHARS)
-        except OSError as exc:  # the rest of the file is lost; what was read is kept
-            self._lost(exc)
+        if self._read or self._fh.closed:
+            raise RuntimeError("a StreamedText was read twice, or after the next document was "
+                               "asked for (its file is closed then): read each once, in turn")
+        self._read = True
+        failed: list[OSError] = []
+
+        def read(n: int) -> str:
+            try:
+                return self._fh.read(n)
+            except OSError as exc:  # the end of the text: what was read is all kept
+                failed.append(exc)
+                return ""
+
+        yield from stream_pieces(read, PIECE_CHARS)
+        if failed:
+            self._lost(failed[0])
 
 
 MAX_JSONL_LINE = 1 << 26
@@ -509,7 +520,7 @@ def read_text_documents(
                         text = bounded_json.loads(line)["text"]
                         if not isinstance(text, str):
                             raise TypeError("text is not a string")
-                    except (ValueError, KeyError, TypeError) as exc:
+                    except (ValueError, KeyError, TypeError, RecursionError) as exc:
                         dropped(DROP_BAD_JSONL, 1)
                         warn.warning(
                             f"jsonl:{path}", "skipping %s:%d: no string 'text' field (%s)",

@@ -433,12 +433,14 @@ def test_a_streamed_file_that_fails_mid_read_keeps_what_was_read_and_reports_the
 
     lost: list[OSError] = []
     monkeypatch.setattr(corpus_module, "PIECE_CHARS", 10)
-    pieces = list(StreamedText(Failing(), lost.append))  # type: ignore[arg-type]
-    assert pieces and "".join(pieces) == ("word " * 30)[: len("".join(pieces))]
+    text = StreamedText(Failing(), lost.append)  # type: ignore[arg-type]
+    assert "".join(text) == "word " * 30  # all three reads (10 characters each) kept
     assert [e.strerror for e in lost] == ["Input/output error"]
+    with pytest.raises(RuntimeError, match="read twice, or after the next document"):
+        list(text)
     closed = Failing()
     closed.closed = True
-    with pytest.raises(RuntimeError, match="before the next one is asked for"):
+    with pytest.raises(RuntimeError, match="read twice, or after the next document"):
         list(StreamedText(closed, lost.append))  # type: ignore[arg-type]
 
 
@@ -495,12 +497,12 @@ def test_jsonl_lines_longer_than_the_limit_are_read_through_not_held(limit: int)
 def test_a_jsonl_line_over_the_limit_is_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
     from saestream.producer import corpus as corpus_module
 
-    monkeypatch.setattr(corpus_module, "MAX_JSONL_LINE", 100)
+    monkeypatch.setattr(corpus_module, "MAX_JSONL_LINE", 5000)
     path = tmp_path / "a.jsonl"
-    path.write_text('{"text": "one"}\n{"text": "' + "x" * 500 + '"}\n'
-                    '[' + "{}," * 30 + '{}]\n{"text": "two"}')
+    path.write_text('{"text": "one"}\n{"text": "' + "x" * 6000 + '"}\n'
+                    '[' + "{}," * 30 + '{}]\n' + "[" * 2000 + "]" * 2000 + '\n{"text": "two"}')
     reported: list[tuple[str, int]] = []
     warn = RateLimitedLog(logging.getLogger("test"))
     docs = list(read_text_documents([path], warn, lambda r, n: reported.append((r, n))))
     assert docs == ["one", "two"]
-    assert reported == [("bad_jsonl_line", 1), ("bad_jsonl_line", 1)]  # too long; no text
+    assert reported == [("bad_jsonl_line", 1)] * 3  # too long; no text; nested too deeply

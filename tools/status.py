@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import re
 import socket
 import threading
 import time
@@ -201,6 +202,8 @@ def fetch_samples(url: str, timeout: float = 3.0) -> list[Sample]:
     lines = text.count("\n") + (not text.endswith("\n"))
     if lines - text.count("\n#") - text.startswith("#") > MAX_SAMPLES:
         raise ValueError(f"more than {MAX_SAMPLES:,} samples")
+    if _LONG_LINE.search(text):  # the parser's time grows with the square of a line's length
+        raise ValueError(f"a line of more than {MAX_LINE_CHARS:,} characters")
     try:
         return [
             Sample(s.name, {k: escaped(v) for k, v in s.labels.items()}, float(s.value))
@@ -210,6 +213,12 @@ def fetch_samples(url: str, timeout: float = 3.0) -> list[Sample]:
     except Exception as exc:  # a third-party parser fed whatever the peer sent
         raise ValueError(f"not Prometheus text ({exc})") from None
 
+
+MAX_LINE_CHARS = 8192
+"""Characters a line of the answer may hold: prometheus_client's parser takes time growing
+with the square of a line's length (100,000 labels on one line: 9.4 s; a 64 MiB line would
+take hours), and a saestream daemon's longest line is a few hundred characters."""
+_LONG_LINE = re.compile(rf"^[^\n]{{{MAX_LINE_CHARS + 1}}}", re.M)  # tried at line starts only
 
 MAX_SAMPLES = 1 << 20
 """Lines that are not comments (each holds at most one sample) one endpoint may answer: a
