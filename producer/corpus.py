@@ -253,7 +253,7 @@ class SyntheticCorpus(Corpus):
 
 PIECE_CHARS = 1 << 20
 """A document is tokenised in pieces of about this many characters (`text_pieces`): a
-tokenizer's own memory grows with the text it is given (SmolLM2's took 6 GB for one 45 MB
+tokenizer's own memory grows with the text it is given (SmolLM2's took 5.8 GiB more for one 45 MB
 document, so a 1 GB .txt file could not be read), and the document's ids are cut into
 contexts piece by piece instead of held whole."""
 

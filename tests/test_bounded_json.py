@@ -48,8 +48,8 @@ def test_a_document_over_the_limit_is_refused_before_it_is_parsed() -> None:
 
 def test_refusing_a_64_mib_document_of_empty_maps_costs_little_memory() -> None:
     """The case the module exists for, in a fresh process: json.loads of the same text
-    peaked at 1.7 GB (measured once, not here: it would cost the suite that much);
-    refusing it, at 143 MB."""
+    peaked at 1,667 MiB (measured once, not here: it would cost the suite that much);
+    refusing it, at 143 MiB."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large test
     # worker starts at the worker's size (662 MiB in one CI run)
     script = (

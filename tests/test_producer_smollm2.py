@@ -74,7 +74,7 @@ def test_pieces_of_a_long_text_tokenise_as_the_whole_text(cached_and_gguf) -> No
 def test_a_long_document_costs_the_tokenizer_a_piece_of_memory(smollm2_cache: Path,
                                                                   tmp_path: Path) -> None:
     """One 12 MB .txt file, in a fresh process: tokenised whole, SmolLM2's tokenizer grew the
-    process by 1,635 MiB at its peak (6 GB for 45 MB: a 1 GB file could not be read); in
+    process by 1,635 MiB at its peak (5.8 GiB for 45 MB: a 1 GB file could not be read); in
     pieces of 1 MiB, by 178 MiB (both measured here). Every context of the file comes out."""
     import subprocess
     import sys
