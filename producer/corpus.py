@@ -342,6 +342,9 @@ on one line, or no JSON at all, was held whole in memory, four bytes a character
 emoji."""
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _lines(fh: TextIO, limit: int) -> Iterator[tuple[int, str | None]]:
     """(line number, line) for each line of `fh`; None for a line of more than `limit`
     characters (its newline included), which is read through without being held."""
@@ -520,6 +523,9 @@ def read_text_documents(
                         text = bounded_json.loads(line)["text"]
                         if not isinstance(text, str):
                             raise TypeError("text is not a string")
+                        # a lone surrogate (JSON's `\ud800`) is no text a tokenizer takes:
+                        # replaced, as undecodable bytes of a .txt file are
+                        text = _SURROGATE.sub("\ufffd", text)
                     except (ValueError, KeyError, TypeError, RecursionError) as exc:
                         dropped(DROP_BAD_JSONL, 1)
                         warn.warning(

@@ -506,3 +506,20 @@ def test_a_jsonl_line_over_the_limit_is_skipped_and_counted(tmp_path: Path, monk
     docs = list(read_text_documents([path], warn, lambda r, n: reported.append((r, n))))
     assert docs == ["one", "two"]
     assert reported == [("bad_jsonl_line", 1)] * 3  # too long; no text; nested too deeply
+
+
+def test_a_jsonl_text_with_a_lone_surrogate_is_tokenised_with_it_replaced(tmp_path: Path) -> None:
+    """JSON's `\\ud800` makes a str no UTF-8 encoder takes: the tiny model's byte tokenizer
+    raised UnicodeEncodeError and a Hugging Face one TypeError, out of the producer's
+    read-ahead (found by review). Replaced by U+FFFD, as undecodable bytes of a .txt file
+    are; the rest of the line is kept."""
+    from saestream.producer.models import ByteTokenizer
+
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "ok \\ud800 lone \\udc00"}\n{"text": "next"}\n')
+    warn = RateLimitedLog(logging.getLogger("test"))
+    docs = list(read_text_documents([path], warn))
+    assert docs == ["ok \ufffd lone \ufffd", "next"]
+    tok = ByteTokenizer()
+    corpus = DocumentCorpus("text:x", lambda: docs, tok.encode, 0, 4)
+    assert next(c.tolist() for c in corpus.contexts()) == list(b"ok \xef")

@@ -214,10 +214,11 @@ def fetch_samples(url: str, timeout: float = 3.0) -> list[Sample]:
         raise ValueError(f"not Prometheus text ({exc})") from None
 
 
-MAX_LINE_CHARS = 8192
+MAX_LINE_CHARS = 1024
 """Characters a line of the answer may hold: prometheus_client's parser takes time growing
 with the square of a line's length (100,000 labels on one line: 9.4 s; a 64 MiB line would
-take hours), and a saestream daemon's longest line is a few hundred characters."""
+take hours; 64 MiB of 8,191-character lines, 41 s), and a saestream daemon's longest line is
+a few hundred characters (a hook of at most 200, an SAE name of at most 128)."""
 _LONG_LINE = re.compile(rf"^[^\n]{{{MAX_LINE_CHARS + 1}}}", re.M)  # tried at line starts only
 
 MAX_SAMPLES = 1 << 20
