@@ -38,8 +38,12 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section `name` of BENCHMARKS.md; prints it too."""
+def write_section(name: str, title: str, body: str, write: bool = True) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md; prints it too. With `write`
+    False (a script's --no-write) only prints `body`."""
+    if not write:
+        print(body)
+        return
     command = "python " + shlex.join(sys.argv)  # quoted: the command re-runs as written
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     section = (

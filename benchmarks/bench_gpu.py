@@ -134,10 +134,7 @@ def main() -> None:
                           "step / matmul (median of pairs)", "trainer tokens/s"], rows)
         + producer_part
     )
-    if args.no_write:
-        print(body)
-    else:
-        write_section("gpu", "GPU (benchmarks/gpu_check.sh)", body)
+    write_section("gpu", "GPU (benchmarks/gpu_check.sh)", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

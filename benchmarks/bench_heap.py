@@ -106,10 +106,8 @@ def main() -> None:
         "again in the next; kept, they stay (the step's peak, plus holes freed blocks leave; "
         "the consumer releases them after each snapshot)."
     )
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_heap", "Freed memory kept for reuse (bench_heap.py)", body)
+    write_section("bench_heap", "Freed memory kept for reuse (bench_heap.py)",
+                  body, write=not args.no_write)
 
 
 if __name__ == "__main__":

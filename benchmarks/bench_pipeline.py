@@ -281,11 +281,8 @@ def main() -> None:
         "the last column compares (c) with that, i.e. isolates the pipeline's own overhead "
         "(receiving, validation, buffering) from the competition for cores."
     )
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_pipeline", "Pipeline: producers → consumer (bench_pipeline.py)",
-                      body)
+    write_section("bench_pipeline", "Pipeline: producers → consumer (bench_pipeline.py)",
+                  body, write=not args.no_write)
 
 
 if __name__ == "__main__":

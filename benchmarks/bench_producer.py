@@ -355,10 +355,8 @@ def main() -> None:
             "it (other effects of sharing a process, such as the allocator, are not "
             "separated here); the per-round spread says how far one run can be trusted."
         )
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_producer", "Producer throughput vs bare forward", body)
+    write_section("bench_producer", "Producer throughput vs bare forward",
+                  body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -508,11 +508,8 @@ def main() -> None:
                            ", ".join(f"{r:.2f}" for r in ratios_cd)]])
         + f"\n\nRun time {time.time() - t_start:.0f} s."
     )
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_replay", "Recorded streams: replay and record (bench_replay.py)",
-                      body)
+    write_section("bench_replay", "Recorded streams: replay and record (bench_replay.py)",
+                  body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -184,11 +184,8 @@ def main() -> None:
         "(and the parts' own cache misses in the step). "
         + ("Freed memory is kept for reuse, as the consumer does. " if kept else "")
         + "\n\n" + "\n\n".join(sections))
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_step_parts", "Where the SAE step's time goes (bench_step_parts)",
-                      body)
+    write_section("bench_step_parts", "Where the SAE step's time goes (bench_step_parts)",
+                  body, write=not args.no_write)
 
 
 if __name__ == "__main__":
