@@ -239,15 +239,17 @@ class ShardWriter:
         written: list[Written | Lost] = []
         if self._rows and (dtype, model, words.shape[1]) != (self._dtype, self._model, self._d):
             written += self.flush()
-        text = json.dumps(entry._replace(row=self._rows)._asdict(), separators=(",", ":"))
+        placed = entry._replace(row=self._rows)
+        text = json.dumps(placed._asdict(), separators=(",", ":"))
         values = bounded_json.count_values(text) + 1  # and the comma before it
         if self._rows and (self._index_bytes + len(text) + 1 > INDEX_BYTES
                            or self._index_values + values > bounded_json.MAX_VALUES):
             written += self.flush()  # the index readers accept is full: this chunk starts one
-            text = json.dumps(entry._replace(row=0)._asdict(), separators=(",", ":"))
+            placed = entry._replace(row=0)
+            text = json.dumps(placed._asdict(), separators=(",", ":"))
         self._dtype, self._model, self._d = dtype, model, int(words.shape[1])
         self._words.append(words)
-        self._entries.append(entry._replace(row=self._rows))
+        self._entries.append(placed)
         self._index.append(text)
         self._index_bytes += len(text) + 1
         self._index_values += values
