@@ -4,7 +4,8 @@ A file of at most 64 MiB is small to read but not to parse: `json.loads` turns e
 `{}` into a 64-byte dict plus its slot in a list, so 66 MiB of them peaked at 1,667 MiB before
 any check could look at what they were. Counting the values first (every one but the first
 of each object or array follows a comma) costs a pass over the text, and refused the same
-text at a peak of 143 MiB (`tests/test_bounded_json.py`).
+text at a peak of 199 MiB: the text, its UTF-8 and the count's arrays
+(`tests/test_bounded_json.py`).
 
 For files whose writer bounds them: a recording shard's header and index (the recorder
 closes a shard before its index passes the limit), the producer's state file, a snapshot's

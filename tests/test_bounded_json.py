@@ -50,7 +50,7 @@ def test_a_document_over_the_limit_is_refused_before_it_is_parsed() -> None:
 def test_refusing_a_64_mib_document_of_tiny_values_costs_little_memory(item: str) -> None:
     """The case the module exists for, in a fresh process: json.loads of 66 MiB of `{},`
     peaked at 1,667 MiB (measured once, not here: it would cost the suite that much);
-    refusing it, at 143 MiB. Strings were removed by a pattern, which built an entry per
+    refusing it, at 199 MiB. Strings were removed by a pattern, which built an entry per
     string: 1.2 GB to refuse 64 MiB of `"":0,` (found by review); counted by quotes, the
     three shapes refuse at the text's size and some 40 MiB more."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large test
