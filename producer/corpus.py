@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -336,30 +336,32 @@ class StreamedText:
 
 
 MAX_JSONL_LINE = 1 << 26
-"""Characters a .jsonl line may hold (64 Mi: a long book is a few MB): a longer one is skipped
-and counted, read through in pieces of this size. Read whole, a file that is one JSON array
-on one line, or no JSON at all, was held whole in memory, four bytes a character with one
-emoji."""
+"""Bytes a .jsonl line may hold (64 MiB: a long book is a few MB): a longer one is skipped
+and counted, read through a piece at a time. Read whole, a file that is one JSON array on
+one line, or no JSON at all, was held whole in memory, four bytes a character with one
+emoji; counted in characters, the same limit let one line cost 544 MiB."""
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _lines(fh: TextIO, limit: int) -> Iterator[tuple[int, str | None]]:
-    """(line number, line) for each line of `fh`; None for a line of more than `limit`
-    characters (its newline included), which is read through without being held."""
+def _lines(fh: BinaryIO, limit: int) -> Iterator[tuple[int, str | None]]:
+    """(line number, line decoded as UTF-8, undecodable bytes replaced) for each line of
+    `fh`; None for a line of more than `limit` bytes (its newline included), which is read
+    through `PIECE_CHARS` bytes at a time, what was read of it let go first."""
     lineno = 0
-    while line := fh.readline(limit):
+    while raw := fh.readline(limit):
         lineno += 1
-        if len(line) < limit or line.endswith("\n"):
-            yield lineno, line
+        if len(raw) < limit or raw.endswith(b"\n"):
+            yield lineno, raw.decode("utf-8", errors="replace")
             continue
-        rest = fh.readline(limit)
-        if not rest:  # exactly `limit` characters, the last line of the file
-            yield lineno, line
+        rest = fh.read(1)
+        if not rest:  # exactly `limit` bytes, the last line of the file
+            yield lineno, raw.decode("utf-8", errors="replace")
             return
-        while rest and not rest.endswith("\n"):
-            rest = fh.readline(limit)
+        del raw
+        while rest and not rest.endswith(b"\n"):
+            rest = fh.readline(PIECE_CHARS)
         yield lineno, None
 
 
@@ -506,15 +508,16 @@ def read_text_documents(
         count = 0
         try:
             fd = open_regular(path)
-            with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
-                if path.suffix != ".jsonl":
+            if path.suffix != ".jsonl":
+                with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
                     count = 1
                     yield StreamedText(fh, lambda exc, path=path: lost_rest(path, exc))
                     continue
-                for lineno, line in _lines(fh, MAX_JSONL_LINE):
+            with os.fdopen(fd, "rb") as bh:
+                for lineno, line in _lines(bh, MAX_JSONL_LINE):
                     if line is None:
                         dropped(DROP_BAD_JSONL, 1)
-                        warn.warning(f"jsonl:{path}", "skipping %s:%d: longer than %s characters",
+                        warn.warning(f"jsonl:{path}", "skipping %s:%d: longer than %s bytes",
                                      path, lineno, f"{MAX_JSONL_LINE:,}")
                         continue
                     if not line.strip():

@@ -477,9 +477,10 @@ print(json.dumps([n, first, (status("VmHWM") - base) // 1024]))
 
 @pytest.mark.parametrize("limit", [1, 2, 7, 8, 64])
 def test_jsonl_lines_longer_than_the_limit_are_read_through_not_held(limit: int) -> None:
-    """`_lines` against str.splitlines(keepends=True): every line of at most `limit`
-    characters (its newline included) comes out whole, every longer one as None, the
-    numbering unchanged, also for the last line with no newline."""
+    """`_lines` against a split of the bytes after each newline: every line of at most
+    `limit` bytes (its newline included) comes out whole, decoded with undecodable bytes
+    replaced; every longer one as None; the numbering unchanged, also for the last line with
+    no newline; a carriage return is no line end (JSON reads it as white space)."""
     import io
     import random
 
@@ -487,11 +488,43 @@ def test_jsonl_lines_longer_than_the_limit_are_read_through_not_held(limit: int)
 
     rng = random.Random(limit)
     for _ in range(300):
-        text = "".join(rng.choice(["a", "bb", "\n", "é😀", "x" * 9])
-                       for _ in range(rng.randrange(30)))
-        want = [(i, line if len(line) <= limit else None)
-                for i, line in enumerate(text.splitlines(keepends=True), 1)]
-        assert list(_lines(io.StringIO(text), limit)) == want, (text, limit)
+        data = b"".join(rng.choice([b"a", b"bb", b"\n", "é😀".encode(), b"x" * 9, b"\r\n",
+                                    b"\xff", "😀".encode()[:2]])
+                        for _ in range(rng.randrange(30)))
+        lines = re.findall(rb"[^\n]*\n|[^\n]+$", data)
+        want = [(i, line.decode("utf-8", errors="replace") if len(line) <= limit else None)
+                for i, line in enumerate(lines, 1)]
+        assert list(_lines(io.BytesIO(data), limit)) == want, (data, limit)
+
+
+def test_a_skipped_jsonl_line_of_emoji_costs_less_than_a_held_one(tmp_path: Path) -> None:
+    """A line just over the limit (64 MiB), all emoji: read through a piece at a time, what
+    was read of it let go first. The process grows by 130 MiB (the 64 MiB read and its
+    decoding). Counted in characters, the limit held this line (16 Mi characters) whole,
+    and skipping one of 65 Mi emoji (260 MiB) grew the process by 515 MiB."""
+    path = tmp_path / "long.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write('{"text": "one"}\n{"text": "' + "😀" * ((1 << 24) + (1 << 18)) + '"}\n')
+        fh.write('{"text": "two"}\n')
+    script = (
+        "import json, logging, sys\n"
+        "from pathlib import Path\n"
+        "from saestream.common.logs import RateLimitedLog\n"
+        "from saestream.producer.corpus import read_text_documents\n"
+        "def hwm():\n"
+        "    return next(int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "                if line.startswith('VmHWM')) / 1024\n"
+        "before, reported = hwm(), []\n"
+        "docs = list(read_text_documents([Path(sys.argv[1])],\n"
+        "    RateLimitedLog(logging.getLogger('t')), lambda r, n: reported.append((r, n))))\n"
+        "print(json.dumps([docs, reported, hwm() - before]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    docs, reported, grew_mib = json.loads(out)
+    assert docs == ["one", "two"]
+    assert reported == [["bad_jsonl_line", 1]]
+    assert grew_mib < 250, f"the process grew {grew_mib:.0f} MiB"
 
 
 def test_a_jsonl_line_over_the_limit_is_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
