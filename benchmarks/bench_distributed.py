@@ -104,6 +104,8 @@ def step_bytes(
         local = n // shards
         # DataParallel.sum_: token count, the residual's sums (d), its squared norm: fp64.
         out["loss statistics"] = Collective("all_reduce", dp, (1 + d + 1) * 8)
+        # Trainer._finite: whether the loss is finite everywhere, and the global token count.
+        out["finite loss"] = Collective("all_reduce", dp, 2 * 8)
         # DataParallel.sum_grads_: every parameter's gradient, fp32, one flat message.
         out["gradients"] = Collective("all_reduce", dp, (2 * local * d + local + d) * 4)
         # The metrics' sums (6), the inputs' sums (d + 1) and the fired counts (n), fp64.
@@ -220,7 +222,8 @@ Per rank and step, with n_r = n/R latents on the rank:
   reconstructions all-reduced, 4·p·b·d with p = 1 + [Multi-TopK] + [AuxK ran]; b_dec's
   gradient all-reduced, 4·d; with `grad_clip` one fp32 scalar.
 - data parallel (P > 1), over the P ranks holding the same shard: the gradients W_r; the
-  loss statistics 8·(d + 2); the metrics and fired counts 8·(n + d + 7), all-reduced (fp64:
+  loss statistics 8·(d + 2); whether the loss is finite on every rank, with the token count,
+  16; the metrics and fired counts 8·(n + d + 7), all-reduced (fp64:
   exact counts; this one does not shrink with R).
 - a bandwidth-optimal ring sends 2(g−1)/g of an all-reduce's buffer and (g−1)/g of an
   all-gather's output per rank, g the group size.
@@ -386,6 +389,12 @@ def _rank(rank: int, port: int, shape: tuple[int, int, int, int], conn: Any) -> 
                 conn.send(_snapshot(rank, col, *cmd[1:]))
     finally:
         dist.destroy_process_group()
+    # Done: end without the interpreter's teardown, after which gloo aborts now and then
+    # under load (SIGABRT) and would fail a run whose figures are all in hand.
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _rss() -> int:
@@ -503,8 +512,14 @@ def run(shape: tuple[int, int, int, int], dead_fracs: list[float], reps: int,
     snap = on_ranks(("snapshot", *snap_shape))[0]
     for c in pipes:
         c.send(None)
-    for p in procs:
+    for r, p in enumerate(procs):
         p.join(60)
+        if p.is_alive():  # stuck in the group's teardown, its figures in hand: say so
+            print(f"rank {r} did not end within 60 s of its last command: killed", flush=True)
+            p.kill()
+            p.join()
+        elif p.exitcode != 0:  # it failed after answering: its figures cannot be trusted
+            raise RuntimeError(f"rank {r} ended with exit code {p.exitcode}")
     del single
     gc.collect()
     torch.set_num_threads(RANKS)  # as at the start (the report names the threads)
