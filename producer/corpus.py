@@ -337,32 +337,47 @@ class StreamedText:
 
 MAX_JSONL_LINE = 1 << 26
 """Bytes a .jsonl line may hold (64 MiB: a long book is a few MB): a longer one is skipped
-and counted, read through a piece at a time. Read whole, a file that is one JSON array on
-one line, or no JSON at all, was held whole in memory, four bytes a character with one
-emoji; counted in characters, the same limit let one line cost 544 MiB."""
+and counted. Read whole, a file that is one JSON array on one line, or no JSON at all, was
+held whole in memory, four bytes a character with one emoji."""
 
+_THROUGH = 1 << 20
+"""Bytes read at a time through the rest of an over-long .jsonl line."""
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _lines(fh: BinaryIO, limit: int) -> Iterator[tuple[int, str | None]]:
     """(line number, line decoded as UTF-8, undecodable bytes replaced) for each line of
-    `fh`; None for a line of more than `limit` bytes (its newline included), which is read
-    through `PIECE_CHARS` bytes at a time, what was read of it let go first."""
+    `fh`, a line ending at b"\\n" only; None for a line of more than `limit` bytes (its
+    newline included). Such a line costs what reading `limit` bytes does, whatever its
+    length: its first `limit` bytes are let go and the rest read `_THROUGH` at a time. What
+    is yielded is let go before the next line is read."""
     lineno = 0
     while raw := fh.readline(limit):
         lineno += 1
-        if len(raw) < limit or raw.endswith(b"\n"):
-            yield lineno, raw.decode("utf-8", errors="replace")
+        if len(raw) >= limit and not raw.endswith(b"\n") and (rest := fh.read(1)):
+            del raw
+            while rest and not rest.endswith(b"\n"):
+                rest = fh.readline(_THROUGH)
+            yield lineno, None
             continue
-        rest = fh.read(1)
-        if not rest:  # exactly `limit` bytes, the last line of the file
-            yield lineno, raw.decode("utf-8", errors="replace")
-            return
+        line = raw.decode("utf-8", errors="replace")
         del raw
-        while rest and not rest.endswith(b"\n"):
-            rest = fh.readline(PIECE_CHARS)
-        yield lineno, None
+        yield lineno, line
+        del line
+
+
+def _jsonl_text(line: str) -> str | None:
+    """A .jsonl line's "text" (None for a blank line); ValueError, KeyError, TypeError or
+    RecursionError when it has none."""
+    if not line.strip():
+        return None
+    text = bounded_json.loads(line)["text"]
+    if not isinstance(text, str):
+        raise TypeError("text is not a string")
+    # a lone surrogate (JSON's `\ud800`) is no text a tokenizer takes: replaced, as
+    # undecodable bytes of a .txt file are
+    return _SURROGATE.sub("\ufffd", text)
 
 
 _Doc = str | Iterable[str]
@@ -520,15 +535,8 @@ def read_text_documents(
                         warn.warning(f"jsonl:{path}", "skipping %s:%d: longer than %s bytes",
                                      path, lineno, f"{MAX_JSONL_LINE:,}")
                         continue
-                    if not line.strip():
-                        continue
                     try:
-                        text = bounded_json.loads(line)["text"]
-                        if not isinstance(text, str):
-                            raise TypeError("text is not a string")
-                        # a lone surrogate (JSON's `\ud800`) is no text a tokenizer takes:
-                        # replaced, as undecodable bytes of a .txt file are
-                        text = _SURROGATE.sub("\ufffd", text)
+                        text = _jsonl_text(line)
                     except (ValueError, KeyError, TypeError, RecursionError) as exc:
                         dropped(DROP_BAD_JSONL, 1)
                         warn.warning(
@@ -536,8 +544,13 @@ def read_text_documents(
                             path, lineno, exc,
                         )
                         continue
+                    finally:
+                        del line  # not held while the next line is read
+                    if text is None:
+                        continue
                     count += 1
                     yield text
+                    del text
         except OSError as exc:
             reason = DROP_NOT_REGULAR if isinstance(exc, NotRegularFile) else DROP_UNREADABLE
             dropped(reason, 1)

@@ -488,7 +488,7 @@ def test_jsonl_lines_longer_than_the_limit_are_read_through_not_held(limit: int)
 
     rng = random.Random(limit)
     for _ in range(300):
-        data = b"".join(rng.choice([b"a", b"bb", b"\n", "é😀".encode(), b"x" * 9, b"\r\n",
+        data = b"".join(rng.choice([b"a", b"bb", b"\n", "é😀".encode(), b"x" * 9, b"\r\n", b"\r",
                                     b"\xff", "😀".encode()[:2]])
                         for _ in range(rng.randrange(30)))
         lines = re.findall(rb"[^\n]*\n|[^\n]+$", data)
@@ -497,14 +497,23 @@ def test_jsonl_lines_longer_than_the_limit_are_read_through_not_held(limit: int)
         assert list(_lines(io.BytesIO(data), limit)) == want, (data, limit)
 
 
-def test_a_skipped_jsonl_line_of_emoji_costs_less_than_a_held_one(tmp_path: Path) -> None:
-    """A line just over the limit (64 MiB), all emoji: read through a piece at a time, what
-    was read of it let go first. The process grows by 130 MiB (the 64 MiB read and its
-    decoding). Counted in characters, the limit held this line (16 Mi characters) whole,
-    and skipping one of 65 Mi emoji (260 MiB) grew the process by 515 MiB."""
+def test_a_jsonl_line_costs_what_reading_the_limit_does_and_is_let_go_before_the_next(
+        tmp_path: Path) -> None:
+    """A line of 260 MiB of emoji (skipped: costs what reading the 64 MiB limit does, about
+    130 MiB at peak, whatever the line's length), then three lines of 16 MiB with one emoji
+    each (kept: text four bytes a character; each let go before the next is read). The
+    process grew by 130 MiB; by 515 MiB when the limit counted characters (the first 64 Mi
+    characters of the long line built before the rest was read), by 240 MiB when a kept
+    line's bytes and the last text were still held while the next line was read (found by
+    review)."""
     path = tmp_path / "long.jsonl"
     with path.open("w", encoding="utf-8") as fh:
-        fh.write('{"text": "one"}\n{"text": "' + "😀" * ((1 << 24) + (1 << 18)) + '"}\n')
+        fh.write('{"text": "one"}\n{"text": "')
+        for _ in range(65):
+            fh.write("😀" * (1 << 20))
+        fh.write('"}\n')
+        for _ in range(3):
+            fh.write('{"text": "😀' + "a" * ((1 << 24) - 20) + '"}\n')
         fh.write('{"text": "two"}\n')
     script = (
         "import json, logging, sys\n"
@@ -515,16 +524,19 @@ def test_a_skipped_jsonl_line_of_emoji_costs_less_than_a_held_one(tmp_path: Path
         "    return next(int(line.split()[1]) for line in open('/proc/self/status')\n"
         "                if line.startswith('VmHWM')) / 1024\n"
         "before, reported = hwm(), []\n"
-        "docs = list(read_text_documents([Path(sys.argv[1])],\n"
-        "    RateLimitedLog(logging.getLogger('t')), lambda r, n: reported.append((r, n))))\n"
+        "docs = []\n"
+        "for doc in read_text_documents([Path(sys.argv[1])],\n"
+        "        RateLimitedLog(logging.getLogger('t')), lambda r, n: reported.append((r, n))):\n"
+        "    docs.append(doc if len(doc) < 10 else len(doc))\n"
+        "    del doc\n"
         "print(json.dumps([docs, reported, hwm() - before]))\n"
     )
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
                          text=True, timeout=300, check=True).stdout
     docs, reported, grew_mib = json.loads(out)
-    assert docs == ["one", "two"]
+    assert docs == ["one", *[(1 << 24) - 19] * 3, "two"]
     assert reported == [["bad_jsonl_line", 1]]
-    assert grew_mib < 250, f"the process grew {grew_mib:.0f} MiB"
+    assert grew_mib < 200, f"the process grew {grew_mib:.0f} MiB"
 
 
 def test_a_jsonl_line_over_the_limit_is_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
