@@ -2,7 +2,8 @@
 sink) against the bare truncated forward pass of the same model, batch and hook, measured
 alternately in one run (the sink is a separate process). Target: producer / bare >= 0.95.
 For the tiny model on CPU, also the bare forward beside the producer's sending work, on a
-thread of its process and in a process of its own (`sending_contention`).
+thread of its process and in a process of its own (`sending_contention`), and the producer
+with its sending thread cut down to dropping or only encoding the chunks (`sending_parts`).
 
     python benchmarks/bench_producer.py [--models tiny,smollm2-135m] [--device auto]
         [--rounds N] [--threads N] [--no-contention] [--no-write]
@@ -11,7 +12,9 @@ thread of its process and in a process of its own (`sending_contention`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,7 @@ from saestream.producer.corpus import open_corpus
 from saestream.producer.daemon import ProducerConfig, run_producer
 from saestream.producer.hooks import HookedModel
 from saestream.producer.models import LoadedModel, load_model
+from saestream.producer.sender import Sender
 
 SMOLLM2_ARCHITECTURE = "random:" + str(Path(__file__).with_name("smollm2_135m_config.json"))
 """SmolLM2-135M's architecture with random weights: where the embedded weights are not at hand
@@ -206,27 +210,97 @@ def forward_beside(side: str, work, lm: LoadedModel, hook: str, batches: list[to
     return seconds
 
 
+def thread_waits() -> int:
+    """Voluntary context switches of the calling thread so far: each is a wait, for the GIL
+    when nothing else blocks it (the producer's model loop runs on the calling thread)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
 def whole_producer(
-    lm: LoadedModel, corpus, cfg: ProducerConfig, port: int
-) -> tuple[float, float, float]:
+    lm: LoadedModel, corpus, cfg: ProducerConfig, port: int, *, sink: bool = True
+) -> tuple[float, float, float, int]:
     """(wall seconds of `run_producer` sending `cfg.max_tokens` to a PULL sink process, seconds
     of it spent in the forward pass according to its own `forward_seconds` histogram, CPU
-    seconds of this process (every thread) plus the sink's meanwhile)."""
-    sink = spawn_ready(SINK, port, cfg.max_tokens)
+    seconds of this process (every thread) plus the sink's meanwhile, the model thread's
+    waits (`thread_waits`) meanwhile). Without `sink`, for a sending thread that sends
+    nothing (`sending_cut`), no sink runs and its CPU counts 0."""
+    proc = spawn_ready(SINK, port, cfg.max_tokens) if sink else None
     registry = CollectorRegistry()
-    c0, t0 = cpu_seconds(), time.perf_counter()
+    c0, w0, t0 = cpu_seconds(), thread_waits(), time.perf_counter()
     summary = run_producer(cfg, model=lm, corpus=corpus, registry=registry)
-    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    received, sink_cpu = sink.communicate(timeout=120)[0].split()
+    seconds, cpu, waits = time.perf_counter() - t0, cpu_seconds() - c0, thread_waits() - w0
+    received, sink_cpu = (proc.communicate(timeout=120)[0].split() if proc is not None
+                          else (cfg.max_tokens, 0.0))
     assert summary.complete and int(received) == summary.tokens == cfg.max_tokens
     forward = registry.get_sample_value("saestream_producer_forward_seconds_sum") or 0.0
-    return seconds, forward, cpu + float(sink_cpu)
+    return seconds, forward, cpu + float(sink_cpu), waits
 
 
-def measure(name: str, device: str, rounds: int | None,
-            contention: bool) -> tuple[list[object], list[object] | None]:
-    """(the producer against its bare forward, the sending work's cost to the forward by where
-    it runs or None): two table rows."""
+CUTS = ("drops", "encodes", "sends")
+"""What `sending_cut` lets the producer's sending thread do with each chunk it takes."""
+
+
+@contextlib.contextmanager
+def sending_cut(keep: str):
+    """The producer's sending thread doing part of its work on each chunk it takes: "drops"
+    (counts it as sent, no encoding), "encodes" (encodes it, sends nothing), "sends" (all of
+    it, as the product does). Benchmark-only surgery on `Sender`, undone on exit."""
+    encode, send = Sender._encode, Sender._send
+    if keep != "sends":
+        def counted(self: Sender, item, frames: list[bytes]) -> bool:  # _send's accounting
+            self.seq += 1
+            if item.hook == self._first_hook:
+                self.tokens_sent += int(item.acts.shape[0])
+            return True
+
+        Sender._send = counted  # type: ignore[method-assign]
+    if keep == "drops":
+        Sender._encode = lambda self, item, seq: []  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Sender._encode, Sender._send = encode, send  # type: ignore[method-assign]
+
+
+def sending_parts(lm: LoadedModel, corpus, cfg: ProducerConfig, port: int,
+                  batches: list[torch.Tensor], hook: str, rounds: int) -> list[list[object]]:
+    """The bare forward and the producer with its sending thread cut down (`CUTS`), taking
+    turns, the order rotating each round: rows of what each adds."""
+    wall: dict[str, list[float]] = {side: [] for side in ("bare", *CUTS)}
+    share: dict[str, list[float]] = {side: [] for side in CUTS}
+    waits: dict[str, list[float]] = {side: [] for side in ("bare", *CUTS)}
+    sides = ["bare", *CUTS]
+    n_batches = len(batches)
+    for r in range(rounds):
+        for side in sides[r % len(sides):] + sides[: r % len(sides)]:
+            if side == "bare":
+                w0 = thread_waits()
+                seconds = bare_forward(lm, hook, batches)[0]
+                waits[side].append((thread_waits() - w0) / n_batches)
+            else:
+                with sending_cut(side):
+                    seconds, forward, _, w = whole_producer(lm, corpus, cfg, port,
+                                                            sink=side == "sends")
+                share[side].append(forward / seconds)
+                waits[side].append(w / n_batches)
+            wall[side].append(seconds)
+    print(f"sending parts: {wall} waits {waits}", flush=True)
+    rows = []
+    for side in CUTS:
+        pairs = [b / s for b, s in zip(wall["bare"], wall[side], strict=True)]
+        rows.append([LABELS.get(lm.name, lm.name), side, rounds,
+                     f"**{statistics.median(pairs):.3f}** ({min(pairs):.3f}-{max(pairs):.3f})",
+                     f"{statistics.median(share[side]):.3f}",
+                     f"{statistics.median(waits[side]):.2f}"])
+    rows.append([LABELS.get(lm.name, lm.name), "(bare forward)", rounds, "1", "1",
+                 f"{statistics.median(waits['bare']):.2f}"])
+    return rows
+
+
+def measure(name: str, device: str, rounds: int | None, contention: bool
+            ) -> tuple[list[object], tuple[list[object], list[list[object]]] | None]:
+    """(the producer against its bare forward, None or (the sending work's cost to the
+    forward by where it runs, the producer with its sending thread cut down)): table rows."""
     corpus_spec, batch, n_cpu, n_gpu, default_rounds = SETTINGS[name]
     rounds = rounds or default_rounds
     lm = load_model(name, device=device)
@@ -253,7 +327,7 @@ def measure(name: str, device: str, rounds: int | None,
                 seconds, bare_cpu = bare_forward(lm, hook, batches)
                 bare.append(tokens / seconds)
             else:
-                seconds, forward, whole_cpu = whole_producer(lm, corpus, cfg, port)
+                seconds, forward, whole_cpu, _ = whole_producer(lm, corpus, cfg, port)
                 whole.append(tokens / seconds)
                 share.append(forward / seconds)
         cpu.append(bare_cpu / whole_cpu)
@@ -273,7 +347,8 @@ def measure(name: str, device: str, rounds: int | None,
     ]
     if not contention or name != "tiny" or lm.device.type == "cuda":
         return row, None  # SmolLM2's forward is ~100x the sending work: nothing to see
-    return row, sending_contention(lm, hook, batches, tokens, rounds)
+    return row, (sending_contention(lm, hook, batches, tokens, rounds),
+                 sending_parts(lm, corpus, cfg, port, batches, hook, rounds))
 
 
 def main() -> None:
@@ -287,7 +362,8 @@ def main() -> None:
                              "sending thread and the sink on small machines")
     parser.add_argument("--no-contention", action="store_true",
                         help="skip measuring what the sending work costs the tiny model's "
-                             "bare forward on a thread against in another process (CPU)")
+                             "bare forward on a thread against in another process, and the "
+                             "producer with its sending thread cut down (CPU)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if args.threads:
@@ -299,7 +375,8 @@ def main() -> None:
     measured = [measure(name, args.device, args.rounds, not args.no_contention)
                 for name in args.models.split(",")]
     rows = [row for row, _ in measured]
-    contention = [extra for _, extra in measured if extra is not None]
+    contention = [extra[0] for _, extra in measured if extra is not None]
+    parts = [row for _, extra in measured if extra is not None for row in extra[1]]
     load_after = os.getloadavg()[0]
     load = f"load average {load_before:.1f} before, {load_after:.1f} after"
     busy = max(load_before, load_after) > (os.cpu_count() or 1)
@@ -354,6 +431,23 @@ def main() -> None:
             "GIL from the model's thread, whose many small torch ops each release and retake "
             "it (other effects of sharing a process, such as the allocator, are not "
             "separated here); the per-round spread says how far one run can be trusted."
+        )
+    if parts:
+        body += (
+            "\n\n### The producer with its sending thread cut down\n\n"
+            + markdown_table(["model", "sending thread", "rounds",
+                              "producer / bare forward, paired (min-max)", "forward share",
+                              "model thread's waits per batch"], parts)
+            + "\n\nThe producer as above, its sending thread doing part of its work on each "
+            "chunk (benchmark-only surgery on `Sender`): *drops* takes it off the queue and "
+            "counts it as sent, *encodes* encodes it too and sends nothing (no sink runs), "
+            "*sends* is the product. The four (with the bare forward) take turns, the order "
+            "rotating each round; ratios are medians of the per-round ratios to the bare "
+            "forward. *Waits* are the voluntary context switches of the model loop's thread "
+            "per batch (`getrusage(RUSAGE_THREAD)`), start-up and drain included: the bare "
+            "forward's thread never waits, so beside a sending thread they are waits for the "
+            "GIL. *drops* is what no sending thread can beat: the model loop's own work and "
+            "the queue."
         )
     write_section("bench_producer", "Producer throughput vs bare forward",
                   body, write=not args.no_write)
