@@ -371,9 +371,16 @@ def regroup_bytes(acts: torch.Tensor) -> torch.Tensor:
 
 
 def _words(acts: torch.Tensor, dtype: str) -> np.ndarray:
-    """The activations as a C-contiguous numpy array of unsigned words (no copy if possible)."""
-    t = acts.detach().to(DTYPES[dtype])  # narrow first: less to copy off an accelerator
-    t = t.cpu().contiguous()
+    """The activations as a C-contiguous numpy array of unsigned words (no copy if possible).
+
+    A producer's chunk is already a contiguous CPU tensor of the wire dtype: then one tensor
+    call, not five. Each call lets go of the GIL and takes it back, and on a sending thread
+    each taking back can make the model's thread wait (`bench_producer.py`'s GIL waits)."""
+    t = acts
+    if not (t.dtype is DTYPES[dtype] and t.device.type == "cpu" and not t.requires_grad
+            and t.is_contiguous()):
+        t = acts.detach().to(DTYPES[dtype])  # narrow first: less to copy off an accelerator
+        t = t.cpu().contiguous()
     if dtype == "float32":
         return t.view(torch.int32).numpy().view(WORD_DTYPES[dtype])
     return t.view(torch.int16).numpy().view(WORD_DTYPES[dtype])

@@ -31,6 +31,12 @@ log = logging.getLogger("saestream.producer")
 
 POLL_MS = 100
 
+COPY_BELOW = 1 << 20
+"""Frames smaller than this are copied into ZeroMQ's message (pyzmq's `copy_threshold`,
+64 KiB by default); larger ones are lent without a copy. A lent frame is given back through
+pyzmq's garbage-collector thread, a Python thread that wakes for each one and takes the GIL
+from the model's thread; a copy of a chunk under 1 MiB costs less than that."""
+
 Encoded = list[bytes] | Future[list[bytes]] | None
 """A chunk's frames (encoded inline), their future (encoded by the pool) or None (nothing to
 send)."""
@@ -82,6 +88,7 @@ class Sender:
         encode_threads: int = 1,
     ) -> None:
         self.sock = sock
+        sock.copy_threshold = COPY_BELOW
         self.encode_threads = codec_threads(encode_threads)
         self.producer, self.run, self.model, self.codec = producer, run, model, codec
         self.metrics = metrics

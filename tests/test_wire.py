@@ -344,6 +344,22 @@ def test_encode_accepts_non_contiguous_and_gradient_tensors() -> None:
     assert torch.equal(chunk.acts, acts.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("form", ["contiguous", "strided", "grad", "other dtype"])
+def test_encode_gives_the_same_bytes_on_its_short_path_as_on_its_long_one(dtype, form) -> None:
+    """A contiguous CPU tensor of the wire dtype skips the tensor calls that make others
+    so (`_words`): the same message as from a copy taken the long way."""
+    base = torch.randn(12, 7, generator=torch.Generator().manual_seed(2)).to(dtype)
+    acts = {"contiguous": base, "strided": base.t().contiguous().t(),
+            "grad": base.clone().requires_grad_(),
+            "other dtype": base.double()}[form]
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    frames = encode_chunk(acts, **META, dtype=name, ts=1.0)
+    strided = base.t().contiguous().t()  # the long way
+    assert frames == encode_chunk(strided, **META, dtype=name, ts=1.0)
+    assert torch.equal(decode_chunk(frames).acts, base)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_encode_accepts_cuda_tensors() -> None:
     acts = torch.randn(16, 8, device="cuda")
