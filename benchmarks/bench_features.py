@@ -134,7 +134,9 @@ def main() -> None:
         "*latent page* = a click until its contexts are drawn (one latents/*.js and tokens.js "
         "loaded)."
     )
-    write_section("bench_features", "Feature browser: 16k latents over 200k tokens "
+    scale = (f"{args.latents // 1024}k" if args.latents % 1024 == 0 else f"{args.latents:,}",
+             f"{args.tokens // 1000}k" if args.tokens % 1000 == 0 else f"{args.tokens:,}")
+    write_section("bench_features", f"Feature browser: {scale[0]} latents over {scale[1]} tokens "
                   "(bench_features.py)", body)
 
 
