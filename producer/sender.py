@@ -290,16 +290,10 @@ class Sender:
         )
 
     def _send(self, item: Outgoing, frames: list[bytes]) -> bool:
+        """Hand `item`'s frames to ZeroMQ and count them; False if aborted first."""
         assert item.hook is not None and item.acts is not None
-        while True:
-            try:
-                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                break
-            except zmq.Again:
-                # Every peer's queue is full, or no peer is connected: wait, never drop.
-                if self._abort.is_set():
-                    return False
-                self.sock.poll(POLL_MS, zmq.POLLOUT)
+        if not self._push(frames):
+            return False
         self.seq += 1
         n = int(item.acts.shape[0])
         raw = n * int(item.acts.shape[1]) * item.acts.element_size()
@@ -313,6 +307,18 @@ class Sender:
         if item.hook == self._first_hook:
             self.tokens_sent += n
         return True
+
+    def _push(self, frames: list[bytes]) -> bool:
+        """Queue `frames` on the socket, waiting while it is full; False if aborted first."""
+        while True:
+            try:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                # Every peer's queue is full, or no peer is connected: wait, never drop.
+                if self._abort.is_set():
+                    return False
+                self.sock.poll(POLL_MS, zmq.POLLOUT)
 
     def _hook_metrics(self, hook: str) -> tuple[Any, Any, Any, Any, Any]:
         """The per-hook metric children, looked up once: `labels()` takes a lock and builds

@@ -1,5 +1,5 @@
 """benchmarks/bench_producer.py end to end, one round of each comparison: its surgery on the
-sending thread (`sending_cut` replaces `Sender._encode` and `Sender._send`) breaks silently
+sending thread (`sending_cut` replaces `Sender._encode` and `Sender._push`) breaks silently
 when the sender changes shape, and `make bench` is not run by CI."""
 
 from __future__ import annotations
