@@ -246,6 +246,23 @@ class ControlClient(threading.Thread):
             return None
         return latest[1]
 
+    def held_durably(self) -> Progress | None:
+        """What the consumer has made durable of this stream (in its newest snapshot, or in
+        shards on disk): the lowest `committed` of the words kept, however old, when they
+        all come from one keeping consumer run. A consumer that dies keeps at least that,
+        and its next run may have no ledger entry for this stream (a recorder; a producer
+        new since the snapshot) and take the proposal as its origin: the proposal must not
+        pass it, since what was sent and died with the run lies between. None when unknown:
+        no answer yet, a consumer that keeps nothing, or several consumer runs (independent
+        consumers, or ranks part-way through a restart)."""
+        with self.lock:
+            words = [r for _, r in self.replies.values()]
+        if not words or not all(r["durable"] for r in words) \
+                or len({r["consumer"] for r in words}) != 1:
+            return None
+        held = [self.frontier(r, "committed") for r in words]
+        return None if any(h is None for h in held) else min(held)  # type: ignore[type-var]
+
     def frontier(self, reply: dict[str, Any], key: str = "frontier") -> Progress | None:
         """The lowest frontier (or committed frontier) over the hooks, None if unknown."""
         values = [h[key] for h in reply["hooks"].values()]

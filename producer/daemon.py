@@ -493,12 +493,8 @@ class ProducerRun:
         sent (the state file's fallback when no consumer answers)."""
         if committed is not None:
             return committed
-        reply = self.control.view() if self.control is not None else None
-        if reply is not None and reply["durable"]:
-            held = self.control.frontier(reply, "committed")  # type: ignore[union-attr]
-            if held is not None:
-                return held
-        return self.sender.progress
+        held = self.control.held_durably() if self.control is not None else None
+        return held if held is not None else self.sender.progress
 
     def _periodic_save(self) -> None:
         if time.monotonic() >= self.next_save:

@@ -304,10 +304,14 @@ class ReplayRun:
 
     def _where(self) -> dict[str, Any]:
         """The control request, built fresh every time (on the control thread). Until some
-        consumer has answered, rows sent may still be on their way: propose the start."""
+        consumer has answered, rows sent may still be on their way: propose the start; after,
+        what a keeping consumer made durable (`ControlClient.held_durably`), else what was
+        sent, as the producer does."""
         control = self.control
-        answered = control is not None and control.ever_answered.is_set()
-        star = self.sender.progress if answered else Progress(0, 0)
+        star = Progress(0, 0)
+        if control is not None and control.ever_answered.is_set():
+            held = control.held_durably()
+            star = held if held is not None else self.sender.progress
         return where_request(producer=self.producer_id, run=self.run, hooks=[self.rec.hook],
                              stream=self.stream, propose={"*": list(star)}, void=self.voids,
                              flush=bool(control and control.flush))

@@ -56,13 +56,13 @@ D = 64
 class Sink(LoggedProcess):
     """`saestream record` as a subprocess with a free port and metrics port."""
 
-    def __init__(self, tmp_path: Path, out: Path, *args: str) -> None:
-        self.port, self.metrics_port = free_tcp_port(), free_tcp_port()
+    def __init__(self, tmp_path: Path, out: Path, *args: str, port: int | None = None) -> None:
+        self.port, self.metrics_port = port or free_tcp_port(), free_tcp_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         super().__init__(saestream_cmd(
             "record", "--bind", self.endpoint, "--hook", HOOK, "--out", str(out),
             "--metrics-port", str(self.metrics_port), "--log-every", "1", *args,
-        ), tmp_path / f"sink-{self.port}.log", child_env())
+        ), tmp_path / f"sink-{self.port}-{self.metrics_port}.log", child_env())
 
     def value(self, name: str, **labels: str) -> float:
         try:
@@ -257,6 +257,51 @@ def test_a_recording_killed_mid_shard_leaves_only_readable_shards(tmp_path: Path
     lock = RecordingLock(out, "--out")
     lock.release()
     assert not list(hook_dir.glob(f"{TMP_PREFIX}*"))
+
+
+@pytest.mark.slow
+def test_a_sink_killed_under_a_looping_replay_gets_back_every_row_it_had_not_written(
+        tmp_path: Path, procs: list) -> None:
+    """The rows a killed sink held in memory were sent, never written: the replayer must
+    propose the restarted sink what the dead one had on disk, not what it had sent (it did,
+    and the restarted sink took the rest of that pass as never sent). `--loop` and shards too
+    large to fill keep every row in memory until the kill."""
+    hook_dir = make_recording(tmp_path / "src", chunks=20, n=500)
+    sink = Sink(tmp_path, tmp_path / "rec", "--record-shard-tokens", "10000000")
+    procs.append(sink)
+    replay = LoggedProcess(saestream_cmd(
+        "replay", str(hook_dir), "--loop", "--connect", sink.endpoint, "--producer-id", "rp",
+    ), tmp_path / "replay.log", child_env())
+    procs.append(replay)
+    sink.wait_for("three passes", lambda: sink.value(
+        "saestream_received_tokens_total", producer="rp") >= 30_000)
+    os.kill(sink.proc.pid, signal.SIGKILL)
+    sink.proc.wait(30)
+    rewinds = replay.log().count("continuing there")
+    assert not list((tmp_path / "rec" / HOOK).glob("shard-*"))  # nothing was written
+    again = Sink(tmp_path, tmp_path / "rec", "--record-shard-tokens", "10000000",
+                 port=sink.port)
+    procs.append(again)
+    # Its rows come back at once, from the pass the replayer is in; its proposal, with the
+    # control channel's next request, puts the sink's origin back to the start.
+    again.wait_for("the replayer's rewind",
+                   lambda: replay.log().count("continuing there") > rewinds, 30)
+    resent = again.value("saestream_received_tokens_total", producer="rp")
+    again.wait_for("three passes more", lambda: again.value(
+        "saestream_received_tokens_total", producer="rp") >= resent + 30_000)
+    replay.proc.send_signal(signal.SIGTERM)
+    assert replay.proc.wait(TIMEOUT) == 0, replay.log()
+    assert again.stop() == 0, again.log()
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for _, e in Recording(tmp_path / "rec" / HOOK).chunks():
+        spans.setdefault(e.source["epoch"], []).append((e.source["start"], e.source["end"]))
+    for got in spans.values():
+        got.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(got)), got  # none twice
+    for epoch in range(3):  # the passes the dead sink held in memory
+        got = spans.get(epoch, [])
+        assert got and got[0][0] == 0 and got[-1][1] == 10_000, (epoch, sorted(spans))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(got)), (epoch, got)
 
 
 @pytest.mark.slow
