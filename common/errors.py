@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -32,8 +33,16 @@ class UserError(Exception):
     """
 
 
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                         errno.ELOOP, errno.EROFS})
+"""OSErrors that say a path given cannot be used as it is, whatever reads it: a person's to
+fix, so a line like a UserError's, not a traceback, where no check caught them first."""
+
+
 def cli_errors(func: F) -> F:
-    """Wrap a click command body: a `UserError` becomes one line on stderr and exit code 2."""
+    """Wrap a click command body: a `UserError` becomes one line on stderr and exit code 2;
+    so does an OSError of PATH_ERRNOS about a named file (a name too long, a folder it may
+    not read)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,6 +50,11 @@ def cli_errors(func: F) -> F:
             return func(*args, **kwargs)
         except UserError as exc:
             click.echo(error_line(exc), err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in PATH_ERRNOS or exc.filename is None:
+                raise
+            click.echo(error_line(f"{exc.filename}: {exc.strerror}"), err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -87,14 +87,27 @@ def file_mode() -> int:
 
 def check_writable_file(path: Path, flag: str) -> None:
     """UserError (`FLAG PATH: reason`) unless `path` can be written (created if missing):
-    checked before the work whose result it would hold."""
+    checked before the work whose result it would hold. Only a regular file (or a link to
+    one) is written over: a file is written by renaming a new one onto its name, which for
+    root would replace a device (`--out /dev/null`) with a file, and appending to a FIFO
+    waits for a reader forever."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:  # a name too long, a loop of links, a parent not a folder
+        raise UserError(f"{flag} {escaped(str(path))}: not writable "
+                        f"({exc.strerror or exc})") from None
+    if mode is not None and stat.S_ISDIR(mode):
         raise UserError(f"{flag} {path}: is a directory")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError(f"{flag} {path}: not a regular file ({file_kind(mode)}): name a file "
+                        "to write")
     parent = path.parent
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: no directory {parent}")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(parent, os.W_OK) or (mode is not None and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path}: not writable")
 
 

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -84,6 +85,10 @@ class CheckpointError(UserError):
 class NotAFile(CheckpointError):
     """Where a checkpoint file should be, something no writer of ours leaves (a FIFO, a
     device, a directory): refused outright, never skipped as mere garbage."""
+
+
+class IncompleteSnapshot(CheckpointError):
+    """A file the snapshot's layout names is not there (still being written, or pruned)."""
 
 
 MAX_SMALL_FILE = 64 << 20
@@ -421,7 +426,7 @@ def check_complete(path: Path) -> dict[str, Any]:
     try:
         extra = read_json_file(path / "extra.json", EXTRA_JSON_VALUES)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no extra.json") from None
+        raise IncompleteSnapshot(f"{path}: no extra.json") from None
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: no readable extra.json ({exc})") from None
     if not isinstance(extra, dict):
@@ -434,18 +439,36 @@ def check_complete(path: Path) -> dict[str, Any]:
             if shards > 1:
                 wanted = [f for f in wanted if f != "sae.safetensors"]
                 wanted += [shard_file(r, shards) for r in range(shards)]
-        missing = [f for f in wanted if not (path / name / f).is_file()]
+        missing = _missing(path / name, wanted)
         if missing:
-            raise CheckpointError(f"{path}: SAE {name} lacks {', '.join(missing)}")
+            raise IncompleteSnapshot(f"{path}: SAE {name} lacks {', '.join(missing)}")
     buffers = extra.get("buffers") or {}
     if not isinstance(buffers, dict) or not all(
             isinstance(rel, str) and BUFFER_RE.fullmatch(rel) for rel in buffers.values()):
         raise CheckpointError(f"{path}: extra.json's buffers are not a map of hook to "
                               "buffers/N.safetensors")
     for hook, rel in buffers.items():
-        if not (path / rel).is_file():
-            raise CheckpointError(f"{path}: the buffer of hook {hook} ({rel}) is missing")
+        if _missing(path, [rel]):
+            raise IncompleteSnapshot(f"{path}: the buffer of hook {hook} ({rel}) is missing")
     return extra
+
+
+def _missing(folder: Path, names: list[str]) -> list[str]:
+    """Which of `names` are not in `folder`; NotAFile for one that is something else (a
+    FIFO, a directory), which no writer of ours leaves."""
+    missing = []
+    for name in names:
+        try:
+            mode = os.stat(folder / name).st_mode
+        except FileNotFoundError:
+            missing.append(name)
+            continue
+        except OSError as exc:
+            raise CheckpointError(f"{folder / name}: cannot read it ({exc.strerror or exc})"
+                                  ) from None
+        if not stat.S_ISREG(mode):
+            raise NotAFile(str(NotRegularFile(folder / name, mode)))
+    return missing
 
 
 def run_of(extra: Mapping[str, Any]) -> str | None:

@@ -68,7 +68,7 @@ KEEP_BUILDS = 3
 MARKER = ".saestream-features"
 """A file that marks DIR as a feature browser: only such a directory is ever pruned."""
 ASSETS = ("browser.js", "browser.css")
-BUILD_RE = re.compile(r"^b(\d{6})-")
+BUILD_RE = re.compile(r"^b(\d{6,})-")
 
 
 @dataclass
@@ -396,8 +396,11 @@ def _write_build(out: Path, label: str, shared: Mapping[str, str],
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).touch()
         for stale in out.glob(".tmp-*"):  # a crashed build's; an hour old, so no live writer's
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
+            if time.time() - stale.lstat().st_mtime > 3600:
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
         numbers = [int(m.group(1)) for p in out.iterdir() if (m := BUILD_RE.match(p.name))]
         name = f"b{max(numbers, default=0) + 1:06d}-{_safe(label)}"
         tmp = out / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -442,7 +445,7 @@ def _write_build(out: Path, label: str, shared: Mapping[str, str],
                 (out / MARKER).unlink()
         raise
     builds = sorted((p for p in out.iterdir() if BUILD_RE.match(p.name) and p.is_dir()),
-                    key=lambda p: p.name)
+                    key=lambda p: int(BUILD_RE.match(p.name).group(1)))  # type: ignore[union-attr]
     for old in builds[:-KEEP_BUILDS]:
         shutil.rmtree(old, ignore_errors=True)
     files = [f for f in (out / name).rglob("*") if f.is_file()]

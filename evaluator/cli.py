@@ -66,7 +66,7 @@ class ProgressBar:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=GivenPath(path_type=Path))
 @model_text_options
 @click.option("--contexts", default=None, type=click.IntRange(min=1),
               help=f"Contexts to evaluate [default: {DEFAULT_CONTEXTS}].")

@@ -10,9 +10,12 @@ for another model) is a counted failure and is not retried; the daemon carries o
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -22,9 +25,11 @@ from typing import Any
 
 import torch
 
+from saestream.common.files import NotRegularFile
 from saestream.consumer.checkpoint import (
     SNAPSHOT_RE,
     CheckpointError,
+    IncompleteSnapshot,
     LoadedSAE,
     check_complete,
     latest_name,
@@ -148,6 +153,10 @@ def evaluate_snapshot(
     model_name = cfg.model or (names.pop() if len(names) == 1 else "")
     if not model_name:
         raise SnapshotFailure("mismatch", "its SAEs name no single model (pass --model)")
+    other = sorted(n for n in names if n and n != model_name)
+    if cfg.model is not None and other:
+        raise SnapshotFailure("mismatch", f"its SAEs read model {other[0]}, not --model "
+                              f"{cfg.model}")
     try:
         if session is None:
             session = open_session(cfg, model_name, hooks, device)
@@ -165,7 +174,7 @@ def evaluate_snapshot(
     try:
         results = evaluate(session.lm.model, session.ids, list(zip(loaded, hooks, strict=True)),
                            GROUPS, batch_size=cfg.batch_size, progress=check_stop)
-    except EvalError as exc:
+    except (EvalError, HookError) as exc:
         raise SnapshotFailure("mismatch", str(exc)) from None
     except (Stopped, KeyboardInterrupt):
         raise
@@ -178,7 +187,7 @@ def evaluate_snapshot(
         "time": time.time(),
         "snapshot": str(path),
         "step": int(match.group(1)) if match else None,
-        "snapshot_time": float(stamp) if isinstance(stamp, (int, float)) else _mtime(path),
+        "snapshot_time": _stamp(stamp) if _stamp(stamp) is not None else _mtime(path),
         "model": session.model_name,
         "corpus": cfg.corpus,
         "split": cfg.split,
@@ -238,10 +247,21 @@ def read_snapshot(path: Path, device: torch.device) -> tuple[dict[str, Any], lis
     except (CheckpointError, OSError) as exc:
         if not path.is_dir() or latest_name(path.parent) != path.name:
             raise SnapshotFailure("missing", "removed while it was read") from None
-        reason = "incomplete" if "lacks" in str(exc) or "no readable" in str(exc) \
-            else "unreadable"
+        reason = "incomplete" if isinstance(exc, IncompleteSnapshot) else "unreadable"
         raise SnapshotFailure(reason, str(exc)) from None
     return extra, loaded
+
+
+def _stamp(value: Any) -> float | None:
+    """extra.json's `time` as a finite float (a hostile one may be an int too large for a
+    float, NaN or a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        stamp = float(value)
+    except OverflowError:
+        return None
+    return stamp if math.isfinite(stamp) else None
 
 
 def _mtime(path: Path) -> float | None:
@@ -291,12 +311,22 @@ class Publisher:
 
 def append_history(path: Path, record: dict[str, Any]) -> bool:
     """Append `record` as one JSON line (one write, so lines never interleave); False, logged,
-    when the file cannot be written (the daemon carries on)."""
+    when the file cannot be written (the daemon carries on). Opened without blocking and
+    only as a regular file (a FIFO put there would hold the daemon, SIGTERM unheard); a
+    short write (a full disk) is cut off again, so the file holds whole lines only."""
     line = (json.dumps(finite(record), separators=(",", ":")) + "\n").encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, line)
+            if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+                raise NotRegularFile(path, mode)
+            size = os.fstat(fd).st_size
+            written = os.write(fd, line)
+            if written < len(line):
+                os.ftruncate(fd, size)
+                raise OSError(errno.ENOSPC, f"wrote {written} of the line's {len(line)} "
+                              "bytes (disk full?); cut back to whole lines")
             os.fsync(fd)
         finally:
             os.close(fd)

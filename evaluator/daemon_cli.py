@@ -12,7 +12,7 @@ import click
 from saestream.common.devices import DEVICE_HELP
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_file
-from saestream.common.settings import FiniteFloat, config_option
+from saestream.common.settings import FiniteFloat, GivenPath, config_option, given
 from saestream.evaluator.config import EvaluatorConfig
 
 C = EvaluatorConfig
@@ -21,9 +21,9 @@ _POSITIVE = click.IntRange(min=1)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @config_option(C, "checkpoint_dir", required=True,
-               type=click.Path(file_okay=False, path_type=Path))
-@config_option(C, "model")
-@config_option(C, "hook")
+               type=GivenPath(file_okay=False, path_type=Path))
+@config_option(C, "model", callback=given)
+@config_option(C, "hook", callback=given)
 @config_option(C, "corpus")
 @config_option(C, "split", type=click.Choice(["train", "eval", "all"]))
 @config_option(C, "seq_len", type=click.IntRange(min=2))
@@ -31,8 +31,8 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "batch_size")
 @config_option(C, "device", help=DEVICE_HELP)
 @config_option(C, "poll_seconds", type=FiniteFloat(0.0, min_open=True))
-@config_option(C, "history", type=click.Path(dir_okay=False, path_type=Path))
-@config_option(C, "features", type=click.Path(file_okay=False, path_type=Path))
+@config_option(C, "history", type=GivenPath(dir_okay=False, path_type=Path))
+@config_option(C, "features", type=GivenPath(file_okay=False, path_type=Path))
 @config_option(C, "metrics_port", type=click.IntRange(0, 65535))
 @config_option(C, "metrics_addr")
 @click.option("--log-level", default="INFO", show_default=True,

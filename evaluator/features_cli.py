@@ -8,6 +8,7 @@ before the language model loads. Every bad input is a `UserError`: one line
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ log = logging.getLogger("saestream.features")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=GivenPath(path_type=Path))
 @click.option("--out", type=GivenPath(file_okay=False, path_type=Path), required=True,
               help="Directory of the browser (new, empty, or an earlier browser: a build is "
                    "added and DIR/index.html points at it).")
@@ -45,7 +46,7 @@ log = logging.getLogger("saestream.features")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--sae", "sae_name", default=None,
               help="Only this SAE of the snapshot [default: all].")
-@click.option("--eval-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--eval-json", type=GivenPath(dir_okay=False, path_type=Path), default=None,
               help=f"`saestream eval` results to show (ΔCE, explanations) [default: "
                    f"{EVAL_JSON} beside the SAE's cfg.json, if there].")
 @cli_errors
@@ -100,6 +101,7 @@ def features(
         lm = load_eval_model(model_name, str(dev), hooks, seq_len=seq_len,
                              hook_given=hook is not None)
         ids = eval_ids(lm, corpus, split=split, seq_len=seq_len, contexts=None, tokens=tokens)
+        _stop_by_exception()  # so a build cut short by a signal removes what it wrote
         built = build_browser(out, lm, ids, list(zip(loaded, hooks, strict=True)),
                               label=snapshot.name, texts=token_texts_of(lm), latents=latents,
                               about=about, evaluated=evaluated, batch_size=batch_size,
@@ -117,6 +119,18 @@ def features(
     click.echo(f"feature browser: {built.entry.resolve().as_uri()}")
 
 
+def _stop_by_exception() -> None:
+    """SIGTERM and SIGHUP end the command through SystemExit (status 128 + signal), not at
+    once: `build_browser` then removes its unfinished build, as it does on any error."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the clean-up
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def token_texts_of(lm: Any) -> list[str]:
     """Every token id's text; `#id` for a model without a tokenizer."""
     from saestream.evaluator.probes import ProbeError, token_texts
@@ -132,12 +146,18 @@ def _evaluated(path: Path, given: bool) -> dict[str, Any]:
     unreadable default one); UserError when --eval-json names a file that cannot be read.
     Malformed parts (a `downstream` that is not an object, ...) are left out with one
     warning."""
+    from saestream.consumer.checkpoint import CheckpointError, read_small_file
     from saestream.evaluator.browser import evaluated_groups
 
-    try:
-        doc = bounded_json.loads(path.read_text(), limit=None)  # per-latent lists: any size
+    try:  # a regular file of at most 64 MiB (a FIFO would block, /dev/zero never end)
+        doc = bounded_json.loads(read_small_file(path), limit=None)  # per-latent lists
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
+    except CheckpointError as exc:
+        if given:
+            raise UserError(f"--eval-json {exc}") from None
+        log.warning("%s: left out of the browser (%s)", path, exc)
+        return {}
     except (OSError, ValueError, RecursionError) as exc:
         if given:
             raise UserError(f"--eval-json {path}: {getattr(exc, 'strerror', None) or exc}"

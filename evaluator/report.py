@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from saestream.common.files import NotRegularFile
 
 DOWNSTREAM_ROWS = ("ce_clean", "ce_spliced", "delta_ce", "ce_zero", "ce_mean",
                    "loss_recovered", "kl")
@@ -55,6 +58,12 @@ def write_json(path: Path, doc: Mapping[str, Any]) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        try:  # a device or FIFO put there since the start-up check is not replaced
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            mode = stat.S_IFREG
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise NotRegularFile(path, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -5,7 +5,9 @@ runs it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -318,6 +320,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(cli_ckpt, extra, needle) -> None:
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("saestream: error: ")
     assert needle in res.stderr
+
+
+@pytest.mark.parametrize("case", ["fifo out", "hook model", "long name", "empty path"])
+def test_cli_hostile_paths_and_hooks_are_one_line_and_exit_2(cli_ckpt, tmp_path, case) -> None:
+    """Each of these was a traceback, or worse: root's `--out /dev/null` replaced the device
+    with a file (a FIFO stands in for it here: no mknod needed)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    argv, needle = {
+        "fifo out": (["eval", str(cli_ckpt), *ARGS, "--sae", "rand", "--out", str(fifo)],
+                     "not a regular file (a FIFO)"),
+        "hook model": (["eval", str(cli_ckpt), *ARGS, "--hook", "model"],
+                       "hook 'model' produced a BaseModelOutputWithPast"),
+        "long name": (["eval", str(tmp_path / ("x" * 300)), *ARGS], "File name too long"),
+        "empty path": (["eval", "", *ARGS], "an empty path"),
+    }[case]
+    res = run_cli(argv, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("saestream: error: ")
+    assert needle in res.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
 def test_cli_missing_directory_is_one_line_and_exit_2(tmp_path) -> None:

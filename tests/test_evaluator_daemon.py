@@ -153,15 +153,27 @@ def test_removed_and_half_written_snapshots_are_counted_and_survived(daemon) -> 
     weights["encoder.weight"][0, 0] = float("nan")
     save_file(weights, nan / "sae" / "sae.safetensors")
     assert wait_for(lambda: failures(port, "unreadable") == 3, proc)
+    # A FIFO where cfg.json should be: no writer of ours leaves one, so not "incomplete".
+    fifo = save_snapshot(ckpt, 9, {"sae": trainer(8)})
+    (fifo / "sae" / "cfg.json").unlink()
+    os.mkfifo(fifo / "sae" / "cfg.json")
+    assert wait_for(lambda: failures(port, "unreadable") == 4, proc)
+    assert failures(port, "incomplete") == 1
+    # extra.json's `time` an integer no float holds (it crashed the daemon): the snapshot is
+    # evaluated, its time taken from the folder.
+    big = save_snapshot(ckpt, 10, {"sae": trainer(9)}, {"time": 10 ** 400})
+    assert wait_for(lambda: gauge(port, "snapshot_step") == 10, proc)
+    assert gauge(port, "snapshot_timestamp_seconds") == pytest.approx(
+        big.stat().st_mtime, abs=5)
     # `latest` holding bytes that are not text: no snapshot named, nothing evaluated.
     (ckpt / "latest").write_bytes(b"\xff\xfe\n")
     time.sleep(2.0)
     assert proc.proc.poll() is None, proc.log()
-    assert gauge(port, "snapshot_step") == 1  # failures leave the last good figures
+    assert gauge(port, "snapshot_step") == 10  # failures leave the last good figures
 
-    save_snapshot(ckpt, 8, {"sae": trainer(7)})
-    assert wait_for(lambda: gauge(port, "snapshot_step") == 8, proc)
-    assert [json.loads(x)["step"] for x in history.read_text().splitlines()] == [1, 8]
+    save_snapshot(ckpt, 11, {"sae": trainer(7)})
+    assert wait_for(lambda: gauge(port, "snapshot_step") == 11, proc)
+    assert [json.loads(x)["step"] for x in history.read_text().splitlines()] == [1, 10, 11]
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(30) == 0, proc.log()
     assert "Traceback" not in proc.log()
@@ -222,6 +234,13 @@ def scrape_registry(m: EvaluatorMetrics) -> dict:
     (["--checkpoint-dir", "{dir}", "--metrics-port", "{busy}"], "cannot serve /metrics"),
     (["--checkpoint-dir", "{dir}", "--device", "cuda:7"], "--device"),
     (["--checkpoint-dir", "{dir}", "--contexts", "0"], "--contexts"),
+    (["--checkpoint-dir", ""], "empty path"),
+    (["--checkpoint-dir", "{dir}", "--features", ""], "empty path"),
+    (["--checkpoint-dir", "{dir}", "--history", ""], "empty path"),
+    (["--checkpoint-dir", "{dir}", "--hook", ""], "--hook"),
+    (["--checkpoint-dir", "{dir}", "--model", ""], "--model"),
+    (["--checkpoint-dir", "{dir}", "--history", "{fifo}"], "not a regular file (a FIFO)"),
+    (["--checkpoint-dir", "{dir}", "--history", "{dir}/" + "h" * 300], "File name too long"),
 ])
 def test_bad_start_up_input_is_one_line_and_exit_2(tmp_path, extra, needle) -> None:
     import socket
@@ -230,7 +249,9 @@ def test_bad_start_up_input_is_one_line_and_exit_2(tmp_path, extra, needle) -> N
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        fmt = {"file": tmp_path / "f", "dir": tmp_path, "busy": busy.getsockname()[1]}
+        os.mkfifo(tmp_path / "fifo")  # appending to it would wait for a reader forever
+        fmt = {"file": tmp_path / "f", "dir": tmp_path, "busy": busy.getsockname()[1],
+               "fifo": tmp_path / "fifo"}
         args = [a.format(**fmt) for a in extra]
         if "--metrics-port" not in args:
             args += ["--metrics-port", "0"]
@@ -239,3 +260,39 @@ def test_bad_start_up_input_is_one_line_and_exit_2(tmp_path, extra, needle) -> N
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("saestream: error:"), r.stderr
     assert needle in lines[0]
+
+
+def test_with_model_given_a_snapshot_of_another_model_is_a_mismatch(tmp_path) -> None:
+    ckpt, port = tmp_path / "ckpt", free_tcp_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAESTREAM_THREADS": "1"}
+    proc = LoggedProcess(saestream_cmd("evaluator", "--checkpoint-dir", str(ckpt), *ARGS,
+                                       "--model", "tiny", "--metrics-port", str(port)),
+                         tmp_path / "evaluator.log", env)
+    try:
+        other = trainer(0)
+        other.model = "smollm2-135m"  # read with tiny, its figures would mean nothing
+        save_snapshot(ckpt, 1, {"sae": other})
+        assert wait_for(lambda: failures(port, "mismatch") == 1, proc)
+        save_snapshot(ckpt, 2, {"sae": trainer(1)})
+        assert wait_for(lambda: gauge(port, "snapshot_step") == 2, proc)
+        assert failures(port, "mismatch") == 1
+    finally:
+        proc.close()
+    assert "smollm2-135m, not --model tiny" in proc.log()
+
+
+def test_a_history_line_the_disk_has_no_room_for_is_cut_off_and_counted(tmp_path) -> None:
+    from test_guarantee_disk import fill, tmpfs_at
+
+    from saestream.evaluator.daemon import append_history
+
+    with tmpfs_at(tmp_path / "mnt", "64k") as mnt:
+        history = mnt / "history.jsonl"
+        assert append_history(history, {"step": 1, "saes": {}})
+        before = history.read_bytes()
+        fill(mnt)
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        assert free == 0
+        # the last page of the file has room for part of the line only
+        assert not append_history(history, {"step": 2, "saes": {"x" * 8192: {}}})
+        assert history.read_bytes() == before

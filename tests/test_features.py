@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -565,3 +566,58 @@ def test_non_finite_activations_and_weights_are_feature_errors(tmp_path) -> None
         codes = Codes(values, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), {})
         with pytest.raises(FeatureError, match="non-finite activations"):
             latent_stats(codes, torch.tensor([3, 4]), 4, 8, FeatureSettings())
+
+
+def test_an_eval_json_that_is_no_file_is_refused_or_left_out_without_blocking(tmp_path) -> None:
+    """A FIFO as the default eval.json blocked the build forever and /dev/zero grew the
+    process without bound: read as every other snapshot file is, at most 64 MiB."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    sae = planted_sae(tmp_path / "step-00000001" / "planted")
+    os.mkfifo(sae / "eval.json")
+    res = run_cli(features_argv(sae, tmp_path / "browser", corpus), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "eval.json: not a regular file (a FIFO)" in res.stderr
+    res = run_cli(features_argv(sae, tmp_path / "other", corpus, "--eval-json", "/dev/zero"),
+                  timeout=300)
+    assert_one_error_line(res, "--eval-json /dev/zero: not a regular file")
+
+
+def test_a_dangling_temporary_link_does_not_stop_later_builds(tmp_path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    sae = planted_sae(tmp_path / "step-00000001" / "planted")
+    out = tmp_path / "browser"
+    assert run_cli(features_argv(sae, out, corpus), timeout=300).returncode == 0
+    (out / ".tmp-b000009-gone").symlink_to(tmp_path / "nowhere")
+    old = time.time() - 7200
+    os.utime(out / ".tmp-b000009-gone", (old, old), follow_symlinks=False)
+    res = run_cli(features_argv(sae, out, corpus), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.lexists(out / ".tmp-b000009-gone")
+    assert (out / "latest").read_text().startswith("b000002-")
+
+
+def test_sigterm_during_a_build_removes_what_it_wrote(tmp_path) -> None:
+    """SIGTERM while the build's files are written: exit 143 (not killed outright), the
+    unfinished build removed, the previous one still presented."""
+    big = Trainer(SAEConfig(d_in=64, n_latents=8192, k=32, input_normalization="layer_norm"),
+                  TrainerConfig(), name="big", hook="model.layers.2", model="tiny")
+    snap = save_snapshot(tmp_path / "ckpt", 1, {"big": big})
+    out = tmp_path / "browser"
+    argv = ["features", str(snap), "--out", str(out), "--corpus", "synthetic", "--seq-len", "64",
+            "--tokens", "20000", "--device", "cpu"]
+    assert run_cli(argv, timeout=300).returncode == 0
+    presented = (out / "latest").read_text()
+    for attempt in range(3):
+        proc = subprocess.Popen(saestream_cmd(*argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        while not list(out.glob(".tmp-*")) and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            break
+        presented = (out / "latest").read_text()  # it ended first: try again
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".*.tmp-*"))
+    assert (out / "latest").read_text() == presented
