@@ -607,7 +607,7 @@ def test_sigterm_during_a_build_removes_what_it_wrote(tmp_path) -> None:
             "--tokens", "20000", "--device", "cpu"]
     assert run_cli(argv, timeout=300).returncode == 0
     presented = (out / "latest").read_text()
-    for attempt in range(3):
+    for _ in range(3):
         proc = subprocess.Popen(saestream_cmd(*argv), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         while not list(out.glob(".tmp-*")) and proc.poll() is None:
