@@ -184,6 +184,7 @@ class ConsumerRun:
         self.recorder = Recorder(cfg.record, cfg.hooks, cfg.record_shard_tokens, metrics,
                                  flag="--record") if cfg.record is not None else None
         if self.recorder is not None:
+            self.recorder.fix_hooks(self.hook_info)
             log.info("recording accepted chunks to %s/<hook>/ in shards of %d rows", cfg.record,
                      cfg.record_shard_tokens)
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))

@@ -176,8 +176,7 @@ def _read_counters(p: PortableSAE, path: Path) -> None:
 
 def _is_counts(t: object, n: int) -> bool:
     """Whether `t` is an integer tensor of shape [n] without negative values."""
-    return (isinstance(t, torch.Tensor) and tuple(t.shape) == (n,) and not t.is_floating_point()
-            and t.dtype != torch.bool and not t.is_complex() and not bool((t < 0).any()))
+    return _plain(t, COUNT_DTYPES) and tuple(t.shape) == (n,) and not bool((t < 0).any())
 
 
 def snapshot_context(snapshot: Path, warn: Callable[[str], None] | None = None) -> int | None:
@@ -467,9 +466,11 @@ def write_sparsify(saes: list[PortableSAE], out: Path, *, context_size: int | No
     return folders
 
 
-def read_sparsify(source: Path) -> list[PortableSAE]:
+def read_sparsify(source: Path, only: str | None = None) -> list[PortableSAE]:
     """A sparsify SAE folder (cfg.json + sae.safetensors) or run folder (one such folder per
-    hookpoint, config.json beside them). TopK autoencoders only. Raises InteropError."""
+    hookpoint, config.json beside them). TopK autoencoders only. Raises InteropError.
+    `only`: of a run folder, read only the sub-folder of that name when there is one (a
+    broken SAE beside it is not read)."""
     src = Path(source)
     if (src / "cfg.json").is_file():
         return [_read_sparsify_sae(src, {})]
@@ -478,6 +479,7 @@ def read_sparsify(source: Path) -> list[PortableSAE]:
     if not folders:
         raise InteropError(f"{src}: neither a sparsify SAE folder (cfg.json, {SPARSIFY_WEIGHTS}) "
                            "nor a run folder of them")
+    folders = [d for d in folders if d.name == only] or folders
     run = _read_json(src / "config.json", "sparsify") if (src / "config.json").is_file() else {}
     return [_read_sparsify_sae(d, run) for d in folders]
 
@@ -587,8 +589,8 @@ def read_openai(path: Path, *, tokens_per_step: int = OPENAI_TOKENS_PER_STEP) ->
     _note_dtype(p, state, str(path))
     stats = state.get("stats_last_nonzero")
     if stats is not None:
-        if not isinstance(stats, torch.Tensor) or tuple(stats.shape) != (n,) \
-                or stats.is_floating_point() or bool((stats < 0).any()):
+        if not _plain(stats, COUNT_DTYPES) or tuple(stats.shape) != (n,) \
+                or bool((stats < 0).any()):
             raise InteropError(f"{path}: stats_last_nonzero must be [{n}] counts >= 0")
         p.tokens_since_fired, clamped = _steps_to_tokens(stats, tokens_per_step)
         if clamped:
@@ -613,14 +615,32 @@ def _tensor(tensors: Mapping[Any, Any], key: str, shape: tuple[int, ...] | None,
         held = ", ".join(sorted(str(k) for k in tensors)) or "nothing"
         raise InteropError(f"{what}: no tensor {key!r} (holds {held})")
     t = tensors[key]
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-        raise InteropError(f"{what}: {key} is {kind}, expected a floating-point tensor")
+    if not _plain(t, FLOAT_DTYPES):
+        kind = (f"{str(t.dtype).removeprefix('torch.')} ({t.layout}, on {t.device.type})"
+                if isinstance(t, torch.Tensor) else type(t).__name__)
+        raise InteropError(f"{what}: {key} is {kind}, expected a dense float16, bfloat16, "
+                           "float32 or float64 tensor")
     if shape is not None and tuple(t.shape) != shape:
         raise InteropError(f"{what}: {key} has shape {list(t.shape)}, expected {list(shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise InteropError(f"{what}: {key} holds NaN or infinite values")
-    return t.detach().to(torch.float32).contiguous()
+    if t.numel() == 0:
+        raise InteropError(f"{what}: {key} has shape {list(t.shape)}: it is empty")
+    out = t.detach().to(torch.float32).contiguous()
+    if not bool(torch.isfinite(out).all()):  # after the cast: float64 past float32's range
+        raise InteropError(f"{what}: {key} holds NaN or infinite values (or float64 values "
+                           "beyond float32's range)")
+    return out
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COUNT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _plain(t: Any, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether `t` is a dense tensor in memory of one of `dtypes` (what `weights_only`
+    loads may also be sparse, on the meta device, float8, complex or uint64, which the
+    checks after this one cannot even compare)."""
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided \
+        and t.device.type == "cpu" and t.dtype in dtypes
 
 
 def _note_dtype(p: PortableSAE, tensors: Mapping[Any, Any], what: str) -> None:
@@ -688,8 +708,8 @@ def _name(value: object, what: str, where: object) -> str | None:
 
 
 def _int(value: object, what: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = int(value)
+    if _plain(value, COUNT_DTYPES) and value.numel() == 1:  # type: ignore[union-attr]
+        value = int(value)  # type: ignore[call-overload]
     if not isinstance(value, int) or isinstance(value, bool):
         raise InteropError(f"{what} is {value!r}, not a whole number")
     return value

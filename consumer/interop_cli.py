@@ -157,8 +157,10 @@ def import_command(source: Path, fmt: str, out: Path, sae_name: str | None, name
     else:
         if not Path(source).is_dir():
             raise UserError(f"{source}: not a directory (a sparsify SAE or run folder)")
-        saes = _read(interop.read_sparsify, source)
-    if sae_name is not None:
+        saes = _read(interop.read_sparsify, source, only=sae_name)
+    by_folder = fmt == "sparsify" and sae_name is not None \
+        and (Path(source) / sae_name / "cfg.json").is_file()  # the sub-folder read alone
+    if sae_name is not None and not by_folder:
         picked = [p for p in saes if p.name == sae_name or p.hook == sae_name]
         if not picked:
             raise UserError(f"--sae: {source} holds no SAE {sae_name!r} (it holds "

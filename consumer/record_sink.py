@@ -96,6 +96,7 @@ class RecordSink:
                            max_message_bytes=max_message, max_connections=cfg.max_connections)
         metrics.refused_connections.watch("data", sock.refused)
         hook_info = {h: HookInfo(cfg.d_in, None, None) for h in cfg.hooks} if cfg.d_in else {}
+        self.recorder.fix_hooks(hook_info)
         self.receiver = Receiver(sock, Discard(), metrics, self.ledger,  # type: ignore[arg-type]
                                  hooks=cfg.hooks, hook_info=hook_info, limits=limits,
                                  log_interval=cfg.reject_log_interval, recorder=self.recorder,

@@ -26,10 +26,11 @@ import queue
 import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from saestream.common.errors import UserError
 from saestream.common.logs import RateLimitedLog, shown
 from saestream.common.recording import (
     SHARD_RE,
@@ -46,6 +47,9 @@ from saestream.common.recording import (
 from saestream.common.wire import WORD_DTYPES, Chunk, crc32
 from saestream.consumer.checkpoint import FAILURE_REASONS, failure_reason
 from saestream.consumer.metrics import ConsumerMetrics
+
+if TYPE_CHECKING:
+    from saestream.consumer.receiver import HookInfo
 
 log = logging.getLogger("saestream.consumer.recorder")
 
@@ -75,6 +79,7 @@ class Recorder(threading.Thread):
         """Rows of those shards, per hook."""
         for hook in hooks:
             hook_dir_name(hook)  # before any work: a hook that cannot be a directory
+        self.flag = flag
         self.lock = RecordingLock(root, flag, hooks=hooks)
         for stale in self.lock.stale:
             log.info("removed %s, left by an interrupted recording", stale)
@@ -88,7 +93,10 @@ class Recorder(threading.Thread):
         self.written = dict.fromkeys(hooks, 0)
         """Rows in complete shards, per hook (for progress lines)."""
         self._rlog = RateLimitedLog(log, 10.0)
-        self.held = {h: self._read_held(self.root / hook_dir_name(h)) for h in hooks}
+        self.recorded: dict[str, tuple[int, str]] = {}
+        """Per hook whose directory holds shards already: their width and model, which every
+        row written next must share (the readers refuse a directory that mixes them)."""
+        self.held = {h: self._read_held(h) for h in hooks}
         for reason in FAILURE_REASONS:  # every series exported from the start, at 0
             metrics.record_failures.labels(reason=reason)
         """Per hook, the stream positions the recording's shards already hold."""
@@ -153,19 +161,39 @@ class Recorder(threading.Thread):
             self.error = exc
             log.exception("recorder thread failed")
 
-    def _read_held(self, hook_dir: Path) -> HeldPositions:
+    def _read_held(self, hook: str) -> HeldPositions:
         held = HeldPositions()
+        hook_dir = self.root / hook_dir_name(hook)
         if not hook_dir.is_dir():
             return held
         for path in sorted(p for p in hook_dir.iterdir() if SHARD_RE.match(p.name)):
             try:
-                entries = read_shard(path).entries
+                shard = read_shard(path)
             except (RecordingError, OSError) as exc:
                 log.warning("%s: unreadable (%s); its rows are not matched against", path, exc)
                 continue
-            for e in entries:
+            self.recorded.setdefault(hook, (shard.d, shard.model))
+            for e in shard.entries:
                 held.add(e.producer, e.source, 0, e.n)
         return held
+
+    def fix_hooks(self, hook_info: dict[str, HookInfo]) -> None:
+        """Hooks whose directory holds shards take those shards' width and model: a chunk of
+        another is rejected (`dim`, `model`) rather than written where the readers would then
+        refuse the whole directory. UserError when the width known already differs."""
+        from saestream.consumer.receiver import HookInfo  # the receiver imports this module
+
+        for hook, (d, model) in self.recorded.items():
+            info = hook_info.get(hook)
+            if info is None:
+                hook_info[hook] = HookInfo(d, None, model)
+                continue
+            if info.d != d or (info.model is not None and info.model != model):
+                have = f"d={info.d}" + (f", model {info.model}" if info.model else "")
+                raise UserError(f"{self.flag} {self.root}: the recording of hook {hook} holds "
+                                f"rows of d={d} from model {model}, and this run's are {have}: "
+                                "record them into another directory")
+            info.model = info.model or model
 
     def _record(self, chunk: Chunk, parts: list[tuple[int, int]]) -> None:
         writer = self.writers[chunk.hook]

@@ -256,3 +256,59 @@ def test_import_sparsify_refuses_flags_and_names_of_the_wrong_type(tmp_path, spa
     _refused_in_process(import_command, [str(src), "--format", "sparsify", "--out",
                                          str(tmp_path / "out")], "cfg.json", needle)
     assert not (tmp_path / "out").exists()
+
+
+# -- tensors `weights_only` loads that no check could compare --------------------------------
+
+
+def _huge(t: torch.Tensor) -> torch.Tensor:
+    out = t.double()
+    out[0] = 1e300  # beyond float32: it would import as infinity
+    return out
+
+
+HOSTILE_OPENAI = {
+    "empty width": (lambda sd: sd.update({
+        "encoder.weight": torch.zeros(sd["encoder.weight"].shape[0], 0),
+        "decoder.weight": torch.zeros(0, sd["encoder.weight"].shape[0]),
+        "pre_bias": torch.zeros(0)}), "encoder.weight has shape", "it is empty"),
+    "float8": (lambda sd: sd.update({"encoder.weight": sd["encoder.weight"].to(
+        torch.float8_e4m3fn)}), "encoder.weight is float8_e4m3fn", "expected a dense"),
+    "sparse": (lambda sd: sd.update({"decoder.weight": sd["decoder.weight"].to_sparse()}),
+               "decoder.weight is float32 (torch.sparse_coo", "expected a dense"),
+    "meta": (lambda sd: sd.update({"encoder.weight": torch.empty(
+        sd["encoder.weight"].shape, device="meta")}), "on meta", "expected a dense"),
+    "complex counts": (lambda sd: sd.update({"stats_last_nonzero": sd[
+        "stats_last_nonzero"].to(torch.complex64)}), "stats_last_nonzero must be"),
+    "uint64 counts": (lambda sd: sd.update({"stats_last_nonzero": sd[
+        "stats_last_nonzero"].to(torch.uint64)}), "stats_last_nonzero must be"),
+    "float64 past float32": (lambda sd: sd.update({"pre_bias": _huge(sd["pre_bias"])}),
+                             "pre_bias holds NaN or infinite values", "beyond float32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_OPENAI))
+def test_import_openai_refuses_tensors_of_every_odd_kind_in_one_line(tmp_path, case):
+    """Each was a traceback (a sparse tensor's was hundreds of lines), or, for float64 past
+    float32's range, a snapshot of infinities that every other command then refused."""
+    edit, *needles = HOSTILE_OPENAI[case]
+    sd = openai_state()
+    edit(sd)
+    torch.save(sd, tmp_path / "layer_0.pt")
+    _refused_in_process(import_command, [str(tmp_path / "layer_0.pt"), "--format", "openai",
+                                         "--hook", "h", "--out", str(tmp_path / "out")],
+                        *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_sparsify_sae_reads_only_the_sub_folder_named(tmp_path, sparsify_dir):
+    """A broken SAE beside the one asked for stopped the import of the good one."""
+    src = _copy(sparsify_dir, tmp_path / "sp")
+    good = next(src.glob("*/cfg.json")).parent
+    _copy(good, src / "broken")
+    _edit_json(src / "broken" / "cfg.json", lambda c: c.update(k=0))
+    _refused_in_process(import_command, [str(src), "--format", "sparsify", "--out",
+                                         str(tmp_path / "all")], "broken", "k 0")
+    invoke(import_command, src, "--format", "sparsify", "--sae", good.name, "--out",
+           tmp_path / "one")
+    assert len(list((tmp_path / "one" / "step-00000000").glob("*/cfg.json"))) == 1

@@ -333,6 +333,39 @@ def test_the_sink_trims_rows_it_already_holds_and_records_them_once(tmp_path: Pa
     rec.check_finite()  # the trimmed chunk's own checksum
 
 
+@pytest.mark.slow
+def test_a_sink_keeps_a_recording_to_the_width_and_model_its_shards_hold(tmp_path: Path,
+                                                                         procs: list) -> None:
+    """Rows of another width or model were written beside the shards, and every reader then
+    refused the whole directory: they are rejected instead, and a --d-in that contradicts
+    the shards is refused at start."""
+    hook_dir = make_recording(tmp_path / "rec", chunks=2)
+    before = Recording(hook_dir).shape
+    res = run_cli(["record", "--bind", f"tcp://127.0.0.1:{free_tcp_port()}", "--hook", HOOK,
+                   "--out", str(tmp_path / "rec"), "--d-in", "32", "--metrics-port", "0"],
+                  timeout=TIMEOUT, env=child_env())
+    _one_line_exit_2(res, "holds rows of d=64 from model tiny")
+    sink = Sink(tmp_path, tmp_path / "rec", "--control-bind", "off")
+    procs.append(sink)
+    ctx = zmq.Context()
+    sock = push_socket(ctx, [sink.endpoint], hwm=4)
+    try:
+        for seq, (d, model) in enumerate([(32, "tiny"), (D, "other-model"), (D, "tiny")]):
+            sock.send_multipart(encode_chunk(
+                torch.ones(50, d, dtype=torch.bfloat16), producer="p", run="r", seq=seq,
+                model=model, hook=HOOK, source={"epoch": 0, "start": 50 * seq,
+                                                "end": 50 * seq + 50}))
+        sink.wait_for("the chunk of the recording's kind", lambda: sink.value(
+            "saestream_received_tokens_total", producer="p") == 50)
+    finally:
+        sock.close(linger=1000)
+        ctx.term()
+    assert sink.value("saestream_rejected_messages_total", reason="dim") == 1
+    assert sink.value("saestream_rejected_messages_total", reason="model") == 1
+    assert sink.stop() == 0, sink.log()
+    assert Recording(hook_dir).shape == (before[0] + 50, D)  # the directory still reads
+
+
 # -- replay on its own --------------------------------------------------------------------------
 
 
