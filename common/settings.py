@@ -178,6 +178,11 @@ def given(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return value
 
 
+MAX_COUNT = 1 << 62
+"""Largest count of tokens, steps or epochs a setting takes: int64 counters, with room for
+what is added to them."""
+
+
 def ranged(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
     """A dataclass field whose value must lie in [lo, hi] (None: unbounded that side).
     `config_option` gives its flag that range, in every command sharing the field, so a

@@ -53,6 +53,18 @@ class SignalFlag(threading.Event):
         return True
 
 
+_early_snapshot = SignalFlag()
+"""SIGUSR1 caught by `catch_snapshot_early`, until a command's SignalFlags takes it over."""
+
+
+def catch_snapshot_early() -> None:
+    """Catch SIGUSR1 from the process's first moments: `saestream` calls this before it
+    imports a daemon's module, which loads torch (a second or more), so a snapshot asked for
+    meanwhile is served at the first step rather than killing the process (its default)."""
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda *_: _early_snapshot.set())
+
+
 class SignalFlags:
     """`stop` is set by SIGTERM/SIGINT/SIGHUP, `snapshot` by SIGUSR1 (cleared by whoever
     handles it)."""
@@ -63,9 +75,13 @@ class SignalFlags:
 
     def install_snapshot(self) -> SignalFlags:
         """SIGUSR1 only, as early as a command can: its default action kills the process,
-        and an operator asking for a snapshot while the daemon starts must not end it."""
+        and an operator asking for a snapshot while the daemon starts must not end it. A
+        request `catch_snapshot_early` held is taken over."""
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, lambda *_: self.snapshot.set())
+        if _early_snapshot.is_set():
+            _early_snapshot.clear()
+            self.snapshot.set()
         return self
 
     def install(self) -> SignalFlags:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from saestream.common.errors import UserError, cli_errors, error_line
-from saestream.common.settings import FiniteFloat, config_option
+from saestream.common.settings import FiniteFloat, GivenPath, config_option
 from saestream.consumer.config import (
     MAX_DECODE_THREADS,
     ConsumerConfig,
@@ -36,7 +36,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "buffer_tokens", type=_POSITIVE)
 @config_option(C, "batch_size", type=_POSITIVE)
 @config_option(C, "min_fill", type=FiniteFloat(0.0, max=1.0))
-@config_option(C, "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path))
+@config_option(C, "checkpoint_dir", type=GivenPath(file_okay=False, path_type=Path))
 @config_option(C, "checkpoint_every", type=_POSITIVE)
 @config_option(C, "checkpoint_every_seconds", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "keep", type=click.IntRange(min=0))
@@ -55,12 +55,12 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "producer_expiry_seconds", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "decode_threads", type=click.IntRange(0, MAX_DECODE_THREADS))
 @config_option(C, "final_snapshot_attempts", type=_POSITIVE)
-@config_option(C, "init_from", metavar="SNAPSHOT", type=click.Path(path_type=Path))
-@config_option(C, "record", type=click.Path(file_okay=False, path_type=Path))
+@config_option(C, "init_from", metavar="SNAPSHOT", type=GivenPath(path_type=Path))
+@config_option(C, "record", type=GivenPath(file_okay=False, path_type=Path))
 @config_option(C, "record_shard_tokens", type=_POSITIVE)
-@click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--curve-secret-key", type=GivenPath(dir_okay=False, path_type=Path),
               default=None, help="This consumer's CURVE key pair (NAME.key_secret).")
-@click.option("--curve-authorized-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--curve-authorized-dir", type=GivenPath(file_okay=False, path_type=Path),
               default=None, help="Directory of the producers' public keys (*.key) to admit.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))

@@ -18,6 +18,7 @@ from typing import Any
 
 from saestream.common.errors import UserError
 from saestream.common.settings import (
+    MAX_COUNT,
     field_default,
     field_docs,
     parse_setting,
@@ -30,6 +31,7 @@ from saestream.consumer.sae import SAEConfig
 from saestream.consumer.trainer import MAX_SEED, TrainerConfig
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
+MAX_DIST_TIMEOUT = 30 * 86_400.0
 MAX_DECODE_THREADS = 64
 """Most `--decode-threads`: each holds up to two chunks in flight, beyond the receive budget."""
 
@@ -108,10 +110,10 @@ class ConsumerConfig:
     the same run); a new run if the directory holds none."""
     overwrite: bool = False
     """Discard the run already in --checkpoint-dir (its snapshots) and start a new one."""
-    max_tokens: int | None = None
+    max_tokens: int | None = ranged(None, 1, MAX_COUNT)
     """Stop with a final snapshot once the run (resumed tokens included) has trained N tokens;
     the last batch is cut so that it trains exactly N."""
-    max_steps: int | None = None
+    max_steps: int | None = ranged(None, 1, MAX_COUNT)
     """Stop with a final snapshot after N steps (resumed steps included)."""
     metrics_port: int = 9101
     """Port of the Prometheus /metrics endpoint (0 = off)."""
@@ -127,9 +129,10 @@ class ConsumerConfig:
     """Largest chunk accepted, in raw bytes (n · d · itemsize); bounds every receive
     allocation and ZeroMQ's message size cap (an int64 with the header's room: at most
     2^40)."""
-    max_connections: int = 32
-    """Most producer connections admitted at once; more are refused at the handshake."""
-    max_producers: int = 256
+    max_connections: int = ranged(32, 1, 1 << 16)
+    """Most producer connections admitted at once (at most 65,536); more are refused at the
+    handshake."""
+    max_producers: int = ranged(256, 1, 1 << 20)
     """Most producer ids tracked at once; messages from further ids are rejected
     (`producers`) until idle ones expire."""
     producer_expiry_seconds: float = 600.0
@@ -146,8 +149,8 @@ class ConsumerConfig:
     """Seconds between progress log lines."""
     reject_log_interval: float = 10.0
     """Seconds between log lines for one reject reason."""
-    final_snapshot_attempts: int = 3
-    """Tries of the final snapshot before the consumer gives up and exits 1."""
+    final_snapshot_attempts: int = ranged(3, 1, 1000)
+    """Tries of the final snapshot before the consumer gives up and exits 1 (at most 1,000)."""
     record: Path | None = None
     """Also append every accepted chunk, in its wire dtype, to a recording: DIR/<hook>/
     safetensors shards with each chunk's provenance (`saestream train --input DIR/<hook>`,
@@ -157,10 +160,10 @@ class ConsumerConfig:
     per hook."""
     seed: int = ranged(0, 0, MAX_SEED)
     """Seed of the buffer's batch sampling (each hook's buffer takes seed + its index)."""
-    dist_timeout: float = 300.0
+    dist_timeout: float = ranged(300.0, 0.001, MAX_DIST_TIMEOUT)
     """Under torchrun: seconds a rank waits for the others (joining, and in every
     collective) before it exits 1 with a one-line error; a rank that dies is noticed at
-    once."""
+    once. At most 30 days (torch keeps it in milliseconds in a C int's range)."""
     latent_shards: int = 1
     """Under torchrun: split each SAE's latents over this many consecutive ranks, which
     train on the same rows (their parts of the global batch, gathered); it divides the world

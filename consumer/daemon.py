@@ -188,6 +188,8 @@ class ConsumerRun:
             log.info("recording accepted chunks to %s/<hook>/ in shards of %d rows", cfg.record,
                      cfg.record_shard_tokens)
         metrics.declare_rejects((*REJECT_REASONS, *CONSUMER_REJECT_REASONS))
+        for reason in ckpt.FAILURE_REASONS:  # at 0 from the start: increase() misses a series
+            metrics.checkpoint_failures.labels(reason=reason)  # that first appears at 1
         for spec in cfg.saes:
             metrics.declare_sae(spec.hook, spec.name)
         load_kernels()  # built now, not inside the first lz4-shuffle chunk's decode

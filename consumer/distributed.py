@@ -19,7 +19,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +29,7 @@ import click
 import torch
 import torch.distributed as dist
 
-from saestream.common.errors import error_line
+from saestream.common.errors import UserError, error_line
 from saestream.consumer.sharding import LatentShard
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,7 +108,7 @@ def joined_a_process_group() -> bool:
 def launched_by_torchrun() -> bool:
     """True inside a process that torchrun (or any launcher setting its variables) started
     as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return env_int("WORLD_SIZE", 1) > 1
 
 
 def init_from_env(device: torch.device, timeout: float | None = None) -> DataParallel:
@@ -165,7 +165,6 @@ def mesh_from_env(device: torch.device, latent_shards: int = 1,
     data-parallel × `latent_shards` mesh; the device becomes cuda:LOCAL_RANK when it is
     CUDA. Outside torchrun: one process, as asked. UserError for a shard count the world
     cannot hold."""
-    from saestream.common.errors import UserError
 
     if not launched_by_torchrun():
         if latent_shards > 1:
@@ -205,16 +204,33 @@ def _attempt_store(timeout: float | None) -> dict[str, Any]:
                          timeout=timedelta(seconds=timeout or 1800))
     store = dist.PrefixStore(f"saestream/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}",
                              base)
-    return {"store": store, "rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"])}
+    return {"store": store, "rank": env_int("RANK", 0, env),
+            "world_size": env_int("WORLD_SIZE", 1, env)}
+
+
+def env_int(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
+    """A launcher's variable (WORLD_SIZE, RANK, LOCAL_RANK, ...) as a count >= 0; UserError,
+    one line, when it is not one (a hand-set `WORLD_SIZE=abc` was a traceback)."""
+    raw = (os.environ if env is None else env).get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UserError(f"${name}={raw[:100]!r}: not a count (torchrun sets it; unset it "
+                        "outside torchrun)")
+    return value
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return env_int("LOCAL_RANK", 0)
 
 
 def local_world_size() -> int:
     """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; the world size if unset)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return env_int("LOCAL_WORLD_SIZE", env_int("WORLD_SIZE", 1))
 
 
 class PeerLost(Exception):

@@ -32,7 +32,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("path", metavar="SNAPSHOT_DIR", type=click.Path(path_type=Path))
+@click.argument("path", metavar="SNAPSHOT_DIR", type=GivenPath(path_type=Path))
 @click.option("--format", "fmt", required=True, type=click.Choice(EXPORT_FORMATS),
               help="saelens: SAELens 6.x inference folder; sparsify: a sparsify run folder.")
 @click.option("--out", required=True, type=GivenPath(path_type=Path),
@@ -113,7 +113,7 @@ def export(path: Path, fmt: str, out: Path, sae_name: str | None, context_size: 
 
 
 @click.command("import", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("source", metavar="SRC", type=click.Path(path_type=Path))
+@click.argument("source", metavar="SRC", type=GivenPath(path_type=Path))
 @click.option("--format", "fmt", required=True, type=click.Choice(IMPORT_FORMATS),
               help="openai: a torch.save file of OpenAI's release; saelens: a SAELens SAE "
                    "folder; sparsify: a sparsify SAE or run folder.")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from saestream.common.errors import UserError, cli_errors
-from saestream.common.settings import FiniteFloat, config_option
+from saestream.common.settings import FiniteFloat, GivenPath, config_option
 from saestream.consumer.config import MAX_DECODE_THREADS, ConsumerConfig
 
 C = ConsumerConfig
@@ -22,7 +22,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "hooks", "--hook", multiple=True, default=(),
                help="Hook to accept and record (repeatable; at least one).")
 @config_option(C, "record", "--out", required=True,
-               type=click.Path(file_okay=False, path_type=Path),
+               type=GivenPath(file_okay=False, path_type=Path),
                help="Recording directory: shards go to DIR/<hook>/.")
 @config_option(C, "record_shard_tokens", type=_POSITIVE)
 @config_option(C, "d_in")
@@ -34,9 +34,9 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(C, "max_producers", type=_POSITIVE)
 @config_option(C, "producer_expiry_seconds", type=FiniteFloat(0.0, min_open=True))
 @config_option(C, "decode_threads", type=click.IntRange(0, MAX_DECODE_THREADS))
-@click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--curve-secret-key", type=GivenPath(dir_okay=False, path_type=Path),
               default=None, help="This sink's CURVE key pair (NAME.key_secret).")
-@click.option("--curve-authorized-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--curve-authorized-dir", type=GivenPath(file_okay=False, path_type=Path),
               default=None, help="Directory of the producers' public keys (*.key) to admit.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from saestream.common.errors import UserError, cli_errors, error_line
-from saestream.common.settings import FiniteFloat, config_option, given
+from saestream.common.settings import FiniteFloat, GivenPath, config_option, given
 from saestream.common.wire import CODECS, DTYPES
 from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
 
@@ -31,7 +31,7 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "producer_id", callback=given)
 @config_option(P, "epochs", type=click.IntRange(min=0))
 @config_option(P, "max_tokens", type=click.IntRange(min=0))
-@config_option(P, "state_file", type=click.Path(dir_okay=False, path_type=Path))
+@config_option(P, "state_file", type=GivenPath(dir_okay=False, path_type=Path))
 @config_option(P, "state_every", type=FiniteFloat(0.1))
 @config_option(P, "metrics_port", type=click.IntRange(0, 65535))
 @config_option(P, "metrics_addr")
@@ -39,11 +39,11 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "model_dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @config_option(P, "keep_first_token")
 @config_option(P, "seed")
-@click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--curve-secret-key", type=GivenPath(dir_okay=False, path_type=Path),
               default=None, help="This producer's CURVE key pair (NAME.key_secret).")
-@click.option("--curve-server-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--curve-server-key", type=GivenPath(dir_okay=False, path_type=Path),
               default=None, help="The consumer's CURVE public key (NAME.key).")
-@config_option(P, "cache_dir", type=click.Path(file_okay=False, path_type=Path))
+@config_option(P, "cache_dir", type=GivenPath(file_okay=False, path_type=Path))
 @config_option(P, "token_dtype", type=click.Choice(["uint16", "uint32"]))
 @config_option(P, "threads")
 @config_option(P, "queue_size", type=_POSITIVE)

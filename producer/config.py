@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saestream.common.devices import MAX_THREADS
-from saestream.common.settings import ranged
+from saestream.common.errors import UserError
+from saestream.common.settings import MAX_COUNT, ranged
 from saestream.common.transport import DEFAULT_HWM, MAX_HWM, CurveClientKeys
+from saestream.common.wire import MAX_STR_LEN
 
 EMBEDDED_MODEL = "smollm2-135m"
 DEFAULT_CONNECT = "tcp://127.0.0.1:5557"
@@ -18,8 +20,21 @@ MAX_ENCODE_THREADS = 64
 MAX_SEED = 2**64 - 1
 """Largest seed: torch.manual_seed takes a uint64 (numpy's generator any int >= 0)."""
 MAX_LINGER = 86_400.0
+
+MAX_QUEUE = 1024
 """Longest --linger, in seconds (a day): it becomes ZeroMQ's int32 LINGER in ms (at most
 ~24.8 days: common.transport.MAX_LINGER_MS), and a drain longer than a day is a hang."""
+
+
+def check_producer_id(value: str) -> None:
+    """UserError unless `value` can be a producer id: every header carries it (at most
+    MAX_STR_LEN characters), and logs and metric labels show it (no control characters: a
+    newline split a log line in two)."""
+    if len(value) > MAX_STR_LEN:
+        raise UserError(f"--producer-id: at most {MAX_STR_LEN} characters, not {len(value)}")
+    if not value.isprintable():
+        raise UserError(f"--producer-id {value!r}: holds a control character (a newline, a "
+                        "tab, an escape)")
 
 
 @dataclass
@@ -61,9 +76,9 @@ class ProducerConfig:
     producer_id: str | None = None
     """Id sent in every header and known to the consumer's ledger; default: the one in
     --state-file, else HOST-PID (then saved there)."""
-    epochs: int = 0
+    epochs: int = ranged(0, 0, MAX_COUNT)
     """Passes over the shard; 0 = endless."""
-    max_tokens: int = 0
+    max_tokens: int = ranged(0, 0, MAX_COUNT)
     """Send exactly N tokens per hook, wait until the consumer holds them, exit 0;
     0 = no limit."""
     state_file: Path | None = None
@@ -91,12 +106,13 @@ class ProducerConfig:
     """Element type of tokens:FILE.bin corpora."""
     threads: int = ranged(0, 0, MAX_THREADS)  # as $SAESTREAM_THREADS; 99999 crashed OpenMP
     """torch CPU threads; 0 = $SAESTREAM_THREADS or torch's default."""
-    queue_size: int = 8
-    """Chunks queued for the sending thread before the model loop blocks."""
+    queue_size: int = ranged(8, 1, MAX_QUEUE)
+    """Chunks queued for the sending thread before the model loop blocks (at most 1,024: the
+    queue holds whole chunks, and backpressure is its point)."""
     encode_threads: int = 0
     """Threads encoding chunks (lz4 and crc32 release the GIL); messages still go out in
     sequence order. 0 = half the CPUs this process may use, 1 to 4; at most
-    MAX_ENCODE_THREADS."""
+    64."""
     hwm: int = ranged(DEFAULT_HWM, 1, MAX_HWM)
     """ZeroMQ send high-water mark (messages per consumer)."""
     linger: float = ranged(5.0, 0.0, MAX_LINGER)

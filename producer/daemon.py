@@ -30,9 +30,9 @@ from saestream.common.errors import UserError
 from saestream.common.logs import RateLimitedLog
 from saestream.common.metrics import serve_metrics
 from saestream.common.transport import push_socket
-from saestream.common.wire import DTYPES, MAX_STR_LEN, DecodeLimits, load_kernels
+from saestream.common.wire import DTYPES, DecodeLimits, load_kernels
 from saestream.producer.chunker import Chunker, Prefetch, batched
-from saestream.producer.config import ProducerConfig
+from saestream.producer.config import ProducerConfig, check_producer_id
 from saestream.producer.control import ControlClient, where_request
 from saestream.producer.corpus import DROP_REASONS, Corpus, CorpusError, Shard, open_corpus
 from saestream.producer.hooks import HookedModel, HookError, validate_hooks
@@ -179,9 +179,7 @@ class ProducerRun:
             log.info("resuming from %s: epoch %d, %d tokens into the shard", cfg.state_file,
                      saved.epoch, saved.tokens_done)
         self.producer_id = cfg.producer_id or self.state.producer_id or default_producer_id()
-        if len(self.producer_id) > MAX_STR_LEN:  # every header carries it
-            raise UserError(f"--producer-id: at most {MAX_STR_LEN} characters, not "
-                            f"{len(self.producer_id)}")
+        check_producer_id(self.producer_id)
         self.state.producer_id = self.producer_id
         self.run = uuid.uuid4().hex[:12]
         self.state.runs = [*self.state.runs, self.run][-20:]

@@ -56,7 +56,7 @@ from saestream.common.wire import (
     WireError,
     check_source,
 )
-from saestream.producer.config import ProducerConfig
+from saestream.producer.config import ProducerConfig, check_producer_id
 from saestream.producer.control import ControlClient, where_request
 from saestream.producer.corpus import CorpusError
 from saestream.producer.corpus import Shard as Part
@@ -145,9 +145,7 @@ class ReplayRun:
         self.starts = np.cumsum([0] + [e.n for _, e in self.items])
         self.total = int(self.starts[-1])
         self.producer_id = self.send.producer_id or default_replay_id()
-        if len(self.producer_id) > MAX_STR_LEN:
-            raise UserError(f"--producer-id: at most {MAX_STR_LEN} characters, not "
-                            f"{len(self.producer_id)}")
+        check_producer_id(self.producer_id)
         self.run = uuid.uuid4().hex[:12]
         name = f"{Path(cfg.recording).resolve().parent.name}/{rec.hook}"
         self.stream = {"corpus": f"recording:{name}"[:1024], "split": "all",

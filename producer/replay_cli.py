@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from saestream.common.errors import UserError, cli_errors
-from saestream.common.settings import FiniteFloat, config_option, given
+from saestream.common.settings import FiniteFloat, GivenPath, config_option, given
 from saestream.common.wire import CODECS
 from saestream.producer.config import MAX_ENCODE_THREADS, ProducerConfig
 from saestream.producer.replay import ReplayConfig
@@ -19,7 +19,7 @@ _POSITIVE = click.IntRange(min=1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("recording", type=click.Path(path_type=Path))
+@click.argument("recording", type=GivenPath(path_type=Path))
 @config_option(P, "connect", multiple=True)
 @config_option(P, "control_connect", multiple=True, default=(),
                help="Consumer control endpoint to ask where to continue (repeatable); "
@@ -44,9 +44,9 @@ _POSITIVE = click.IntRange(min=1)
 @config_option(P, "linger", type=FiniteFloat(0.0))
 @config_option(P, "metrics_port", type=click.IntRange(0, 65535))
 @config_option(P, "metrics_addr")
-@click.option("--curve-secret-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--curve-secret-key", type=GivenPath(dir_okay=False, path_type=Path),
               default=None, help="This replayer's CURVE key pair (NAME.key_secret).")
-@click.option("--curve-server-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--curve-server-key", type=GivenPath(dir_okay=False, path_type=Path),
               default=None, help="The consumer's CURVE public key (NAME.key).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))

@@ -147,7 +147,7 @@ class Sender:
             return True
         except queue.Full:
             pass
-        t0 = time.perf_counter()
+        counted = time.perf_counter()
         try:
             while True:
                 if self.error is not None or not self.alive:
@@ -159,10 +159,12 @@ class Sender:
                 try:
                     self.queue.put(item, timeout=POLL_MS / 1000)
                     return True
-                except queue.Full:
-                    continue
+                except queue.Full:  # counted as it goes: a scrape sees a wait in progress
+                    now = time.perf_counter()
+                    self.metrics.send_blocked_seconds.inc(now - counted)
+                    counted = now
         finally:
-            self.metrics.send_blocked_seconds.inc(time.perf_counter() - t0)
+            self.metrics.send_blocked_seconds.inc(time.perf_counter() - counted)
 
     def drain(self, stop: threading.Event, linger: float) -> bool:
         """Send what is queued, then stop the thread; True when everything was sent.

@@ -212,6 +212,10 @@ def test_normalized_mse_falls_and_metrics_are_served(start_consumer, sender_for)
         assert name in m, name
     assert value(m, "saestream_l0", hook=HOOK, sae=HOOK) == pytest.approx(8, abs=0.01)
     assert value(m, "saestream_buffer_capacity_tokens", hook=HOOK) == 4096
+    # every failure reason at 0 from the start: the alert's increase() misses a series
+    # that first appears at 1, and missed the first failed snapshot
+    for reason in ("no_space", "read_only", "permission", "io", "other"):
+        assert value(m, "saestream_checkpoint_failures_total", reason=reason) == 0, reason
     for producer in ("a", "b"):
         assert value(m, "saestream_received_messages_total", producer=producer) > 0
         assert value(m, "saestream_received_tokens_total", producer=producer) > 0

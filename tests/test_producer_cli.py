@@ -66,6 +66,40 @@ def test_sigterm_flushes_every_chunk_without_seq_gap_and_writes_state(tmp_path: 
     assert saved["tokens_done"] == chunks[-1].source["end"] == sum(c.n for c in chunks)
 
 
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return {line.split()[0]: float(line.split()[1]) for line in r.read().decode()
+                .splitlines() if line.startswith("saestream_producer_")}
+
+
+def test_a_producer_blocked_for_good_counts_its_wait_while_it_lasts(tmp_path: Path) -> None:
+    """With no consumer the queue fills and the model loop waits: the wait counted only once
+    it ended, so a producer blocked for good read 0 (and the dashboard's blocked ratio 0)."""
+    metrics_port = free_tcp_port()
+    proc = subprocess.Popen(saestream_cmd(
+        "producer", "--model", "tiny", "--corpus", "synthetic", "--connect",
+        f"tcp://127.0.0.1:{free_tcp_port()}", "--control-connect", "off", "--queue-size", "2",
+        "--threads", "1", "--metrics-port", str(metrics_port), "--linger", "0"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            try:
+                m = scrape(metrics_port)
+            except OSError:
+                m = {}
+            if m.get("saestream_producer_queue_depth") == 2:
+                break
+            time.sleep(0.2)
+        time.sleep(2.5)
+        blocked = scrape(metrics_port)["saestream_producer_send_blocked_seconds_total"]
+        assert blocked >= 2.0, blocked
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -54,9 +54,15 @@ def refused(args: list[str], needle: str, env: dict[str, str] | None = None) -> 
         (["--seed", str(MAX_SEED + 1)], f"'--seed': {MAX_SEED + 1} is not in the range"),
         (["--threads", str(MAX_THREADS + 1)],
          f"'--threads': {MAX_THREADS + 1} is not in the range"),
+        (["--queue-size", "1000000000000"], "'--queue-size': 1000000000000 is not in the range"),
+        (["--epochs", str(2**70)], f"'--epochs': {2**70} is not in the range"),
+        (["--max-tokens", str(2**70)], f"'--max-tokens': {2**70} is not in the range"),
+        (["--cache-dir", ""], "'--cache-dir': an empty path"),
+        (["--state-file", ""], "'--state-file': an empty path"),
     ],
     ids=["linger-1e12", "hwm-past-int32", "seed-negative", "seed-past-uint64",
-         "threads-1025"],
+         "threads-1025", "queue-1e12", "epochs-2^70", "max-tokens-2^70", "empty-cache-dir",
+         "empty-state-file"],
 )
 def test_numbers_the_libraries_underneath_cannot_take_are_refused(
     args: list[str], needle: str
@@ -254,3 +260,10 @@ def test_an_evaluator_hook_may_be_of_any_width_while_a_producer_hook_is_residual
     with pytest.raises(HookError, match="not \\[batch, seq, d_model\\]"):
         HookedModel(lm.model, [hook], residual=True)(ids)
 
+
+
+def test_a_producer_id_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    """A newline in the id split the producer's log lines (and the consumer's) in two."""
+    res = run_cli(["producer", "--model", "tiny", "--corpus", "synthetic", "--producer-id",
+                   "a\nb", "--connect", f"tcp://127.0.0.1:{free_tcp_port()}"], timeout=120)
+    one_error_line(res, "--producer-id 'a\\nb': holds a control character")

@@ -82,7 +82,8 @@ def test_sighup_stops_a_consumer_with_a_final_snapshot_and_a_producer_with_its_s
 
 def test_sigusr1_while_the_consumer_starts_does_not_kill_it(tmp_path: Path) -> None:
     """SIGUSR1's default action ends a process: before the consumer caught it, a snapshot
-    request during start-up (torch importing, ranks joining) killed the daemon."""
+    request during start-up (torch importing, ranks joining) killed the daemon; `saestream`
+    now catches it before it imports the command's module."""
     c = Consumer(tmp_path)
     p = None
     try:
@@ -95,6 +96,8 @@ def test_sigusr1_while_the_consumer_starts_does_not_kill_it(tmp_path: Path) -> N
             time.sleep(0.002)
         else:
             raise AssertionError(f"SIGUSR1 was never caught before the stop signals:\n{c.log()}")
+        # caught before torch loads (a second or more of start-up it killed the daemon in)
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
         c.signal(signal.SIGUSR1)
         p = _producer(tmp_path, c)
         c.wait_for("training after the early SIGUSR1", lambda: c.steps() >= 3)

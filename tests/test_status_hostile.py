@@ -300,6 +300,21 @@ def test_an_on_off_switch_that_is_neither_is_one_line(tmp_path: Path, var: str) 
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.parametrize("command", ["consumer", "train", "producer", "record", "features"])
+@pytest.mark.parametrize("setting", ["SAESTREAM_THREADS=abc", "SAESTREAM_KEEP_FREED_MEMORY=2",
+                                     "SAESTREAM_NATIVE=of"])
+def test_every_command_refuses_a_malformed_variable_before_anything_else(
+        tmp_path: Path, command: str, setting: str) -> None:
+    """The consumer and train ignored SAESTREAM_THREADS=abc, the producer took
+    SAESTREAM_KEEP_FREED_MEMORY=2, and the consumer refused it only after binding its
+    sockets: now it is the one and only line, whatever else the command line holds."""
+    var, value = setting.split("=")
+    res = run_cli([command, "--hook", "h"], timeout=60, env=env(**{var: value}))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr
+    assert res.stderr.startswith(f"saestream: error: {var}='{value}'"), res.stderr
+
+
 def test_a_saestream_cache_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     """`~` is expanded (environment files set it unexpanded), and a file is not a cache
     folder: one line before any model is looked for, not a folder named `~` in the cwd."""
@@ -339,3 +354,12 @@ def test_a_bad_saestream_native_first_read_on_a_worker_thread_is_one_log_line(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ERROR SAESTREAM_NATIVE='maybe'"), lines
     assert not list(tmp_path.rglob("*.so"))  # nothing built
+
+
+@pytest.mark.parametrize("var", ["WORLD_SIZE", "LOCAL_RANK"])
+def test_a_launcher_variable_that_is_no_count_is_one_line(tmp_path: Path, var: str) -> None:
+    """Set by hand (torchrun sets them as counts), `abc` was a 35-line traceback."""
+    extra = {"WORLD_SIZE": "2"} if var == "LOCAL_RANK" else {}
+    res = run_cli(["consumer", "--hook", "h", "--metrics-port", "0", "--checkpoint-dir",
+                   str(tmp_path / "c")], timeout=60, env=env(**extra, **{var: "abc"}))
+    one_error_line(res, f"${var}='abc': not a count")

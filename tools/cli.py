@@ -59,6 +59,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DAEMONS = frozenset({"consumer", "producer", "record", "replay", "evaluator", "train", "demo"})
+"""Commands that take SIGUSR1 (a snapshot, or nothing) rather than die of it."""
+
+
+READ_ENVIRONMENT = DAEMONS | {"eval", "features"}
+"""Commands that read SAESTREAM_THREADS, SAESTREAM_NATIVE and SAESTREAM_KEEP_FREED_MEMORY,
+each at its own point of start-up: all three are checked before anything else."""
+
+
+def _check_environment() -> None:
+    """One line and exit 2 for a malformed SAESTREAM_* variable, before any work (some were
+    read only after sockets were bound, one not at all by some commands)."""
+    from saestream.common.devices import env_threads
+    from saestream.common.errors import UserError
+    from saestream.common.native import switch
+
+    try:
+        env_threads()
+        for name in ("SAESTREAM_NATIVE", "SAESTREAM_KEEP_FREED_MEMORY"):
+            switch(name)
+    except UserError as exc:
+        click.echo(error_line(exc), err=True)
+        sys.exit(2)
+
+
 class LazyGroup(click.Group):
     """Resolves subcommands from `COMMANDS` only when they are invoked."""
 
@@ -70,6 +95,12 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attr = target[0].split(":")
+        if cmd_name in DAEMONS and "--help" not in sys.argv and "-h" not in sys.argv:
+            from saestream.common.signals import catch_snapshot_early
+
+            catch_snapshot_early()  # before the import: it loads torch
+        if cmd_name in READ_ENVIRONMENT and "--help" not in sys.argv and "-h" not in sys.argv:
+            _check_environment()
         return getattr(importlib.import_module(module_name), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

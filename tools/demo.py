@@ -24,6 +24,7 @@ import click
 
 from saestream.common.errors import UserError, cli_errors
 from saestream.common.files import check_writable_dir
+from saestream.common.settings import FiniteFloat, GivenPath
 
 DEFAULT_HOOKS = {"smollm2-135m": "model.layers.20", "tiny": "model.layers.4"}
 """The producer's default hook (block round(2/3 · n_layers)) of the models the demo knows."""
@@ -171,7 +172,7 @@ class Progress:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(0.0, min_open=True),
     default=120.0,
     show_default=True,
     help="Seconds to stream once both producers' activations arrive (start-up and the "
@@ -217,7 +218,7 @@ class Progress:
 )
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=GivenPath(file_okay=False, path_type=Path),
     default=Path("saestream-demo"),
     show_default=True,
     help="Checkpoints and the three processes' logs go here.",
