@@ -508,7 +508,7 @@ def _read_sparsify_sae(d: Path, run: Mapping[str, Any]) -> PortableSAE:
     want_n = cfg.get("num_latents") or _int(cfg.get("d_in", 0), "d_in") * _int(
         cfg.get("expansion_factor", 32), "expansion_factor")
     if cfg.get("d_in") != d_in or want_n != n:
-        raise InteropError(f"{d}/cfg.json: d_in {cfg.get('d_in')}, {want_n} latents, but "
+        raise InteropError(f"{d}/cfg.json: d_in {cfg.get('d_in')!r}, {want_n!r} latents, but "
                            f"encoder.weight has shape {[n, d_in]}")
     k = _int(cfg.get("k", 32), "k")
     _check_k(k, n, f"{d}/cfg.json")

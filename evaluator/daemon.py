@@ -181,6 +181,13 @@ def evaluate_snapshot(
     except Exception as exc:  # a daemon outlives one bad evaluation
         log.exception("evaluating %s failed", path)
         raise SnapshotFailure("error", f"{type(exc).__name__}: {exc}") from None
+    for name, got in results.items():  # NaN gauges would replace the last good figures
+        bad = [f"{group}.{key}" for group, key in (("reconstruction", "normalized_mse"),
+                                                   ("downstream", "delta_ce"))
+               if isinstance(v := got.get(group, {}).get(key), float) and not math.isfinite(v)]
+        if bad:
+            raise SnapshotFailure("unreadable", f"SAE {name} gives non-finite {', '.join(bad)} "
+                                  "(weights or input_scale at the edge of float32?)")
     match = SNAPSHOT_RE.match(path.name)
     stamp = extra.get("time")
     record = {

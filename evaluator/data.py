@@ -65,6 +65,9 @@ def eval_ids(
     )
     if corp.seq_len < 2:
         raise CorpusError(f"corpus {corpus}: contexts of {corp.seq_len} token(s); need 2")
+    if lm.max_positions is not None and corp.seq_len > lm.max_positions:  # a 2-D .npy's own
+        raise CorpusError(f"corpus {corpus}: contexts of {corp.seq_len} tokens, but model "
+                          f"{lm.name} takes at most {lm.max_positions} positions")
     n = contexts_wanted(corp.seq_len, contexts, tokens)
     rows: list[np.ndarray] = []
     for ctx in corp.contexts():

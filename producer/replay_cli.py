@@ -20,7 +20,7 @@ _POSITIVE = click.IntRange(min=1)
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recording", type=GivenPath(path_type=Path))
-@config_option(P, "connect", multiple=True)
+@config_option(P, "connect", multiple=True, show_default=True)
 @config_option(P, "control_connect", multiple=True, default=(),
                help="Consumer control endpoint to ask where to continue (repeatable); "
                "default: each --connect endpoint's port + 1; `off`: never ask (no rewinds; "

@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,13 +323,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(cli_ckpt, extra, needle) -> None:
     assert needle in res.stderr
 
 
-@pytest.mark.parametrize("case", ["fifo out", "hook model", "long name", "empty path"])
+@pytest.mark.parametrize("case", ["fifo out", "hook model", "long name", "empty path",
+                                  "wide npy"])
 def test_cli_hostile_paths_and_hooks_are_one_line_and_exit_2(cli_ckpt, tmp_path, case) -> None:
     """Each of these was a traceback, or worse: root's `--out /dev/null` replaced the device
     with a file (a FIFO stands in for it here: no mknod needed)."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    wide = tmp_path / "wide.npy"  # 2-D: its rows are the contexts, wider than tiny's 4096
+    np.save(wide, np.zeros((20, 5000), dtype=np.uint16))
     argv, needle = {
+        "wide npy": (["eval", str(cli_ckpt), "--corpus", f"tokens:{wide}", "--device", "cpu"],
+                     "contexts of 5000 tokens, but model tiny takes at most 4096 positions"),
         "fifo out": (["eval", str(cli_ckpt), *ARGS, "--sae", "rand", "--out", str(fifo)],
                      "not a regular file (a FIFO)"),
         "hook model": (["eval", str(cli_ckpt), *ARGS, "--hook", "model"],

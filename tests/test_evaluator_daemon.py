@@ -159,6 +159,14 @@ def test_removed_and_half_written_snapshots_are_counted_and_survived(daemon) -> 
     os.mkfifo(fifo / "sae" / "cfg.json")
     assert wait_for(lambda: failures(port, "unreadable") == 4, proc)
     assert failures(port, "incomplete") == 1
+    # Finite weights at float32's edge: the figures overflow. Not published (NaN gauges
+    # replaced the last good figures), counted.
+    edge = save_snapshot(ckpt, 12, {"sae": trainer(10)})
+    weights = load_file(edge / "sae" / "sae.safetensors")
+    weights["W_dec"].fill_(3e38)
+    save_file(weights, edge / "sae" / "sae.safetensors")
+    assert wait_for(lambda: failures(port, "unreadable") == 5, proc)
+    assert gauge(port, "snapshot_step") == 1
     # extra.json's `time` an integer no float holds (it crashed the daemon): the snapshot is
     # evaluated, its time taken from the folder.
     big = save_snapshot(ckpt, 10, {"sae": trainer(9)}, {"time": 10 ** 400})
