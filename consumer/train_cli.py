@@ -212,9 +212,10 @@ class ShuffledBatches:
         self.perm = self.rng.permutation(n)
         self.pos = 0
 
-    def next(self) -> np.ndarray:
+    def next(self, size: int | None = None) -> np.ndarray:
+        """The next `size` rows (default: a whole batch)."""
         parts = []
-        need = self.batch_size
+        need = self.batch_size if size is None else size
         while need:
             if self.pos == self.n:
                 self.perm = self.rng.permutation(self.n)
@@ -381,8 +382,10 @@ def train(
     except ValueError as exc:
         raise UserError(str(exc).replace("n_latents", "--latents")) from None
     name = name or hook
-    if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise UserError(f"--name {name!r}: cannot be a directory name")
+    if not name or name.startswith(".") or "/" in name or "\\" in name \
+            or not name.isprintable() or len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise UserError(f"--name {name!r:.300}: cannot be a directory name (no leading dot, "
+                        "slash, control character, or more than 255 bytes)")
     dev = resolve_device(device)
     act.check_finite()
     if batch_size > n_rows:
@@ -391,7 +394,8 @@ def train(
             err=True,
         )
         batch_size = n_rows
-    total_steps = steps if steps is not None else -(-(tokens or n_rows) // batch_size)
+    total_tokens = None if steps is not None else (tokens or n_rows)
+    total_steps = steps if steps is not None else -(-total_tokens // batch_size)
     check_memory(sae_cfg, cfg, batch_size, dev, latent_shards)
     check_writable_dir(out, "--out")
     if (out / RUN_FILE).exists():  # `latest` would then name a snapshot of another run
@@ -437,7 +441,10 @@ def train(
             echo(f"stopping after step {trainer.step} of {total_steps} (signal): writing the "
                  "checkpoint", err=True)
             break
-        index = batches.next()  # the same global batch on every rank; each takes its part
+        size = batch_size  # the last one cut: --tokens (one pass: the rows) exactly, but
+        if total_tokens is not None:  # a row for every data-parallel rank at least
+            size = min(batch_size, max(total_tokens - (step - 1) * batch_size, dp.size))
+        index = batches.next(size)  # the same global batch on every rank; each takes its part
         m = trainer.train_step(act.rows(index[rank_slice(len(index), dp.rank, dp.size)]))
         if m.skipped and trainer.skipped_steps <= MAX_SKIP_LINES:
             echo(f"step {step}: skipped, its loss not finite (values whose squares pass "

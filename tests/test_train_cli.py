@@ -93,12 +93,17 @@ def test_train_on_safetensors_with_tokens_budget_and_name(tmp_path):
     assert res.exit_code == 0, res.output
     t = load_snapshot(out / "step-00000003")[0]["sae1"]  # ceil(300 / 128) steps
     assert t.hook == "h" and t.sae_cfg.multi_topk and t.sae.input_scale is not None
+    assert t.tokens_seen == 300  # the last batch cut: exactly --tokens
 
 
 def test_default_is_one_pass_and_batches_cover_every_token_once_per_pass(tmp_path, acts_npy):
     res = invoke("--input", str(acts_npy), "--hook", "h", *SMALL, "--out", str(tmp_path / "o"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "step-00000008").is_dir()  # ceil(1000 / 128)
+    # exactly the file's 1000 rows: the eighth batch is cut to 104, not filled up with 24
+    # rows of a second pass (4097 rows at the default batch trained 8192 tokens)
+    assert json.loads((tmp_path / "o" / "step-00000008" / "extra.json").read_text())[
+        "tokens"] == 1000
     b = ShuffledBatches(10, 4, seed=0)
     two_passes = np.concatenate([b.next() for _ in range(5)])
     assert np.bincount(two_passes).tolist() == [2] * 10
@@ -113,7 +118,8 @@ def _write(tmp_path, name, array):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "wrong_shape", "nan", "int", "k_gt_latents", "zero_batch", "not_npy", "both"],
+    ["missing", "wrong_shape", "nan", "int", "k_gt_latents", "zero_batch", "not_npy", "both",
+     "long_name", "newline_name"],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, acts_npy, case):
     good = ["--input", str(acts_npy), "--hook", "h", "--latents", "64", "--k", "4"]
@@ -131,6 +137,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, acts_npy, case):
         "zero_batch": [*good, "--batch-size", "0"],
         "not_npy": ["--input", str(_text_file(tmp_path)), "--hook", "h"],
         "both": [*good, "--tokens", "10", "--steps", "1"],
+        "long_name": [*good, "--name", "x" * 300],  # trained, then lost: no snapshot folder
+        "newline_name": [*good, "--name", "a\nb"],
     }[case]
     res = invoke(*args, "--out", str(tmp_path / "out"))
     assert res.exit_code == 2, res.output
