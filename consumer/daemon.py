@@ -287,6 +287,12 @@ class ConsumerRun:
                 log.warning("skipping unreadable snapshot %s: %s", path, exc)
                 continue
             self._adopt(path, trainers, extra, buffered, hooks, ledger)
+            named = ckpt.latest_name(root)
+            if named is not None and named != path.name:
+                log.warning("resumed from %s, not from %s, which `latest` names: the rows "
+                            "committed in between are no longer held; producers still "
+                            "streaming send them again, but a producer that has already "
+                            "exited (--max-tokens) does not", path.name, named)
             return self.ledger.copy()
         raise UserError(
             f"--resume: no readable snapshot of the run in {root} (see the warnings above); "

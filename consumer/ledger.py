@@ -531,4 +531,6 @@ class Ledger:
 
 
 def _describe(stream: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {stream.get(k)!r}" for k in ("corpus", "split", "shard", "seq_len"))
+    """The stream's keys, `first` (the first position kept) only where a stream names it."""
+    keys = ("corpus", "split", "shard", "seq_len", *(("first",) if "first" in stream else ()))
+    return ", ".join(f"{k} {stream.get(k)!r}" for k in keys)

@@ -129,6 +129,11 @@ class ProducerRun:
         self.shard = Shard.parse(cfg.shard)
         self.state_lock = StateLock(cfg.state_file) if cfg.state_file is not None else None
         saved = read_state(cfg.state_file) if cfg.state_file is not None else None
+        if saved is not None and saved.producer_id and cfg.producer_id \
+                and cfg.producer_id != saved.producer_id:  # its origins are the other id's
+            raise UserError(f"--state-file {cfg.state_file}: written by producer "
+                            f"{saved.producer_id!r}, not --producer-id {cfg.producer_id!r} (a "
+                            "new id re-sends the whole stream): give that id, or another file")
         try:
             self.lm = model or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype,
                                           cache_dir=cfg.cache_dir, seed=cfg.seed, stop=stop)

@@ -645,6 +645,8 @@ def test_a_snapshot_whose_contents_would_break_training_is_skipped_for_the_older
     warning = [x for x in log.splitlines() if f"skipping unreadable snapshot {snap}:" in x]
     assert len(warning) == 1 and why in warning[0], log
     assert resumed_from(c, ckpt / "step-00000004", run_id, 4), log
+    # the rows committed in step 6 alone are no longer held: said, for exited producers
+    assert "resumed from step-00000004, not from step-00000006, which `latest` names" in log
     final_state(latest(ckpt), run_id, 8)
 
 

@@ -182,6 +182,10 @@ def test_a_producer_id_known_with_another_stream_is_refused() -> None:
     ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
     with pytest.raises(ValueError, match="another --producer-id"):
         ledger.declare("p", {**STREAM, "shard": "1/2"}, [HOOK], (0, 0), now=1.0)
+    # streams that differ in the first position kept alone are told apart in the message
+    ledger.declare("q", {**STREAM, "first": 1}, [HOOK], (0, 0), now=0.0)
+    with pytest.raises(ValueError, match=r"first 1, not .*first 0"):
+        ledger.declare("q", {**STREAM, "first": 0}, [HOOK], (0, 0), now=1.0)
 
 
 def test_saved_order_is_by_name_and_buffer_tags_follow_it() -> None:

@@ -267,3 +267,17 @@ def test_a_producer_id_with_a_control_character_is_refused(tmp_path: Path) -> No
     res = run_cli(["producer", "--model", "tiny", "--corpus", "synthetic", "--producer-id",
                    "a\nb", "--connect", f"tcp://127.0.0.1:{free_tcp_port()}"], timeout=120)
     one_error_line(res, "--producer-id 'a\\nb': holds a control character")
+
+
+def test_a_state_file_of_another_producer_id_is_refused(tmp_path: Path) -> None:
+    """Its progress and its consumers' origins are the other id's: restarted as a new id on
+    it, a producer re-sent (and a consumer trained again) its whole stream, without a word."""
+    from saestream.producer.state import ProducerState, write_state
+
+    state = tmp_path / "p0.json"
+    write_state(state, ProducerState("synthetic", "0/1", 128, False, split="train",
+                                     producer_id="p0"))
+    res = run_cli(["producer", "--model", "tiny", "--corpus", "synthetic", "--producer-id",
+                   "p1", "--state-file", str(state), "--connect",
+                   f"tcp://127.0.0.1:{free_tcp_port()}"], timeout=120)
+    one_error_line(res, "written by producer 'p0', not --producer-id 'p1'")
