@@ -83,7 +83,8 @@ class Activations:
             bad = (~block.isfinite()).any(dim=1).nonzero()
             if bad.numel():
                 row = start + int(bad[0])
-                raise UserError(f"{self.label}: NaN or infinite value in row {row}")
+                raise UserError(f"{self.label}: NaN or infinite value in row {row} (or, in "
+                                "float64, one beyond float32's range)")
 
 
 def open_activations(path: Path, tensor: str | None) -> Activations | Recording:
@@ -101,7 +102,8 @@ def open_activations(path: Path, tensor: str | None) -> Activations | Recording:
         if tensor is not None:
             raise UserError(f"--tensor: {path} is a .npy file, which holds one array")
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            with np.errstate(over="ignore"):  # a hostile shape's size overflows: one line
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise UserError(f"--input {path}: not a readable .npy file ({exc})") from None
         if array.dtype.kind != "f" or array.dtype.itemsize not in NPY_FLOAT_SIZES:

@@ -261,3 +261,17 @@ def test_a_seed_the_generators_cannot_take_is_one_line(tmp_path, seed):
                    "--checkpoint-dir", str(tmp_path / "ckpt")], timeout=120)
     assert res.returncode == 2
     assert "seed must be in 0.." in one_error_line(res.stderr)
+
+
+def test_a_npy_whose_declared_shape_overflows_is_one_line(tmp_path: Path) -> None:
+    """numpy warned (two more lines on stderr) before it refused the size."""
+    path = tmp_path / "overflow.npy"
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "<f4", "fortran_order": False, "shape": (2**62, 8)})
+        fh.write(b"\0" * 64)
+    res = run_cli(["train", "--input", str(path), "--hook", "h", "--latents", "16", "--k", "2",
+                   "--out", str(tmp_path / "o"), "--device", "cpu"], timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("saestream: error: "), res.stderr
+    assert "not a readable .npy file" in res.stderr
