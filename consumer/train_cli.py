@@ -83,8 +83,9 @@ class Activations:
             bad = (~block.isfinite()).any(dim=1).nonzero()
             if bad.numel():
                 row = start + int(bad[0])
-                raise UserError(f"{self.label}: NaN or infinite value in row {row} (or, in "
-                                "float64, one beyond float32's range)")
+                wide = self.array.dtype == np.float64
+                raise UserError(f"{self.label}: NaN or infinite value in row {row}"
+                                + (" (or one beyond float32's range)" if wide else ""))
 
 
 def open_activations(path: Path, tensor: str | None) -> Activations | Recording:
