@@ -53,3 +53,15 @@ def test_readme_sae_key_table_is_the_one_derived_from_the_config_fields() -> Non
     from saestream.consumer.config import sae_keys_table
 
     assert sae_keys_table() in README
+
+
+def test_every_consumer_metric_is_documented_with_its_type() -> None:
+    """The metrics tables give name, type and labels: a program reading them (a dashboard, a
+    rule) relies on all three, so a metric added, retyped or relabelled shows here."""
+    from saestream.consumer.metrics import ConsumerMetrics
+
+    rows = dict(re.findall(r"^\| `(saestream_[a-z0-9_]+)` \| (counter|gauge|histogram) \|",
+                           README, re.M))
+    for fam in ConsumerMetrics().registry.collect():
+        name = fam.name + ("_total" if fam.type == "counter" else "")
+        assert rows.get(name) == fam.type, (name, fam.type, rows.get(name))

@@ -95,12 +95,6 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attr = target[0].split(":")
-        if cmd_name in DAEMONS and "--help" not in sys.argv and "-h" not in sys.argv:
-            from saestream.common.signals import catch_snapshot_early
-
-            catch_snapshot_early()  # before the import: it loads torch
-        if cmd_name in READ_ENVIRONMENT and "--help" not in sys.argv and "-h" not in sys.argv:
-            _check_environment()
         return getattr(importlib.import_module(module_name), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -126,7 +120,21 @@ def main() -> None:
         raise
 
 
+def _before_import(args: list[str]) -> None:
+    """What a command needs before its module (and torch) loads: SIGUSR1 caught, for the
+    daemons; the SAESTREAM_* variables checked. Not for `--help`."""
+    if not args or args[0] not in COMMANDS or "--help" in args or "-h" in args:
+        return
+    if args[0] in DAEMONS:
+        from saestream.common.signals import catch_snapshot_early
+
+        catch_snapshot_early()
+    if args[0] in READ_ENVIRONMENT:
+        _check_environment()
+
+
 def _run() -> int:
+    _before_import(sys.argv[1:])
     try:
         code = cli.main(prog_name="saestream", standalone_mode=False)
     except click.ClickException as exc:  # usage errors included: their exit code is 2
