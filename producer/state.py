@@ -22,6 +22,7 @@ from pathlib import Path
 
 from saestream.common import bounded_json
 from saestream.common.files import FileTooLarge, NotRegularFile, probe_dir, read_regular
+from saestream.common.settings import MAX_COUNT
 
 STATE_VERSION = 1
 
@@ -92,6 +93,8 @@ def read_state(path: Path) -> ProducerState | None:
         return None
     except StateError:
         raise
+    except RecursionError:
+        raise StateError(f"state file {str(path)!r} is unreadable: nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise StateError(f"state file {str(path)!r} is unreadable: {exc}") from exc
     try:
@@ -110,15 +113,16 @@ def read_state(path: Path) -> ProducerState | None:
 
 def _check_types(s: ProducerState) -> None:
     """A hand-edited or foreign file must fail here, in one line, not later in a traceback."""
+    def count(x: object) -> bool:  # an int64 counter, with room (as --epochs, --max-tokens)
+        return type(x) is int and 0 <= x <= MAX_COUNT
+
     def position(v: object) -> bool:
-        return (isinstance(v, list) and len(v) == 2
-                and all(type(x) is int and x >= 0 for x in v))
+        return isinstance(v, list) and len(v) == 2 and all(count(x) for x in v)
 
     ok = (
         isinstance(s.corpus, str) and isinstance(s.shard, str) and isinstance(s.split, str)
         and type(s.seq_len) is int and type(s.keep_first_token) is bool
-        and all(type(x) is int and x >= 0 for x in (s.epoch, s.tokens_done,
-                                                    s.tokens_sent_total))
+        and all(count(x) for x in (s.epoch, s.tokens_done, s.tokens_sent_total))
         and isinstance(s.runs, list) and all(isinstance(r, str) for r in s.runs)
         and (s.producer_id is None or (isinstance(s.producer_id, str) and s.producer_id))
         and isinstance(s.origins, dict) and all(isinstance(k, str) and position(v)
@@ -129,9 +133,11 @@ def _check_types(s: ProducerState) -> None:
         b = s.budget
         ok = (isinstance(b, dict) and type(b.get("rows")) is int and b["rows"] > 0
               and position(b.get("start")) and (b.get("end") is None or position(b["end"]))
-              and type(b.get("done")) is bool)
+              and type(b.get("done")) is bool
+              and (b.get("end") is None or b["end"] >= b["start"]))  # ends before it starts
     if not ok:
-        raise ValueError("a field has the wrong type or a negative value")
+        raise ValueError("a field has the wrong type, a negative value, one past 2^62, or a "
+                         "budget that ends before it starts")
 
 
 def check_state(state: ProducerState, expected: ProducerState, path: Path) -> None:

@@ -98,6 +98,7 @@ def acts(tmp_path: Path) -> Path:
     (["demo", "--duration", "nan"], "'--duration': 'nan' is not a finite number"),
     (["demo", "--duration", "inf"], "'--duration': 'inf' is not a finite number"),
     (["eval", ""], "an empty path"),
+    (["demo", "--workdir", "{tmp}/d", "--corpus", "text:"], "--corpus: bad corpus 'text:'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_value_past_what_the_libraries_take_is_one_line_and_exit_2(args, says, tmp_path,
                                                                      acts) -> None:

@@ -173,9 +173,14 @@ GOOD_STATE = {"version": 1, "corpus": "synthetic", "shard": "0/1", "split": "tra
         json.dumps({**GOOD_STATE, "budget": {"rows": "many"}}).encode(),
         json.dumps({**GOOD_STATE, "origins": {"run": [1]}}).encode(),
         json.dumps({**GOOD_STATE, "surprise": 1}).encode(),
+        b"[" * 100_000 + b"]" * 100_000,  # a traceback (RecursionError)
+        json.dumps({**GOOD_STATE, "epoch": 2**70}).encode(),  # killed the sending thread
+        json.dumps({**GOOD_STATE, "tokens_done": 100, "budget": {  # exit 0, nothing sent
+            "rows": 100, "start": [0, 500], "end": [0, 10], "done": False}}).encode(),
     ],
     ids=["garbage", "not-utf8", "not-an-object", "seq-len-string", "negative", "bad-budget",
-         "bad-origins", "unknown-field"],
+         "bad-origins", "unknown-field", "nested-too-deeply", "epoch-2^70",
+         "budget-ends-before-it-starts"],
 )
 def test_producer_refuses_a_malformed_state_file(tmp_path: Path, content: bytes) -> None:
     state = tmp_path / "state.json"

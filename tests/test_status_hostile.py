@@ -231,6 +231,8 @@ OTHER = """\
 saestream_thing_sum{name="a",samples="b"} 3
 saestream_thing_count{name="a",samples="b"} 0
 saestream_level{where="\x1b[31mred\\nline2"} -Inf
+{"saestream_ok\rsaestream_FAKE"} 1
+saestream_z{"k\x08\x08\u202e"="v"} 2
 """
 
 
@@ -245,7 +247,9 @@ saestream_level{where="\x1b[31mred\\nline2"} -Inf
         (PRODUCER, ["hook h: inf tokens sent", "compression 1e+300x",
                     "forward nan mean over nan batches"]),
         (OTHER, ["thing_sum{name=a,samples=b} mean - over 0",
-                 "level{where=\\x1b[31mred\\nline2} -inf"]),
+                 "level{where=\\x1b[31mred\\nline2} -inf",
+                 "ok\\rsaestream_FAKE 1",  # quoted names and label keys, escaped too
+                 "z{k\\x08\\x08\\u202e=v} 2"]),
     ],
     ids=["consumer", "producer", "other"],
 )
@@ -261,6 +265,7 @@ def test_odd_metric_values_and_labels_are_shown_not_a_traceback(text, expected) 
         assert needle in shown, (needle, out)
     assert "no-hook" not in shown and "no-sae" not in shown  # a series without its labels
     assert "\x1b" not in shown and "G" not in shown  # no "infG", no raw escapes
+    assert not {"\r", "\x08", "\u202e"} & set(shown)
 
 
 def one_error_line(res, needle: str) -> None:

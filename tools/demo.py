@@ -287,6 +287,12 @@ def demo(
     if batch_size > buffer_tokens:
         raise UserError("--batch-size is larger than --buffer-tokens")
     _check_consumer_settings(hook, sae, batch_size, buffer_tokens, device)
+    from saestream.producer.corpus import CorpusError, precheck_corpus
+
+    try:  # the producers' own check, before any of them starts
+        precheck_corpus(corpus)
+    except CorpusError as exc:
+        raise UserError(f"--corpus: {exc}") from None
     flags = SignalFlags().install()
     logs, ckpt = workdir / "logs", workdir / "checkpoints"
     check_writable_dir(workdir, "--workdir")

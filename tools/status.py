@@ -288,7 +288,8 @@ def _ago(ts: float | None, now: float) -> str:
         return "never"
     if not math.isfinite(ts):
         return _num(ts)
-    return f"{max(0.0, now - ts):.0f}s ago"
+    ago = max(0.0, now - ts)
+    return f"{ago:.0f}s ago" if ago < 1e12 else f"{ago:.3g}s ago"  # a hostile stamp: short
 
 
 def summarize_consumer(s: dict[str, list[Sample]], now: float) -> list[str]:
@@ -395,7 +396,7 @@ def summarize_other(samples: list[Sample], max_lines: int = 14) -> list[str]:
         short = name[len("saestream_"):]
         for r in rows:
             lab = ",".join(f"{k}={v}" for k, v in r.labels.items())
-            shown = f"{short}{{{lab}}}" if lab else short
+            shown = escaped(f"{short}{{{lab}}}" if lab else short)  # names may hold \r, \b
             if name.endswith("_sum"):
                 cnt = value(s, name[: -len("_sum")] + "_count", **r.labels)
                 mean = r.value / cnt if cnt and math.isfinite(cnt) else None
