@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from saestream.common.control import CONTROL_VERSION, ControlError, decode_where, encode
-from saestream.common.logs import RateLimitedLog
+from saestream.common.logs import RateLimitedLog, shown
 from saestream.consumer.ledger import Ledger, LedgerFull
 from saestream.consumer.metrics import ConsumerMetrics
 
@@ -164,7 +164,11 @@ class ControlServer(threading.Thread):
             out["error"] = str(exc)
             return out
         if request["void"]:
-            self.ledger.add_void(name, request["void"])
+            refused = self.ledger.add_void(name, request["void"])
+            if refused:
+                self._rlog.warning("void", "producer %s: %d void range(s) not taken yet (too "
+                                   "far past its frontier, or too many holes)", shown(name),
+                                   refused)
             entry = self.ledger.get(name) or entry
         if request["flush"]:
             self.flush_requested.set()

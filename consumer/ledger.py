@@ -447,23 +447,43 @@ class Ledger:
                 hl.low = (epoch, start)  # epochs forgotten since are taken as unaccounted
             self.version += 1
 
-    def add_void(self, producer: str, ranges: Iterable[tuple[int, int, int]]) -> None:
-        """Positions the producer will never send rows for: (epoch, start, end) each."""
+    def add_void(self, producer: str, ranges: Iterable[tuple[int, int, int]]) -> int:
+        """Positions the producer will never send rows for: (epoch, start, end) each. Returns
+        how many ranges were refused, as data is: an epoch more than KEEP_EPOCHS past the
+        frontier's, or one more disjoint range in an epoch holding MAX_RANGES. A peer sending
+        thousands of one-position voids in new epochs grew the ledger, its every copy and
+        every snapshot without bound, and slowed every producer's answers; a producer offers
+        its recent voids again in every request, so one refused while far ahead is taken
+        once the frontier comes near."""
+        refused = 0
         with self.lock:
             p = self.producers.get(producer)
             if p is None:
-                return
+                return 0
             for hl in p.hooks.values():
                 changed = False
+                base = (hl.low or p.origin or (0, 0))[0]
+                merged: dict[int, list[Range]] = {}
                 for epoch, a, b in ranges:
-                    if 0 <= a < b and (hl.low is None or epoch >= hl.low[0] - KEEP_EPOCHS) \
-                            and _subtract(hl.void.get(epoch, []), a, b):  # not yet void
-                        _add(hl.void.setdefault(epoch, []), a, b)
-                        changed = True
+                    if not (0 <= a < b) or (hl.low is not None and
+                                            epoch < hl.low[0] - KEEP_EPOCHS) \
+                            or not _subtract(hl.void.get(epoch, []), a, b):  # void already
+                        continue
+                    if epoch not in merged:
+                        merged[epoch] = hl.merged(epoch)
+                    taken = merged[epoch]
+                    if epoch > base + KEEP_EPOCHS or (len(taken) >= MAX_RANGES
+                                                      and not _touches(taken, a, b)):
+                        refused += 1
+                        continue
+                    _add(hl.void.setdefault(epoch, []), a, b)
+                    _add(taken, a, b)
+                    changed = True
                 if changed:
                     self.version += 1
                     if p.origin is not None:
                         hl.advance(p.origin)
+        return refused
 
     # -- persistence and inspection ---------------------------------------------------------
 

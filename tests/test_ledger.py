@@ -234,3 +234,23 @@ def _producers(c: Consumer) -> set[str]:
     m = c.metrics() or {}
     return {s.labels["producer"] for s in m.get("saestream_received_messages_total", [])
             if "producer" in s.labels}
+
+
+def test_void_ranges_are_bounded_as_data_ranges_are() -> None:
+    """A peer sent thousands of one-position voids in new epochs: the ledger, every copy of
+    it and every snapshot grew without bound, and every producer's answers slowed."""
+    from saestream.consumer.ledger import MAX_RANGES
+
+    ledger = Ledger()
+    ledger.declare("p", STREAM, [HOOK], (0, 0), now=0.0)
+    far = [(KEEP_EPOCHS + 1 + e, 0, 1) for e in range(500)]  # epochs past the frontier's
+    assert ledger.add_void("p", far) == 500
+    holes = [(3, 2 * i, 2 * i + 1) for i in range(MAX_RANGES + 100)]  # one epoch, all holes
+    assert ledger.add_void("p", holes) == 100
+    hl = ledger.get("p").hooks[HOOK]  # type: ignore[union-attr]
+    assert list(hl.void) == [3] and len(hl.void[3]) == MAX_RANGES
+    # a range touching those held still merges: the void that closes an epoch is taken
+    assert ledger.add_void("p", [(3, 2 * MAX_RANGES - 1, MAX_POS)]) == 0
+    # and an epoch's end refused while far ahead is taken once the frontier comes near
+    ledger.add_void("p", [(e, 0, MAX_POS) for e in range(3)])
+    assert ledger.add_void("p", [(KEEP_EPOCHS + 1, 0, MAX_POS)]) == 0
