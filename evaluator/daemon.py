@@ -326,9 +326,10 @@ def append_history(path: Path, record: dict[str, Any]) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
                      | os.O_CLOEXEC, 0o644)
         try:
-            if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
-                raise NotRegularFile(path, mode)
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFile(path, st.st_mode)
+            size = st.st_size
             written = os.write(fd, line)
             if written < len(line):
                 os.ftruncate(fd, size)

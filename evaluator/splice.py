@@ -14,18 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from saestream.producer.hooks import HookError, hidden_state
-
-
-def _hidden(name: str, output: object) -> torch.Tensor:
-    """The hidden state in a hooked module's output; HookError (one line) when there is none
-    (`--hook model` gives the model's output object), raised out of the forward."""
-    try:
-        return hidden_state(output)
-    except TypeError:
-        raise HookError(f"hook {name!r} produced a {type(output).__name__}, not a "
-                        "[batch, seq, d_model] tensor: hook a transformer block instead"
-                        ) from None
+from saestream.producer.hooks import named_hidden_state
 
 
 def _with_hidden(output: object, new: torch.Tensor) -> object:
@@ -44,7 +33,7 @@ def capture(model: nn.Module, hooks: Sequence[str]) -> Iterator[dict[str, torch.
 
     def make(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
-            captured[name] = _hidden(name, output)
+            captured[name] = named_hidden_state(name, output)
 
         return hook
 
@@ -68,7 +57,7 @@ def splice(
     """
 
     def hook_fn(module: nn.Module, args: object, output: object) -> object:
-        h = _hidden(hook, output)
+        h = named_hidden_state(hook, output)
         new = replacement(h).to(h.dtype).expand(h.shape[0], h.shape[1] - 1, h.shape[2])
         return _with_hidden(output, torch.cat([h[:, :1], new], dim=1))
 

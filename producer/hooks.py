@@ -28,6 +28,17 @@ def hidden_state(output: object) -> torch.Tensor:
     raise TypeError(f"cannot find a hidden-state tensor in a {type(output).__name__} output")
 
 
+def named_hidden_state(name: str, output: object) -> torch.Tensor:
+    """`hidden_state` of hook `name`'s output, or HookError (one line) when it has none
+    (`--hook model` gives the model's output object)."""
+    try:
+        return hidden_state(output)
+    except TypeError:
+        raise HookError(f"hook {name!r} produced a {type(output).__name__}, not a "
+                        "[batch, seq, d_model] tensor: hook a transformer block instead"
+                        ) from None
+
+
 def validate_hooks(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Check every name is a module path of `model`; returns them deduplicated, order kept."""
     seen: list[str] = []
@@ -88,12 +99,7 @@ class HookedModel:
         a module that is not a residual-stream module (`model.rotary_emb` returns (cos,
         sin) of shape [1, seq, head_dim]) would otherwise stream wrong data, or fail later
         in a traceback. Raised inside the forward, before any of it reaches a chunk."""
-        try:
-            h = hidden_state(output)
-        except TypeError:
-            raise HookError(f"hook {name!r} produced a {type(output).__name__}, not a "
-                            "[batch, seq, d_model] tensor: hook a transformer block instead"
-                            ) from None
+        h = named_hidden_state(name, output)
         width = self._width if self._width is not None else (h.shape[-1] if h.ndim else -1)
         expected = (*self._ids_shape, width)
         if tuple(h.shape) != expected:
